@@ -1,0 +1,57 @@
+# make run  — bootstrap and start the whole stack (nginx :8013 → daphne :8051 / api :8050, redis :6390)
+# make test — bootstrap and run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+
+export AWX_WS_VAR ?= $(CURDIR)/var
+export AWX_WS_REDIS_PORT ?= 6390
+export AWX_WS_DAPHNE_PORT ?= 8051
+export AWX_WS_API_PORT ?= 8050
+export AWX_WS_NGINX_PORT ?= 8013
+export REDIS_URL ?= redis://127.0.0.1:$(AWX_WS_REDIS_PORT)/0
+export AWX_WS_PYTHON := $(PY)
+export DJANGO_SETTINGS_MODULE := config.settings
+# Debian puts nginx in /usr/sbin, which a non-login shell may not have on PATH.
+export PATH := $(PATH):/usr/sbin:/sbin
+
+.PHONY: run test bootstrap sysdeps lint clean
+
+run: bootstrap
+	mkdir -p $(AWX_WS_VAR)/log $(AWX_WS_VAR)/redis
+	$(PY) manage.py migrate --noinput -v0
+	$(PY) manage.py bootstrap_demo
+	$(PY) manage.py nginx_conf --prefix $(AWX_WS_VAR)/nginx --listen 127.0.0.1:$(AWX_WS_NGINX_PORT) \
+		--daphne 127.0.0.1:$(AWX_WS_DAPHNE_PORT) --api 127.0.0.1:$(AWX_WS_API_PORT) >/dev/null
+	@echo "Starting on http://127.0.0.1:$(AWX_WS_NGINX_PORT)/ (websocket ws://127.0.0.1:$(AWX_WS_NGINX_PORT)/websocket/); Ctrl-C stops it."
+	exec $(VENV)/bin/supervisord -n -c supervisord.conf
+
+test: bootstrap
+	$(VENV)/bin/pytest
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bootstrap: sysdeps $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Debian's redis-server and nginx, installed with apt-get only when missing.
+sysdeps:
+	@need=""; \
+	command -v redis-server >/dev/null || need="$$need redis-server"; \
+	command -v nginx >/dev/null || need="$$need nginx"; \
+	if [ -n "$$need" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		echo "installing$$need with apt-get"; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need; \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

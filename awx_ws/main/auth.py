@@ -1,0 +1,119 @@
+"""Websocket authentication: DRF token (header, query or cookie) or Django session plus Origin.
+
+Sets scope["user"] and scope["auth"] ("token" or "session"). A connection without valid
+credentials is refused at the handshake (HTTP 403), never accepted and then closed (AWX #12278).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
+from channels.auth import get_user
+from channels.db import database_sync_to_async
+from channels.security.websocket import WebsocketDenier
+from channels.sessions import CookieMiddleware, SessionMiddleware
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
+from django.http.request import split_domain_port, validate_host
+from rest_framework.authtoken.models import Token
+
+logger = logging.getLogger(__name__)
+
+_TOKEN_SCHEMES = (b"token", b"bearer")
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def token_from_scope(scope: dict[str, Any]) -> str | None:
+    """The API token a client presented: Authorization header, ?token=, or the token cookie."""
+    authorization = _header(scope, b"authorization")
+    if authorization:
+        scheme, _, key = authorization.partition(b" ")
+        if scheme.lower() in _TOKEN_SCHEMES and key.strip():
+            return key.strip().decode("latin-1")
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    if query.get("token"):
+        return query["token"][0]
+    cookie = scope.get("cookies", {}).get("token")
+    if cookie:
+        # awxkit sends token="<key>"; Django's cookie parser usually unquotes, be sure.
+        return cookie.strip('"')
+    return None
+
+
+def origin_allowed(scope: dict[str, Any]) -> bool:
+    """True if the Origin header names one of ALLOWED_HOSTS (cross-site websocket hijacking guard)."""
+    origin = _header(scope, b"origin")
+    if not origin:
+        return False
+    parts = urlsplit(origin.decode("latin-1"))
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        return False
+    domain, _port = split_domain_port(parts.netloc)
+    return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+
+
+@database_sync_to_async
+def user_for_token(key: str) -> Any:
+    """The active user owning a DRF token, or None."""
+    try:
+        token = Token.objects.select_related("user").get(key=key)
+    except (Token.DoesNotExist, ValueError):
+        return None
+    return token.user if token.user.is_active else None
+
+
+class WebsocketAuthMiddleware:
+    """Resolves the connecting user; refuses the handshake when there is none."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> Any:
+        """Authenticate, then hand the connection to the inner application or deny it."""
+        scope = dict(scope)
+        user, method = await self.authenticate(scope)
+        if user is None:
+            return await WebsocketDenier()(scope, receive, send)
+        scope["user"] = user
+        scope["auth"] = method
+        return await self.inner(scope, receive, send)
+
+    async def authenticate(self, scope: dict[str, Any]) -> tuple[Any, str | None]:
+        """(user, "token" | "session") for valid credentials, else (None, None)."""
+        client = scope.get("client")
+        key = token_from_scope(scope)
+        if key is not None:
+            # A presented but bad token is a refusal, never a fall-back to the session (as DRF).
+            user = await user_for_token(key)
+            if user is None:
+                logger.info("websocket refused: invalid or inactive token from %s", client)
+                return None, None
+            return user, "token"
+        user = await get_user(scope)
+        if isinstance(user, AnonymousUser) or not user.is_active:
+            logger.info("websocket refused: no credentials from %s", client)
+            return None, None
+        if not origin_allowed(scope):
+            logger.warning(
+                "websocket refused: session cookie with foreign or missing Origin %r from %s",
+                _header(scope, b"origin"),
+                client,
+            )
+            return None, None
+        return user, "session"
+
+
+def WebsocketAuthStack(inner: Any) -> Any:  # noqa: N802 (named like Channels' AuthMiddlewareStack)
+    """Cookies, session and our authentication around a websocket application."""
+    return CookieMiddleware(SessionMiddleware(WebsocketAuthMiddleware(inner)))

@@ -1,0 +1,53 @@
+"""The AWX_WS settings namespace: defaults, one object to read them, overridable in tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+
+DEFAULTS: dict[str, Any] = {
+    # Groups one websocket connection may hold at once.
+    "MAX_GROUPS_PER_CONNECTION": 100,
+    # Largest inbound text frame we parse; larger frames get an error reply.
+    "MAX_FRAME_BYTES": 64 * 1024,
+    # Seconds an emit may take before EmitError (Redis down or unreachable).
+    "EMIT_TIMEOUT": 5.0,
+    # Seconds daphne waits for Redis at start before it exits with one clear message.
+    "STARTUP_REDIS_WAIT": 60.0,
+    # A process's liveness record expires this many seconds after its last heartbeat...
+    "LIVENESS_TTL": 30.0,
+    # ...and is refreshed this often.
+    "LIVENESS_INTERVAL": 10.0,
+}
+
+
+class WsSettings:
+    """Attribute access to settings.AWX_WS with defaults; unknown names are an AttributeError."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"unknown AWX_WS setting {name!r}")
+        if name not in self._cache:
+            user = getattr(settings, "AWX_WS", {})
+            self._cache[name] = user.get(name, DEFAULTS[name])
+        return self._cache[name]
+
+    def reload(self) -> None:
+        """Forget cached values (after override_settings)."""
+        self._cache.clear()
+
+
+ws_settings = WsSettings()
+
+
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting == "AWX_WS":
+        ws_settings.reload()
+
+
+setting_changed.connect(_reload)

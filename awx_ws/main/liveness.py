@@ -1,0 +1,241 @@
+"""Which channel-layer processes are alive, and what the start-up purge may remove.
+
+Every process that owns channels (daphne, later the relay) keeps a record in Redis under
+`<prefix>:alive:<client prefix>`, expiring LIVENESS_TTL seconds after its last heartbeat. A
+channel name `specific.<client prefix>!<id>` belongs to the process with that client prefix, so a
+group member or a queued-message key is stale when its process is dead:
+
+- no liveness record at all (it expired: the process stopped heartbeating), or
+- a record written on this very node (same hostname and boot id) whose pid no longer runs, or runs
+  a process started at another time (pid reuse). This catches `kill -9` followed by a restart
+  faster than the TTL, which is how supervisord restarts daphne.
+
+A record from another node is trusted until it expires: we cannot see its process table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import socket
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from redis.exceptions import RedisError
+
+from awx_ws.main.conf import ws_settings
+from awx_ws.main.exceptions import RedisUnavailable
+
+if TYPE_CHECKING:
+    from awx_ws.main.layers import RedisChannelLayer
+
+logger = logging.getLogger(__name__)
+
+# specific.<32 hex>!<anything>: the client prefix is channels_redis's uuid4().hex
+_CHANNEL_RE = re.compile(r"^(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!")
+# <layer prefix>specific.<32 hex>! and its in-flight backup <...>!$inflight
+_QUEUE_RE = re.compile(r"^(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!(?:\$inflight)?$")
+
+
+@cache
+def node_id() -> str:
+    """This machine (hostname and boot id): records from it can be checked against its pids."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()}/{boot}"
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """What a process writes about itself into its liveness key."""
+
+    node: str
+    pid: int
+    started: float = field(default=0.0)
+
+    @classmethod
+    def current(cls) -> ProcessRecord:
+        """The record of the calling process."""
+        return cls(node=node_id(), pid=os.getpid(), started=psutil.Process().create_time())
+
+    def dumps(self) -> str:
+        """Serialise for Redis."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> ProcessRecord | None:
+        """Parse a stored record; None if it is not one of ours."""
+        try:
+            data = json.loads(raw)
+            return cls(node=str(data["node"]), pid=int(data["pid"]), started=float(data["started"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def runs_here(self) -> bool:
+        """True if this record's process still runs on this node (pid reuse excluded)."""
+        try:
+            started = psutil.Process(self.pid).create_time()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+        return abs(started - self.started) < 1.0
+
+
+def channel_owner(channel: str) -> str | None:
+    """The client prefix of the process owning a process-specific channel name, else None."""
+    match = _CHANNEL_RE.match(channel)
+    return match.group(1) if match else None
+
+
+def alive_key(layer_prefix: str, client_prefix: str) -> str:
+    """Redis key of one process's liveness record."""
+    return f"{layer_prefix}:alive:{client_prefix}"
+
+
+class Liveness:
+    """Keeps one channel layer's process marked alive in Redis while it runs."""
+
+    def __init__(self, layer: RedisChannelLayer) -> None:
+        self.layer = layer
+        self.key = alive_key(layer.prefix, layer.client_prefix)
+        self._ready: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Write the record once (concurrent callers share the write), then refresh it in the background."""
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._begin())
+        try:
+            await asyncio.shield(self._ready)
+        except Exception:
+            # Let the next caller try again rather than caching the failure forever.
+            self._ready = None
+            raise
+
+    async def stop(self) -> None:
+        """Stop refreshing and delete the record (best effort: it expires anyway)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._ready = None
+        try:
+            await asyncio.wait_for(self.layer.connection(0).delete(self.key), timeout=2)
+        except (TimeoutError, RedisError, OSError) as exc:
+            logger.warning("could not delete liveness record %s: %s", self.key, exc)
+
+    async def _write(self) -> None:
+        ttl_ms = int(ws_settings.LIVENESS_TTL * 1000)
+        await self.layer.connection(0).set(self.key, ProcessRecord.current().dumps(), px=ttl_ms)
+
+    async def _begin(self) -> None:
+        await self._write()
+        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+        logger.info("process %s is live as %s", os.getpid(), self.key)
+
+    async def _refresh_forever(self) -> None:
+        interval = ws_settings.LIVENESS_INTERVAL
+        failures = 0
+        while True:
+            delay = interval if failures == 0 else min(interval, 0.5 * 2**failures)
+            await asyncio.sleep(delay * random.uniform(0.9, 1.0))
+            try:
+                await self._write()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                # One line when the trouble starts, then every tenth retry: no log flood.
+                if failures == 1 or failures % 10 == 0:
+                    logger.warning("liveness heartbeat %s failed %d time(s): %s", self.key, failures, exc)
+            else:
+                if failures:
+                    logger.info("liveness heartbeat %s recovered", self.key)
+                failures = 0
+
+
+@dataclass
+class PurgeReport:
+    """What one purge removed."""
+
+    memberships: int = 0
+    queues: int = 0
+    records: int = 0
+    dead_processes: set[str] = field(default_factory=set)
+
+
+class _Verdicts:
+    """Decides, and caches, whether the process behind a client prefix is dead."""
+
+    def __init__(self, layer: RedisChannelLayer) -> None:
+        self.layer = layer
+        self.here = node_id()
+        self.cache: dict[str, bool] = {layer.client_prefix: False}
+
+    async def dead(self, client_prefix: str) -> bool:
+        if client_prefix not in self.cache:
+            key = alive_key(self.layer.prefix, client_prefix)
+            raw: Any = await self.layer.connection(0).get(key)
+            self.cache[client_prefix] = self._judge(raw)
+        return self.cache[client_prefix]
+
+    def _judge(self, raw: bytes | None) -> bool:
+        if raw is None:
+            return True
+        record = ProcessRecord.loads(raw)
+        if record is None or record.node != self.here:
+            return False
+        return not record.runs_here()
+
+
+async def purge_stale_state(layer: RedisChannelLayer) -> PurgeReport:
+    """Remove group memberships, queued messages and records of dead processes; never of live ones."""
+    try:
+        return await _purge(layer)
+    except (RedisError, OSError) as exc:
+        raise RedisUnavailable(
+            f"start-up purge could not use Redis ({layer.describe_hosts()}): {exc}"
+        ) from exc
+
+
+async def _purge(layer: RedisChannelLayer) -> PurgeReport:
+    report = PurgeReport()
+    verdicts = _Verdicts(layer)
+    for index in range(layer.ring_size):
+        connection = layer.connection(index)
+        # SCAN, not KEYS: KEYS blocks Redis for every other client while it walks the keyspace.
+        async for key in connection.scan_iter(match=f"{layer.prefix}:group:*", count=500):
+            members = await connection.zrange(key, 0, -1)
+            stale = []
+            for member in members:
+                owner = channel_owner(member.decode("utf-8", "replace"))
+                if owner is not None and await verdicts.dead(owner):
+                    stale.append(member)
+            if stale:
+                await connection.zrem(key, *stale)
+                report.memberships += len(stale)
+        queue_prefix = layer.prefix.encode()
+        async for key in connection.scan_iter(match=f"{layer.prefix}*!*", count=500):
+            if not key.startswith(queue_prefix):
+                continue
+            match = _QUEUE_RE.match(key[len(queue_prefix) :].decode("utf-8", "replace"))
+            if match and await verdicts.dead(match.group(1)):
+                await connection.delete(key)
+                report.queues += 1
+    for client_prefix, dead in verdicts.cache.items():
+        if dead:
+            report.dead_processes.add(client_prefix)
+            # A same-node record of a dead pid may still be there; drop it now.
+            report.records += await layer.connection(0).delete(alive_key(layer.prefix, client_prefix))
+    return report

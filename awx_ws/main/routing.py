@@ -1,0 +1,105 @@
+"""AWXProtocolTypeRouter (start-up purge at ASGI lifespan) and the websocket URL patterns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from channels.layers import get_channel_layer
+from channels.routing import ProtocolTypeRouter
+from channels.security.websocket import WebsocketDenier
+from django.urls import re_path
+from redis.exceptions import RedisError
+
+from awx_ws.main.conf import ws_settings
+from awx_ws.main.consumers import EventConsumer
+from awx_ws.main.exceptions import RedisUnavailable, StartupError
+from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.liveness import purge_stale_state
+
+logger = logging.getLogger(__name__)
+
+# Anchored both ends: /websocket/foo or /xwebsocket/ must not reach the consumer. Any other
+# path is refused at the handshake (403) instead of URLRouter's "No route found" exception.
+websocket_urlpatterns = [
+    re_path(r"^websocket/$", EventConsumer.as_asgi()),
+    re_path(r"^api/websocket/$", EventConsumer.as_asgi()),
+    re_path(r"", WebsocketDenier.as_asgi()),
+]
+
+
+class AWXProtocolTypeRouter(ProtocolTypeRouter):
+    """ProtocolTypeRouter that clears channel-layer state of dead processes when the server starts.
+
+    It runs on the ASGI lifespan startup event (awx_ws.server sends it for daphne), not at import,
+    and never touches state of live processes sharing the Redis (see liveness.py).
+    """
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        """Route lifespan to ourselves, everything else by protocol type."""
+        if scope["type"] == "lifespan":
+            return await self.lifespan(receive, send)
+        return await super().__call__(scope, receive, send)
+
+    async def lifespan(self, receive: Any, send: Any) -> None:
+        """Answer the ASGI lifespan protocol."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except StartupError as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        """Mark this process live, then purge state of dead ones; wait a bounded time for Redis."""
+        layer = get_channel_layer()
+        if not isinstance(layer, RedisChannelLayer):
+            logger.info("channel layer %s keeps no purgeable state; no start-up purge", layer)
+            return
+        wait = ws_settings.STARTUP_REDIS_WAIT
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        delay = 0.25
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                try:
+                    await layer.liveness.start()
+                except (RedisError, OSError) as exc:
+                    raise RedisUnavailable(f"{layer.describe_hosts()}: {exc}") from exc
+                report = await purge_stale_state(layer)
+                break
+            except RedisUnavailable as exc:
+                if loop.time() + delay > deadline:
+                    # One clear message and a bounded wait instead of a crash loop (AWX #8696).
+                    raise StartupError(
+                        f"Redis unreachable for {wait:g}s (AWX_WS_STARTUP_REDIS_WAIT), "
+                        f"{attempts} attempts: {exc}"
+                    ) from exc
+                if attempts == 1:
+                    logger.warning("waiting up to %gs for Redis: %s", wait, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        logger.info(
+            "start-up purge: removed %d group memberships, %d message queues, %d records "
+            "of %d dead processes",
+            report.memberships,
+            report.queues,
+            report.records,
+            len(report.dead_processes),
+        )
+
+    async def shutdown(self) -> None:
+        """Withdraw this process's liveness record so its state counts as stale at once."""
+        layer = get_channel_layer()
+        if isinstance(layer, RedisChannelLayer):
+            await layer.liveness.stop()

@@ -1,0 +1,188 @@
+"""Settings for awx_ws.
+
+Every value can be overridden from the environment; docs/channels.md has the table. Nothing here
+touches the network or Redis: the only side effect is creating the var/ directory and, when
+SECRET_KEY is unset, a generated key file inside it (never committed).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("AWX_WS_VAR", BASE_DIR / "var")).resolve()
+
+
+def env_int(name: str, default: int) -> int:
+    """Read an integer setting from the environment, naming the variable when it is malformed."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from exc
+
+
+def env_float(name: str, default: float) -> float:
+    """Read a number setting from the environment, naming the variable when it is malformed."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from exc
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    """Read a comma-separated list from the environment."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _secret_key() -> str:
+    key = os.environ.get("SECRET_KEY")
+    if key:
+        return key
+    # Generated once per checkout and kept in var/ so every process of the stack shares it.
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = os.environ.get("DEBUG", "").lower() in {"1", "true", "yes"}
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "channels",
+    "awx_ws.main",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}"
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several processes (daphne, gunicorn, workers) share the file: WAL lets readers run beside a
+    # writer, and a busy timeout waits for a lock instead of failing at once.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# AWX's names, so awxkit's `awx_sessionid=...; csrftoken=...` cookie works unchanged.
+SESSION_COOKIE_NAME = "awx_sessionid"
+CSRF_COOKIE_NAME = "csrftoken"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+}
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6390/0")
+# Messages a channel may have queued in Redis before channels_redis drops new ones for it.
+CHANNEL_LAYER_CAPACITY = env_int("CHANNEL_LAYER_CAPACITY", 1000)
+if CHANNEL_LAYER_CAPACITY < 1:
+    raise ImproperlyConfigured("CHANNEL_LAYER_CAPACITY must be at least 1")
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "awx_ws.main.layers.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    # Fail fast when Redis is unreachable instead of hanging on connect.
+                    "socket_connect_timeout": env_float("REDIS_CONNECT_TIMEOUT", 2.0),
+                }
+            ],
+            "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),
+            "capacity": CHANNEL_LAYER_CAPACITY,
+            "expiry": 60,
+        },
+    }
+}
+
+# One namespace for the service's own settings; read them through awx_ws.main.conf.ws_settings.
+AWX_WS = {
+    "MAX_GROUPS_PER_CONNECTION": env_int("AWX_WS_MAX_GROUPS_PER_CONNECTION", 100),
+    "MAX_FRAME_BYTES": env_int("AWX_WS_MAX_FRAME_BYTES", 64 * 1024),
+    "EMIT_TIMEOUT": env_float("AWX_WS_EMIT_TIMEOUT", 5.0),
+    "STARTUP_REDIS_WAIT": env_float("AWX_WS_STARTUP_REDIS_WAIT", 60.0),
+    "LIVENESS_TTL": env_float("AWX_WS_LIVENESS_TTL", 30.0),
+    "LIVENESS_INTERVAL": env_float("AWX_WS_LIVENESS_INTERVAL", 10.0),
+}
+
+LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        "awx_ws": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+    },
+}

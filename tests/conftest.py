@@ -1,0 +1,115 @@
+"""Layered fixtures: redis → migrated database → daphne node → user → token → connected client.
+
+Everything is real: a redis-server on a free loopback port, daphne processes running
+awx_ws.server, an SQLite file shared between this process and the servers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import django
+import pytest
+
+from tests.client import WsClient, open_ws
+from tests.factories import adb, create_token, create_user
+from tests.servers import DaphneNode, Process, RedisServer, free_port
+
+_STATE = Path(tempfile.mkdtemp(prefix="awx_ws-tests-"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Settings read the environment at import; the daphne processes the tests start inherit it.
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "AWX_WS_VAR": str(_STATE / "var"),
+            "DATABASE_URL": f"sqlite:///{_STATE / 'db.sqlite3'}",
+            "SECRET_KEY": "tests-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
+            "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "ALLOWED_HOSTS": "127.0.0.1,localhost",
+            "LOG_LEVEL": "INFO",
+            # Short liveness periods so purge scenarios need no long waits.
+            "AWX_WS_LIVENESS_TTL": "6",
+            "AWX_WS_LIVENESS_INTERVAL": "2",
+        }
+    )
+    django.setup()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_STATE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Path:
+    """A scratch directory for this test session (logs, nginx prefixes)."""
+    return _STATE
+
+
+@pytest.fixture(scope="session")
+def redis_server(state_dir: Path) -> Iterator[RedisServer]:
+    """The session's redis-server, on the port REDIS_URL names."""
+    port = int(os.environ["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    server = RedisServer(port, state_dir / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database(redis_server: RedisServer) -> None:
+    """Migrated database shared with the server processes."""
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+@pytest.fixture(scope="session")
+def node(redis_server: RedisServer, state_dir: Path) -> Iterator[DaphneNode]:
+    """One daphne node for the protocol tests."""
+    server = DaphneNode(state_dir / "logs").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def daphne_factory(redis_server: RedisServer, state_dir: Path) -> Iterator[Callable[..., DaphneNode]]:
+    """Start extra daphne processes for one test; all are stopped afterwards."""
+    started: list[DaphneNode] = []
+
+    def start(env: dict[str, str] | None = None, wait: bool = True) -> DaphneNode:
+        server = DaphneNode(state_dir / "logs", env)
+        started.append(server)
+        if wait:
+            return server.start()
+        Process.start(server)  # without waiting for the port: for servers expected to fail
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+async def user(database: None) -> Any:
+    """An ordinary active user."""
+    return await adb(create_user)
+
+
+@pytest.fixture
+async def token(user: Any) -> str:
+    """The user's DRF API token key."""
+    return await adb(create_token, user)
+
+
+@pytest.fixture
+async def client(node: DaphneNode, token: str) -> AsyncIterator[WsClient]:
+    """A token client connected to the node."""
+    ws = await open_ws(node.url, headers={"Authorization": f"Token {token}"})
+    yield ws
+    await ws.close()

@@ -1,0 +1,184 @@
+"""Real server processes for the tests: redis-server, daphne (awx_ws.server), nginx, supervisord."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    """True when something accepts TCP connections on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def find_program(name: str) -> str:
+    """Path of a system program, looking in sbin too (Debian's nginx lives in /usr/sbin)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
+    if found is None:
+        raise RuntimeError(f"{name} is not installed: run `make test`, which installs it")
+    return found
+
+
+class Process:
+    """A child process with its output in a log file, stopped for sure at the end."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.log = log
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_for_port(self, port: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.output()}")
+            if port_open(port):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not listen on {port} in {timeout}s:\n{self.output()}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Ask the process group to stop, kill it if it will not; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            except ProcessLookupError:
+                pass
+        return self.proc.returncode
+
+
+class RedisServer(Process):
+    """redis-server on loopback, in-memory only."""
+
+    def __init__(self, port: int, workdir: Path):
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            find_program("redis-server"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        super().__init__(f"redis:{port}", argv, workdir / f"redis-{port}.log")
+
+    def start(self) -> RedisServer:
+        super().start()
+        self.wait_for_port(self.port)
+        return self
+
+
+class DaphneNode(Process):
+    """One daphne process serving config.asgi through awx_ws.server (lifespan, purge)."""
+
+    def __init__(self, workdir: Path, env_extra: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        env.update(env_extra or {})
+        argv = [
+            sys.executable,
+            "-m",
+            "awx_ws.server",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "config.asgi:application",
+        ]
+        super().__init__(f"daphne:{self.port}", argv, workdir / f"daphne-{self.port}.log", env)
+
+    def start(self, timeout: float = 30.0) -> DaphneNode:
+        super().start()
+        self.wait_for_port(self.port, timeout)
+        return self
+
+
+class Nginx(Process):
+    """nginx rendered from nginx/nginx.conf.template in front of a daphne and an API port."""
+
+    def __init__(self, prefix: Path, daphne_port: int, api_port: int):
+        from awx_ws.main.management.commands.nginx_conf import render
+
+        self.port = free_port()
+        conf = render(prefix, f"127.0.0.1:{self.port}", f"127.0.0.1:{daphne_port}", f"127.0.0.1:{api_port}")
+        argv = [
+            find_program("nginx"),
+            "-p",
+            str(prefix),
+            "-e",
+            str(prefix / "error.log"),
+            "-c",
+            str(conf),
+            "-g",
+            "daemon off;",
+        ]
+        super().__init__(f"nginx:{self.port}", argv, prefix / "nginx.out", None)
+
+    def start(self) -> Nginx:
+        super().start()
+        self.wait_for_port(self.port)
+        return self

@@ -1,0 +1,271 @@
+"""AWX's websocket protocol against a real daphne and Redis: what a client receives for each rule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+
+import pytest
+from redis.asyncio import Redis
+
+from awx_ws.main.emit import aemit_channel_notification
+from tests.client import WsClient, open_ws, refused_status
+from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
+
+
+@pytest.fixture
+async def browser_cookies(user) -> dict[str, str]:
+    return {"session": await adb(session_cookie, user), "csrf": secrets.token_hex(16)}
+
+
+async def browser_client(node, cookies: dict[str, str], origin: str | None = None) -> WsClient:
+    client = await open_ws(
+        node.url,
+        headers={"Cookie": f"awx_sessionid={cookies['session']}; csrftoken={cookies['csrf']}"},
+        origin=origin or f"http://127.0.0.1:{node.port}",
+    )
+    client.xrftoken = cookies["csrf"]
+    return client
+
+
+# --- authentication -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/websocket/", {"Authorization": "Token {key}"}),
+        ("/websocket/", {"Authorization": "Bearer {key}"}),
+        ("/websocket/?token={key}", {}),
+        ("/websocket/", {"Cookie": 'token="{key}"'}),  # awxkit's WSClient, quotes included
+        ("/websocket/", {"Cookie": "token={key}"}),
+        ("/api/websocket/", {"Authorization": "Token {key}"}),
+    ],
+)
+async def test_token_clients_are_greeted_with_their_user_id(node, user, token, path, headers):
+    headers = {name: value.format(key=token) for name, value in headers.items()}
+    client = await open_ws(node.url, path=path.format(key=token), headers=headers)
+    assert client.hello == {"accept": True, "user": user.pk}
+    await client.close()
+
+
+async def test_no_credentials_is_refused_at_the_handshake(node):
+    assert await refused_status(node.url) == 403
+
+
+async def test_unknown_token_is_refused(node):
+    assert await refused_status(node.url, headers={"Authorization": "Token " + "0" * 40}) == 403
+
+
+async def test_token_of_a_deactivated_user_is_refused(node):
+    inactive = await adb(create_user, active=False)
+    key = await adb(create_token, inactive)
+    assert await refused_status(node.url, headers={"Authorization": f"Token {key}"}) == 403
+
+
+async def test_bad_token_does_not_fall_back_to_the_session(node, browser_cookies):
+    headers = {
+        "Authorization": "Token " + "1" * 40,
+        "Cookie": f"awx_sessionid={browser_cookies['session']}",
+    }
+    assert await refused_status(node.url, headers=headers, origin=f"http://127.0.0.1:{node.port}") == 403
+
+
+@pytest.mark.parametrize("path", ["/websocket", "/websocket/x/", "/xwebsocket/", "/api/websocket/y"])
+async def test_routes_are_anchored(node, token, path):
+    assert await refused_status(node.url, path=path, headers={"Authorization": f"Token {token}"}) == 403
+
+
+async def test_session_with_allowed_origin_is_accepted(node, user, browser_cookies):
+    client = await browser_client(node, browser_cookies)
+    assert client.hello == {"accept": True, "user": user.pk}
+    errors, reply = await client.subscribe({"jobs": ["status_changed"]})
+    assert errors == []
+    assert reply["groups_current"] == ["jobs-status_changed"]
+    await client.close()
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", None])
+async def test_session_from_a_foreign_or_missing_origin_is_refused(node, browser_cookies, origin):
+    headers = {"Cookie": f"awx_sessionid={browser_cookies['session']}"}
+    assert await refused_status(node.url, headers=headers, origin=origin) == 403
+
+
+@pytest.mark.parametrize("xrftoken", [None, "", "wrong", 12])
+async def test_session_messages_need_the_csrf_token(node, browser_cookies, xrftoken):
+    client = await browser_client(node, browser_cookies)
+    frame = {"groups": {"jobs": ["status_changed"]}}
+    if xrftoken != "":
+        frame["xrftoken"] = xrftoken
+    assert await client.request_error(json.dumps(frame)) == "access denied to channel"
+    # The refused message changed nothing: the subscription is still empty.
+    errors, reply = await client.subscribe({})
+    assert reply == {"groups_current": [], "groups_left": [], "groups_joined": []}
+    await client.close()
+
+
+async def test_token_clients_need_no_xrftoken(client):
+    await client.send_json({"groups": {"jobs": ["summary"]}})
+    assert (await client.recv_json())["groups_current"] == ["jobs-summary"]
+
+
+# --- subscribing ----------------------------------------------------------------------------
+
+
+async def test_each_request_replaces_the_whole_set(client):
+    errors, reply = await client.subscribe({"jobs": ["status_changed", "summary"]})
+    assert errors == []
+    assert reply == {
+        "groups_current": ["jobs-status_changed", "jobs-summary"],
+        "groups_left": [],
+        "groups_joined": ["jobs-status_changed", "jobs-summary"],
+    }
+    errors, reply = await client.subscribe({"jobs": ["summary"], "schedules": ["changed"]})
+    assert reply == {
+        "groups_current": ["jobs-summary", "schedules-changed"],
+        "groups_left": ["jobs-status_changed"],
+        "groups_joined": ["schedules-changed"],
+    }
+    errors, reply = await client.subscribe({})
+    assert reply == {
+        "groups_current": [],
+        "groups_left": ["jobs-summary", "schedules-changed"],
+        "groups_joined": [],
+    }
+
+
+async def test_member_joins_own_organizations_job_and_is_denied_others(client, user):
+    mine = await adb(create_job, await adb(create_org, user))
+    theirs = await adb(create_job, await adb(create_org))
+    errors, reply = await client.subscribe({"job_events": [theirs.pk, mine.pk]})
+    assert errors == [f"access denied to channel job_events for resource id {theirs.pk}"]
+    assert reply["groups_current"] == [f"job_events-{mine.pk}"]
+
+
+@pytest.mark.parametrize(
+    ("group_kind", "job_kind"),
+    [
+        ("job_events", "job"),
+        ("workflow_events", "workflow_job"),
+        ("ad_hoc_command_events", "ad_hoc_command"),
+        ("project_update_events", "project_update"),
+        ("inventory_update_events", "inventory_update"),
+        ("system_job_events", "system_job"),
+    ],
+)
+async def test_all_six_event_kinds_check_access(client, user, group_kind, job_kind):
+    mine = await adb(create_job, await adb(create_org, user), kind=job_kind)
+    theirs = await adb(create_job, await adb(create_org), kind=job_kind)
+    errors, reply = await client.subscribe({group_kind: [mine.pk, theirs.pk]})
+    assert errors == [f"access denied to channel {group_kind} for resource id {theirs.pk}"]
+    assert reply["groups_current"] == [f"{group_kind}-{mine.pk}"]
+
+
+async def test_an_id_of_another_job_kind_is_denied(client, user):
+    workflow = await adb(create_job, await adb(create_org, user), kind="workflow_job")
+    errors, reply = await client.subscribe({"job_events": [workflow.pk]})
+    assert errors == [f"access denied to channel job_events for resource id {workflow.pk}"]
+    assert reply["groups_current"] == []
+
+
+async def test_superuser_joins_any_job(node):
+    admin = await adb(create_user, superuser=True)
+    job = await adb(create_job, await adb(create_org))
+    orphan_system_job = await adb(create_job, None, kind="system_job")
+    key = await adb(create_token, admin)
+    client = await open_ws(node.url, headers={"Authorization": f"Token {key}"})
+    errors, reply = await client.subscribe(
+        {"job_events": [job.pk], "system_job_events": [orphan_system_job.pk]}
+    )
+    assert errors == []
+    assert reply["groups_joined"] == sorted(
+        [f"job_events-{job.pk}", f"system_job_events-{orphan_system_job.pk}"]
+    )
+    await client.close()
+
+
+async def test_control_group_is_only_for_the_users_own_id(client, user):
+    errors, reply = await client.subscribe(
+        {"control": [f"limit_reached_{user.pk}", f"limit_reached_{user.pk + 1000}"]}
+    )
+    assert errors == [f"access denied to channel control-limit_reached_{user.pk + 1000}"]
+    assert reply["groups_current"] == [f"control-limit_reached_{user.pk}"]
+
+
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        ('{"groups": {"nope": ["x"]}}', "unknown group kind 'nope'"),
+        ('{"groups": {"broadcast": ["group_send"]}}', "group kind 'broadcast' is reserved"),
+        ('{"groups": {"jobs": "status_changed"}}', "groups.jobs must be a list"),
+        (
+            '{"groups": {"jobs": ["a b"]}}',
+            "invalid group name 'jobs-a b': use 1-99 characters of a-z, A-Z, 0-9, '_', '.', '-'",
+        ),
+        (
+            '{"groups": {"job_events": [-1]}}',
+            "invalid id -1 in groups.job_events: expected a positive integer",
+        ),
+        ('{"groups": []}', "groups must be an object of kind: [items]"),
+        ('{"hello": 1}', 'unknown message: expected {"groups": {...}}'),
+        ("not json", "invalid JSON: Expecting value: line 1 column 1 (char 0)"),
+        ("[1]", "expected a JSON object"),
+        (b"\x00binary", "binary frames are not supported: send JSON text"),
+        ("[" * 20_000 + "]" * 20_000, "invalid JSON: nested too deeply"),
+        ('{"x": "' + "y" * 70_000 + '"}', "frame too large: at most 65536 bytes"),
+    ],
+)
+async def test_bad_frames_get_an_error_and_change_nothing(client, frame, error):
+    await client.subscribe({"jobs": ["status_changed"]})
+    assert await client.request_error(frame) == error
+    # Still connected, still subscribed to exactly what it had.
+    errors, reply = await client.subscribe({"jobs": ["status_changed"]})
+    assert reply == {"groups_current": ["jobs-status_changed"], "groups_left": [], "groups_joined": []}
+
+
+async def test_more_than_100_groups_is_refused(client):
+    await client.send_json({"groups": {"jobs": [f"g{i}" for i in range(101)]}})
+    assert await client.recv_json() == {"error": "too many groups: 101 requested, at most 100 per connection"}
+    errors, reply = await client.subscribe({"jobs": [f"g{i}" for i in range(100)]})
+    assert len(reply["groups_current"]) == 100
+
+
+# --- delivery -------------------------------------------------------------------------------
+
+
+async def test_emitted_payload_arrives_as_exactly_its_json_text(client):
+    await client.subscribe({"jobs": ["status_changed"]})
+    payload = {"group_name": "jobs", "unified_job_id": 3, "status": "running", "type": "job"}
+    await aemit_channel_notification("jobs-status_changed", payload)
+    raw = await client.ws.recv()
+    assert raw == json.dumps(payload)
+
+
+async def test_only_subscribers_of_the_group_receive(node):
+    clients = []
+    for _ in range(2):
+        key = await adb(create_token, await adb(create_user))
+        clients.append(await open_ws(node.url, headers={"Authorization": f"Token {key}"}))
+    await clients[0].subscribe({"jobs": ["status_changed"]})
+    await clients[1].subscribe({"jobs": ["summary"]})
+    await aemit_channel_notification("jobs-status_changed", {"n": 1})
+    assert await clients[0].recv_json() == {"n": 1}
+    await clients[1].assert_silent()
+    for c in clients:
+        await c.close()
+
+
+async def test_disconnect_leaves_every_group(node, token, redis_server):
+    client = await open_ws(node.url, headers={"Authorization": f"Token {token}"})
+    group = f"schedules-gone{secrets.token_hex(4)}"
+    await client.subscribe({"schedules": [group.split("-", 1)[1]]})
+    redis = Redis.from_url(redis_server.url)
+    assert await redis.zcard(f"asgi:group:{group}") == 1
+    await client.close()
+    for _ in range(50):
+        if await redis.zcard(f"asgi:group:{group}") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await redis.zcard(f"asgi:group:{group}") == 0
+    await redis.aclose()
