@@ -1,0 +1,139 @@
+"""emit_channel_notification, its async twin and `manage.py emit`: delivery, reuse, failure."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import decimal
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+
+import psutil
+import pytest
+
+from awx_ws.main.emit import aemit_channel_notification, emit_channel_notification
+from awx_ws.main.exceptions import EmitError, InvalidGroupName
+from tests.servers import ROOT, free_port
+
+
+def run_manage(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def redis_connections(port: int) -> int:
+    """TCP connections this test process holds to the Redis on port."""
+    return sum(
+        1
+        for conn in psutil.Process().net_connections(kind="tcp")
+        if conn.raddr and conn.raddr.port == port and conn.status == psutil.CONN_ESTABLISHED
+    )
+
+
+async def test_sync_emit_from_worker_threads_reaches_the_subscriber(client):
+    await client.subscribe({"jobs": ["status_changed"]})
+    threads = [
+        asyncio.to_thread(emit_channel_notification, "jobs-status_changed", {"n": n}) for n in range(8)
+    ]
+    await asyncio.gather(*threads)
+    received = sorted([(await client.recv_json())["n"] for _ in range(8)])
+    assert received == list(range(8))
+    await client.assert_silent()
+
+
+def test_sync_emit_keeps_one_loop_thread_and_one_redis_connection(redis_server):
+    baseline = redis_connections(redis_server.port)
+    emit_channel_notification("jobs-warmup", {"n": 0})
+    after_first = redis_connections(redis_server.port)
+    for n in range(50):
+        emit_channel_notification("jobs-reuse", {"n": n})
+    assert after_first - baseline <= 1
+    assert redis_connections(redis_server.port) == after_first
+    emitter_threads = [t for t in threading.enumerate() if t.name == "awx-ws-emit"]
+    assert len(emitter_threads) == 1
+
+
+async def test_sync_emit_inside_an_event_loop_points_to_the_async_twin():
+    with pytest.raises(EmitError, match="aemit_channel_notification"):
+        emit_channel_notification("jobs-status_changed", {})
+
+
+@pytest.mark.parametrize("group", ["bad group", "", "x" * 100, "jobs/1"])
+async def test_invalid_group_names_are_refused_before_redis(group):
+    with pytest.raises(InvalidGroupName):
+        await aemit_channel_notification(group, {})
+    with pytest.raises(InvalidGroupName):
+        await asyncio.to_thread(emit_channel_notification, group, {})
+
+
+async def test_payload_is_serialized_once_with_djangos_encoder(client):
+    await client.subscribe({"jobs": ["summary"]})
+    payload = {
+        "created": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "amount": decimal.Decimal("1.50"),
+    }
+    await aemit_channel_notification("jobs-summary", payload)
+    assert await client.recv_json() == {
+        "created": "2026-01-02T03:04:05Z",
+        "uuid": "12345678-1234-5678-1234-567812345678",
+        "amount": "1.50",
+    }
+
+
+def test_emit_command_with_redis_down_fails_naming_the_url():
+    port = free_port()
+    result = run_manage(
+        "emit",
+        "jobs-status_changed",
+        "{}",
+        env={"REDIS_URL": f"redis://127.0.0.1:{port}/0", "AWX_WS_EMIT_TIMEOUT": "2"},
+    )
+    assert result.returncode == 1
+    assert f"REDIS_URL=redis://127.0.0.1:{port}/0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_emit_command_against_a_silent_redis_gives_up_after_the_timeout():
+    # A listener that never answers: the client connects, then waits for a reply forever.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        result = run_manage(
+            "emit",
+            "jobs-status_changed",
+            "{}",
+            env={"REDIS_URL": f"redis://127.0.0.1:{port}/0", "AWX_WS_EMIT_TIMEOUT": "1"},
+        )
+    assert result.returncode == 1
+    assert "took longer than 1s (AWX_WS_EMIT_TIMEOUT)" in result.stderr
+    assert f"REDIS_URL=redis://127.0.0.1:{port}/0" in result.stderr
+
+
+def test_emit_command_refuses_bad_json_and_bad_groups():
+    bad_json = run_manage("emit", "jobs-status_changed", "{nope")
+    assert bad_json.returncode == 1
+    assert "payload is not valid JSON" in bad_json.stderr
+    bad_group = run_manage("emit", "jobs status", "{}")
+    assert bad_group.returncode == 1
+    assert "invalid group name 'jobs status'" in bad_group.stderr
+
+
+async def test_emit_command_delivers_to_a_subscriber(client):
+    await client.subscribe({"job_events": []})
+    await client.subscribe({"schedules": ["changed"]})
+    result = await asyncio.to_thread(run_manage, "emit", "schedules-changed", '{"id": 9, "x": [1, 2]}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(await client.ws.recv()) == {"id": 9, "x": [1, 2]}

@@ -1,0 +1,118 @@
+"""End to end through real nginx: websockets to daphne, plain HTTP to the API (gunicorn)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.client import open_ws
+from tests.factories import adb, session_cookie
+from tests.servers import ROOT, Nginx, Process, free_port
+
+
+@pytest.fixture(scope="module")
+def api(redis_server, state_dir: Path) -> Iterator[Process]:
+    """gunicorn serving config.wsgi, as supervisord runs it."""
+    port = free_port()
+    log = state_dir / "logs" / f"gunicorn-{port}.log"
+    server = Process(
+        f"gunicorn:{port}",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "config.wsgi:application",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--access-logfile",
+            "-",
+        ],
+        log,
+        dict(os.environ),
+    ).start()
+    server.port = port  # type: ignore[attr-defined]
+    server.wait_for_port(port)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx(node, api, state_dir: Path) -> Iterator[Nginx]:
+    server = Nginx(state_dir / f"nginx-{secrets.token_hex(3)}", node.port, api.port).start()
+    yield server
+    server.stop()
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+@pytest.mark.parametrize("path", ["/websocket/", "/api/websocket/"])
+async def test_token_client_through_nginx_receives_what_manage_py_emit_sends(nginx, token, user, path):
+    client = await open_ws(
+        f"ws://127.0.0.1:{nginx.port}", path=path, headers={"Authorization": f"Token {token}"}
+    )
+    assert client.hello == {"accept": True, "user": user.pk}
+    errors, reply = await client.subscribe({"jobs": ["status_changed"]})
+    assert reply["groups_current"] == ["jobs-status_changed"]
+    payload = {
+        "group_name": "jobs",
+        "unified_job_id": 7,
+        "status": "successful",
+        "finished": "2026-11-23T10:00:00Z",
+    }
+    emit = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "manage.py", "emit", "jobs-status_changed", json.dumps(payload)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert emit.returncode == 0, emit.stderr
+    assert await client.recv_json(timeout=10) == payload
+    await client.close()
+
+
+async def test_browser_session_through_nginx_with_its_own_origin(nginx, user):
+    csrf = secrets.token_hex(16)
+    client = await open_ws(
+        f"ws://127.0.0.1:{nginx.port}",
+        headers={"Cookie": f"awx_sessionid={await adb(session_cookie, user)}; csrftoken={csrf}"},
+        origin=f"http://127.0.0.1:{nginx.port}",
+    )
+    client.xrftoken = csrf
+    errors, reply = await client.subscribe({"jobs": ["summary"]})
+    assert reply["groups_current"] == ["jobs-summary"]
+    await client.close()
+
+
+def test_plain_http_goes_to_the_api(nginx, api):
+    status, body = http_get(f"http://127.0.0.1:{nginx.port}/api/")
+    assert status == 200
+    assert json.loads(body)["websocket"] == "/websocket/"
+    assert '"GET /api/ HTTP/1.0"' in api.output() or '"GET /api/ HTTP/1.1"' in api.output()
+
+
+def test_websocket_path_without_upgrade_is_the_apis_to_answer(nginx, api):
+    status, _ = http_get(f"http://127.0.0.1:{nginx.port}/websocket/")
+    assert status == 404
+    assert "GET /websocket/ HTTP/1.1" in api.output()

@@ -1,0 +1,141 @@
+"""`make run` as a newcomer uses it: the whole stack under supervisord, the README's client through
+nginx, and Ctrl-C stopping everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.servers import ROOT, free_ports, port_open
+
+pytestmark = pytest.mark.slow
+
+
+def readme_client(target: Path) -> Path:
+    """The example client exactly as README.md shows it."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- example-client -->\n```python\n(.*?)```", readme, re.S)
+    assert match, "README.md lost its example client"
+    target.write_text(match.group(1))
+    return target
+
+
+def wait_until(predicate, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def read_lines_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> list[str]:
+    """Lines the process printed, up to the first matching pattern."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            lines.append(line.strip())
+            if re.search(pattern, line):
+                return lines
+        else:
+            time.sleep(0.05)
+    raise AssertionError(f"no line matching {pattern!r} in {lines}")
+
+
+def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
+    ports = dict(zip(("REDIS", "DAPHNE", "API", "NGINX"), free_ports(4), strict=True))
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "SECRET_KEY", "REDIS_URL"}}
+    env.update({f"AWX_WS_{name}_PORT": str(port) for name, port in ports.items()})
+    var = tmp_path / "var"
+    env["AWX_WS_VAR"] = str(var)
+    log = tmp_path / "make-run.log"
+    with log.open("w") as out:
+        stack = subprocess.Popen(
+            ["make", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        wait_until(
+            lambda: stack.poll() is not None or all(port_open(p) for p in ports.values()),
+            120,
+            "the stack's ports",
+            log,
+        )
+        assert stack.poll() is None, log.read_text()
+        token = re.search(r"API token:\s+(\w+)", log.read_text())
+        assert token, log.read_text()
+        # A generated secret, readable by its owner only, never in the repository.
+        assert stat.S_IMODE((var / "secret_key").stat().st_mode) == 0o600
+
+        client = subprocess.Popen(
+            [
+                sys.executable,
+                str(readme_client(tmp_path / "ws_demo.py")),
+                token[1],
+                f"ws://127.0.0.1:{ports['NGINX']}/websocket/",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            hello = read_lines_until(client, r"accept", 30)
+            assert json.loads(hello[-1]) == {"accept": True, "user": 1}
+            read_lines_until(client, r"groups_current", 30)
+            stack_env = {**env, "REDIS_URL": f"redis://127.0.0.1:{ports['REDIS']}/0"}
+            payload = {"group_name": "jobs", "unified_job_id": 1, "status": "running"}
+            subprocess.run(
+                [sys.executable, "manage.py", "emit", "jobs-status_changed", json.dumps(payload)],
+                cwd=ROOT,
+                env=stack_env,
+                check=True,
+                timeout=60,
+                capture_output=True,
+            )
+            received = read_lines_until(client, r"unified_job_id", 30)
+            assert json.loads(received[-1]) == payload
+        finally:
+            client.kill()
+            client.wait(10)
+            assert client.stdout is not None
+            client.stdout.close()
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['NGINX']}/api/", timeout=10) as response:
+            assert json.loads(response.read())["websocket"] == "/websocket/"
+        for program in ("daphne", "api", "redis", "nginx", "supervisord"):
+            assert (var / "log" / f"{program}.log").exists()
+    finally:
+        # Ctrl-C in a terminal signals the whole foreground process group.
+        os.killpg(stack.pid, signal.SIGINT)
+        try:
+            stack.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.pid, signal.SIGKILL)
+            raise
+    wait_until(lambda: not any(port_open(p) for p in ports.values()), 30, "ports to close", log)
+    leftovers = [
+        p.info
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any(str(var) in part for part in (p.info["cmdline"] or []))
+    ]
+    assert leftovers == []
