@@ -173,6 +173,14 @@ AWX_WS = {
     "LIVENESS_INTERVAL": env_float("AWX_WS_LIVENESS_INTERVAL", 10.0),
 }
 
+if AWX_WS["LIVENESS_INTERVAL"] * 2 > AWX_WS["LIVENESS_TTL"]:
+    # A record must survive a missed heartbeat, or another daphne's start-up purge could take a
+    # live process for dead and remove its subscriptions.
+    raise ImproperlyConfigured(
+        f"AWX_WS_LIVENESS_INTERVAL={AWX_WS['LIVENESS_INTERVAL']:g} must be at most half of "
+        f"AWX_WS_LIVENESS_TTL={AWX_WS['LIVENESS_TTL']:g}"
+    )
+
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
 LOGGING = {
     "version": 1,

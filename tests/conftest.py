@@ -7,7 +7,9 @@ awx_ws.server, an SQLite file shared between this process and the servers.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 
 from tests.client import WsClient, open_ws
 from tests.factories import adb, create_token, create_user
-from tests.servers import DaphneNode, Process, RedisServer, free_port
+from tests.servers import DaphneNode, Nginx, Process, RedisServer, free_port
 
 _STATE = Path(tempfile.mkdtemp(prefix="awx_ws-tests-"))
 
@@ -113,3 +115,39 @@ async def client(node: DaphneNode, token: str) -> AsyncIterator[WsClient]:
     ws = await open_ws(node.url, headers={"Authorization": f"Token {token}"})
     yield ws
     await ws.close()
+
+
+@pytest.fixture(scope="module")
+def api(redis_server, state_dir: Path) -> Iterator[Process]:
+    """gunicorn serving config.wsgi, as supervisord runs it."""
+    port = free_port()
+    log = state_dir / "logs" / f"gunicorn-{port}.log"
+    server = Process(
+        f"gunicorn:{port}",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "config.wsgi:application",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--access-logfile",
+            "-",
+        ],
+        log,
+        dict(os.environ),
+    ).start()
+    server.port = port  # type: ignore[attr-defined]
+    server.wait_for_port(port)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx(node: DaphneNode, api: Process, state_dir: Path) -> Iterator[Nginx]:
+    """nginx in front of the session daphne node and the API."""
+    server = Nginx(state_dir / f"nginx-{secrets.token_hex(3)}", node.port, api.port).start()
+    yield server
+    server.stop()

@@ -4,55 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.client import open_ws
 from tests.factories import adb, session_cookie
-from tests.servers import ROOT, Nginx, Process, free_port
-
-
-@pytest.fixture(scope="module")
-def api(redis_server, state_dir: Path) -> Iterator[Process]:
-    """gunicorn serving config.wsgi, as supervisord runs it."""
-    port = free_port()
-    log = state_dir / "logs" / f"gunicorn-{port}.log"
-    server = Process(
-        f"gunicorn:{port}",
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "config.wsgi:application",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "1",
-            "--access-logfile",
-            "-",
-        ],
-        log,
-        dict(os.environ),
-    ).start()
-    server.port = port  # type: ignore[attr-defined]
-    server.wait_for_port(port)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def nginx(node, api, state_dir: Path) -> Iterator[Nginx]:
-    server = Nginx(state_dir / f"nginx-{secrets.token_hex(3)}", node.port, api.port).start()
-    yield server
-    server.stop()
+from tests.servers import ROOT
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -109,10 +71,10 @@ def test_plain_http_goes_to_the_api(nginx, api):
     status, body = http_get(f"http://127.0.0.1:{nginx.port}/api/")
     assert status == 200
     assert json.loads(body)["websocket"] == "/websocket/"
-    assert '"GET /api/ HTTP/1.0"' in api.output() or '"GET /api/ HTTP/1.1"' in api.output()
+    assert api.wait_for_output('"GET /api/ HTTP/1.')
 
 
 def test_websocket_path_without_upgrade_is_the_apis_to_answer(nginx, api):
     status, _ = http_get(f"http://127.0.0.1:{nginx.port}/websocket/")
     assert status == 404
-    assert "GET /websocket/ HTTP/1.1" in api.output()
+    assert api.wait_for_output('"GET /websocket/ HTTP/1.')

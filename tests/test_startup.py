@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 from redis.asyncio import Redis
 
 from tests.client import open_ws
-from tests.servers import RedisServer, free_port
+from tests.servers import ROOT, RedisServer, free_port
 
 
 def wait_exit(server, timeout: float = 60.0) -> int:
@@ -66,3 +69,23 @@ async def test_graceful_stop_withdraws_the_liveness_record(daphne_factory, redis
     after = {key async for key in redis.scan_iter(match="asgi:alive:*")}
     assert len(keys - after) == 1
     await redis.aclose()
+
+
+def test_daphne_does_not_cut_websockets_after_a_day():
+    from awx_ws.server import CommandLine
+
+    # daphne's own default is 86400 s, which ended every live stream daily (AWX PR #3424).
+    assert CommandLine().parser.parse_args(["config.asgi:application"]).websocket_timeout == -1
+
+
+def test_a_liveness_interval_too_close_to_the_ttl_is_refused():
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env={**os.environ, "AWX_WS_LIVENESS_TTL": "30", "AWX_WS_LIVENESS_INTERVAL": "20"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "AWX_WS_LIVENESS_INTERVAL=20 must be at most half of AWX_WS_LIVENESS_TTL=30" in result.stderr

@@ -1,0 +1,87 @@
+"""AWX's own client, awxkit's WSClient, works against us unchanged (through nginx)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from awxkit.ws import WSClient
+
+from awx_ws.main.emit import aemit_channel_notification
+from tests.factories import adb, create_job, create_org, session_cookie
+
+
+def collect(ws: WSClient, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 10) -> list:
+    """Messages the client queued, polled until `until(messages)` holds."""
+    messages: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        messages.extend(ws)  # WSClient iterates what it has queued so far
+        if until(messages):
+            return messages
+        time.sleep(0.05)
+    raise AssertionError(f"awxkit did not receive what was expected; got {messages}")
+
+
+def has(predicate: Callable[[dict[str, Any]], bool]) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda messages: any(predicate(m) for m in messages)
+
+
+async def connect(**kwargs: Any) -> WSClient:
+    return await asyncio.to_thread(lambda: WSClient(hostname="127.0.0.1", secure=False, **kwargs).connect())
+
+
+async def test_token_wsclient_follows_a_job(nginx, user, token):
+    job = await adb(create_job, await adb(create_org, user))
+    ws = await connect(token=token, port=nginx.port)
+    try:
+        hello = await asyncio.to_thread(collect, ws, has(lambda m: m.get("accept") is True))
+        assert {"accept": True, "user": user.pk} in hello
+        ws.job_details(job.pk)
+        await asyncio.to_thread(collect, ws, has(lambda m: "groups_current" in m))
+        status = {"group_name": "jobs", "unified_job_id": job.pk, "status": "running", "type": "job"}
+        event = {"group_name": "job_events", "job": job.pk, "counter": 1, "event": "playbook_on_start"}
+        await aemit_channel_notification("jobs-status_changed", status)
+        await aemit_channel_notification(f"job_events-{job.pk}", event)
+        got = await asyncio.to_thread(collect, ws, has(lambda m: m.get("counter") == 1))
+        assert status in got
+        assert event in got
+        await asyncio.to_thread(ws.unsubscribe)  # waits for the groups_current acknowledgement
+    finally:
+        ws.close()
+
+
+async def test_wsclient_subscribes_to_a_pending_jobs_events_by_itself(nginx, user, token):
+    job = await adb(create_job, await adb(create_org, user))
+    ws = await connect(token=token, port=nginx.port)
+    try:
+        ws.pending_job_details()
+        await asyncio.to_thread(collect, ws, has(lambda m: "groups_current" in m))
+        pending = {"group_name": "jobs", "unified_job_id": job.pk, "status": "pending", "type": "job"}
+        await aemit_channel_notification("jobs-status_changed", pending)
+        # awxkit answers a pending job by subscribing to its events.
+        joined = await asyncio.to_thread(
+            collect, ws, has(lambda m: f"job_events-{job.pk}" in m.get("groups_joined", []))
+        )
+        assert pending in joined
+        event = {"group_name": "job_events", "job": job.pk, "counter": 5}
+        await aemit_channel_notification(f"job_events-{job.pk}", event)
+        assert event in await asyncio.to_thread(collect, ws, has(lambda m: m.get("counter") == 5))
+    finally:
+        ws.close()
+
+
+async def test_session_wsclient_with_csrftoken(nginx, user):
+    ws = await connect(session_id=await adb(session_cookie, user), csrftoken="c" * 32, port=nginx.port)
+    try:
+        ws.status_changes()
+        reply = await asyncio.to_thread(collect, ws, has(lambda m: "groups_current" in m))
+        assert {
+            "groups_current": ["jobs-status_changed"],
+            "groups_left": [],
+            "groups_joined": ["jobs-status_changed"],
+        } in reply
+    finally:
+        ws.close()
