@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -76,6 +77,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    "django_filters",
     "channels",
     "awx_ws.main",
 ]
@@ -134,10 +136,15 @@ STATIC_ROOT = VAR_DIR / "static"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "awx_ws.main.api.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 50,
+    # Scoped rates; the emit endpoint's rate is AWX_WS["EMIT_RATE"].
+    "DEFAULT_THROTTLE_RATES": {"tokens": os.environ.get("AWX_WS_TOKEN_RATE", "60/min")},
 }
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6390/0")
@@ -164,10 +171,11 @@ CHANNEL_LAYERS = {
 }
 
 # One namespace for the service's own settings; read them through awx_ws.main.conf.ws_settings.
-AWX_WS = {
+AWX_WS: dict[str, Any] = {
     "MAX_GROUPS_PER_CONNECTION": env_int("AWX_WS_MAX_GROUPS_PER_CONNECTION", 100),
     "MAX_FRAME_BYTES": env_int("AWX_WS_MAX_FRAME_BYTES", 64 * 1024),
     "EMIT_TIMEOUT": env_float("AWX_WS_EMIT_TIMEOUT", 5.0),
+    "EMIT_RATE": os.environ.get("AWX_WS_EMIT_RATE", "1200/min"),
     "STARTUP_REDIS_WAIT": env_float("AWX_WS_STARTUP_REDIS_WAIT", 60.0),
     "LIVENESS_TTL": env_float("AWX_WS_LIVENESS_TTL", 30.0),
     "LIVENESS_INTERVAL": env_float("AWX_WS_LIVENESS_INTERVAL", 10.0),

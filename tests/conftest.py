@@ -34,7 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "DATABASE_URL": f"sqlite:///{_STATE / 'db.sqlite3'}",
             "SECRET_KEY": "tests-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
             "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-            "ALLOWED_HOSTS": "127.0.0.1,localhost",
+            "ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
             "LOG_LEVEL": "INFO",
             # Short liveness periods so purge scenarios need no long waits.
             "AWX_WS_LIVENESS_TTL": "6",
@@ -42,6 +42,10 @@ def pytest_configure(config: pytest.Config) -> None:
         }
     )
     django.setup()
+    from django.conf import settings
+
+    # Only this process creates users: a fast hasher keeps fixtures cheap; servers never hash.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -30,7 +30,7 @@ def create_user(*, superuser: bool = False, active: bool = True) -> Any:
 def create_token(user: Any) -> str:
     from rest_framework.authtoken.models import Token
 
-    return Token.objects.create(user=user).key
+    return Token.objects.get_or_create(user=user)[0].key
 
 
 def create_org(*members: Any) -> Any:

@@ -14,6 +14,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_FRAME_BYTES": 64 * 1024,
     # Seconds an emit may take before EmitError (Redis down or unreachable).
     "EMIT_TIMEOUT": 5.0,
+    # Per-user rate of POST /api/v2/emit/ (DRF rate syntax).
+    "EMIT_RATE": "1200/min",
     # Seconds daphne waits for Redis at start before it exits with one clear message.
     "STARTUP_REDIS_WAIT": 60.0,
     # A process's liveness record expires this many seconds after its last heartbeat...

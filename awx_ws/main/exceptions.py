@@ -13,6 +13,10 @@ class InvalidGroupName(AwxWsError, ValueError):
     """A group name Channels would refuse, or one reserved for internal use."""
 
 
+class InvalidTransition(AwxWsError, ValueError):
+    """A job status change the state machine does not allow."""
+
+
 class EmitError(AwxWsError):
     """A notification could not be handed to the channel layer."""
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
+
+from awx_ws.main.exceptions import InvalidTransition
 
 
 class Organization(models.Model):
@@ -37,6 +42,18 @@ class Job(models.Model):
         ERROR = "error"
         CANCELED = "canceled"
 
+    # new → pending → waiting → running → successful | failed | error | canceled, with cancel and
+    # error possible before running too, as in AWX.
+    TRANSITIONS: ClassVar[dict[str, frozenset[str]]] = {
+        Status.NEW: frozenset({Status.PENDING, Status.CANCELED}),
+        Status.PENDING: frozenset({Status.WAITING, Status.CANCELED, Status.ERROR}),
+        Status.WAITING: frozenset({Status.RUNNING, Status.CANCELED, Status.ERROR}),
+        Status.RUNNING: frozenset({Status.SUCCESSFUL, Status.FAILED, Status.ERROR, Status.CANCELED}),
+    }
+    TERMINAL: ClassVar[frozenset[str]] = frozenset(
+        {Status.SUCCESSFUL, Status.FAILED, Status.ERROR, Status.CANCELED}
+    )
+
     kind = models.CharField(max_length=32, choices=Kind.choices, default=Kind.JOB)
     name = models.CharField(max_length=512, blank=True)
     # System jobs belong to no organization in AWX: only superusers see those.
@@ -46,9 +63,62 @@ class Job(models.Model):
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.NEW)
     created = models.DateTimeField(auto_now_add=True)
     modified = models.DateTimeField(auto_now=True)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["kind", "organization"])]
+        permissions = [("emit_notification", "Can emit websocket notifications over HTTP")]
 
     def __str__(self) -> str:
         return f"{self.kind} {self.pk}"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the job has finished, whichever way."""
+        return self.status in self.TERMINAL
+
+    def allowed_transitions(self) -> frozenset[str]:
+        """Statuses this job may move to next."""
+        return self.TRANSITIONS.get(self.status, frozenset())
+
+    def set_status(self, status: str) -> None:
+        """Move to status (not saved), stamping started/finished; InvalidTransition if not allowed."""
+        if status not in self.allowed_transitions():
+            allowed = ", ".join(sorted(self.allowed_transitions())) or "none: the job has finished"
+            raise InvalidTransition(f"cannot go from {self.status} to {status}; allowed: {allowed}")
+        self.status = status
+        if status == self.Status.RUNNING:
+            self.started = timezone.now()
+        if status in self.TERMINAL:
+            self.finished = timezone.now()
+
+
+class JobEvent(models.Model):
+    """One event of a job's output, as a runner reports it; counters order a job's events."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    counter = models.PositiveIntegerField()
+    event = models.CharField(max_length=100)
+    event_data = models.JSONField(default=dict, blank=True)
+    stdout = models.TextField(blank=True, default="")
+    start_line = models.PositiveIntegerField(default=0)
+    end_line = models.PositiveIntegerField(default=0)
+    uuid = models.CharField(max_length=1024, blank=True, default="")
+    parent_uuid = models.CharField(max_length=1024, blank=True, default="")
+    failed = models.BooleanField(default=False)
+    changed = models.BooleanField(default=False)
+    play = models.CharField(max_length=1024, blank=True, default="")
+    role = models.CharField(max_length=1024, blank=True, default="")
+    task = models.CharField(max_length=1024, blank=True, default="")
+    created = models.DateTimeField(auto_now_add=True)
+    modified = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["counter"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "counter"], name="unique_counter_per_job"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}#{self.counter} {self.event}"

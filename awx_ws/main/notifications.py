@@ -1,0 +1,97 @@
+"""AWX's websocket payloads for job state changes, emitted only once the change is committed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import transaction
+
+from awx_ws.main.emit import emit_channel_notification
+from awx_ws.main.exceptions import EmitError
+from awx_ws.main.models import Job, JobEvent
+from awx_ws.main.protocol import EVENT_KINDS
+
+logger = logging.getLogger(__name__)
+
+# Job kind -> its event group kind: "job" -> "job_events", "ad_hoc_command" -> "ad_hoc_command_events".
+EVENT_GROUP_KIND = {job_kind: group_kind for group_kind, job_kind in EVENT_KINDS.items()}
+
+
+def status_payload(job: Job) -> dict[str, Any]:
+    """The `jobs-status_changed` message AWX sends for a job's current status."""
+    payload: dict[str, Any] = {
+        "group_name": "jobs",
+        "unified_job_id": job.pk,
+        "status": job.status,
+        "type": job.kind,
+    }
+    if job.is_terminal and job.finished is not None:
+        payload["finished"] = job.finished
+    return payload
+
+
+def summary_payload(job: Job, final_counter: int) -> dict[str, Any]:
+    """The `jobs-summary` message AWX sends when a job finishes."""
+    return {"group_name": "jobs", "unified_job_id": job.pk, "final_counter": final_counter}
+
+
+def event_group(job: Job) -> str:
+    """The group a job's events go to: `job_events-<id>` for jobs, `<kind>_events-<id>` for the rest."""
+    return f"{EVENT_GROUP_KIND[job.kind]}-{job.pk}"
+
+
+def event_payload(job: Job, event: JobEvent) -> dict[str, Any]:
+    """AWX's job event message: the event's fields, its job id under the kind's name, group_name."""
+    return {
+        "id": event.pk,
+        job.kind: job.pk,
+        "group_name": EVENT_GROUP_KIND[job.kind],
+        "counter": event.counter,
+        "event": event.event,
+        "event_data": event.event_data,
+        "stdout": event.stdout,
+        "start_line": event.start_line,
+        "end_line": event.end_line,
+        "uuid": event.uuid,
+        "parent_uuid": event.parent_uuid,
+        "failed": event.failed,
+        "changed": event.changed,
+        "play": event.play,
+        "role": event.role,
+        "task": event.task,
+        "created": event.created,
+        "modified": event.modified,
+    }
+
+
+def _emit_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    for group, payload in messages:
+        try:
+            emit_channel_notification(group, payload)
+        except EmitError as exc:
+            # The change is committed; the notification is what is lost. Say so, loudly enough.
+            logger.error("notification to %s not delivered: %s", group, exc)
+
+
+def emit_on_commit(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """Emit messages, in order, after the current transaction commits; never if it rolls back."""
+    if messages:
+        transaction.on_commit(lambda: _emit_all(messages))
+
+
+def job_status_changed(job: Job) -> None:
+    """Schedule the status message, and the summary when the job has finished."""
+    messages = [("jobs-status_changed", status_payload(job))]
+    if job.is_terminal:
+        final = job.events.order_by("-counter").values_list("counter", flat=True).first() or 0
+        messages.append(("jobs-summary", summary_payload(job, final)))
+    emit_on_commit(messages)
+
+
+def job_events_created(job: Job, events: Iterable[JobEvent]) -> None:
+    """Schedule one message per event, in counter order."""
+    group = event_group(job)
+    ordered = sorted(events, key=lambda event: event.counter)
+    emit_on_commit([(group, event_payload(job, event)) for event in ordered])

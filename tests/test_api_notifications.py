@@ -1,0 +1,168 @@
+"""What websocket subscribers receive when jobs change through the API, and that a rollback emits
+nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+from django.db import transaction
+from rest_framework.test import APIClient
+
+from awx_ws.main.api.serializers import JobSerializer
+from awx_ws.main.models import Job
+from tests.client import WsClient, open_ws
+from tests.factories import adb, create_job, create_org, create_token
+
+EVENT_FIELDS = [
+    "id", "counter", "event", "event_data", "stdout", "start_line", "end_line", "uuid", "parent_uuid",
+    "failed", "changed", "play", "role", "task",
+]  # fmt: skip
+
+
+def call_api(user: Any, method: str, path: str, body: Any = None) -> Any:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {create_token(user)}")
+    response = getattr(client, method)(path, body, format="json")
+    assert response.status_code < 300, response.json()
+    return response.json()
+
+
+async def api(user: Any, method: str, path: str, body: Any = None) -> Any:
+    return await adb(call_api, user, method, path, body)
+
+
+async def receive(client: WsClient, count: int) -> list[dict[str, Any]]:
+    return [await client.recv_json(timeout=10) for _ in range(count)]
+
+
+async def test_status_changes_carry_awxs_fields_and_end_with_a_summary(client, user):
+    job = await adb(create_job, await adb(create_org, user))
+    await client.subscribe({"jobs": ["status_changed", "summary"]})
+    statuses = ["pending", "waiting", "running", "successful"]
+    for status in statuses:
+        stored = await api(user, "patch", f"/api/v2/jobs/{job.pk}/", {"status": status})
+    messages = await receive(client, 5)
+    base = {"group_name": "jobs", "unified_job_id": job.pk, "type": "job"}
+    assert messages[:3] == [{**base, "status": s} for s in statuses[:3]]
+    finished = messages[3].pop("finished")
+    assert messages[3] == {**base, "status": "successful"}
+    assert finished[:19] == stored["finished"][:19]
+    assert messages[4] == {"group_name": "jobs", "unified_job_id": job.pk, "final_counter": 0}
+
+
+async def test_events_arrive_in_counter_order_with_awxs_fields(client, user):
+    job = await adb(create_job, await adb(create_org, user))
+    await client.subscribe({"job_events": [job.pk]})
+    batch = [
+        {"counter": c, "event": "runner_on_ok", "stdout": f"ok {c}", "event_data": {"host": f"h{c}"},
+         "start_line": c, "end_line": c + 1, "uuid": f"u{c}", "parent_uuid": "p", "changed": c == 2}
+        for c in (3, 1, 2)
+    ]  # fmt: skip
+    stored = {e["counter"]: e for e in await api(user, "post", f"/api/v2/jobs/{job.pk}/job_events/", batch)}
+    messages = await receive(client, 3)
+    assert [m["counter"] for m in messages] == [1, 2, 3]
+    for message in messages:
+        assert message["group_name"] == "job_events"
+        assert message["job"] == job.pk
+        assert {f: message[f] for f in EVENT_FIELDS} == {
+            f: stored[message["counter"]][f] for f in EVENT_FIELDS
+        }
+        assert message["created"][:19] == stored[message["counter"]]["created"][:19]
+
+
+async def test_other_kinds_emit_to_their_own_event_group(client, user):
+    command = await adb(create_job, await adb(create_org, user), kind="ad_hoc_command")
+    await client.subscribe({"ad_hoc_command_events": [command.pk]})
+    await api(user, "post", f"/api/v2/jobs/{command.pk}/job_events/", {"counter": 1, "event": "runner_on_ok"})
+    message = await client.recv_json()
+    assert message["group_name"] == "ad_hoc_command_events"
+    assert message["ad_hoc_command"] == command.pk
+    assert "job" not in message
+
+
+async def test_summary_reports_the_last_counter(client, user):
+    job = await adb(create_job, await adb(create_org, user))
+    await client.subscribe({"jobs": ["summary"]})
+    await api(
+        user, "post", f"/api/v2/jobs/{job.pk}/job_events/", [{"counter": c, "event": "e"} for c in (1, 2, 7)]
+    )
+    await api(user, "patch", f"/api/v2/jobs/{job.pk}/", {"status": "canceled"})
+    assert await client.recv_json() == {"group_name": "jobs", "unified_job_id": job.pk, "final_counter": 7}
+
+
+def change_status_then_fail(job: Job, user: Any) -> None:
+    request = type("Request", (), {"user": user})()
+    try:
+        with transaction.atomic():
+            serializer = JobSerializer(
+                job, data={"status": "pending"}, partial=True, context={"request": request}
+            )
+            serializer.is_valid(raise_exception=True)
+            serializer.save()
+            raise RuntimeError("something later in the transaction failed")
+    except RuntimeError:
+        pass
+
+
+async def test_a_rolled_back_transaction_emits_nothing(client, user):
+    job = await adb(create_job, await adb(create_org, user))
+    await client.subscribe({"jobs": ["status_changed"]})
+    await adb(change_status_then_fail, job, user)
+    await client.assert_silent(0.5)
+    assert (await adb(Job.objects.get, pk=job.pk)).status == "new"
+    # The same change, committed, does arrive: the silence above was the rollback's doing.
+    await api(user, "patch", f"/api/v2/jobs/{job.pk}/", {"status": "pending"})
+    assert (await client.recv_json())["status"] == "pending"
+
+
+def http(nginx_port: int, token: str, method: str, path: str, body: Any = None) -> Any:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{nginx_port}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+async def test_api_calls_through_nginx_reach_a_websocket_client_in_counter_order(nginx, user, token):
+    org = await adb(create_org, user)
+    ws = await open_ws(f"ws://127.0.0.1:{nginx.port}", headers={"Authorization": f"Token {token}"})
+    job = await asyncio.to_thread(
+        http, nginx.port, token, "POST", "/api/v2/jobs/", {"kind": "job", "organization": org.pk}
+    )
+    errors, reply = await ws.subscribe({"jobs": ["status_changed"], "job_events": [job["id"]]})
+    assert errors == []
+    path = f"/api/v2/jobs/{job['id']}/"
+    steps = [
+        ("PATCH", path, {"status": "pending"}),
+        ("PATCH", path, {"status": "waiting"}),
+        ("PATCH", path, {"status": "running"}),
+        ("POST", path + "job_events/", {"counter": 1, "event": "playbook_on_start"}),
+        ("POST", path + "job_events/", [{"counter": c, "event": "runner_on_ok"} for c in (4, 2, 3)]),
+        ("POST", path + "job_events/", {"counter": 5, "event": "playbook_on_stats"}),
+        ("PATCH", path, {"status": "successful"}),
+    ]
+    for method, url, body in steps:
+        await asyncio.to_thread(http, nginx.port, token, method, url, body)
+    messages = await receive(ws, 9)
+    statuses = [m["status"] for m in messages if "status" in m]
+    counters = [m["counter"] for m in messages if "counter" in m]
+    assert statuses == ["pending", "waiting", "running", "successful"]
+    assert counters == [1, 2, 3, 4, 5]
+    assert [m.get("status", m.get("counter")) for m in messages] == [
+        "pending",
+        "waiting",
+        "running",
+        1,
+        2,
+        3,
+        4,
+        5,
+        "successful",
+    ]
+    await ws.close()
