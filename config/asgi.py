@@ -1,4 +1,4 @@
-"""ASGI entry point: websockets through our auth stack, HTTP to Django."""
+"""ASGI entry point: websockets (clients and peer relays) and HTTP to Django."""
 
 from __future__ import annotations
 
@@ -10,14 +10,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
-from channels.routing import URLRouter  # noqa: E402
+from awx_ws.main.routing import AWXProtocolTypeRouter, websocket_application  # noqa: E402
 
-from awx_ws.main.auth import WebsocketAuthStack  # noqa: E402
-from awx_ws.main.routing import AWXProtocolTypeRouter, websocket_urlpatterns  # noqa: E402
-
-application = AWXProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": WebsocketAuthStack(URLRouter(websocket_urlpatterns)),
-    }
-)
+application = AWXProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,17 @@ AWX_WS: dict[str, Any] = {
     "STARTUP_REDIS_WAIT": env_float("AWX_WS_STARTUP_REDIS_WAIT", 60.0),
     "LIVENESS_TTL": env_float("AWX_WS_LIVENESS_TTL", 30.0),
     "LIVENESS_INTERVAL": env_float("AWX_WS_LIVENESS_INTERVAL", 10.0),
+    # The cluster relay (AWX's names): peers as host:port (or ws:// / wss:// URLs), shared secret.
+    "BROADCAST_WEBSOCKET_PEERS": env_list("BROADCAST_WEBSOCKET_PEERS", []),
+    "BROADCAST_WEBSOCKET_SECRET": os.environ.get("BROADCAST_WEBSOCKET_SECRET", ""),
+    # This node's own entry in the peers list, which its relay skips (one list for every node).
+    "BROADCAST_WEBSOCKET_SELF": os.environ.get(
+        "BROADCAST_WEBSOCKET_SELF", f"127.0.0.1:{os.environ.get('AWX_WS_DAPHNE_PORT', '8051')}"
+    ),
+    "BROADCAST_WEBSOCKET_NONCE_WINDOW": env_float("BROADCAST_WEBSOCKET_NONCE_WINDOW", 300.0),
+    "BROADCAST_WEBSOCKET_BACKOFF_MAX": env_float("BROADCAST_WEBSOCKET_BACKOFF_MAX", 16.0),
+    "BROADCAST_WEBSOCKET_PING_INTERVAL": env_float("BROADCAST_WEBSOCKET_PING_INTERVAL", 10.0),
+    "NODE_NAME": os.environ.get("AWX_WS_NODE_NAME", socket.gethostname()),
 }
 
 if AWX_WS["LIVENESS_INTERVAL"] * 2 > AWX_WS["LIVENESS_TTL"]:

@@ -155,8 +155,8 @@ class RedisServer(Process):
 class DaphneNode(Process):
     """One daphne process serving config.asgi through awx_ws.server (lifespan, purge)."""
 
-    def __init__(self, workdir: Path, env_extra: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(self, workdir: Path, env_extra: dict[str, str] | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         env = dict(os.environ)
         env.update(env_extra or {})
@@ -176,6 +176,14 @@ class DaphneNode(Process):
         super().start()
         self.wait_for_port(self.port, timeout)
         return self
+
+
+class Relay(Process):
+    """`manage.py run_wsbroadcast` for one node."""
+
+    def __init__(self, workdir: Path, name: str, env: dict[str, str]):
+        argv = [sys.executable, "manage.py", "run_wsbroadcast"]
+        super().__init__(f"relay:{name}", argv, workdir / f"relay-{name}.log", env)
 
 
 class Nginx(Process):

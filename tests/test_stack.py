@@ -122,7 +122,7 @@ def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
 
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['NGINX']}/api/", timeout=10) as response:
             assert json.loads(response.read())["websocket"] == "/websocket/"
-        for program in ("daphne", "api", "redis", "nginx", "supervisord"):
+        for program in ("daphne", "api", "redis", "nginx", "relay", "supervisord"):
             assert (var / "log" / f"{program}.log").exists()
     finally:
         # Ctrl-C in a terminal signals the whole foreground process group.

@@ -13,12 +13,18 @@ from urllib.parse import parse_qs, urlsplit
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
 from channels.auth import get_user
 from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from channels.security.websocket import WebsocketDenier
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.http.request import split_domain_port, validate_host
+from redis.exceptions import RedisError
 from rest_framework.authtoken.models import Token
+
+from awx_ws.main import peerauth
+from awx_ws.main.conf import ws_settings
+from awx_ws.main.layers import RedisChannelLayer
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +118,45 @@ class WebsocketAuthMiddleware:
             )
             return None, None
         return user, "session"
+
+
+class PeerAuthMiddleware:
+    """Admits a peer node's relay by its HMAC header (peerauth.py); anything else gets HTTP 403."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> Any:
+        """Verify the secret header and the nonce's freshness, then hand over to the consumer."""
+        header = _header(scope, peerauth.HEADER.encode())
+        try:
+            nonce = peerauth.verify(
+                header.decode("latin-1") if header else None,
+                ws_settings.BROADCAST_WEBSOCKET_SECRET,
+                ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW,
+            )
+            await self._refuse_replay(nonce)
+        except peerauth.PeerAuthError as exc:
+            logger.warning("peer relay refused from %s: %s", scope.get("client"), exc)
+            return await WebsocketDenier()(scope, receive, send)
+        peer = _header(scope, b"x-awx-ws-node")
+        scope = dict(scope, peer=peer.decode("latin-1") if peer else str(scope.get("client")))
+        return await self.inner(scope, receive, send)
+
+    async def _refuse_replay(self, nonce: str) -> None:
+        layer = get_channel_layer()
+        if not isinstance(layer, RedisChannelLayer):
+            return
+        window = int(ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW) * 2 + 1
+        key = f"{layer.prefix}:peer-nonce:{nonce}"
+        try:
+            fresh = await layer.connection(0).set(key, 1, nx=True, ex=window)
+        except (RedisError, OSError) as exc:
+            raise peerauth.PeerAuthError(f"cannot check the nonce, Redis unavailable: {exc}") from exc
+        if not fresh:
+            raise peerauth.PeerAuthError("nonce already used (a replayed header)")
 
 
 def WebsocketAuthStack(inner: Any) -> Any:  # noqa: N802 (named like Channels' AuthMiddlewareStack)

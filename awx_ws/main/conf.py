@@ -22,6 +22,20 @@ DEFAULTS: dict[str, Any] = {
     "LIVENESS_TTL": 30.0,
     # ...and is refreshed this often.
     "LIVENESS_INTERVAL": 10.0,
+    # Peer nodes the relay dials: "host:port" (ws://host:port/websocket/broadcast/) or full URLs.
+    "BROADCAST_WEBSOCKET_PEERS": [],
+    # Shared HMAC key of the cluster; empty refuses every peer.
+    "BROADCAST_WEBSOCKET_SECRET": "",
+    # This node's own entry in BROADCAST_WEBSOCKET_PEERS: never dialled.
+    "BROADCAST_WEBSOCKET_SELF": "",
+    # Seconds a peer's nonce may be away from our clock.
+    "BROADCAST_WEBSOCKET_NONCE_WINDOW": 300.0,
+    # Reconnect backoff: 1 s doubling to this many seconds, with jitter.
+    "BROADCAST_WEBSOCKET_BACKOFF_MAX": 16.0,
+    # Seconds between pings on a relay link; a peer silent for twice this is dropped.
+    "BROADCAST_WEBSOCKET_PING_INTERVAL": 10.0,
+    # This node's name in logs and peer headers.
+    "NODE_NAME": "awx_ws",
 }
 
 

@@ -27,9 +27,13 @@ logger = logging.getLogger(__name__)
 
 
 def build_message(group: str, payload: Any) -> dict[str, str]:
-    """The channel-layer message for payload: its JSON serialised once, as AWX's consumers expect."""
+    """The channel-layer message for payload: its JSON serialised once, as AWX's consumers expect.
+
+    `group` rides along so a BroadcastConsumer, which receives it as a group member, knows which
+    group to name when it forwards the message to a peer node.
+    """
     validate_group_name(group)
-    return {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder)}
+    return {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder), "group": group}
 
 
 def _describe(layer: BaseChannelLayer) -> str:

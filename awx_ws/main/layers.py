@@ -5,6 +5,7 @@ from __future__ import annotations
 from channels_redis import core
 
 from awx_ws.main.exceptions import redact_url
+from awx_ws.main.interest import LocalInterest
 from awx_ws.main.liveness import Liveness
 
 
@@ -16,6 +17,7 @@ class RedisChannelLayer(core.RedisChannelLayer):
     """
 
     _liveness: Liveness | None = None
+    _interest: LocalInterest | None = None
 
     @property
     def liveness(self) -> Liveness:
@@ -23,6 +25,13 @@ class RedisChannelLayer(core.RedisChannelLayer):
         if self._liveness is None:
             self._liveness = Liveness(self)
         return self._liveness
+
+    @property
+    def interest(self) -> LocalInterest:
+        """The groups this process's clients hold, mirrored for the relay (created on first use)."""
+        if self._interest is None:
+            self._interest = LocalInterest(self)
+        return self._interest
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel; the process is marked alive before the name is used."""

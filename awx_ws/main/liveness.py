@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 _CHANNEL_RE = re.compile(r"^(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!")
 # <layer prefix>specific.<32 hex>! and its in-flight backup <...>!$inflight
 _QUEUE_RE = re.compile(r"^(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!(?:\$inflight)?$")
+_OWNER_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 @cache
@@ -175,8 +176,8 @@ class PurgeReport:
     dead_processes: set[str] = field(default_factory=set)
 
 
-class _Verdicts:
-    """Decides, and caches, whether the process behind a client prefix is dead."""
+class LivenessJudge:
+    """Decides, and caches for one pass, whether the process behind a client prefix is dead."""
 
     def __init__(self, layer: RedisChannelLayer) -> None:
         self.layer = layer
@@ -184,6 +185,7 @@ class _Verdicts:
         self.cache: dict[str, bool] = {layer.client_prefix: False}
 
     async def dead(self, client_prefix: str) -> bool:
+        """True when the process owning client_prefix is gone (see the module docstring)."""
         if client_prefix not in self.cache:
             key = alive_key(self.layer.prefix, client_prefix)
             raw: Any = await self.layer.connection(0).get(key)
@@ -211,7 +213,7 @@ async def purge_stale_state(layer: RedisChannelLayer) -> PurgeReport:
 
 async def _purge(layer: RedisChannelLayer) -> PurgeReport:
     report = PurgeReport()
-    verdicts = _Verdicts(layer)
+    verdicts = LivenessJudge(layer)
     for index in range(layer.ring_size):
         connection = layer.connection(index)
         # SCAN, not KEYS: KEYS blocks Redis for every other client while it walks the keyspace.
@@ -233,6 +235,12 @@ async def _purge(layer: RedisChannelLayer) -> PurgeReport:
             if match and await verdicts.dead(match.group(1)):
                 await connection.delete(key)
                 report.queues += 1
+    # Interest sets (interest.py) of dead processes would make the relay ask for dead groups.
+    interest_prefix = f"{layer.prefix}:interest:".encode()
+    async for key in layer.connection(0).scan_iter(match=f"{layer.prefix}:interest:*", count=500):
+        owner = key[len(interest_prefix) :].decode("utf-8", "replace")
+        if _OWNER_RE.match(owner) and await verdicts.dead(owner):
+            report.records += await layer.connection(0).delete(key)
     for client_prefix, dead in verdicts.cache.items():
         if dead:
             report.dead_processes.add(client_prefix)

@@ -7,13 +7,14 @@ import logging
 from typing import Any
 
 from channels.layers import get_channel_layer
-from channels.routing import ProtocolTypeRouter
+from channels.routing import ProtocolTypeRouter, URLRouter
 from channels.security.websocket import WebsocketDenier
 from django.urls import re_path
 from redis.exceptions import RedisError
 
+from awx_ws.main.auth import PeerAuthMiddleware, WebsocketAuthStack
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.consumers import EventConsumer
+from awx_ws.main.consumers import BroadcastConsumer, EventConsumer
 from awx_ws.main.exceptions import RedisUnavailable, StartupError
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.liveness import purge_stale_state
@@ -27,6 +28,16 @@ websocket_urlpatterns = [
     re_path(r"^api/websocket/$", EventConsumer.as_asgi()),
     re_path(r"", WebsocketDenier.as_asgi()),
 ]
+
+
+def websocket_application() -> Any:
+    """Peers' relays (HMAC) on /websocket/broadcast/; clients (token or session) everywhere else."""
+    return URLRouter(
+        [
+            re_path(r"^websocket/broadcast/$", PeerAuthMiddleware(BroadcastConsumer.as_asgi())),
+            re_path(r"", WebsocketAuthStack(URLRouter(websocket_urlpatterns))),
+        ]
+    )
 
 
 class AWXProtocolTypeRouter(ProtocolTypeRouter):

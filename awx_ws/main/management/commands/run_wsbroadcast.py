@@ -1,0 +1,95 @@
+"""`manage.py run_wsbroadcast`: run this node's peer relay; `--status` prints its links."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from redis.exceptions import RedisError
+
+from awx_ws.main.conf import ws_settings
+from awx_ws.main.exceptions import StartupError
+from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.relay import Relay, status_key
+
+# A status older than this means the relay is not running (it rewrites it every second).
+STALE_AFTER = 10.0
+
+
+class Command(BaseCommand):
+    help = "Relay group messages between this node and its peers (BROADCAST_WEBSOCKET_PEERS)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--status", action="store_true", help="print each peer link's state and exit")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        layer = get_channel_layer()
+        if options["status"]:
+            self.stdout.write(asyncio.run(status_table(layer)))
+            return
+        try:
+            relay = Relay.from_settings(layer)
+        except StartupError as exc:
+            raise CommandError(str(exc)) from exc
+        asyncio.run(_run_until_signalled(relay))
+
+
+async def _run_until_signalled(relay: Relay) -> None:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)  # type: ignore[union-attr]
+    try:
+        await relay.run()
+    except asyncio.CancelledError:
+        pass
+
+
+def _ago(stamp: float, now: float) -> str:
+    seconds = max(0, int(now - stamp))
+    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60}m ago"
+
+
+async def status_table(layer: Any) -> str:
+    """The relay's links as a table, read from this node's Redis."""
+    if not isinstance(layer, RedisChannelLayer):
+        raise CommandError("--status needs awx_ws.main.layers.RedisChannelLayer as the default layer")
+    own = ws_settings.BROADCAST_WEBSOCKET_SELF
+    peers = [peer for peer in ws_settings.BROADCAST_WEBSOCKET_PEERS if peer != own]
+    if not peers:
+        return "no peers configured (BROADCAST_WEBSOCKET_PEERS)"
+    try:
+        rows = [await layer.connection(0).hgetall(status_key(layer, peer)) for peer in peers]
+    except (RedisError, OSError) as exc:
+        raise CommandError(f"cannot read relay status from Redis ({layer.describe_hosts()}): {exc}") from exc
+    now = time.time()
+    header = ("PEER", "STATE", "SINCE", "RECEIVED", "LAST MIN", "RECONNECTS", "LAST ERROR")
+    lines = [header]
+    for peer, raw in zip(peers, rows, strict=True):
+        row = {key.decode(): value.decode() for key, value in raw.items()}
+        if not row:
+            lines.append((peer, "unknown", "-", "-", "-", "-", "no status: is run_wsbroadcast running?"))
+            continue
+        state = row["state"]
+        if now - float(row["updated"]) > STALE_AFTER:
+            state = f"stale ({state})"
+        lines.append(
+            (
+                peer,
+                state,
+                _ago(float(row["since"]), now),
+                row["received_total"],
+                row["received_last_minute"],
+                row["reconnects"],
+                row["last_error"],
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )

@@ -1,0 +1,310 @@
+"""The peer relay (`manage.py run_wsbroadcast`): brings other nodes' messages into this node.
+
+For every peer it keeps one websocket to the peer's BroadcastConsumer (/websocket/broadcast/),
+tells it which groups this node's clients hold (interest.py) and injects what the peer forwards
+into the local channel layer, marked `relayed` so no BroadcastConsumer here sends it on again.
+Links reconnect with exponential backoff and jitter, log once per state change (AWX #7266 logged
+every attempt), and keep their figures in the local Redis for `run_wsbroadcast --status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from awx_ws.main import peerauth
+from awx_ws.main.conf import ws_settings
+from awx_ws.main.exceptions import StartupError
+from awx_ws.main.interest import changes_channel, node_interest
+from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.protocol import validate_group_name
+
+logger = logging.getLogger(__name__)
+
+# A link that stayed up this long resets its backoff to the first step.
+HEALTHY_AFTER = 30.0
+# Interest is recomputed on every change notice, and at least this often (missed notices, restarts).
+INTEREST_RESYNC = 5.0
+STATUS_EVERY = 1.0
+
+
+def peer_url(peer: str) -> str:
+    """ws://host:port/websocket/broadcast/ for a `host:port` entry; URLs are taken as they are."""
+    if "://" in peer:
+        return peer
+    return f"ws://{peer}/websocket/broadcast/"
+
+
+def status_key(layer: RedisChannelLayer, peer: str) -> str:
+    """Redis hash holding one link's figures."""
+    return f"{layer.prefix}:relay-status:{peer}"
+
+
+@dataclass
+class LinkStatus:
+    """One link's state and counters."""
+
+    peer: str
+    state: str = "connecting"
+    since: float = field(default_factory=time.time)
+    received_total: int = 0
+    dropped_total: int = 0
+    reconnects: int = 0
+    last_error: str = ""
+    # (second, count) buckets of the last minute
+    _recent: deque[list[int]] = field(default_factory=deque)
+
+    def received(self) -> None:
+        """Count one message."""
+        self.received_total += 1
+        now = int(time.time())
+        if self._recent and self._recent[-1][0] == now:
+            self._recent[-1][1] += 1
+        else:
+            self._recent.append([now, 1])
+
+    def last_minute(self) -> int:
+        """Messages received in the last 60 seconds."""
+        cutoff = int(time.time()) - 60
+        while self._recent and self._recent[0][0] <= cutoff:
+            self._recent.popleft()
+        return sum(count for _, count in self._recent)
+
+    def move_to(self, state: str) -> bool:
+        """Change state; True when it really changed (the caller logs it)."""
+        if state == self.state:
+            return False
+        self.state, self.since = state, time.time()
+        return True
+
+    def as_mapping(self) -> dict[str, str]:
+        """The figures as stored in Redis."""
+        return {
+            "peer": self.peer,
+            "state": self.state,
+            "since": f"{self.since:.3f}",
+            "received_total": str(self.received_total),
+            "received_last_minute": str(self.last_minute()),
+            "dropped_total": str(self.dropped_total),
+            "reconnects": str(self.reconnects),
+            "last_error": self.last_error,
+            "updated": f"{time.time():.3f}",
+        }
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for a failed or lost link."""
+    if isinstance(exc, InvalidStatus):
+        code = exc.response.status_code
+        hint = " (check BROADCAST_WEBSOCKET_SECRET)" if code == 403 else ""
+        return f"HTTP {code} at handshake{hint}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Relay:
+    """All links of this node, and the interest they keep their peers informed of."""
+
+    def __init__(self, layer: RedisChannelLayer, peers: list[str], secret: str, node: str) -> None:
+        self.layer = layer
+        self.peers = peers
+        self.secret = secret
+        self.node = node
+        self.interest: frozenset[str] = frozenset()
+        self._changed = asyncio.Event()
+        self.links = [PeerLink(self, peer) for peer in peers]
+
+    @classmethod
+    def from_settings(cls, layer: Any) -> Relay:
+        """Build from AWX_WS settings; StartupError with a clear message when they cannot work."""
+        if not isinstance(layer, RedisChannelLayer):
+            raise StartupError("the relay needs awx_ws.main.layers.RedisChannelLayer as the default layer")
+        own = ws_settings.BROADCAST_WEBSOCKET_SELF
+        peers = [peer for peer in ws_settings.BROADCAST_WEBSOCKET_PEERS if peer != own]
+        secret = ws_settings.BROADCAST_WEBSOCKET_SECRET
+        if peers and not secret:
+            raise StartupError(
+                "BROADCAST_WEBSOCKET_SECRET is empty: set the same secret on every node to relay "
+                f"to {', '.join(peers)}"
+            )
+        return cls(layer, peers, secret, ws_settings.NODE_NAME)
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next interest change (take it before reading `interest`)."""
+        return self._changed
+
+    def _publish(self, interest: frozenset[str]) -> None:
+        if interest != self.interest:
+            self.interest = interest
+            previous, self._changed = self._changed, asyncio.Event()
+            previous.set()
+
+    async def run(self) -> None:
+        """Relay until cancelled."""
+        if not self.peers:
+            logger.info("no peers in BROADCAST_WEBSOCKET_PEERS besides this node: nothing to relay")
+            await asyncio.Event().wait()
+        logger.info("relay of node %s to %s", self.node, ", ".join(self.peers))
+        self._publish(frozenset(await node_interest(self.layer)))
+        tasks = [asyncio.create_task(self._watch_interest(), name="interest")]
+        tasks += [asyncio.create_task(link.run(), name=f"link {link.peer}") for link in self.links]
+        tasks.append(asyncio.create_task(self._write_status(), name="status"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_interest(self) -> None:
+        failures = 0
+        while True:
+            pubsub = self.layer.connection(0).pubsub()
+            try:
+                await pubsub.subscribe(changes_channel(self.layer.prefix))
+                while True:
+                    self._publish(frozenset(await node_interest(self.layer)))
+                    failures = 0
+                    # Wait for a change notice (or the periodic resync), then drain the burst.
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=INTEREST_RESYNC)
+                    while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01):
+                        pass
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("relay cannot read this node's interest from Redis: %s", exc)
+                await asyncio.sleep(min(2.0**failures, 10.0))
+            finally:
+                await pubsub.aclose()
+
+    async def _write_status(self) -> None:
+        while True:
+            try:
+                for link in self.links:
+                    key = status_key(self.layer, link.peer)
+                    await self.layer.connection(0).hset(key, mapping=link.status.as_mapping())
+                    await self.layer.connection(0).expire(key, 3600)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                logger.debug("relay status not written: %s", exc)
+            await asyncio.sleep(STATUS_EVERY)
+
+
+class PeerLink:
+    """The connection to one peer: keeps it up, keeps it informed, injects what it sends."""
+
+    def __init__(self, relay: Relay, peer: str) -> None:
+        self.relay = relay
+        self.peer = peer
+        self.url = peer_url(peer)
+        self.status = LinkStatus(peer)
+        self._failing = False
+
+    async def run(self) -> None:
+        """Connect, serve, back off, again; until cancelled."""
+        delay = 1.0
+        connected_once = False
+        backoff_max = ws_settings.BROADCAST_WEBSOCKET_BACKOFF_MAX
+        while True:
+            self.status.move_to("connecting")
+            started = None
+            try:
+                headers = {
+                    peerauth.HEADER: peerauth.sign(self.relay.secret),
+                    "x-awx-ws-node": self.relay.node,
+                }
+                ping = ws_settings.BROADCAST_WEBSOCKET_PING_INTERVAL
+                async with connect(
+                    self.url,
+                    additional_headers=headers,
+                    ping_interval=ping,
+                    ping_timeout=ping,
+                    open_timeout=10,
+                    max_size=2**24,
+                ) as ws:
+                    started = time.monotonic()
+                    if connected_once:
+                        self.status.reconnects += 1
+                    connected_once = True
+                    self.status.move_to("connected")
+                    self.status.last_error = ""
+                    self._failing = False
+                    logger.info("relay link to %s connected", self.peer)
+                    await self._serve(ws)
+                raise ConnectionError("peer closed the link")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.status.last_error = describe(exc)
+                was_up = self.status.state == "connected"
+                self.status.move_to("disconnected")
+                if was_up:
+                    logger.warning(
+                        "relay link to %s lost: %s; reconnecting", self.peer, self.status.last_error
+                    )
+                elif not self._failing:
+                    logger.warning(
+                        "relay link to %s failed: %s; retrying with backoff up to %gs",
+                        self.peer,
+                        self.status.last_error,
+                        backoff_max,
+                    )
+                self._failing = not was_up
+            if started is not None and time.monotonic() - started >= HEALTHY_AFTER:
+                delay = 1.0
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, backoff_max)
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        sender = asyncio.create_task(self._send_interest(ws))
+        try:
+            async for frame in ws:
+                await self._inject(frame)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+
+    async def _send_interest(self, ws: ClientConnection) -> None:
+        sent: frozenset[str] = frozenset()
+        while True:
+            changed = self.relay.changed()
+            current = self.relay.interest
+            join, leave = current - sent, sent - current
+            if join or leave:
+                await ws.send(json.dumps({"join": sorted(join), "leave": sorted(leave)}))
+                sent = current
+            await changed.wait()
+
+    async def _inject(self, frame: str | bytes) -> None:
+        try:
+            data = json.loads(frame)
+            group, text = validate_group_name(data["group"]), data["text"]
+            if not isinstance(text, str):
+                raise TypeError("text is not a string")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.status.dropped_total += 1
+            logger.warning("relay link to %s sent a malformed message: %s", self.peer, exc)
+            return
+        message = {"type": "internal.message", "text": text, "group": group, "relayed": True}
+        try:
+            await self.relay.layer.group_send(group, message)
+        except (RedisError, OSError) as exc:
+            self.status.dropped_total += 1
+            if self.status.dropped_total == 1 or self.status.dropped_total % 1000 == 0:
+                logger.error(
+                    "relay could not inject into local Redis (%d dropped): %s", self.status.dropped_total, exc
+                )
+            return
+        self.status.received()

@@ -1,0 +1,332 @@
+"""Three nodes, each with its own Redis, daphne and relay: one service, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from awx_ws.main import peerauth
+from awx_ws.main.emit import build_message
+from awx_ws.main.layers import RedisChannelLayer
+from tests.client import WsClient, open_ws, refused_status
+from tests.servers import ROOT, DaphneNode, RedisServer, Relay, free_ports
+
+pytestmark = pytest.mark.slow
+
+SECRET = "cluster-tests-shared-secret"
+
+
+@dataclass
+class Node:
+    name: str
+    env: dict[str, str]
+    redis: RedisServer
+    daphne_port: int
+    workdir: Path
+    daphne: DaphneNode | None = None
+    relay: Relay | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.daphne_port}"
+
+    def start(self) -> None:
+        self.daphne = DaphneNode(self.workdir, self.env, port=self.daphne_port).start()
+        self.relay = Relay(self.workdir, self.name, self.env).start()
+
+    def kill(self) -> None:
+        for process in (self.relay, self.daphne):
+            if process is not None:
+                process.kill()
+
+    def stop(self) -> None:
+        for process in (self.relay, self.daphne):
+            if process is not None:
+                process.stop()
+
+    async def status(self) -> str:
+        """What `run_wsbroadcast --status` prints on this node."""
+        return await asyncio.to_thread(relay_status, self.env)
+
+    async def row(self, other: Node) -> list[str]:
+        """This node's status row for its link to other."""
+        table = await self.status()
+        for line in table.splitlines():
+            if line.startswith(f"127.0.0.1:{other.daphne_port} "):
+                return line.split()
+        raise AssertionError(f"no row for {other.name} in:\n{table}")
+
+    async def peer_state(self, other: Node) -> str:
+        return (await self.row(other))[1]
+
+    async def received_from(self, other: Node) -> int:
+        return int((await self.row(other))[4])
+
+    async def emit(self, group: str, payload: Any) -> None:
+        """Emit on this node: into its own Redis, as its API or workers would."""
+        layer = RedisChannelLayer(hosts=[{"address": self.redis.url}])
+        await layer.group_send(group, build_message(group, payload))
+        await layer.close_pools()
+
+
+def relay_status(env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [sys.executable, "manage.py", "run_wsbroadcast", "--status"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(state_dir: Path, database: None) -> Iterator[dict[str, Node]]:
+    names = ["A", "B", "C"]
+    ports = free_ports(6)
+    daphne_ports, redis_ports = ports[:3], ports[3:]
+    peers = ",".join(f"127.0.0.1:{port}" for port in daphne_ports)
+    nodes: dict[str, Node] = {}
+    for name, daphne_port, redis_port in zip(names, daphne_ports, redis_ports, strict=True):
+        workdir = state_dir / f"cluster-{name}"
+        redis = RedisServer(redis_port, workdir).start()
+        env = {
+            **os.environ,
+            "REDIS_URL": redis.url,
+            "BROADCAST_WEBSOCKET_PEERS": peers,
+            "BROADCAST_WEBSOCKET_SECRET": SECRET,
+            "BROADCAST_WEBSOCKET_SELF": f"127.0.0.1:{daphne_port}",
+            "AWX_WS_NODE_NAME": name,
+        }
+        nodes[name] = Node(name, env, redis, daphne_port, workdir)
+    for node in nodes.values():
+        node.start()
+    yield nodes
+    for node in nodes.values():
+        node.stop()
+        node.redis.stop()
+
+
+async def members(node: Node, group: str) -> int:
+    redis = Redis.from_url(node.redis.url)
+    try:
+        return int(await redis.zcard(f"asgi:group:{group}"))
+    finally:
+        await redis.aclose()
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+async def clients(cluster: dict[str, Node], token: str) -> AsyncIterator[dict[str, WsClient]]:
+    opened = {
+        name: await open_ws(node.url, headers={"Authorization": f"Token {token}"})
+        for name, node in cluster.items()
+    }
+    yield opened
+    for client in opened.values():
+        await client.close()
+
+
+async def subscribe(client: WsClient, *groups: str) -> None:
+    errors, reply = await client.subscribe({"schedules": [g.split("-", 1)[1] for g in groups]})
+    assert errors == []
+
+
+def group(label: str) -> str:
+    return f"schedules-{label}{time.monotonic_ns()}"
+
+
+async def test_emitted_on_one_node_reaches_the_others_exactly_once(cluster, clients):
+    a, c = cluster["A"], cluster["C"]
+    wide, back = group("wide"), group("back")
+    await subscribe(clients["B"], wide)
+    await subscribe(clients["C"], wide)
+    await subscribe(clients["A"], back)
+    # B's and C's relays asked A to forward `wide`: A's BroadcastConsumers joined it.
+    await wait_for(lambda: _eq(members(a, wide), 2), 10, "B and C to join on A")
+    await wait_for(lambda: _eq(members(c, back), 1), 10, "A to join on C")
+
+    await a.emit(wide, {"n": 1})
+    assert await clients["B"].recv_json() == {"n": 1}
+    assert await clients["C"].recv_json() == {"n": 1}
+    await c.emit(back, {"n": 2})
+    assert await clients["A"].recv_json() == {"n": 2}
+    for client in clients.values():
+        await client.assert_silent(0.5)  # no second copy anywhere
+
+
+async def _eq(value: Any, expected: int) -> bool:
+    return await value == expected
+
+
+async def test_no_subscriber_on_a_node_means_no_traffic_to_it(cluster, clients):
+    a, b, c = cluster["A"], cluster["B"], cluster["C"]
+    only_c, everywhere = group("onlyc"), group("all")
+    await subscribe(clients["C"], only_c, everywhere)
+    await subscribe(clients["B"], everywhere)
+    await wait_for(lambda: _eq(members(a, only_c), 1), 10, "C to join on A")
+    await wait_for(lambda: _eq(members(a, everywhere), 2), 10, "B and C to join on A")
+    await asyncio.sleep(1.5)  # status is written every second
+    b_before, c_before = await b.received_from(a), await c.received_from(a)
+
+    for n in range(5):
+        await a.emit(only_c, {"n": n})
+    await a.emit(everywhere, {"n": "all"})
+    assert [(await clients["C"].recv_json())["n"] for _ in range(6)] == [0, 1, 2, 3, 4, "all"]
+    assert await clients["B"].recv_json() == {"n": "all"}
+    await asyncio.sleep(1.5)
+    assert await b.received_from(a) - b_before == 1  # only the group B's client holds crossed to B
+    assert await c.received_from(a) - c_before == 6
+
+
+async def test_a_node_going_down_and_up(cluster, token):
+    a, b, c = cluster["A"], cluster["B"], cluster["C"]
+    headers = {"Authorization": f"Token {token}"}
+    on_a, on_c = await open_ws(a.url, headers=headers), await open_ws(c.url, headers=headers)
+    topic = group("outage")
+    await subscribe(on_a, topic)
+    await subscribe(on_c, topic)
+    await wait_for(lambda: _eq(members(c, topic), 1), 10, "A to join on C")
+
+    b.kill()
+    await a.emit(topic, {"during": "outage"})
+    await c.emit(topic, {"during": "outage, from C"})
+    for client in (on_a, on_c):  # one local, one relayed: each once (order across nodes is free)
+        got = sorted([(await client.recv_json())["during"] for _ in range(2)])
+        assert got == ["outage", "outage, from C"]
+        await client.assert_silent(0.3)
+
+    async def a_sees_b_down() -> bool:
+        return await a.peer_state(b) in {"disconnected", "connecting"}
+
+    await wait_for(a_sees_b_down, 35, "A to see B down")
+    assert await a.peer_state(c) == "connected"
+    assert await c.peer_state(a) == "connected"
+
+    b.start()
+    on_b = await open_ws(b.url, headers=headers)
+    await subscribe(on_b, topic)
+    restarted = time.monotonic()
+
+    async def b_receives_from_a() -> bool:
+        await a.emit(topic, {"probe": "a"})
+        try:
+            return (await on_b.recv_json(timeout=1)) == {"probe": "a"}
+        except TimeoutError:
+            return False
+
+    await wait_for(b_receives_from_a, 30, "B to receive from A again")
+
+    async def a_receives_from_b() -> bool:
+        await b.emit(topic, {"probe": "b"})
+        while True:
+            try:
+                if (await on_a.recv_json(timeout=1)) == {"probe": "b"}:
+                    return True
+            except TimeoutError:
+                return False
+
+    await wait_for(a_receives_from_b, 30 - (time.monotonic() - restarted), "A to receive from B again")
+    await asyncio.sleep(1.5)  # status is written every second
+    assert await a.peer_state(b) == "connected"
+    assert await b.peer_state(a) == "connected"
+    assert await b.peer_state(c) == "connected"
+    assert int((await a.row(b))[6]) >= 1  # A's link to B reconnected at least once
+    for client in (on_a, on_b, on_c):
+        await client.close()
+
+
+async def test_peer_authentication(cluster, token):
+    a = cluster["A"]
+    url = f"{a.url}/websocket/broadcast/"
+
+    async def status(headers: dict[str, str]) -> int:
+        try:
+            async with connect(url, additional_headers=headers, open_timeout=10):
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    assert await status({}) == 403
+    assert await status({"secret": peerauth.sign("not-the-secret")}) == 403
+    assert await status({"secret": peerauth.sign(SECRET, now=time.time() - 301)}) == 403
+    assert await status({"secret": "HMAC-SHA256 garbage"}) == 403
+    good = peerauth.sign(SECRET)
+    assert await status({"secret": good}) == 101
+    assert await status({"secret": good}) == 403  # the same header again is a replay
+    # A normal client's token does not open the relay endpoint, nor the reserved group.
+    assert (
+        await refused_status(a.url, path="/websocket/broadcast/", headers={"Authorization": f"Token {token}"})
+        == 403
+    )
+    client = await open_ws(a.url, headers={"Authorization": f"Token {token}"})
+    assert await client.request_error(json.dumps({"groups": {"broadcast": ["x"]}})) == (
+        "group kind 'broadcast' is reserved"
+    )
+    await client.close()
+    log = a.daphne.output()
+    assert log.count("peer relay refused") == 6  # five bad headers and the token client
+    assert "wrong HMAC digest (different secret?)" in log
+    assert "away from our clock (window 300s)" in log
+    assert "nonce already used (a replayed header)" in log
+    assert "no 'secret' header" in log
+
+
+def test_a_relay_without_secret_refuses_to_start(state_dir):
+    env = {
+        **os.environ,
+        "BROADCAST_WEBSOCKET_PEERS": "127.0.0.1:1,127.0.0.1:2",
+        "BROADCAST_WEBSOCKET_SECRET": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "run_wsbroadcast"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "BROADCAST_WEBSOCKET_SECRET is empty" in result.stderr
+
+
+async def test_an_unreachable_peer_is_logged_once_not_per_attempt(state_dir):
+    dead = free_ports(1)[0]
+    env = {
+        **os.environ,
+        "BROADCAST_WEBSOCKET_PEERS": f"127.0.0.1:{dead}",
+        "BROADCAST_WEBSOCKET_SECRET": SECRET,
+        "BROADCAST_WEBSOCKET_BACKOFF_MAX": "1",
+    }
+    relay = Relay(state_dir, f"lonely-{dead}", env).start()
+    try:
+        await asyncio.sleep(6)  # several attempts at a 1 s cap
+        table = await asyncio.to_thread(relay_status, env)
+    finally:
+        relay.stop()
+    failures = [line for line in relay.output().splitlines() if "failed" in line]
+    assert len(failures) == 1
+    assert (
+        f"relay link to 127.0.0.1:{dead} failed: ConnectionRefusedError" in failures[0]
+        or "Errno 111" in failures[0]
+    )
+    row = next(line for line in table.splitlines() if line.startswith(f"127.0.0.1:{dead}"))
+    assert row.split()[1] in {"disconnected", "connecting"}
