@@ -39,6 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
             # Short liveness periods so purge scenarios need no long waits.
             "AWX_WS_LIVENESS_TTL": "6",
             "AWX_WS_LIVENESS_INTERVAL": "2",
+            "BROADCAST_WEBSOCKET_SECRET": "session-tests-secret",
         }
     )
     django.setup()

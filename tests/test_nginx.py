@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -11,7 +12,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
+from awx_ws.main import peerauth
+from awx_ws.main.emit import aemit_channel_notification
 from tests.client import open_ws
 from tests.factories import adb, session_cookie
 from tests.servers import ROOT
@@ -78,3 +83,30 @@ def test_websocket_path_without_upgrade_is_the_apis_to_answer(nginx, api):
     status, _ = http_get(f"http://127.0.0.1:{nginx.port}/websocket/")
     assert status == 404
     assert api.wait_for_output('"GET /websocket/ HTTP/1.')
+
+
+async def test_peer_relays_reach_the_broadcast_endpoint_through_nginx(nginx):
+    url = f"ws://127.0.0.1:{nginx.port}/websocket/broadcast/"
+    secret = os.environ["BROADCAST_WEBSOCKET_SECRET"]
+    async with connect(url, additional_headers={"secret": peerauth.sign(secret)}) as ws:
+        await ws.send(json.dumps({"join": ["jobs-through_nginx"], "leave": []}))
+        await wait_joined("jobs-through_nginx")
+        await aemit_channel_notification("jobs-through_nginx", {"via": "nginx"})
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {
+            "group": "jobs-through_nginx",
+            "text": json.dumps({"via": "nginx"}),
+        }
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(url, additional_headers={"secret": peerauth.sign("wrong")})
+    assert refused.value.response.status_code == 403
+
+
+async def wait_joined(group: str) -> None:
+    from channels.layers import get_channel_layer
+
+    connection = get_channel_layer().connection(0)
+    for _ in range(100):
+        if await connection.zcard(f"asgi:group:{group}"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the peer consumer never joined {group}")
