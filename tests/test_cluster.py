@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -330,3 +331,24 @@ async def test_an_unreachable_peer_is_logged_once_not_per_attempt(state_dir):
     )
     row = next(line for line in table.splitlines() if line.startswith(f"127.0.0.1:{dead}"))
     assert row.split()[1] in {"disconnected", "connecting"}
+
+
+async def test_a_frozen_peer_is_noticed_by_pings(cluster):
+    """SIGSTOP keeps the TCP connection open: only the pings can tell the peer is gone."""
+    a, c = cluster["A"], cluster["C"]
+    assert await a.peer_state(c) == "connected"
+    os.killpg(c.daphne.pid, signal.SIGSTOP)
+    try:
+
+        async def a_sees_c_down() -> bool:
+            return await a.peer_state(c) != "connected"
+
+        await wait_for(a_sees_c_down, 30, "A to drop its link to the frozen C")
+        assert "keepalive ping timeout" in " ".join(await a.row(c))
+    finally:
+        os.killpg(c.daphne.pid, signal.SIGCONT)
+
+    async def a_sees_c_back() -> bool:
+        return await a.peer_state(c) == "connected"
+
+    await wait_for(a_sees_c_back, 30, "A to reconnect to C")
