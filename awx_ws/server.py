@@ -65,7 +65,17 @@ class Lifespan:
 
 
 class Server(DaphneServer):
-    """daphne's Server plus ASGI lifespan around the reactor's run."""
+    """daphne's Server plus ASGI lifespan around the reactor's run, and a handle on each socket.
+
+    Websocket scopes get `scope["extensions"]["awx_ws.protocol"]`: daphne's protocol object, so
+    the fan-out (awx_ws.main.fanout) can write one prepared frame to many sockets directly.
+    """
+
+    def create_application(self, protocol: Any, scope: dict[str, Any]) -> Any:
+        """daphne's, plus the protocol handle in websocket scopes."""
+        if scope.get("type") == "websocket":
+            scope.setdefault("extensions", {})["awx_ws.protocol"] = protocol
+        return super().create_application(protocol, scope)
 
     def run(self) -> None:
         """Run lifespan start-up on the reactor's loop, then serve until stopped."""

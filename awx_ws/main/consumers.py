@@ -13,6 +13,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 
 from awx_ws.main import protocol
 from awx_ws.main.access import readable_job_ids
@@ -22,34 +23,33 @@ logger = logging.getLogger(__name__)
 
 
 class EventConsumer(AsyncWebsocketConsumer):
-    """A browser or token client subscribed to groups of AWX notifications."""
+    """A browser or token client subscribed to groups of AWX notifications.
 
+    Group messages reach it through the process's fan-out (fanout.py), which writes them straight
+    to the socket, so the consumer needs no channel of its own: its channel-layer alias names no
+    layer, and Channels then creates no channel and no per-consumer receive loop.
+    """
+
+    channel_layer_alias = "awx_ws.fanout-delivers"
     subscribed: set[str]
+
+    @property
+    def frame_protocol(self) -> Any:
+        """daphne's protocol for this socket when awx_ws.server runs us (prepared-frame writes)."""
+        return self.scope.get("extensions", {}).get("awx_ws.protocol")
 
     async def connect(self) -> None:
         """Accept an authenticated client (auth.py refused the rest) and greet it as AWX does."""
         self.subscribed = set()
+        self.fanout = get_channel_layer().fanout
         await self.accept()
         await self.send_json({"accept": True, "user": self.scope["user"].pk})
 
     async def disconnect(self, code: int) -> None:
         """Leave every group the connection held."""
-        held: set[str] = getattr(self, "subscribed", set())
-        for group in held:
-            await self.channel_layer.group_discard(group, self.channel_name)
-        await self._interest_discard(held)
+        for group in getattr(self, "subscribed", ()):
+            await self.fanout.leave(group, self)
         self.subscribed = set()
-
-    async def _interest_add(self, groups: set[str]) -> None:
-        # Tell the relay (interest.py) which groups this node needs from its peers.
-        interest = getattr(self.channel_layer, "interest", None)
-        if interest is not None and groups:
-            await interest.add(groups)
-
-    async def _interest_discard(self, groups: set[str]) -> None:
-        interest = getattr(self.channel_layer, "interest", None)
-        if interest is not None and groups:
-            await interest.discard(groups)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Handle one client frame: validate, check access, replace the subscription set."""
@@ -87,18 +87,12 @@ class EventConsumer(AsyncWebsocketConsumer):
         left = self.subscribed - wanted
         joined = wanted - self.subscribed
         for group in left:
-            await self.channel_layer.group_discard(group, self.channel_name)
+            await self.fanout.leave(group, self)
             self.subscribed.discard(group)
-        await self._interest_discard(left)
         for group in joined:
-            await self.channel_layer.group_add(group, self.channel_name)
+            await self.fanout.join(group, self)
             self.subscribed.add(group)
-        await self._interest_add(joined)
         await self.send_json(protocol.groups_reply(self.subscribed, left, joined))
-
-    async def internal_message(self, event: dict[str, Any]) -> None:
-        """Relay an emitted notification: its text is already the payload's JSON."""
-        await self.send(text_data=event["text"])
 
     async def send_json(self, content: Any) -> None:
         """Send one JSON frame."""

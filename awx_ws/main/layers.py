@@ -5,7 +5,7 @@ from __future__ import annotations
 from channels_redis import core
 
 from awx_ws.main.exceptions import redact_url
-from awx_ws.main.interest import LocalInterest
+from awx_ws.main.fanout import Fanout
 from awx_ws.main.liveness import Liveness
 
 
@@ -17,7 +17,7 @@ class RedisChannelLayer(core.RedisChannelLayer):
     """
 
     _liveness: Liveness | None = None
-    _interest: LocalInterest | None = None
+    _fanout: Fanout | None = None
 
     @property
     def liveness(self) -> Liveness:
@@ -27,11 +27,11 @@ class RedisChannelLayer(core.RedisChannelLayer):
         return self._liveness
 
     @property
-    def interest(self) -> LocalInterest:
-        """The groups this process's clients hold, mirrored for the relay (created on first use)."""
-        if self._interest is None:
-            self._interest = LocalInterest(self)
-        return self._interest
+    def fanout(self) -> Fanout:
+        """This process's group fan-out to client sockets (created on first use, no I/O)."""
+        if self._fanout is None:
+            self._fanout = Fanout(self)
+        return self._fanout
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel; the process is marked alive before the name is used."""

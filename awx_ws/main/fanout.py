@@ -1,0 +1,126 @@
+"""Per-process fan-out: one channel-layer member per group per process, local delivery to sockets.
+
+The Channels way puts every client connection into the Redis group and hands each message to
+each consumer through its own queue, task and dispatch (channels 4.2+ also hops to a thread per
+message for `aclose_old_connections`). Here a daphne process joins a group once, with one channel
+of its own; one loop receives each message once and writes the same prepared websocket frame to
+every local subscriber's socket. Redis work per emit is one entry per process, not per subscriber.
+
+The groups held here are also this node's interest for the relay (interest.py): they are
+mirrored into `<prefix>:interest:<client prefix>` with a change notice for the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from awx_ws.main.interest import changes_channel, interest_key
+
+if TYPE_CHECKING:
+    from awx_ws.main.layers import RedisChannelLayer
+
+logger = logging.getLogger(__name__)
+
+# autobahn's WebSocketProtocol.STATE_OPEN
+_STATE_OPEN = 3
+
+
+class Subscriber(Protocol):
+    """What the fan-out needs of a client connection."""
+
+    # daphne's websocket protocol when served by awx_ws.server, else None (then `send` is used).
+    frame_protocol: Any
+
+    async def send(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
+    ) -> None:
+        """Send one text frame the ASGI way."""
+
+
+class Fanout:
+    """The groups this process's clients hold, and the one loop delivering their messages."""
+
+    def __init__(self, layer: RedisChannelLayer) -> None:
+        self.layer = layer
+        self.groups: dict[str, set[Subscriber]] = {}
+        self.channel: str | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._interest_key = interest_key(layer.prefix, layer.client_prefix)
+
+    async def join(self, group: str, subscriber: Subscriber) -> None:
+        """Deliver group's messages to subscriber from now on."""
+        # One change at a time: a group_discard overtaking a later group_add would lose the group.
+        async with self._lock:
+            members = self.groups.get(group)
+            if members is None:
+                channel = await self._channel()
+                await self.layer.group_add(group, channel)
+                connection = self.layer.connection(0)
+                await connection.sadd(self._interest_key, group)
+                await connection.publish(changes_channel(self.layer.prefix), self.layer.client_prefix)
+                members = self.groups[group] = set()
+            members.add(subscriber)
+
+    async def leave(self, group: str, subscriber: Subscriber) -> None:
+        """Stop delivering group's messages to subscriber."""
+        async with self._lock:
+            members = self.groups.get(group)
+            if members is None or subscriber not in members:
+                return
+            members.discard(subscriber)
+            if members:
+                return
+            del self.groups[group]
+            if self.channel is not None:
+                await self.layer.group_discard(group, self.channel)
+            connection = self.layer.connection(0)
+            await connection.srem(self._interest_key, group)
+            await connection.publish(changes_channel(self.layer.prefix), self.layer.client_prefix)
+
+    async def _channel(self) -> str:
+        if self.channel is None:
+            self.channel = await self.layer.new_channel()
+            self._task = asyncio.get_running_loop().create_task(self._receive_forever())
+        return self.channel
+
+    async def _receive_forever(self) -> None:
+        channel = self.channel
+        if channel is None:
+            raise RuntimeError("fan-out loop started without a channel")
+        failures = 0
+        while True:
+            try:
+                message = await self.layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                if failures == 1 or failures % 100 == 0:
+                    logger.warning("fan-out receive on %s failed %d time(s): %s", channel, failures, exc)
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+                continue
+            failures = 0
+            members = self.groups.get(message.get("group", ""))
+            if members:
+                await self._deliver(members, message["text"])
+
+    async def _deliver(self, members: set[Subscriber], text: str) -> None:
+        prepared = None
+        fallback = []
+        for subscriber in tuple(members):
+            protocol = subscriber.frame_protocol
+            if protocol is None:
+                fallback.append(subscriber)
+            elif protocol.state == _STATE_OPEN:
+                # Frame once, write the same bytes to every socket (autobahn's prepared message).
+                if prepared is None:
+                    prepared = protocol.factory.prepareMessage(text.encode())
+                protocol.sendPreparedMessage(prepared)
+        for subscriber in fallback:
+            try:
+                await subscriber.send(text_data=text)
+            except Exception as exc:  # one broken connection must not stop the others
+                logger.info("delivery to a closing connection failed: %s", exc)
