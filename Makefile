@@ -16,7 +16,7 @@ export DJANGO_SETTINGS_MODULE := config.settings
 # Debian puts nginx in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: run test bootstrap sysdeps lint clean
+.PHONY: run test bench bootstrap sysdeps lint clean
 
 run: bootstrap
 	mkdir -p $(AWX_WS_VAR)/log $(AWX_WS_VAR)/redis
@@ -29,6 +29,10 @@ run: bootstrap
 
 test: bootstrap
 	$(VENV)/bin/pytest
+
+# Benchmark against the Channels tutorial baseline and a no-Django floor (under 10 minutes).
+bench: bootstrap
+	$(PY) -m bench.run
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

@@ -189,11 +189,13 @@ class Relay(Process):
 class Nginx(Process):
     """nginx rendered from nginx/nginx.conf.template in front of a daphne and an API port."""
 
-    def __init__(self, prefix: Path, daphne_port: int, api_port: int):
+    def __init__(self, prefix: Path, daphne_port: int | list[int], api_port: int):
         from awx_ws.main.management.commands.nginx_conf import render
 
         self.port = free_port()
-        conf = render(prefix, f"127.0.0.1:{self.port}", f"127.0.0.1:{daphne_port}", f"127.0.0.1:{api_port}")
+        ports = [daphne_port] if isinstance(daphne_port, int) else daphne_port
+        daphnes = [f"127.0.0.1:{port}" for port in ports]
+        conf = render(prefix, f"127.0.0.1:{self.port}", daphnes, f"127.0.0.1:{api_port}")
         argv = [
             find_program("nginx"),
             "-p",

@@ -24,7 +24,7 @@ async def redis(redis_server):
 
 
 def owner(channel: bytes) -> str:
-    """The client prefix in specific.<prefix>!<id>."""
+    """The client prefix in specific.<prefix>!<id> or fanout.<prefix>."""
     return channel.decode().split(".", 1)[1].split("!", 1)[0]
 
 
@@ -37,15 +37,16 @@ async def test_state_of_a_killed_daphne_is_gone_after_restart(daphne_factory, to
     assert len(members) == 1
     dead = owner(members[0])
 
+    assert members[0] == f"fanout.{dead}".encode()  # the process's fan-out channel
     first.kill()  # SIGKILL: no chance to clean up
     await aemit_channel_notification(group, {"queued": "for a dead consumer"})
-    assert await redis.exists(f"asgispecific.{dead}!")
+    assert await redis.exists(f"asgifanout.{dead}")
     # Its liveness record has not expired yet: the pid check is what finds it dead.
     assert await redis.exists(f"asgi:alive:{dead}")
 
     second = daphne_factory()
     assert await redis.zrange(f"asgi:group:{group}", 0, -1) == []
-    assert not await redis.exists(f"asgispecific.{dead}!")
+    assert not await redis.exists(f"asgifanout.{dead}")
     assert not await redis.exists(f"asgi:alive:{dead}")
     # Other tests' dead processes may be purged too: at least ours was counted.
     report = re.search(r"removed (\d+) group memberships, (\d+) message queues", second.output())
@@ -89,6 +90,7 @@ async def test_other_nodes_processes_count_until_their_record_expires(daphne_fac
         {f"specific.{p}!{secrets.token_hex(8)}": now for p in (remote, vanished, same_node_dead)},
     )
     await redis.zadd(f"asgispecific.{vanished}!", {b"message": now})
+    await redis.zadd(f"asgifanout.{vanished}", {b"message": now})  # its fan-out queue (fanout.py)
     await redis.zadd(f"asgispecific.{remote}!", {b"message": now})
 
     daphne_factory()
@@ -96,6 +98,7 @@ async def test_other_nodes_processes_count_until_their_record_expires(daphne_fac
     assert left == [remote]
     assert await redis.exists(f"asgispecific.{remote}!")
     assert not await redis.exists(f"asgispecific.{vanished}!")
+    assert not await redis.exists(f"asgifanout.{vanished}")
     assert not await redis.exists(f"asgi:alive:{same_node_dead}")
     await redis.delete(f"asgi:group:{group}", f"asgispecific.{remote}!", f"asgi:alive:{remote}")
 

@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 
 # autobahn's WebSocketProtocol.STATE_OPEN
 _STATE_OPEN = 3
+# Messages taken from Redis per round trip while the queue is busy.
+BATCH = 256
+
+
+def fanout_channel(client_prefix: str) -> str:
+    """The channel a process's fan-out joins groups with: `fanout.<client prefix>`."""
+    return f"fanout.{client_prefix}"
 
 
 class Subscriber(Protocol):
@@ -82,18 +89,32 @@ class Fanout:
 
     async def _channel(self) -> str:
         if self.channel is None:
-            self.channel = await self.layer.new_channel()
+            # Mark the process live before its name is in any group (liveness.py).
+            await self.layer.liveness.start()
+            # A plain (not process-specific) name gets a Redis key of its own, which only this loop
+            # reads: it can pop many messages per round trip (see _pop).
+            self.channel = fanout_channel(self.layer.client_prefix)
             self._task = asyncio.get_running_loop().create_task(self._receive_forever())
         return self.channel
+
+    async def _pop(self, key: str) -> list[bytes]:
+        """Up to BATCH queued messages: one round trip while busy, a blocking wait when idle."""
+        connection = self.layer.connection(self.layer.consistent_hash(key[len(self.layer.prefix) :]))
+        popped = await connection.zpopmin(key, BATCH)
+        if popped:
+            return [member for member, _score in popped]
+        waited = await connection.bzpopmin(key, timeout=5)
+        return [waited[1]] if waited else []
 
     async def _receive_forever(self) -> None:
         channel = self.channel
         if channel is None:
             raise RuntimeError("fan-out loop started without a channel")
+        key = self.layer.prefix + channel
         failures = 0
         while True:
             try:
-                message = await self.layer.receive(channel)
+                batch = await self._pop(key)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -103,9 +124,11 @@ class Fanout:
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                 continue
             failures = 0
-            members = self.groups.get(message.get("group", ""))
-            if members:
-                await self._deliver(members, message["text"])
+            for raw in batch:
+                message = self.layer.deserialize(raw)
+                members = self.groups.get(message.get("group", ""))
+                if members:
+                    await self._deliver(members, message["text"])
 
     async def _deliver(self, members: set[Subscriber], text: str) -> None:
         prepared = None

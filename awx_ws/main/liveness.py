@@ -38,10 +38,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# specific.<32 hex>!<anything>: the client prefix is channels_redis's uuid4().hex
-_CHANNEL_RE = re.compile(r"^(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!")
-# <layer prefix>specific.<32 hex>! and its in-flight backup <...>!$inflight
-_QUEUE_RE = re.compile(r"^(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!(?:\$inflight)?$")
+# specific.<32 hex>!<anything> (channels_redis's uuid4().hex client prefix), or our fan-out's
+# fanout.<32 hex> (fanout.py)
+_CHANNEL_RE = re.compile(r"^(?:(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!|fanout\.([0-9a-f]{32})$)")
+# <layer prefix>specific.<32 hex>!, its in-flight backup <...>!$inflight, or <layer prefix>fanout.<32 hex>
+_QUEUE_RE = re.compile(r"^(?:(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!(?:\$inflight)?|fanout\.([0-9a-f]{32}))$")
 _OWNER_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -93,7 +94,7 @@ class ProcessRecord:
 def channel_owner(channel: str) -> str | None:
     """The client prefix of the process owning a process-specific channel name, else None."""
     match = _CHANNEL_RE.match(channel)
-    return match.group(1) if match else None
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def alive_key(layer_prefix: str, client_prefix: str) -> str:
@@ -228,13 +229,14 @@ async def _purge(layer: RedisChannelLayer) -> PurgeReport:
                 await connection.zrem(key, *stale)
                 report.memberships += len(stale)
         queue_prefix = layer.prefix.encode()
-        async for key in connection.scan_iter(match=f"{layer.prefix}*!*", count=500):
-            if not key.startswith(queue_prefix):
-                continue
-            match = _QUEUE_RE.match(key[len(queue_prefix) :].decode("utf-8", "replace"))
-            if match and await verdicts.dead(match.group(1)):
-                await connection.delete(key)
-                report.queues += 1
+        for pattern in (f"{layer.prefix}*!*", f"{layer.prefix}fanout.*"):
+            async for key in connection.scan_iter(match=pattern, count=500):
+                if not key.startswith(queue_prefix):
+                    continue
+                match = _QUEUE_RE.match(key[len(queue_prefix) :].decode("utf-8", "replace"))
+                if match and await verdicts.dead(match.group(1) or match.group(2)):
+                    await connection.delete(key)
+                    report.queues += 1
     # Interest sets (interest.py) of dead processes would make the relay ask for dead groups.
     interest_prefix = f"{layer.prefix}:interest:".encode()
     async for key in layer.connection(0).scan_iter(match=f"{layer.prefix}:interest:*", count=500):

@@ -18,12 +18,17 @@ class _BracedTemplate(Template):
     pattern = r"\$(?:(?P<escaped>(?!x)x)|(?P<named>(?!x)x)|\{(?P<braced>[a-z_]+)\}|(?P<invalid>(?!x)x))"  # type: ignore[assignment]
 
 
-def render(prefix: Path, listen: str, daphne: str, api: str) -> Path:
-    """Write prefix/nginx.conf from the template (creating prefix) and return its path."""
+def render(prefix: Path, listen: str, daphne: str | list[str], api: str) -> Path:
+    """Write prefix/nginx.conf from the template (creating prefix) and return its path.
+
+    daphne is one address or several (one daphne process per core behind one upstream).
+    """
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "tmp").mkdir(exist_ok=True)
+    addresses = [daphne] if isinstance(daphne, str) else daphne
+    servers = "\n        ".join(f"server {address};" for address in addresses)
     text = _BracedTemplate(TEMPLATE.read_text()).substitute(
-        prefix=str(prefix), listen=listen, daphne=daphne, api=api
+        prefix=str(prefix), listen=listen, daphne_servers=servers, api=api
     )
     target = prefix / "nginx.conf"
     target.write_text(text)
@@ -36,9 +41,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--prefix", default=str(Path(settings.VAR_DIR) / "nginx"))
         parser.add_argument("--listen", default="127.0.0.1:8013")
-        parser.add_argument("--daphne", default="127.0.0.1:8051")
+        parser.add_argument(
+            "--daphne", default="127.0.0.1:8051", help="daphne address, or several separated by commas"
+        )
         parser.add_argument("--api", default="127.0.0.1:8050")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        path = render(Path(options["prefix"]).resolve(), options["listen"], options["daphne"], options["api"])
+        daphnes = options["daphne"].split(",")
+        path = render(Path(options["prefix"]).resolve(), options["listen"], daphnes, options["api"])
         self.stdout.write(str(path))

@@ -1,0 +1,83 @@
+"""Load client process: N websockets to one server kind, then timestamps of what arrives.
+
+Talks to the driver (bench.run) over stdout: `ready`, `progress <received>` every second, and a
+final `result <json>`. With --hold it keeps the sockets idle until stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from websockets.asyncio.client import ClientConnection, connect
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def open_one(args: argparse.Namespace, index: int, gate: asyncio.Semaphore) -> ClientConnection:
+    group = args.groups[index % len(args.groups)]
+    async with gate:
+        if args.kind == "ours":
+            ws = await connect(f"{args.url}/websocket/?token={args.token}", max_queue=None, open_timeout=60)
+            await ws.recv()  # {"accept": true, ...}
+            kind, _, item = group.partition("-")
+            value: object = int(item) if kind.endswith("_events") else item
+            await ws.send(json.dumps({"groups": {kind: [value]}, "xrftoken": None}))
+            while "groups_current" not in json.loads(await ws.recv()):
+                pass
+        elif args.kind == "baseline":
+            ws = await connect(f"{args.url}/ws/?group={group}", max_queue=None, open_timeout=60)
+        else:
+            ws = await connect(f"{args.url}/", max_queue=None, open_timeout=60)
+        return ws
+
+
+async def main(args: argparse.Namespace) -> None:
+    gate = asyncio.Semaphore(100)
+    sockets = await asyncio.gather(*(open_one(args, i, gate) for i in range(args.count)))
+    say("ready")
+    if args.hold:
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+        say("result " + json.dumps({"received": 0, "latencies_ms": []}))
+        return
+    latencies: list[float] = []
+    counts = [0] * len(sockets)
+
+    async def read(i: int, ws: ClientConnection) -> None:
+        async for frame in ws:
+            now = time.time()
+            latencies.append((now - json.loads(frame)["t"]) * 1000)
+            counts[i] += 1
+            if counts[i] >= args.expect:
+                return
+
+    readers = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(sockets)]
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline and not all(r.done() for r in readers):
+        await asyncio.wait(readers, timeout=1.0)
+        say(f"progress {len(latencies)}")
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    say("result " + json.dumps({"received": len(latencies), "latencies_ms": latencies}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kind", choices=["ours", "baseline", "floor"], required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--groups", type=lambda s: s.split(","), required=True)
+    parser.add_argument("--token", default="")
+    parser.add_argument("--expect", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60)
+    parser.add_argument("--hold", action="store_true")
+    asyncio.run(main(parser.parse_args()))

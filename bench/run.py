@@ -1,0 +1,466 @@
+"""`make bench`: awx_ws against the Channels tutorial baseline and a no-Django floor, same load.
+
+Every server runs in its own process; load clients run in other processes (bench.loadclient) on
+the same 2 cores, so absolute rates are shared-CPU figures. The fair figure is the server's own
+CPU time per 1,000 deliveries (psutil: user + system of the server processes only).
+Prints a table with ratios to the baseline and writes bench/results/<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = Path(tempfile.mkdtemp(prefix="awx_ws-bench-"))
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import DaphneNode, Nginx, Process, RedisServer, free_port  # noqa: E402
+
+
+def setup_django(redis_port: int) -> None:
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "AWX_WS_VAR": str(STATE / "var"),
+            "DATABASE_URL": f"sqlite:///{STATE / 'db.sqlite3'}",
+            "SECRET_KEY": "bench-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "LOG_LEVEL": "WARNING",
+        }
+    )
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def make_token_and_jobs(count: int) -> tuple[str, list[int]]:
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    from awx_ws.main.models import Job, Organization
+
+    user = get_user_model().objects.create_user("bench", "", "bench")
+    org = Organization.objects.create(name="bench")
+    org.members.add(user)
+    jobs = Job.objects.bulk_create([Job(organization=org, kind="job") for _ in range(count)])
+    return Token.objects.create(user=user).key, [job.pk for job in jobs]
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+class Server:
+    """One server kind: its processes (for CPU and RSS) and its client URL."""
+
+    def __init__(self, kind: str, redis: RedisServer, daphnes: int = 1):
+        self.kind = kind
+        self.processes: list[Process] = []
+        logs = STATE / "logs"
+        if kind == "ours":
+            nodes = [DaphneNode(logs, {"LOG_LEVEL": "WARNING"}).start() for _ in range(daphnes)]
+            self.processes += nodes
+            if daphnes > 1:
+                nginx = Nginx(STATE / f"nginx-{free_port()}", [n.port for n in nodes], free_port()).start()
+                self.front: Process = nginx
+                self.url = f"ws://127.0.0.1:{nginx.port}"
+            else:
+                self.url = nodes[0].url
+        elif kind == "baseline":
+            port = free_port()
+            env = {**os.environ, "DJANGO_SETTINGS_MODULE": "bench.baseline_settings"}
+            argv = [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "bench.baseline_asgi:application",
+            ]
+            proc = Process(f"baseline:{port}", argv, logs / f"baseline-{port}.log", env).start()
+            proc.wait_for_port(port)
+            self.processes.append(proc)
+            self.url = f"ws://127.0.0.1:{port}"
+        else:
+            port = free_port()
+            argv = [sys.executable, "-m", "bench.floor_server", str(port), redis.url]
+            proc = Process(f"floor:{port}", argv, logs / f"floor-{port}.log", dict(os.environ)).start()
+            proc.wait_for_port(port)
+            self.processes.append(proc)
+            self.url = f"ws://127.0.0.1:{port}"
+
+    def cpu(self) -> float:
+        total = 0.0
+        for process in self.processes:
+            times = psutil.Process(process.pid).cpu_times()
+            total += times.user + times.system
+        return total
+
+    def rss(self) -> int:
+        return sum(psutil.Process(p.pid).memory_info().rss for p in self.processes)
+
+    def stop(self) -> None:
+        for process in [*self.processes, *([self.front] if hasattr(self, "front") else [])]:
+            process.stop()
+
+
+class Clients:
+    """A bench.loadclient process."""
+
+    def __init__(
+        self,
+        server: Server,
+        count: int,
+        groups: list[str],
+        token: str,
+        expect: int = 0,
+        hold: bool = False,
+        timeout: float = 90,
+    ):
+        argv = [
+            sys.executable, "-m", "bench.loadclient", "--kind", server.kind, "--url", server.url,
+            "--count", str(count), "--groups", ",".join(groups), "--token", token,
+            "--expect", str(expect), "--timeout", str(timeout),
+        ]  # fmt: skip
+        if hold:
+            argv.append("--hold")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.progress = 0
+
+    def wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip() == "ready":
+                return
+        raise RuntimeError("load client died before it was ready")
+
+    def result(self, label: str, total: int) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("progress "):
+                self.progress = int(line.split()[1])
+                sys.stdout.write(f"\r  {label}: {self.progress}/{total} delivered   ")
+                sys.stdout.flush()
+            elif line.startswith("result "):
+                sys.stdout.write("\n")
+                self.proc.wait(30)
+                return json.loads(line[len("result ") :])
+        raise RuntimeError("load client died without a result")
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def emitter(kind: str, redis_url: str):
+    """An async function emitting (group, payload) the way each server kind is fed."""
+    if kind == "floor":
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(redis_url)
+
+        async def publish(group: str, payload: dict) -> None:
+            await redis.publish("bench", json.dumps(payload))
+
+        return publish
+    from awx_ws.main.emit import build_message
+
+    if kind == "ours":
+        # Configured as our settings configure it (capacity and all), as the API would emit.
+        from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
+
+        layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+    else:
+        from channels_redis.core import RedisChannelLayer
+
+        layer = RedisChannelLayer(hosts=[redis_url])  # the tutorial's stock configuration
+
+    async def send(group: str, payload: dict) -> None:
+        await layer.group_send(group, build_message(group, payload))
+
+    return send
+
+
+async def emit_paced(send, plan: list[str], rate: float) -> float:
+    """Emit one message per group in plan at `rate` per second; returns the start time."""
+    start = time.time()
+    for index, group in enumerate(plan):
+        due = start + index / rate
+        delay = due - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await send(group, {"t": time.time(), "seq": index})
+    return start
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def deliveries(
+    kind: str,
+    redis: RedisServer,
+    token: str,
+    clients: int,
+    groups: list[str],
+    plan: list[str],
+    rate: float,
+    label: str,
+    daphnes: int = 1,
+) -> dict[str, Any]:
+    """Connect clients, emit plan at rate, measure what arrives and the server's CPU."""
+    server = Server(kind, redis, daphnes)
+    try:
+        per_client = sum(1 for g in plan if g == groups[0]) if len(groups) == 1 else len(plan) // len(groups)
+        expected = clients * per_client if len(groups) == 1 else len(plan)
+        load = Clients(
+            server, clients, groups, token, expect=per_client, timeout=max(60.0, len(plan) / rate * 6)
+        )
+        load.wait_ready()
+        cpu0 = server.cpu()
+        started = time.time()
+        asyncio.run(emit_paced(emitter(kind, redis.url), plan, rate))
+        result = load.result(label, expected)
+        wall = time.time() - started
+        cpu = server.cpu() - cpu0
+    finally:
+        server.stop()
+    received = result["received"]
+    lat = result["latencies_ms"]
+    return {
+        "kind": kind,
+        "scenario": label,
+        "expected": expected,
+        "received": received,
+        "deliveries_per_s": received / wall if wall else 0.0,
+        "cpu_ms_per_1000": cpu * 1000 / received * 1000 if received else float("nan"),
+        "p50_ms": percentile(lat, 0.50),
+        "p99_ms": percentile(lat, 0.99),
+    }
+
+
+def idle_rss(kind: str, redis: RedisServer, token: str, counts: list[int]) -> dict[str, Any]:
+    """RSS growth of one server process per idle connection, at each count."""
+    figures = {}
+    for count in counts:
+        server = Server(kind, redis)
+        try:
+            warm = Clients(server, 10, ["jobs-idle"], token, hold=True)
+            warm.wait_ready()
+            base = server.rss()
+            load = Clients(server, count, ["jobs-idle"], token, hold=True)
+            load.wait_ready()
+            time.sleep(1.0)
+            grown = server.rss() - base
+            load.release()
+            warm.release()
+        finally:
+            server.stop()
+        figures[count] = grown / count
+        log(f"  idle {kind} {count}: {grown / count / 1024:.1f} KB per socket")
+    return {
+        "kind": kind,
+        "scenario": "idle sockets",
+        "kb_per_socket": {str(k): v / 1024 for k, v in figures.items()},
+    }
+
+
+def emit_cost(redis: RedisServer, calls: int = 2000) -> dict[str, Any]:
+    """Median and p99 of the sync emit, the Redis connections it opened, and what bounds it."""
+    from redis import Redis
+
+    from awx_ws.main.emit import emit_channel_notification
+
+    # What one loopback Redis round trip costs from a sync client: the floor of any confirmed emit.
+    ping = Redis.from_url(redis.url)
+    ping.ping()
+    rtts = []
+    for _ in range(500):
+        t0 = time.perf_counter_ns()
+        ping.ping()
+        rtts.append((time.perf_counter_ns() - t0) / 1000)
+    ping.close()
+
+    def connections() -> int:
+        return sum(
+            1 for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == redis.port
+        )
+
+    before = connections()
+    emit_channel_notification("jobs-emitcost", {"warm": True})
+    samples = []
+    for n in range(calls):
+        t0 = time.perf_counter_ns()
+        emit_channel_notification("jobs-emitcost", {"n": n})
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    return {
+        "kind": "ours",
+        "scenario": "sync emit",
+        "median_us": statistics.median(samples),
+        "p99_us": percentile(samples, 0.99),
+        "redis_connections_opened": connections() - before,
+        "calls": calls,
+        "redis_rtt_median_us": statistics.median(rtts),
+    }
+
+
+@contextmanager
+def redis_server():
+    server = RedisServer(free_port(), STATE / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    base = {r["scenario"]: r for r in rows if r["kind"] == "baseline" and "cpu_ms_per_1000" in r}
+    out = [
+        f"{'scenario':<34} {'server':<12} {'deliv/s':>9} {'CPU ms/1k':>10} {'x base':>7} "
+        f"{'p50 ms':>8} {'p99 ms':>9} {'got/expected':>14}"
+    ]
+    for r in rows:
+        if "cpu_ms_per_1000" not in r:
+            continue
+        ref = base.get(r["scenario"])
+        ratio = (
+            ref["cpu_ms_per_1000"] / r["cpu_ms_per_1000"] if ref and r["cpu_ms_per_1000"] else float("nan")
+        )
+        out.append(
+            f"{r['scenario']:<34} {r['kind']:<12} {r['deliveries_per_s']:>9.0f} "
+            f"{r['cpu_ms_per_1000']:>10.1f} "
+            f"{ratio:>7.2f} {r['p50_ms']:>8.1f} {r['p99_ms']:>9.1f} {r['received']:>7}/{r['expected']:<6}"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
+    args = parser.parse_args()
+    scale = 0.2 if args.quick else 1.0
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    log(
+        f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+        "load clients share the cores"
+    )
+    with redis_server() as redis:
+        setup_django(redis.port)
+        token, jobs = make_token_and_jobs(1000)
+
+        for subscribers, messages, rate in [(100, 50, 50.0), (1000, int(50 * scale) or 5, 20.0)]:
+            label = f"fan-out 1 group x {subscribers}"
+            for kind in ("baseline", "floor", "ours"):
+                log(f"{label}: {kind}")
+                rows.append(
+                    deliveries(
+                        kind,
+                        redis,
+                        token,
+                        subscribers,
+                        ["jobs-bench"],
+                        ["jobs-bench"] * messages,
+                        rate,
+                        label,
+                    )
+                )
+
+        count = int(1000 * scale) or 100
+        groups = [f"job_events-{job}" for job in jobs[:count]]
+        label = f"{count} clients, own group each"
+        for kind in ("baseline", "ours"):
+            log(f"{label}: {kind}")
+            rows.append(deliveries(kind, redis, token, count, groups, groups * 5, 1000.0, label))
+
+        label = "1000 subs x 10 msg/s (latency)"
+        for kind in ("baseline", "floor", "ours"):
+            log(f"{label}: {kind}")
+            rows.append(
+                deliveries(
+                    kind,
+                    redis,
+                    token,
+                    1000,
+                    ["jobs-latency"],
+                    ["jobs-latency"] * int(100 * scale or 20),
+                    10.0,
+                    label,
+                )
+            )
+
+        log("emit cost")
+        rows.append(emit_cost(redis))
+
+        label = "1000 subs, 1 vs 2 daphne"
+        for daphnes in (1, 2):
+            log(f"{label}: {daphnes} daphne")
+            row = deliveries(
+                "ours",
+                redis,
+                token,
+                1000,
+                ["jobs-multi"],
+                ["jobs-multi"] * int(100 * scale or 20),
+                100.0,
+                f"{label} ({daphnes})",
+                daphnes,
+            )
+            rows.append(row)
+
+        log("idle sockets")
+        counts = [1000, 5000] if args.quick else [1000, 5000, 10000]
+        rows.append(idle_rss("ours", redis, token, counts))
+        rows.append(idle_rss("baseline", redis, token, [1000]))
+
+    print()
+    print(table(rows))
+    for r in rows:
+        if r["scenario"] == "sync emit":
+            print(
+                f"sync emit: median {r['median_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, Redis connections "
+                f"opened {max(0, r['redis_connections_opened'])} over {r['calls']} calls "
+                f"(one sync Redis round trip: {r['redis_rtt_median_us']:.0f} µs)"
+            )
+        if r["scenario"] == "idle sockets":
+            print(
+                f"idle sockets, {r['kind']}: "
+                + ", ".join(f"{k}: {v:.1f} KB" for k, v in r["kb_per_socket"].items())
+            )
+    multi = [r for r in rows if r["scenario"].startswith("1000 subs, 1 vs 2")]
+    if len(multi) == 2 and multi[0]["deliveries_per_s"]:
+        print(
+            "2 daphne / 1 daphne deliveries per second: "
+            f"{multi[1]['deliveries_per_s'] / multi[0]['deliveries_per_s']:.2f}x"
+        )
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    target = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    target.write_text(json.dumps({"rows": rows, "seconds": time.monotonic() - started}, indent=2))
+    print(f"\n{time.monotonic() - started:.0f} s; results in {target.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
