@@ -69,16 +69,17 @@ def log(line: str) -> None:
 class Server:
     """One server kind: its processes (for CPU and RSS) and its client URL."""
 
-    def __init__(self, kind: str, redis: RedisServer, daphnes: int = 1):
+    def __init__(self, kind: str, redis: RedisServer, daphnes: int = 1, front: bool = False):
         self.kind = kind
         self.processes: list[Process] = []
         logs = STATE / "logs"
         if kind == "ours":
             nodes = [DaphneNode(logs, {"LOG_LEVEL": "WARNING"}).start() for _ in range(daphnes)]
             self.processes += nodes
-            if daphnes > 1:
+            if front:
                 nginx = Nginx(STATE / f"nginx-{free_port()}", [n.port for n in nodes], free_port()).start()
                 self.front: Process = nginx
+                self.processes.append(nginx)  # its CPU is part of serving
                 self.url = f"ws://127.0.0.1:{nginx.port}"
             else:
                 self.url = nodes[0].url
@@ -118,7 +119,7 @@ class Server:
         return sum(psutil.Process(p.pid).memory_info().rss for p in self.processes)
 
     def stop(self) -> None:
-        for process in [*self.processes, *([self.front] if hasattr(self, "front") else [])]:
+        for process in self.processes:
             process.stop()
 
 
@@ -144,6 +145,7 @@ class Clients:
             argv.append("--hold")
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.progress = 0
+        self._said = time.monotonic()
 
     def wait_ready(self) -> None:
         assert self.proc.stdout is not None
@@ -157,7 +159,11 @@ class Clients:
         for line in self.proc.stdout:
             if line.startswith("progress "):
                 self.progress = int(line.split()[1])
-                sys.stdout.write(f"\r  {label}: {self.progress}/{total} delivered   ")
+                if sys.stdout.isatty():
+                    sys.stdout.write(f"\r  {label}: {self.progress}/{total} delivered   ")
+                elif time.monotonic() - self._said >= 5:
+                    sys.stdout.write(f"  {label}: {self.progress}/{total} delivered\n")
+                    self._said = time.monotonic()
                 sys.stdout.flush()
             elif line.startswith("result "):
                 sys.stdout.write("\n")
@@ -229,9 +235,10 @@ def deliveries(
     rate: float,
     label: str,
     daphnes: int = 1,
+    front: bool = False,
 ) -> dict[str, Any]:
     """Connect clients, emit plan at rate, measure what arrives and the server's CPU."""
-    server = Server(kind, redis, daphnes)
+    server = Server(kind, redis, daphnes, front)
     try:
         per_client = sum(1 for g in plan if g == groups[0]) if len(groups) == 1 else len(plan) // len(groups)
         expected = clients * per_client if len(groups) == 1 else len(plan)
@@ -240,8 +247,11 @@ def deliveries(
         )
         load.wait_ready()
         cpu0 = server.cpu()
+        client = psutil.Process(load.proc.pid)
+        client_cpu0 = sum(client.cpu_times()[:2])
         started = time.time()
         asyncio.run(emit_paced(emitter(kind, redis.url), plan, rate))
+        client_cpu = sum(client.cpu_times()[:2]) - client_cpu0
         result = load.result(label, expected)
         wall = time.time() - started
         cpu = server.cpu() - cpu0
@@ -258,6 +268,9 @@ def deliveries(
         "cpu_ms_per_1000": cpu * 1000 / received * 1000 if received else float("nan"),
         "p50_ms": percentile(lat, 0.50),
         "p99_ms": percentile(lat, 0.99),
+        "wall_s": wall,
+        "server_cpu_s": cpu,
+        "client_cpu_s_while_emitting": client_cpu,
     }
 
 
@@ -414,7 +427,7 @@ def main() -> None:
         log("emit cost")
         rows.append(emit_cost(redis))
 
-        label = "1000 subs, 1 vs 2 daphne"
+        label = "1000 subs via nginx, 1 vs 2 daphne"
         for daphnes in (1, 2):
             log(f"{label}: {daphnes} daphne")
             row = deliveries(
@@ -427,6 +440,7 @@ def main() -> None:
                 100.0,
                 f"{label} ({daphnes})",
                 daphnes,
+                front=True,  # both behind nginx, so only the process count differs
             )
             rows.append(row)
 
@@ -449,7 +463,7 @@ def main() -> None:
                 f"idle sockets, {r['kind']}: "
                 + ", ".join(f"{k}: {v:.1f} KB" for k, v in r["kb_per_socket"].items())
             )
-    multi = [r for r in rows if r["scenario"].startswith("1000 subs, 1 vs 2")]
+    multi = [r for r in rows if r["scenario"].startswith("1000 subs via nginx")]
     if len(multi) == 2 and multi[0]["deliveries_per_s"]:
         print(
             "2 daphne / 1 daphne deliveries per second: "

@@ -52,16 +52,25 @@ async def test_sync_emit_from_worker_threads_reaches_the_subscriber(client):
     await client.assert_silent()
 
 
-def test_sync_emit_keeps_one_loop_thread_and_one_redis_connection(redis_server):
-    baseline = redis_connections(redis_server.port)
+def test_sync_emit_opens_no_connection_or_thread_per_call(redis_server):
     emit_channel_notification("jobs-warmup", {"n": 0})
-    after_first = redis_connections(redis_server.port)
+    connections, threads = redis_connections(redis_server.port), threading.active_count()
     for n in range(50):
         emit_channel_notification("jobs-reuse", {"n": n})
-    assert after_first - baseline <= 1
-    assert redis_connections(redis_server.port) == after_first
-    emitter_threads = [t for t in threading.enumerate() if t.name == "awx-ws-emit"]
-    assert len(emitter_threads) == 1
+    assert redis_connections(redis_server.port) == connections
+    assert threading.active_count() == threads
+
+
+async def test_sync_emit_from_many_threads_at_once_shares_a_small_pool(client, redis_server):
+    await client.subscribe({"jobs": ["pool"]})
+    before = redis_connections(redis_server.port)
+    await asyncio.gather(
+        *(asyncio.to_thread(emit_channel_notification, "jobs-pool", {"n": n}) for n in range(40))
+    )
+    assert sorted([(await client.recv_json())["n"] for _ in range(40)]) == list(range(40))
+    # At most one pooled connection per concurrent caller (the executor's threads), not one per call.
+    executor_threads = min(32, (os.cpu_count() or 1) + 4)
+    assert redis_connections(redis_server.port) - before <= executor_threads
 
 
 async def test_sync_emit_inside_an_event_loop_points_to_the_async_twin():

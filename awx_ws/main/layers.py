@@ -1,23 +1,87 @@
-"""Our channel layer: channels_redis's core layer plus a liveness record for its process."""
+"""Our channel layer: channels_redis's core layer with liveness, fan-out and a leaner group_send."""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
+from typing import Any
+
 from channels_redis import core
+
+# A blocking client, for emit_channel_notification's sync callers only: emit refuses to run on a
+# thread with a running event loop, so this never blocks a loop.
+from redis import Redis as BlockingRedis
 
 from awx_ws.main.exceptions import redact_url
 from awx_ws.main.fanout import Fanout
 from awx_ws.main.liveness import Liveness
 
+logger = logging.getLogger(__name__)
+
+# channels_redis's group_send Lua, plus the expiry clean-up it runs as a separate round trip first.
+GROUP_SEND_LUA = """
+local over_capacity = 0
+local current_time = ARGV[#ARGV - 1]
+local expiry = ARGV[#ARGV]
+local cutoff = math.floor(tonumber(current_time)) - tonumber(expiry)
+for i = 1, #KEYS do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, cutoff)
+    if redis.call('ZCOUNT', KEYS[i], '-inf', '+inf') < tonumber(ARGV[i + #KEYS]) then
+        redis.call('ZADD', KEYS[i], current_time, ARGV[i])
+        redis.call('EXPIRE', KEYS[i], expiry)
+    else
+        over_capacity = over_capacity + 1
+    end
+end
+return over_capacity
+"""
+
+
+# One round trip for the common case: read the group and queue the message for every fan-out
+# member (fanout.py reads `fanout.<prefix>` keys itself and needs no __asgi_channel__ list); other
+# members (process-specific channels such as relay consumers) are returned for the standard path.
+GROUP_SEND_FANOUT_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[4])
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local cutoff = math.floor(tonumber(ARGV[2])) - tonumber(ARGV[3])
+local others = {}
+local over = 0
+for _, member in ipairs(members) do
+    if string.sub(member, 1, 7) == 'fanout.' then
+        local key = ARGV[6] .. member
+        redis.call('ZREMRANGEBYSCORE', key, 0, cutoff)
+        if redis.call('ZCARD', key) < tonumber(ARGV[5]) then
+            redis.call('ZADD', key, ARGV[2], ARGV[1])
+            redis.call('EXPIRE', key, ARGV[3])
+        else
+            over = over + 1
+        end
+    else
+        table.insert(others, member)
+    end
+end
+return {over, others}
+"""
+
 
 class RedisChannelLayer(core.RedisChannelLayer):
-    """channels_redis core layer whose process is marked alive in Redis while it owns channels.
+    """channels_redis core layer, storing the same keys and messages, with three additions.
 
-    The start-up purge (routing.AWXProtocolTypeRouter) removes only state of processes without a
-    live record, so several daphne processes can share one Redis safely.
+    - Its process is marked alive in Redis while it owns channels; the start-up purge
+      (routing.AWXProtocolTypeRouter) removes only state of processes without a live record.
+    - `fanout` delivers group messages to this process's client sockets (fanout.py).
+    - `group_send` takes one Redis round trip (two when process-specific channels such as relay
+      consumers are members) instead of four, and `group_send_blocking` does the same from sync
+      code without an event loop (emit_channel_notification).
     """
 
     _liveness: Liveness | None = None
     _fanout: Fanout | None = None
+    _blocking: dict[int, BlockingRedis] | None = None
+    _blocking_pid: int = 0
+    _blocking_lock = threading.Lock()
 
     @property
     def liveness(self) -> Liveness:
@@ -42,3 +106,73 @@ class RedisChannelLayer(core.RedisChannelLayer):
         """The Redis addresses of this layer for messages (passwords redacted), naming REDIS_URL."""
         addresses = [redact_url(str(host.get("address", host))) for host in self.hosts]
         return "REDIS_URL=" + ",".join(addresses)
+
+    def _group_send_plan(self, group: str, channel_names: list[str], message: dict[str, Any]) -> Any:
+        by_connection, messages, capacities = self._map_channel_keys_to_connection(channel_names, message)
+        for index, keys in by_connection.items():
+            args = [messages[key] for key in keys] + [capacities[key] for key in keys]
+            yield index, keys, [*args, time.time(), self.expiry]
+
+    def _report_over_capacity(self, over: int, group: str) -> None:
+        if over:
+            # The same drop channels_redis makes at capacity (see channels_redis#212): say so.
+            logger.info("%s channels over capacity in group %s: message dropped for them", over, group)
+
+    def _fanout_args(self, group: str, message: dict[str, Any]) -> list[Any]:
+        now = time.time()
+        capacity = self.get_capacity("fanout.any")
+        return [
+            self.serialize(message),
+            now,
+            self.expiry,
+            int(now) - self.group_expiry,
+            capacity,
+            self.prefix,
+        ]
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Send message to every member of group (see GROUP_SEND_FANOUT_LUA)."""
+        if not self.require_valid_group_name(group):
+            raise TypeError(f"invalid group name {group!r}")
+        if self.ring_size > 1:  # fan-out keys may live on other shards: channels_redis's way
+            return await super().group_send(group, message)
+        connection = self.connection(0)
+        args = self._fanout_args(group, message)
+        over, others = await connection.eval(GROUP_SEND_FANOUT_LUA, 1, self._group_key(group), *args)
+        self._report_over_capacity(over, group)
+        if others:
+            channel_names = [member.decode("utf8") for member in others]
+            for _, keys, plan_args in self._group_send_plan(group, channel_names, message):
+                over = await connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)
+                self._report_over_capacity(over, group)
+
+    def _blocking_client(self, index: int, timeout: float) -> BlockingRedis:
+        with self._blocking_lock:
+            # A forked child (a gunicorn worker) must not share its parent's sockets.
+            if self._blocking is None or self._blocking_pid != os.getpid():
+                self._blocking, self._blocking_pid = {}, os.getpid()
+            if index not in self._blocking:
+                host = dict(self.hosts[index])
+                address = host.pop("address", None)
+                if address is None:
+                    raise TypeError("sync emit needs Redis hosts given by address (no sentinels)")
+                host.setdefault("socket_timeout", timeout)
+                self._blocking[index] = BlockingRedis.from_url(address, **host)
+            return self._blocking[index]
+
+    def group_send_blocking(self, group: str, message: dict[str, Any], timeout: float) -> None:
+        """group_send for sync code: a pooled blocking connection, no event loop, same round trips."""
+        if not self.require_valid_group_name(group):
+            raise TypeError(f"invalid group name {group!r}")
+        if self.ring_size > 1:
+            raise TypeError("sync emit supports one Redis host (channels_redis sharding is not supported)")
+        connection = self._blocking_client(0, timeout)
+        args = self._fanout_args(group, message)
+        reply: Any = connection.eval(GROUP_SEND_FANOUT_LUA, 1, self._group_key(group), *args)
+        over, others = reply
+        self._report_over_capacity(over, group)
+        if others:
+            channel_names = [member.decode("utf8") for member in others]
+            for _, keys, plan_args in self._group_send_plan(group, channel_names, message):
+                over = connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)
+                self._report_over_capacity(int(over), group)  # type: ignore[arg-type]
