@@ -16,6 +16,7 @@ from typing import Any
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server as DaphneServer
+from daphne.ws_protocol import WebSocketProtocol as DaphneWebSocketProtocol
 
 from awx_ws.main.exceptions import StartupError
 
@@ -64,6 +65,55 @@ class Lifespan:
             await self._exchange("shutdown")
 
 
+def _idle_plain_transport(transport: Any) -> bool:
+    """A connected plain TCP/unix transport with nothing queued and no TLS.
+
+    A registered producer (twisted.web's HTTPChannel registers itself) is fine: Twisted pauses it
+    only when its buffer grows, and any bytes the kernel refuses still go through that buffer.
+    """
+    return (
+        getattr(transport, "socket", None) is not None
+        and getattr(transport, "TLS", True) is False
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    )
+
+
+class WebSocketProtocol(DaphneWebSocketProtocol):
+    """daphne's websocket protocol whose writes try the socket before Twisted's write buffer.
+
+    Twisted queues every write and registers the socket for writability, which costs two
+    epoll_ctl calls and selector bookkeeping per write: about 60 % of daphne's CPU in a profile of
+    a 1,000-subscriber fan-out (docs/performance.md). With nothing queued, a non-blocking send()
+    now is what Twisted would do one loop turn later; whatever the kernel does not take goes to
+    Twisted's buffer as before, so order and back-pressure are unchanged.
+    """
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Send frame bytes: straight to the socket when possible, else autobahn's way."""
+        transport = self.transport
+        if sync or chopsize or self.send_queue or not _idle_plain_transport(transport):
+            return super().sendData(data, sync, chopsize)
+        try:
+            sent = transport.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # Let Twisted meet the error and close the connection its usual way.
+            return super().sendData(data, sync, chopsize)
+        if sent < len(data):
+            transport.write(data[sent:])
+        if self.state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+        if self.logOctets:
+            self.logTxOctets(data, False)
+        return None
+
+
 class Server(DaphneServer):
     """daphne's Server plus ASGI lifespan around the reactor's run, and a handle on each socket.
 
@@ -89,6 +139,9 @@ class Server(DaphneServer):
         except StartupError as exc:
             logger.critical("daphne pid %s cannot start: %s", os.getpid(), exc)
             raise SystemExit(1) from exc
+        # daphne builds its websocket factory inside run(); swap our protocol in before any
+        # connection is accepted (callWhenRunning fires before the reactor's first I/O).
+        reactor.callWhenRunning(lambda: setattr(self.ws_factory, "protocol", WebSocketProtocol))
         reactor.addSystemEventTrigger(
             "before",
             "shutdown",  # type: ignore[arg-type]  # zope interface stub lacks `self`

@@ -108,6 +108,9 @@ def cluster(state_dir: Path, database: None) -> Iterator[dict[str, Node]]:
             "BROADCAST_WEBSOCKET_SECRET": SECRET,
             "BROADCAST_WEBSOCKET_SELF": f"127.0.0.1:{daphne_port}",
             "AWX_WS_NODE_NAME": name,
+            # Pings every 5 s (a silent peer dropped within 10 s; the default 10 s gives 20 s), so
+            # the frozen-peer test has room under a loaded CI machine.
+            "BROADCAST_WEBSOCKET_PING_INTERVAL": "5",
         }
         nodes[name] = Node(name, env, redis, daphne_port, workdir)
     for node in nodes.values():

@@ -32,16 +32,14 @@ class EventConsumer(AsyncWebsocketConsumer):
 
     channel_layer_alias = "awx_ws.fanout-delivers"
     subscribed: set[str]
-
-    @property
-    def frame_protocol(self) -> Any:
-        """daphne's protocol for this socket when awx_ws.server runs us (prepared-frame writes)."""
-        return self.scope.get("extensions", {}).get("awx_ws.protocol")
+    # daphne's protocol for this socket when awx_ws.server runs us (prepared-frame writes), else None.
+    frame_protocol: Any = None
 
     async def connect(self) -> None:
         """Accept an authenticated client (auth.py refused the rest) and greet it as AWX does."""
         self.subscribed = set()
         self.fanout = get_channel_layer().fanout
+        self.frame_protocol = self.scope.get("extensions", {}).get("awx_ws.protocol")
         await self.accept()
         await self.send_json({"accept": True, "user": self.scope["user"].pk})
 
