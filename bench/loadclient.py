@@ -67,7 +67,8 @@ async def main(args: argparse.Namespace) -> None:
         reader.cancel()
     await asyncio.gather(*readers, return_exceptions=True)
     await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
-    say("result " + json.dumps({"received": len(latencies), "latencies_ms": latencies}))
+    cpu = time.process_time()
+    say("result " + json.dumps({"received": len(latencies), "latencies_ms": latencies, "cpu_s": cpu}))
 
 
 if __name__ == "__main__":

@@ -108,12 +108,19 @@ class Server:
             self.processes.append(proc)
             self.url = f"ws://127.0.0.1:{port}"
 
-    def cpu(self) -> float:
-        total = 0.0
+    def cpu_parts(self) -> dict[str, float]:
+        """CPU seconds (user + system) of each server program, its child processes included."""
+        parts: dict[str, float] = {}
         for process in self.processes:
-            times = psutil.Process(process.pid).cpu_times()
-            total += times.user + times.system
-        return total
+            name = process.name.split(":")[0]
+            parent = psutil.Process(process.pid)
+            for member in [parent, *parent.children(recursive=True)]:  # nginx works in a child
+                times = member.cpu_times()
+                parts[name] = parts.get(name, 0.0) + times.user + times.system
+        return parts
+
+    def cpu(self) -> float:
+        return sum(self.cpu_parts().values())
 
     def rss(self) -> int:
         return sum(psutil.Process(p.pid).memory_info().rss for p in self.processes)
@@ -246,15 +253,14 @@ def deliveries(
             server, clients, groups, token, expect=per_client, timeout=max(60.0, len(plan) / rate * 6)
         )
         load.wait_ready()
-        cpu0 = server.cpu()
-        client = psutil.Process(load.proc.pid)
-        client_cpu0 = sum(client.cpu_times()[:2])
+        cpu0, parts0 = server.cpu(), server.cpu_parts()
+        client_cpu0 = sum(psutil.Process(load.proc.pid).cpu_times()[:2])
         started = time.time()
         asyncio.run(emit_paced(emitter(kind, redis.url), plan, rate))
-        client_cpu = sum(client.cpu_times()[:2]) - client_cpu0
         result = load.result(label, expected)
         wall = time.time() - started
         cpu = server.cpu() - cpu0
+        parts = {name: value - parts0[name] for name, value in server.cpu_parts().items()}
     finally:
         server.stop()
     received = result["received"]
@@ -270,7 +276,9 @@ def deliveries(
         "p99_ms": percentile(lat, 0.99),
         "wall_s": wall,
         "server_cpu_s": cpu,
-        "client_cpu_s_while_emitting": client_cpu,
+        "server_cpu_by_process_s": parts,
+        # the load client's CPU over the same window (it reports its own total at the end)
+        "client_cpu_s": result["cpu_s"] - client_cpu0,
     }
 
 
@@ -464,6 +472,12 @@ def main() -> None:
                 + ", ".join(f"{k}: {v:.1f} KB" for k, v in r["kb_per_socket"].items())
             )
     multi = [r for r in rows if r["scenario"].startswith("1000 subs via nginx")]
+    for r in multi:
+        busy = (r["server_cpu_s"] + r["client_cpu_s"]) / (r["wall_s"] * (os.cpu_count() or 1))
+        print(
+            f"{r['scenario']}: server {r['server_cpu_by_process_s']} s CPU, load client "
+            f"{r['client_cpu_s']:.1f} s CPU in {r['wall_s']:.1f} s: {busy:.0%} of all cores busy"
+        )
     if len(multi) == 2 and multi[0]["deliveries_per_s"]:
         print(
             "2 daphne / 1 daphne deliveries per second: "
