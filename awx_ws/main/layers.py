@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -13,6 +14,7 @@ from channels_redis import core
 # A blocking client, for emit_channel_notification's sync callers only: emit refuses to run on a
 # thread with a running event loop, so this never blocks a loop.
 from redis import Redis as BlockingRedis
+from redis.exceptions import NoScriptError
 
 from awx_ws.main.exceptions import redact_url
 from awx_ws.main.fanout import Fanout
@@ -64,6 +66,9 @@ for _, member in ipairs(members) do
 end
 return {over, others}
 """
+
+
+_FANOUT_SHA = hashlib.sha1(GROUP_SEND_FANOUT_LUA.encode()).hexdigest()
 
 
 class RedisChannelLayer(core.RedisChannelLayer):
@@ -168,7 +173,11 @@ class RedisChannelLayer(core.RedisChannelLayer):
             raise TypeError("sync emit supports one Redis host (channels_redis sharding is not supported)")
         connection = self._blocking_client(0, timeout)
         args = self._fanout_args(group, message)
-        reply: Any = connection.eval(GROUP_SEND_FANOUT_LUA, 1, self._group_key(group), *args)
+        try:
+            # EVALSHA: the script's 40-byte digest instead of its text on every emit.
+            reply: Any = connection.evalsha(_FANOUT_SHA, 1, self._group_key(group), *args)
+        except NoScriptError:  # Redis restarted or flushed its script cache
+            reply = connection.eval(GROUP_SEND_FANOUT_LUA, 1, self._group_key(group), *args)
         over, others = reply
         self._report_over_capacity(over, group)
         if others:
