@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from tests.client import WsClient, open_ws
 from tests.factories import adb, create_token, create_user
-from tests.servers import DaphneNode, Nginx, Process, RedisServer, free_port
+from tests.servers import DaphneNode, Gunicorn, Nginx, Process, RedisServer, free_port
 
 _STATE = Path(tempfile.mkdtemp(prefix="awx_ws-tests-"))
 
@@ -123,35 +122,15 @@ async def client(node: DaphneNode, token: str) -> AsyncIterator[WsClient]:
 
 
 @pytest.fixture(scope="module")
-def api(redis_server, state_dir: Path) -> Iterator[Process]:
+def api(redis_server: RedisServer, state_dir: Path) -> Iterator[Gunicorn]:
     """gunicorn serving config.wsgi, as supervisord runs it."""
-    port = free_port()
-    log = state_dir / "logs" / f"gunicorn-{port}.log"
-    server = Process(
-        f"gunicorn:{port}",
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "config.wsgi:application",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "1",
-            "--access-logfile",
-            "-",
-        ],
-        log,
-        dict(os.environ),
-    ).start()
-    server.port = port  # type: ignore[attr-defined]
-    server.wait_for_port(port)
+    server = Gunicorn(state_dir / "logs").start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def nginx(node: DaphneNode, api: Process, state_dir: Path) -> Iterator[Nginx]:
+def nginx(node: DaphneNode, api: Gunicorn, state_dir: Path) -> Iterator[Nginx]:
     """nginx in front of the session daphne node and the API."""
     server = Nginx(state_dir / f"nginx-{secrets.token_hex(3)}", node.port, api.port).start()
     yield server

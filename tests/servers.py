@@ -178,6 +178,24 @@ class DaphneNode(Process):
         return self
 
 
+class Gunicorn(Process):
+    """gunicorn serving config.wsgi, as supervisord runs it (one worker)."""
+
+    def __init__(self, workdir: Path, env_extra: dict[str, str] | None = None):
+        self.port = free_port()
+        argv = [
+            sys.executable, "-m", "gunicorn", "config.wsgi:application",
+            "-b", f"127.0.0.1:{self.port}", "--workers", "1", "--access-logfile", "-",
+        ]  # fmt: skip
+        env = {**os.environ, **(env_extra or {})}
+        super().__init__(f"gunicorn:{self.port}", argv, workdir / f"gunicorn-{self.port}.log", env)
+
+    def start(self) -> Gunicorn:
+        super().start()
+        self.wait_for_port(self.port)
+        return self
+
+
 class Relay(Process):
     """`manage.py run_wsbroadcast` for one node."""
 

@@ -18,7 +18,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import create_job, create_org, create_token, create_user
-from tests.servers import ROOT, Process, free_port
+from tests.servers import ROOT, Gunicorn, free_port
 
 
 @pytest.fixture
@@ -435,26 +435,14 @@ def test_emit_with_redis_down_is_503_naming_redis(state_dir):
     staff = create_user()
     staff.is_staff = True
     staff.save()
-    port, dead_redis = free_port(), free_port()
-    api = Process(
-        f"gunicorn:{port}",
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "config.wsgi:application",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--workers",
-            "1",
-        ],
-        state_dir / "logs" / f"gunicorn-dead-redis-{port}.log",
-        {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{dead_redis}/0", "AWX_WS_EMIT_TIMEOUT": "2"},
+    dead_redis = free_port()
+    api = Gunicorn(
+        state_dir / "logs",
+        {"REDIS_URL": f"redis://127.0.0.1:{dead_redis}/0", "AWX_WS_EMIT_TIMEOUT": "2"},
     ).start()
     try:
-        api.wait_for_port(port)
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/v2/emit/",
+            f"http://127.0.0.1:{api.port}/api/v2/emit/",
             data=json.dumps({"group": "jobs-x", "payload": {}}).encode(),
             headers={"Authorization": f"Token {create_token(staff)}", "Content-Type": "application/json"},
         )

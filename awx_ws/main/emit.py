@@ -35,17 +35,22 @@ def _describe(layer: BaseChannelLayer) -> str:
     return describe() if describe else str(layer)
 
 
+def _unavailable(exc: BaseException, group: str, layer: BaseChannelLayer, timeout: float) -> RedisUnavailable:
+    """Our error for a failed emit, naming the setting or the Redis URL at fault."""
+    if isinstance(exc, TimeoutError | RedisTimeoutError):
+        return RedisUnavailable(
+            f"emit to {group!r} took longer than {timeout:g}s (AWX_WS_EMIT_TIMEOUT); "
+            f"is Redis up at {_describe(layer)}?"
+        )
+    return RedisUnavailable(f"emit to {group!r} failed, Redis at {_describe(layer)}: {exc}")
+
+
 async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, str]) -> None:
     timeout = ws_settings.EMIT_TIMEOUT
     try:
         await asyncio.wait_for(layer.group_send(group, message), timeout)
-    except TimeoutError as exc:
-        raise RedisUnavailable(
-            f"emit to {group!r} took longer than {timeout:g}s (AWX_WS_EMIT_TIMEOUT); "
-            f"is Redis up at {_describe(layer)}?"
-        ) from exc
-    except (RedisError, OSError) as exc:
-        raise RedisUnavailable(f"emit to {group!r} failed, Redis at {_describe(layer)}: {exc}") from exc
+    except (TimeoutError, RedisError, OSError) as exc:
+        raise _unavailable(exc, group, layer, timeout) from exc
 
 
 async def aemit_channel_notification(group: str, payload: Any) -> None:
@@ -77,10 +82,5 @@ def emit_channel_notification(group: str, payload: Any) -> None:
     timeout = ws_settings.EMIT_TIMEOUT
     try:
         layer.group_send_blocking(group, message, timeout)
-    except RedisTimeoutError as exc:
-        raise RedisUnavailable(
-            f"emit to {group!r} took longer than {timeout:g}s (AWX_WS_EMIT_TIMEOUT); "
-            f"is Redis up at {layer.describe_hosts()}?"
-        ) from exc
     except (RedisError, OSError) as exc:
-        raise RedisUnavailable(f"emit to {group!r} failed, Redis at {layer.describe_hosts()}: {exc}") from exc
+        raise _unavailable(exc, group, layer, timeout) from exc
