@@ -269,3 +269,21 @@ async def test_disconnect_leaves_every_group(node, token, redis_server):
         await asyncio.sleep(0.1)
     assert await redis.zcard(f"asgi:group:{group}") == 0
     await redis.aclose()
+
+
+async def test_a_client_that_stops_reading_still_gets_everything_in_order(node, token):
+    """Frames go straight to the socket while it takes them (awx_ws.server); once the kernel's
+    buffer is full the rest queues in Twisted's buffer. Nothing may be lost or reordered."""
+    from websockets.asyncio.client import connect
+
+    url = f"{node.url}/websocket/?token={token}"
+    # max_queue=1: the client stops reading from TCP until we consume, so buffers fill up.
+    async with connect(url, max_queue=1, max_size=2**20) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"groups": {"jobs": ["backlog"]}}))
+        assert "groups_current" in json.loads(await ws.recv())
+        filler = "x" * 10_000
+        for seq in range(1500):  # ~15 MB, far beyond socket buffers
+            await aemit_channel_notification("jobs-backlog", {"seq": seq, "filler": filler})
+        received = [json.loads(await asyncio.wait_for(ws.recv(), 30))["seq"] for _ in range(1500)]
+    assert received == list(range(1500))
