@@ -43,11 +43,22 @@ class EventConsumer(AsyncWebsocketConsumer):
         await self.accept()
         await self.send_json({"accept": True, "user": self.scope["user"].pk})
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Run the consumer; whichever way it ends (even a crash), release its groups."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._leave_all()
+
     async def disconnect(self, code: int) -> None:
         """Leave every group the connection held."""
-        for group in getattr(self, "subscribed", ()):
-            await self.fanout.leave(group, self)
+        await self._leave_all()
+
+    async def _leave_all(self) -> None:
+        held: set[str] = getattr(self, "subscribed", set())
         self.subscribed = set()
+        for group in held:
+            await self.fanout.leave(group, self)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Handle one client frame: validate, check access, replace the subscription set."""
