@@ -167,6 +167,8 @@ CHANNEL_LAYERS = {
             "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),
             "capacity": CHANNEL_LAYER_CAPACITY,
             "expiry": 60,
+            # Group members older than this are dropped; the fan-out refreshes its own (fanout.py).
+            "group_expiry": env_int("CHANNEL_LAYER_GROUP_EXPIRY", 86400),
         },
     }
 }

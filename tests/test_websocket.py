@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 
 import pytest
 from redis.asyncio import Redis
 
-from awx_ws.main.emit import aemit_channel_notification
+from awx_ws.main.emit import aemit_channel_notification, build_message
 from tests.client import WsClient, open_ws, refused_status
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
 
@@ -287,3 +288,25 @@ async def test_a_client_that_stops_reading_still_gets_everything_in_order(node, 
             await aemit_channel_notification("jobs-backlog", {"seq": seq, "filler": filler})
         received = [json.loads(await asyncio.wait_for(ws.recv(), 30))["seq"] for _ in range(1500)]
     assert received == list(range(1500))
+
+
+async def test_a_group_held_longer_than_group_expiry_keeps_delivering(daphne_factory, token):
+    """channels_redis drops members older than group_expiry; the fan-out refreshes its own."""
+    from redis.asyncio import Redis
+
+    from awx_ws.main.layers import RedisChannelLayer
+
+    server = daphne_factory({"CHANNEL_LAYER_GROUP_EXPIRY": "4"})
+    client = await open_ws(server.url, headers={"Authorization": f"Token {token}"})
+    await client.subscribe({"schedules": ["longlived"]})
+    redis_url = os.environ["REDIS_URL"]
+    # An emitter configured like that server: it drops members older than 4 s.
+    layer = RedisChannelLayer(hosts=[{"address": redis_url}], group_expiry=4)
+    await asyncio.sleep(6)
+    await layer.group_send("schedules-longlived", build_message("schedules-longlived", {"still": "here"}))
+    assert await client.recv_json() == {"still": "here"}
+    redis = Redis.from_url(redis_url)
+    assert await redis.zcard("asgi:group:schedules-longlived") == 1
+    await redis.aclose()
+    await layer.close_pools()
+    await client.close()

@@ -55,6 +55,7 @@ class Fanout:
         self.channel: str | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._interest_key = interest_key(layer.prefix, layer.client_prefix)
 
     async def join(self, group: str, subscriber: Subscriber) -> None:
@@ -94,8 +95,32 @@ class Fanout:
             # A plain (not process-specific) name gets a Redis key of its own, which only this loop
             # reads: it can pop many messages per round trip (see _pop).
             self.channel = fanout_channel(self.layer.client_prefix)
-            self._task = asyncio.get_running_loop().create_task(self._receive_forever())
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._receive_forever())
+            self._refresher = loop.create_task(self._refresh_forever())
         return self.channel
+
+    async def _refresh_forever(self) -> None:
+        """Re-join every held group well within the layer's group_expiry.
+
+        channels_redis drops group members older than group_expiry (a day by default) at the next
+        group_send. A consumer re-joins when it reconnects, but this process's membership lives as
+        long as any of its clients holds the group, which can be longer: refresh its timestamp.
+        """
+        interval = max(1.0, self.layer.group_expiry / 4)
+        while True:
+            await asyncio.sleep(interval)
+            channel = self.channel
+            if channel is None:
+                continue
+            for group in list(self.groups):
+                try:
+                    await self.layer.group_add(group, channel)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    logger.warning("could not refresh membership of %s in %s: %s", channel, group, exc)
+                    break
 
     async def _pop(self, key: str) -> list[bytes]:
         """Up to BATCH queued messages: one round trip while busy, a blocking wait when idle."""
