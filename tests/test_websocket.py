@@ -310,3 +310,22 @@ async def test_a_group_held_longer_than_group_expiry_keeps_delivering(daphne_fac
     await redis.aclose()
     await layer.close_pools()
     await client.close()
+
+
+async def test_a_peer_relay_keeps_its_groups_past_group_expiry(daphne_factory):
+    """A relay link can outlive group_expiry too: the BroadcastConsumer refreshes its groups."""
+    from websockets.asyncio.client import connect
+
+    from awx_ws.main import peerauth
+    from awx_ws.main.layers import RedisChannelLayer
+
+    server = daphne_factory({"CHANNEL_LAYER_GROUP_EXPIRY": "4"})
+    headers = {"secret": peerauth.sign(os.environ["BROADCAST_WEBSOCKET_SECRET"])}
+    layer = RedisChannelLayer(hosts=[{"address": os.environ["REDIS_URL"]}], group_expiry=4)
+    async with connect(f"{server.url}/websocket/broadcast/", additional_headers=headers) as peer:
+        await peer.send(json.dumps({"join": ["jobs-peerlong"], "leave": []}))
+        await asyncio.sleep(6)
+        await layer.group_send("jobs-peerlong", build_message("jobs-peerlong", {"n": 1}))
+        forwarded = json.loads(await asyncio.wait_for(peer.recv(), 10))
+    await layer.close_pools()
+    assert forwarded == {"group": "jobs-peerlong", "text": json.dumps({"n": 1})}

@@ -7,6 +7,7 @@ auth.py, the relay in relay.py. Consumers apply plans and pass `internal.message
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -18,6 +19,7 @@ from channels.layers import get_channel_layer
 from awx_ws.main import protocol
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.conf import ws_settings
+from awx_ws.main.fanout import keep_joined
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +121,17 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         """Accept the authenticated peer."""
         self.joined = set()
+        self._refresher = asyncio.create_task(
+            keep_joined(self.channel_layer, self.channel_name, lambda: self.joined)
+        )
         await self.accept()
         logger.info("peer relay %s connected from %s", self.scope.get("peer"), self.scope.get("client"))
 
     async def disconnect(self, code: int) -> None:
         """Leave every group joined for the peer."""
+        refresher = getattr(self, "_refresher", None)
+        if refresher is not None:
+            refresher.cancel()
         for group in getattr(self, "joined", ()):
             await self.channel_layer.group_discard(group, self.channel_name)
         self.joined = set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from awx_ws.main.interest import changes_channel, interest_key
@@ -32,6 +33,26 @@ BATCH = 256
 def fanout_channel(client_prefix: str) -> str:
     """The channel a process's fan-out joins groups with: `fanout.<client prefix>`."""
     return f"fanout.{client_prefix}"
+
+
+async def keep_joined(layer: Any, channel: str, groups: Callable[[], Iterable[str]]) -> None:
+    """Re-join channel's groups every quarter of the layer's group_expiry, until cancelled.
+
+    channels_redis drops group members older than group_expiry (a day by default) at the next
+    group_send. A consumer re-joins when it reconnects, but a process's fan-out membership, or a
+    peer relay's, lives as long as the group is held, which can be longer: refresh its timestamp.
+    """
+    interval = max(1.0, layer.group_expiry / 4)
+    while True:
+        await asyncio.sleep(interval)
+        for group in list(groups()):
+            try:
+                await layer.group_add(group, channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("could not refresh membership of %s in %s: %s", channel, group, exc)
+                break
 
 
 class Subscriber(Protocol):
@@ -97,30 +118,10 @@ class Fanout:
             self.channel = fanout_channel(self.layer.client_prefix)
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._receive_forever())
-            self._refresher = loop.create_task(self._refresh_forever())
+            self._refresher = loop.create_task(
+                keep_joined(self.layer, self.channel, lambda: list(self.groups))
+            )
         return self.channel
-
-    async def _refresh_forever(self) -> None:
-        """Re-join every held group well within the layer's group_expiry.
-
-        channels_redis drops group members older than group_expiry (a day by default) at the next
-        group_send. A consumer re-joins when it reconnects, but this process's membership lives as
-        long as any of its clients holds the group, which can be longer: refresh its timestamp.
-        """
-        interval = max(1.0, self.layer.group_expiry / 4)
-        while True:
-            await asyncio.sleep(interval)
-            channel = self.channel
-            if channel is None:
-                continue
-            for group in list(self.groups):
-                try:
-                    await self.layer.group_add(group, channel)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    logger.warning("could not refresh membership of %s in %s: %s", channel, group, exc)
-                    break
 
     async def _pop(self, key: str) -> list[bytes]:
         """Up to BATCH queued messages: one round trip while busy, a blocking wait when idle."""
