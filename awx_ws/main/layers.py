@@ -112,11 +112,13 @@ class RedisChannelLayer(core.RedisChannelLayer):
         addresses = [redact_url(str(host.get("address", host))) for host in self.hosts]
         return "REDIS_URL=" + ",".join(addresses)
 
-    def _group_send_plan(self, group: str, channel_names: list[str], message: dict[str, Any]) -> Any:
-        by_connection, messages, capacities = self._map_channel_keys_to_connection(channel_names, message)
-        for index, keys in by_connection.items():
-            args = [messages[key] for key in keys] + [capacities[key] for key in keys]
-            yield index, keys, [*args, time.time(), self.expiry]
+    def _group_send_plan(self, others: list[bytes], message: dict[str, Any]) -> Any:
+        """(keys, args) of GROUP_SEND_LUA for the members the fan-out script handed back."""
+        channel_names = [member.decode("utf8") for member in others]
+        _, messages, capacities = self._map_channel_keys_to_connection(channel_names, message)
+        keys = list(messages)
+        args = [messages[key] for key in keys] + [capacities[key] for key in keys]
+        return keys, [*args, time.time(), self.expiry]
 
     def _report_over_capacity(self, over: int, group: str) -> None:
         if over:
@@ -146,10 +148,9 @@ class RedisChannelLayer(core.RedisChannelLayer):
         over, others = await connection.eval(GROUP_SEND_FANOUT_LUA, 1, self._group_key(group), *args)
         self._report_over_capacity(over, group)
         if others:
-            channel_names = [member.decode("utf8") for member in others]
-            for _, keys, plan_args in self._group_send_plan(group, channel_names, message):
-                over = await connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)
-                self._report_over_capacity(over, group)
+            keys, plan_args = self._group_send_plan(others, message)
+            over = await connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)
+            self._report_over_capacity(over, group)
 
     def _blocking_client(self, index: int, timeout: float) -> BlockingRedis:
         with self._blocking_lock:
@@ -181,7 +182,6 @@ class RedisChannelLayer(core.RedisChannelLayer):
         over, others = reply
         self._report_over_capacity(over, group)
         if others:
-            channel_names = [member.decode("utf8") for member in others]
-            for _, keys, plan_args in self._group_send_plan(group, channel_names, message):
-                over = connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)
-                self._report_over_capacity(int(over), group)  # type: ignore[arg-type]
+            keys, plan_args = self._group_send_plan(others, message)
+            over = connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)
+            self._report_over_capacity(int(over), group)  # type: ignore[arg-type]

@@ -45,6 +45,12 @@ def peer_url(peer: str) -> str:
     return f"ws://{peer}/websocket/broadcast/"
 
 
+def configured_peers() -> list[str]:
+    """BROADCAST_WEBSOCKET_PEERS without this node's own entry (BROADCAST_WEBSOCKET_SELF)."""
+    own = ws_settings.BROADCAST_WEBSOCKET_SELF
+    return [peer for peer in ws_settings.BROADCAST_WEBSOCKET_PEERS if peer != own]
+
+
 def status_key(layer: RedisChannelLayer, peer: str) -> str:
     """Redis hash holding one link's figures."""
     return f"{layer.prefix}:relay-status:{peer}"
@@ -128,8 +134,7 @@ class Relay:
         """Build from AWX_WS settings; StartupError with a clear message when they cannot work."""
         if not isinstance(layer, RedisChannelLayer):
             raise StartupError("the relay needs awx_ws.main.layers.RedisChannelLayer as the default layer")
-        own = ws_settings.BROADCAST_WEBSOCKET_SELF
-        peers = [peer for peer in ws_settings.BROADCAST_WEBSOCKET_PEERS if peer != own]
+        peers = configured_peers()
         secret = ws_settings.BROADCAST_WEBSOCKET_SECRET
         if peers and not secret:
             raise StartupError(

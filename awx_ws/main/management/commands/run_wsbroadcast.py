@@ -11,10 +11,9 @@ from channels.layers import get_channel_layer
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from redis.exceptions import RedisError
 
-from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.layers import RedisChannelLayer
-from awx_ws.main.relay import Relay, status_key
+from awx_ws.main.relay import Relay, configured_peers, status_key
 
 # A status older than this means the relay is not running (it rewrites it every second).
 STALE_AFTER = 10.0
@@ -58,8 +57,7 @@ async def status_table(layer: Any) -> str:
     """The relay's links as a table, read from this node's Redis."""
     if not isinstance(layer, RedisChannelLayer):
         raise CommandError("--status needs awx_ws.main.layers.RedisChannelLayer as the default layer")
-    own = ws_settings.BROADCAST_WEBSOCKET_SELF
-    peers = [peer for peer in ws_settings.BROADCAST_WEBSOCKET_PEERS if peer != own]
+    peers = configured_peers()
     if not peers:
         return "no peers configured (BROADCAST_WEBSOCKET_PEERS)"
     try:
