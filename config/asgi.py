@@ -10,6 +10,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
-from awx_ws.main.routing import AWXProtocolTypeRouter, websocket_application  # noqa: E402
+from awx_ws.main.routing import AWXProtocolTypeRouter, http_application, websocket_application  # noqa: E402
 
-application = AWXProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_application()})
+application = AWXProtocolTypeRouter(
+    {"http": http_application(django_asgi_app), "websocket": websocket_application()}
+)

@@ -7,6 +7,7 @@ SECRET_KEY is unset, a generated key file inside it (never committed).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -193,6 +194,15 @@ AWX_WS: dict[str, Any] = {
     "BROADCAST_WEBSOCKET_BACKOFF_MAX": env_float("BROADCAST_WEBSOCKET_BACKOFF_MAX", 16.0),
     "BROADCAST_WEBSOCKET_PING_INTERVAL": env_float("BROADCAST_WEBSOCKET_PING_INTERVAL", 10.0),
     "NODE_NAME": os.environ.get("AWX_WS_NODE_NAME", socket.gethostname()),
+    # Resumable streams (docs/channels.md): history per group, SSE timing.
+    "HISTORY_LENGTH": env_int("AWX_WS_HISTORY_LENGTH", 1000),
+    "HISTORY_AGE": env_float("AWX_WS_HISTORY_AGE", 3600.0),
+    # JSON, e.g. {"control": null, "jobs": {"length": 100, "age": 600}}
+    "HISTORY_KINDS": json.loads(os.environ.get("AWX_WS_HISTORY_KINDS", '{"control": null}')),
+    "HISTORY_CLOCK_SKEW": env_float("AWX_WS_HISTORY_CLOCK_SKEW", 1.0),
+    "RECOVER_TIMEOUT": env_float("AWX_WS_RECOVER_TIMEOUT", 5.0),
+    "SSE_KEEPALIVE": env_float("AWX_WS_SSE_KEEPALIVE", 15.0),
+    "SSE_RETRY": env_float("AWX_WS_SSE_RETRY", 1.0),
 }
 
 if AWX_WS["LIVENESS_INTERVAL"] * 2 > AWX_WS["LIVENESS_TTL"]:

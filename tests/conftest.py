@@ -49,6 +49,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if os.environ.get("AWX_WS_KEEP_TEST_STATE"):  # server logs, for a failure's post-mortem
+        print(f"test state kept in {_STATE}")
+        return
     shutil.rmtree(_STATE, ignore_errors=True)
 
 

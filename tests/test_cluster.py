@@ -208,7 +208,9 @@ async def test_a_node_going_down_and_up(cluster, token):
     topic = group("outage")
     await subscribe(on_a, topic)
     await subscribe(on_c, topic)
-    await wait_for(lambda: _eq(members(c, topic), 1), 10, "A to join on C")
+    # Each node's group holds its own fan-out and the other's relay consumer.
+    await wait_for(lambda: _eq(members(c, topic), 2), 10, "A to join on C")
+    await wait_for(lambda: _eq(members(a, topic), 2), 10, "C to join on A")
 
     b.kill()
     await a.emit(topic, {"during": "outage"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 
 import pytest
@@ -324,8 +325,12 @@ async def test_a_peer_relay_keeps_its_groups_past_group_expiry(daphne_factory):
     layer = RedisChannelLayer(hosts=[{"address": os.environ["REDIS_URL"]}], group_expiry=4)
     async with connect(f"{server.url}/websocket/broadcast/", additional_headers=headers) as peer:
         await peer.send(json.dumps({"join": ["jobs-peerlong"], "leave": []}))
+        # The consumer confirms what it forwards from now on (resuming clients wait for it).
+        assert json.loads(await peer.recv()) == {"forwarding": ["jobs-peerlong"], "dropped": []}
         await asyncio.sleep(6)
         await layer.group_send("jobs-peerlong", build_message("jobs-peerlong", {"n": 1}))
         forwarded = json.loads(await asyncio.wait_for(peer.recv(), 10))
     await layer.close_pools()
+    message_id = forwarded.pop("id")  # the origin's history id travels with the message
     assert forwarded == {"group": "jobs-peerlong", "text": json.dumps({"n": 1})}
+    assert re.fullmatch(r"[0-9a-f]{8}:\d+-\d+", message_id)

@@ -97,27 +97,37 @@ class WebsocketAuthMiddleware:
 
     async def authenticate(self, scope: dict[str, Any]) -> tuple[Any, str | None]:
         """(user, "token" | "session") for valid credentials, else (None, None)."""
-        client = scope.get("client")
-        key = token_from_scope(scope)
-        if key is not None:
-            # A presented but bad token is a refusal, never a fall-back to the session (as DRF).
-            user = await user_for_token(key)
-            if user is None:
-                logger.info("websocket refused: invalid or inactive token from %s", client)
-                return None, None
-            return user, "token"
-        user = await get_user(scope)
-        if isinstance(user, AnonymousUser) or not user.is_active:
-            logger.info("websocket refused: no credentials from %s", client)
+        return await authenticate_scope(scope, require_origin=True)
+
+
+async def authenticate_scope(scope: dict[str, Any], require_origin: bool) -> tuple[Any, str | None]:
+    """(user, "token" | "session") for a scope's credentials, else (None, None).
+
+    A session must come with an allowed Origin: always for websockets (browsers let any site open
+    one with our cookies), and for plain HTTP whenever the browser sends one (cross-site reads).
+    """
+    client = scope.get("client")
+    key = token_from_scope(scope)
+    if key is not None:
+        # A presented but bad token is a refusal, never a fall-back to the session (as DRF).
+        user = await user_for_token(key)
+        if user is None:
+            logger.info("%s refused: invalid or inactive token from %s", scope["type"], client)
             return None, None
-        if not origin_allowed(scope):
-            logger.warning(
-                "websocket refused: session cookie with foreign or missing Origin %r from %s",
-                _header(scope, b"origin"),
-                client,
-            )
-            return None, None
-        return user, "session"
+        return user, "token"
+    user = await get_user(scope)
+    if isinstance(user, AnonymousUser) or not user.is_active:
+        logger.info("%s refused: no credentials from %s", scope["type"], client)
+        return None, None
+    if (require_origin or _header(scope, b"origin") is not None) and not origin_allowed(scope):
+        logger.warning(
+            "%s refused: session cookie with foreign or missing Origin %r from %s",
+            scope["type"],
+            _header(scope, b"origin"),
+            client,
+        )
+        return None, None
+    return user, "session"
 
 
 class PeerAuthMiddleware:

@@ -34,6 +34,19 @@ DEFAULTS: dict[str, Any] = {
     "BROADCAST_WEBSOCKET_BACKOFF_MAX": 16.0,
     # Seconds between pings on a relay link; a peer silent for twice this is dropped.
     "BROADCAST_WEBSOCKET_PING_INTERVAL": 10.0,
+    # History kept per group for resuming streams (history.py): entries and seconds per group...
+    "HISTORY_LENGTH": 1000,
+    "HISTORY_AGE": 3600.0,
+    # ...overridden per group kind: {"kind": {"length": n, "age": s}} or {"kind": None} for none.
+    "HISTORY_KINDS": {"control": None},
+    # Seconds a peer node's clock may lag ours; resuming replays that much earlier from it.
+    "HISTORY_CLOCK_SKEW": 1.0,
+    # Seconds a resume may wait for peers (their history, their relay forwarding the group).
+    "RECOVER_TIMEOUT": 5.0,
+    # Seconds between keep-alive comments on an idle SSE stream.
+    "SSE_KEEPALIVE": 15.0,
+    # Seconds a browser's EventSource waits before reconnecting (the stream's `retry:`).
+    "SSE_RETRY": 1.0,
     # This node's name in logs and peer headers.
     "NODE_NAME": "awx_ws",
 }

@@ -15,11 +15,14 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
+from redis.exceptions import RedisError
 
 from awx_ws.main import protocol
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.fanout import keep_joined
+from awx_ws.main.history import GroupPosition, Replay, read_local
+from awx_ws.main.streams import Stream
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class EventConsumer(AsyncWebsocketConsumer):
         self.subscribed = set()
         self.fanout = get_channel_layer().fanout
         self.frame_protocol = self.scope.get("extensions", {}).get("awx_ws.protocol")
+        # Set once the client asks for ids or recovery; from then on its groups go through it.
+        self.stream: Stream | None = None
         await self.accept()
         await self.send_json({"accept": True, "user": self.scope["user"].pk})
 
@@ -59,6 +64,10 @@ class EventConsumer(AsyncWebsocketConsumer):
     async def _leave_all(self) -> None:
         held: set[str] = getattr(self, "subscribed", set())
         self.subscribed = set()
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            await stream.leave_all()
+            return
         for group in held:
             await self.fanout.leave(group, self)
 
@@ -92,17 +101,71 @@ class EventConsumer(AsyncWebsocketConsumer):
                     wanted.add(f"{kind}-{object_id}")
                 else:
                     errors.append(protocol.denied_object_error(kind, object_id))
+        recover = {}
+        for group, position in request.recover.items():
+            if group not in wanted:
+                errors.append(f"recover: {group} is not a group this request subscribes to")
+            elif group in self.subscribed:
+                errors.append(f"recover: already subscribed to {group}, nothing was missed")
+            else:
+                recover[group] = position
         for error in errors:
             await self.send_json({"error": error})
         left = self.subscribed - wanted
         joined = wanted - self.subscribed
-        for group in left:
+        if request.ids and self.stream is None:
+            await self._use_stream(self.subscribed - left)
+        if self.stream is None:
+            for group in left:
+                await self.fanout.leave(group, self)
+            for group in joined:
+                await self.fanout.join(group, self)
+            self.subscribed = wanted
+            await self.send_json(protocol.groups_reply(self.subscribed, left, joined))
+            return
+        await self._subscribe_stream(self.stream, left, joined, recover)
+
+    async def _use_stream(self, kept: set[str]) -> None:
+        """Switch to per-message delivery with ids; the groups kept go on without a gap."""
+        self.stream = Stream(get_channel_layer(), self._send_message)
+        # Join through the stream before leaving as ourselves: a message in between comes once.
+        await self.stream.join(kept)
+        for group in kept:
             await self.fanout.leave(group, self)
-            self.subscribed.discard(group)
-        for group in joined:
-            await self.fanout.join(group, self)
-            self.subscribed.add(group)
-        await self.send_json(protocol.groups_reply(self.subscribed, left, joined))
+
+    async def _subscribe_stream(
+        self, stream: Stream, left: set[str], joined: set[str], recover: dict[str, GroupPosition]
+    ) -> None:
+        for group in left:
+            await stream.leave(group)
+        try:
+            await stream.join(joined, hold=frozenset(recover))
+            self.subscribed = (self.subscribed - left) | joined
+            reply: dict[str, Any] = protocol.groups_reply(self.subscribed, left, joined)
+            reply["positions"] = {g: str(p) for g, p in sorted({**stream.positions, **recover}.items())}
+            await self.send_json(reply)
+            if recover:
+                replays = await stream.fetch(recover)
+                replayed = await stream.replay(recover, replays)
+                resets = {g: r.reset for g, r in replays.items() if r.reset is not None}
+                await self.send_json(
+                    {
+                        "recovered": replayed,
+                        "reset": resets,
+                        # Where the reset groups go on from (live since this subscribe).
+                        "positions": {g: str(stream.positions[g]) for g in sorted(resets)},
+                    }
+                )
+        finally:
+            await stream.release()
+
+    async def _send_message(self, group: str, text: str, message_id: str | None, position: Any) -> None:
+        """One message for a client that asked for ids: `{"group", "id", "data"}`."""
+        if message_id is None:  # a kind without history: nothing to resume from
+            frame = f'{{"group": {json.dumps(group)}, "data": {text}}}'
+        else:
+            frame = f'{{"group": {json.dumps(group)}, "id": {json.dumps(str(position))}, "data": {text}}}'
+        await self.send(text_data=frame)
 
     async def send_json(self, content: Any) -> None:
         """Send one JSON frame."""
@@ -138,13 +201,16 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
         logger.info("peer relay %s disconnected (%s)", self.scope.get("peer"), code)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        """Apply a `{"join": [...], "leave": [...]}` update of the groups the peer's clients hold."""
+        """Apply a `{"join": [...], "leave": [...]}` update, or answer a `{"history": [...]}` request."""
         try:
             update = json.loads(text_data or "")
+            if "history" in update:
+                await self._answer_history(update["history"])
+                return
             join, leave = update.get("join", []), update.get("leave", [])
             for group in [*join, *leave]:
                 protocol.validate_group_name(group)
-        except (ValueError, AttributeError, TypeError) as exc:
+        except (ValueError, AttributeError, TypeError, KeyError) as exc:
             logger.warning("peer relay %s sent a bad update: %s", self.scope.get("peer"), exc)
             return
         for group in set(leave) & self.joined:
@@ -153,10 +219,31 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
         for group in set(join) - self.joined:
             await self.channel_layer.group_add(group, self.channel_name)
             self.joined.add(group)
+        # The peer's resuming clients wait for this: from here on, these groups are forwarded.
+        await self.send(text_data=json.dumps({"forwarding": sorted(join), "dropped": sorted(leave)}))
         logger.debug("peer relay %s now holds %d groups", self.scope.get("peer"), len(self.joined))
+
+    async def _answer_history(self, requests: list[dict[str, Any]]) -> None:
+        """This node's part of a peer's recovery: its own history after each position."""
+        margin = int(ws_settings.HISTORY_CLOCK_SKEW * 1000)
+        answers = []
+        for request in requests:
+            group = protocol.validate_group_name(request["group"])
+            position = GroupPosition.parse(request["position"])
+            try:
+                origin, replay = await read_local(self.channel_layer, group, position, margin)
+            except (RedisError, OSError) as exc:
+                origin, replay = None, Replay(reset=f"history unavailable on {ws_settings.NODE_NAME}: {exc}")
+            answers.append(
+                {"group": group, "origin": origin, "entries": replay.entries, "reset": replay.reset}
+            )
+        await self.send(text_data=json.dumps({"history": answers}))
 
     async def internal_message(self, event: dict[str, Any]) -> None:
         """Forward a message emitted on this node to the peer; drop ones that came from a peer."""
         if event.get("relayed") or "group" not in event:
             return
-        await self.send(text_data=json.dumps({"group": event["group"], "text": event["text"]}))
+        forwarded = {"group": event["group"], "text": event["text"]}
+        if "id" in event:
+            forwarded["id"] = event["id"]
+        await self.send(text_data=json.dumps(forwarded))

@@ -58,13 +58,12 @@ async def keep_joined(layer: Any, channel: str, groups: Callable[[], Iterable[st
 class Subscriber(Protocol):
     """What the fan-out needs of a client connection."""
 
-    # daphne's websocket protocol when served by awx_ws.server, else None (then `send` is used).
+    # daphne's websocket protocol, to write the shared prepared frame to; None to be called on
+    # `deliver` instead (SSE streams, clients that want ids, a connection replaying history).
     frame_protocol: Any
 
-    async def send(
-        self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
-    ) -> None:
-        """Send one text frame the ASGI way."""
+    async def deliver(self, group: str, text: str, message_id: str | None) -> None:
+        """Send one message of group (payload JSON text; its history id, if it has one)."""
 
 
 class Fanout:
@@ -152,11 +151,12 @@ class Fanout:
             failures = 0
             for raw in batch:
                 message = self.layer.deserialize(raw)
-                members = self.groups.get(message.get("group", ""))
+                group = message.get("group", "")
+                members = self.groups.get(group)
                 if members:
-                    await self._deliver(members, message["text"])
+                    await self._deliver(members, group, message["text"], message.get("id"))
 
-    async def _deliver(self, members: set[Subscriber], text: str) -> None:
+    async def _deliver(self, members: set[Subscriber], group: str, text: str, message_id: str | None) -> None:
         prepared = None
         fallback = []
         for subscriber in tuple(members):
@@ -170,6 +170,6 @@ class Fanout:
                 protocol.sendPreparedMessage(prepared)
         for subscriber in fallback:
             try:
-                await subscriber.send(text_data=text)
+                await subscriber.deliver(group, text, message_id)
             except Exception as exc:  # one broken connection must not stop the others
                 logger.info("delivery to a closing connection failed: %s", exc)

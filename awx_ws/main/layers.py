@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import secrets
 import threading
 import time
 from typing import Any
 
 from channels_redis import core
+from channels_redis.serializers import MsgPackSerializer
+from django.core.exceptions import ImproperlyConfigured
 
 # A blocking client, for emit_channel_notification's sync callers only: emit refuses to run on a
 # thread with a running event loop, so this never blocks a loop.
 from redis import Redis as BlockingRedis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from awx_ws.main.exceptions import redact_url
 from awx_ws.main.fanout import Fanout
+from awx_ws.main.history import ensure_origin, history_policy, origin_key, stream_key
 from awx_ws.main.liveness import Liveness
 
 logger = logging.getLogger(__name__)
@@ -45,6 +50,24 @@ return over_capacity
 # member (fanout.py reads `fanout.<prefix>` keys itself and needs no __asgi_channel__ list); other
 # members (process-specific channels such as relay consumers) are returned for the standard path.
 GROUP_SEND_FANOUT_LUA = """
+local blob = ARGV[1]
+local message_id = ''
+if #KEYS == 3 then
+    -- History (history.py): append to the group's stream in the same script as the delivery, so
+    -- stream order is delivery order, and put the message id into the message itself.
+    local origin = redis.call('GET', KEYS[3])
+    if not origin then return redis.error_reply('NOORIGIN history origin tag missing') end
+    local plen = tonumber(ARGV[10])
+    local message = cmsgpack.unpack(string.sub(blob, plen + 1))
+    local t = redis.call('TIME')
+    local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local stream_id = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[7], '*', 't', message['text'])
+    redis.call('XTRIM', KEYS[2], 'MINID', tostring(math.max(now_ms - tonumber(ARGV[8]) * 1000, 0)))
+    redis.call('EXPIRE', KEYS[2], ARGV[9])
+    message_id = origin .. ':' .. stream_id
+    message['id'] = message_id
+    blob = string.sub(blob, 1, plen) .. cmsgpack.pack(message)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[4])
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 local cutoff = math.floor(tonumber(ARGV[2])) - tonumber(ARGV[3])
@@ -55,7 +78,7 @@ for _, member in ipairs(members) do
         local key = ARGV[6] .. member
         redis.call('ZREMRANGEBYSCORE', key, 0, cutoff)
         if redis.call('ZCARD', key) < tonumber(ARGV[5]) then
-            redis.call('ZADD', key, ARGV[2], ARGV[1])
+            redis.call('ZADD', key, ARGV[2], blob)
             redis.call('EXPIRE', key, ARGV[3])
         else
             over = over + 1
@@ -64,7 +87,7 @@ for _, member in ipairs(members) do
         table.insert(others, member)
     end
 end
-return {over, others}
+return {over, others, message_id}
 """
 
 
@@ -125,17 +148,33 @@ class RedisChannelLayer(core.RedisChannelLayer):
             # The same drop channels_redis makes at capacity (see channels_redis#212): say so.
             logger.info("%s channels over capacity in group %s: message dropped for them", over, group)
 
-    def _fanout_args(self, group: str, message: dict[str, Any]) -> list[Any]:
+    def _fanout_call(self, group: str, message: dict[str, Any]) -> tuple[list[str], list[Any]]:
+        """(keys, args) of GROUP_SEND_FANOUT_LUA; keys name the history stream when one is kept."""
         now = time.time()
         capacity = self.get_capacity("fanout.any")
-        return [
-            self.serialize(message),
-            now,
-            self.expiry,
-            int(now) - self.group_expiry,
-            capacity,
-            self.prefix,
-        ]
+        keys = [self._group_key(group)]
+        args: list[Any] = [self.serialize(message), now, self.expiry]
+        args += [int(now) - self.group_expiry, capacity, self.prefix]
+        # A relayed message already has its origin's id; its history lives on the origin node.
+        policy = None if "id" in message else history_policy(group)
+        if policy is not None:
+            if self._serializer.crypter is not None or not isinstance(self._serializer, MsgPackSerializer):
+                raise ImproperlyConfigured(
+                    "history needs the msgpack serializer without symmetric_encryption_keys "
+                    "(CHANNEL_LAYERS); or set AWX_WS['HISTORY_KINDS'] entries to None"
+                )
+            keys += [stream_key(self, group), origin_key(self)]
+            ttl = max(1, math.ceil(policy.age))
+            args += [policy.length, policy.age, ttl, self._serializer.random_prefix_length]
+        return keys, args
+
+    def _after_fanout(self, group: str, message: dict[str, Any], reply: Any) -> list[bytes]:
+        """Report drops, put the history id into message; the members still to be sent to."""
+        over, others, message_id = reply
+        self._report_over_capacity(int(over), group)
+        if message_id:
+            message["id"] = message_id.decode()
+        return others
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send message to every member of group (see GROUP_SEND_FANOUT_LUA)."""
@@ -144,9 +183,15 @@ class RedisChannelLayer(core.RedisChannelLayer):
         if self.ring_size > 1:  # fan-out keys may live on other shards: channels_redis's way
             return await super().group_send(group, message)
         connection = self.connection(0)
-        args = self._fanout_args(group, message)
-        over, others = await connection.eval(GROUP_SEND_FANOUT_LUA, 1, self._group_key(group), *args)
-        self._report_over_capacity(over, group)
+        keys, args = self._fanout_call(group, message)
+        try:
+            reply = await connection.eval(GROUP_SEND_FANOUT_LUA, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOORIGIN"):
+                raise
+            await ensure_origin(self)  # first message this Redis keeps history for
+            reply = await connection.eval(GROUP_SEND_FANOUT_LUA, len(keys), *keys, *args)
+        others = self._after_fanout(group, message, reply)
         if others:
             keys, plan_args = self._group_send_plan(others, message)
             over = await connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)
@@ -166,6 +211,14 @@ class RedisChannelLayer(core.RedisChannelLayer):
                 self._blocking[index] = BlockingRedis.from_url(address, **host)
             return self._blocking[index]
 
+    @staticmethod
+    def _eval_fanout_blocking(connection: BlockingRedis, keys: list[str], args: list[Any]) -> Any:
+        try:
+            # EVALSHA: the script's 40-byte digest instead of its text on every emit.
+            return connection.evalsha(_FANOUT_SHA, len(keys), *keys, *args)
+        except NoScriptError:  # Redis restarted or flushed its script cache
+            return connection.eval(GROUP_SEND_FANOUT_LUA, len(keys), *keys, *args)
+
     def group_send_blocking(self, group: str, message: dict[str, Any], timeout: float) -> None:
         """group_send for sync code: a pooled blocking connection, no event loop, same round trips."""
         if not self.require_valid_group_name(group):
@@ -173,14 +226,16 @@ class RedisChannelLayer(core.RedisChannelLayer):
         if self.ring_size > 1:
             raise TypeError("sync emit supports one Redis host (channels_redis sharding is not supported)")
         connection = self._blocking_client(0, timeout)
-        args = self._fanout_args(group, message)
+        keys, args = self._fanout_call(group, message)
         try:
-            # EVALSHA: the script's 40-byte digest instead of its text on every emit.
-            reply: Any = connection.evalsha(_FANOUT_SHA, 1, self._group_key(group), *args)
-        except NoScriptError:  # Redis restarted or flushed its script cache
-            reply = connection.eval(GROUP_SEND_FANOUT_LUA, 1, self._group_key(group), *args)
-        over, others = reply
-        self._report_over_capacity(over, group)
+            reply = self._eval_fanout_blocking(connection, keys, args)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOORIGIN"):
+                raise
+            # First message this Redis keeps history for (see history.ensure_origin).
+            connection.set(origin_key(self), secrets.token_hex(4), nx=True)
+            reply = self._eval_fanout_blocking(connection, keys, args)
+        others = self._after_fanout(group, message, reply)
         if others:
             keys, plan_args = self._group_send_plan(others, message)
             over = connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)

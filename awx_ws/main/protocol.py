@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from awx_ws.main.exceptions import InvalidGroupName
+from awx_ws.main.history import GroupPosition, PositionError
 
 # Channels accepts group names of these characters, shorter than 100 (channels.layers.BaseChannelLayer).
 GROUP_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,99}$")
@@ -60,6 +61,10 @@ class SubscribeRequest:
     objects: dict[str, frozenset[int]] = field(default_factory=dict)
     # Per-item refusals decided without the database (another user's control group).
     errors: tuple[str, ...] = ()
+    # The client wants each message with its group and history id (`{"ids": true}`).
+    ids: bool = False
+    # Group -> the client's last position there: replay what it missed (implies ids).
+    recover: dict[str, GroupPosition] = field(default_factory=dict)
 
     def requested_count(self) -> int:
         """How many distinct groups the request names."""
@@ -125,6 +130,18 @@ def _named_group(kind: str, item: Any) -> str:
         raise ProtocolError(str(exc)) from exc
 
 
+def _recover_positions(recover: Any) -> dict[str, GroupPosition]:
+    if not isinstance(recover, dict):
+        raise ProtocolError('recover must be an object of group: "<position>"')
+    positions = {}
+    for group, position in recover.items():
+        try:
+            positions[validate_group_name(group)] = GroupPosition.parse(position)
+        except (InvalidGroupName, PositionError) as exc:
+            raise ProtocolError(f"invalid recover entry for {group!r}: {exc}") from exc
+    return positions
+
+
 def parse_subscribe(message: dict[str, Any], user_id: int, max_groups: int) -> SubscribeRequest:
     """Turn a `{"groups": {...}}` frame into a SubscribeRequest, or raise ProtocolError."""
     if "groups" not in message:
@@ -151,10 +168,16 @@ def parse_subscribe(message: dict[str, Any], user_id: int, max_groups: int) -> S
                 errors.append(f"{ACCESS_DENIED} {name}")
                 continue
             groups.add(name)
+    recover = _recover_positions(message.get("recover", {}))
+    want_ids = message.get("ids", False)
+    if not isinstance(want_ids, bool):
+        raise ProtocolError("ids must be true or false")
     plan = SubscribeRequest(
         groups=frozenset(groups),
         objects={kind: frozenset(ids) for kind, ids in objects.items()},
         errors=tuple(dict.fromkeys(errors)),
+        ids=want_ids or bool(recover),
+        recover=recover,
     )
     if plan.requested_count() > max_groups:
         raise ProtocolError(

@@ -25,9 +25,11 @@ from websockets.exceptions import InvalidStatus
 from awx_ws.main import peerauth
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
+from awx_ws.main.history import parse_message_id
 from awx_ws.main.interest import changes_channel, node_interest
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.protocol import validate_group_name
+from awx_ws.main.streams import forwarding_key
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +242,8 @@ class PeerLink:
                     max_size=2**24,
                 ) as ws:
                     started = time.monotonic()
+                    # A new link starts with nothing forwarded; the interest sent next rebuilds it.
+                    await self.relay.layer.connection(0).delete(forwarding_key(self.relay.layer, self.peer))
                     if connected_once:
                         self.status.reconnects += 1
                     connected_once = True
@@ -295,14 +299,22 @@ class PeerLink:
     async def _inject(self, frame: str | bytes) -> None:
         try:
             data = json.loads(frame)
+            if "forwarding" in data:
+                await self._confirmed(data["forwarding"], data.get("dropped", []))
+                return
             group, text = validate_group_name(data["group"]), data["text"]
             if not isinstance(text, str):
                 raise TypeError("text is not a string")
+            message_id = data.get("id")
+            if message_id is not None:
+                parse_message_id(message_id)
         except (ValueError, KeyError, TypeError) as exc:
             self.status.dropped_total += 1
             logger.warning("relay link to %s sent a malformed message: %s", self.peer, exc)
             return
         message = {"type": "internal.message", "text": text, "group": group, "relayed": True}
+        if message_id is not None:
+            message["id"] = message_id  # the origin's history id, kept for resuming clients here
         try:
             await self.relay.layer.group_send(group, message)
         except (RedisError, OSError) as exc:
@@ -313,3 +325,12 @@ class PeerLink:
                 )
             return
         self.status.received()
+
+    async def _confirmed(self, forwarding: list[str], dropped: list[str]) -> None:
+        """Record which groups the peer now forwards here (streams.wait_until_forwarded reads it)."""
+        key = forwarding_key(self.relay.layer, self.peer)
+        connection = self.relay.layer.connection(0)
+        if dropped:
+            await connection.srem(key, *dropped)
+        if forwarding:
+            await connection.sadd(key, *forwarding)

@@ -18,6 +18,7 @@ from awx_ws.main.consumers import BroadcastConsumer, EventConsumer
 from awx_ws.main.exceptions import RedisUnavailable, StartupError
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.liveness import purge_stale_state
+from awx_ws.main.sse import EventStreamStack
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,16 @@ def websocket_application() -> Any:
         [
             re_path(r"^websocket/broadcast/$", PeerAuthMiddleware(BroadcastConsumer.as_asgi())),
             re_path(r"", WebsocketAuthStack(URLRouter(websocket_urlpatterns))),
+        ]
+    )
+
+
+def http_application(django_app: Any) -> Any:
+    """The SSE stream (long-lived, served here) at /api/v2/stream/; everything else to Django."""
+    return URLRouter(
+        [
+            re_path(r"^api/v2/stream/$", EventStreamStack()),
+            re_path(r"", django_app),
         ]
     )
 

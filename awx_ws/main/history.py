@@ -1,0 +1,268 @@
+"""Per-group message history in Redis, and the ids and positions that resume a stream.
+
+Design (docs/channels.md, "Resumable streams"):
+
+- Each node's Redis has an *origin* tag: a random name created the first time the node emits
+  (`<prefix>:history-origin`). A flushed or replaced Redis gets a new tag, so ids of the old one
+  can never be mistaken for ids of the new one.
+- Emitting to a group whose kind keeps history appends the payload to the stream
+  `<prefix>:history:<group>` in the *emitting* node's Redis (XADD, trimmed by length and age) in
+  the same Lua script that queues it for delivery, so stream order is delivery order. The
+  message id is `<origin>:<stream id>`, for example `1f0c9a7e:1732406400123-0`.
+- A relayed message keeps its origin's id and is not stored again: a group's history lives on
+  the node that emitted it, and a node resuming a client asks its peers for their part.
+- A client's position in one group is a *floor* (when it subscribed, in ms) plus the last id
+  seen from each origin: `1732406400000,1f0c9a7e:1732406400123-0`. Resuming replays, from every
+  origin, what comes after its component (or after the floor, when nothing of that origin was
+  seen). Positions of several groups (an SSE stream) join as `group@position;group@position`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+from awx_ws.main.conf import ws_settings
+
+if TYPE_CHECKING:
+    from awx_ws.main.layers import RedisChannelLayer
+
+# Largest sequence number of a Redis stream id: "<ms>-<this>" sorts after every id of that ms.
+MAX_SEQ = 2**64 - 1
+
+
+class PositionError(ValueError):
+    """A stream position or message id a client sent that we cannot read."""
+
+
+@dataclass(frozen=True)
+class HistoryPolicy:
+    """How much of one group kind's history Redis keeps."""
+
+    length: int
+    age: float
+
+
+def history_policy(group: str) -> HistoryPolicy | None:
+    """The history kept for group's kind (HISTORY_LENGTH/AGE, HISTORY_KINDS), None if none."""
+    kind = group.split("-", 1)[0]
+    kinds = ws_settings.HISTORY_KINDS
+    if kind in kinds:
+        chosen = kinds[kind]
+        if chosen is None:
+            return None
+        setting = f"AWX_WS['HISTORY_KINDS'][{kind!r}]"
+        length = chosen.get("length", ws_settings.HISTORY_LENGTH)
+        age = chosen.get("age", ws_settings.HISTORY_AGE)
+    else:
+        setting = "AWX_WS['HISTORY_LENGTH'/'HISTORY_AGE']"
+        length, age = ws_settings.HISTORY_LENGTH, ws_settings.HISTORY_AGE
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1 or not 0 < float(age):
+        raise ImproperlyConfigured(f"{setting}: length must be an integer >= 1 and age > 0 seconds")
+    return HistoryPolicy(length, float(age))
+
+
+def stream_key(layer: RedisChannelLayer, group: str) -> str:
+    """The Redis stream holding group's history on this node."""
+    return f"{layer.prefix}:history:{group}"
+
+
+def origin_key(layer: RedisChannelLayer) -> str:
+    """The Redis string naming this Redis's origin tag."""
+    return f"{layer.prefix}:history-origin"
+
+
+async def ensure_origin(layer: RedisChannelLayer) -> str:
+    """This Redis's origin tag, created on first use (SET NX: every process agrees on one)."""
+    connection = layer.connection(0)
+    await connection.set(origin_key(layer), secrets.token_hex(4), nx=True)
+    return (await connection.get(origin_key(layer))).decode()
+
+
+def _stream_id(text: str) -> tuple[int, int]:
+    ms, sep, seq = text.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit() or len(ms) > 15 or len(seq) > 20:
+        raise PositionError(f"invalid stream id {text!r}: expected <ms>-<seq>")
+    return int(ms), int(seq)
+
+
+def parse_message_id(text: str) -> tuple[str, tuple[int, int]]:
+    """(origin, (ms, seq)) of a message id `<origin>:<ms>-<seq>`."""
+    origin, sep, stream_id = text.partition(":")
+    if not sep or not origin.isalnum() or len(origin) > 16:
+        raise PositionError(f"invalid message id {text!r}: expected <origin>:<ms>-<seq>")
+    return origin, _stream_id(stream_id)
+
+
+@dataclass(frozen=True)
+class GroupPosition:
+    """How far a client got in one group: a floor in ms, and the last id seen per origin."""
+
+    floor: int
+    seen: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def after(self, origin: str) -> tuple[int, int]:
+        """The stream id after which origin's entries are new to the client."""
+        if origin in self.seen:
+            return self.seen[origin]
+        # Nothing of this origin seen yet: everything from the floor's millisecond on is new.
+        return (self.floor - 1, MAX_SEQ)
+
+    def is_new(self, message_id: str) -> bool:
+        """True if the message with this id comes after the position."""
+        origin, stream_id = parse_message_id(message_id)
+        return stream_id > self.after(origin)
+
+    def advanced(self, message_id: str) -> GroupPosition:
+        """The position after the message with this id."""
+        origin, stream_id = parse_message_id(message_id)
+        if stream_id <= self.seen.get(origin, (0, 0)):
+            return self
+        return GroupPosition(self.floor, {**self.seen, origin: stream_id})
+
+    def __str__(self) -> str:
+        parts = [str(self.floor)] + [f"{o}:{ms}-{seq}" for o, (ms, seq) in sorted(self.seen.items())]
+        return ",".join(parts)
+
+    @classmethod
+    def parse(cls, text: Any) -> GroupPosition:
+        """Read `<floor>[,<origin>:<ms>-<seq>]...`; PositionError if it is not one."""
+        if not isinstance(text, str) or not text or len(text) > 1024:
+            raise PositionError(f"invalid position {text!r}: expected <floor ms>[,<origin>:<ms>-<seq>]...")
+        floor, *components = text.split(",")
+        if not floor.isdigit() or len(floor) > 15:
+            raise PositionError(f"invalid position {text!r}: it must start with a time in ms")
+        seen = {}
+        for component in components:
+            origin, stream_id = parse_message_id(component)
+            seen[origin] = stream_id
+        return cls(int(floor), seen)
+
+
+def format_stream_position(positions: dict[str, GroupPosition]) -> str:
+    """One id covering several groups (an SSE stream's `id:`): `group@position;...`."""
+    return ";".join(f"{group}@{position}" for group, position in sorted(positions.items()))
+
+
+def parse_stream_position(text: str) -> dict[str, GroupPosition]:
+    """The per-group positions of an SSE `Last-Event-ID`; PositionError if it is not one."""
+    if len(text) > 64 * 1024:
+        raise PositionError("position too long")
+    positions = {}
+    for part in filter(None, text.split(";")):
+        group, sep, position = part.partition("@")
+        if not sep:
+            raise PositionError(f"invalid stream position part {part!r}: expected <group>@<position>")
+        positions[group] = GroupPosition.parse(position)
+    return positions
+
+
+@dataclass
+class Replay:
+    """What one origin (or all of them, merged) holds after a position."""
+
+    # (message id, payload JSON text), in stream order
+    entries: list[tuple[str, str]] = field(default_factory=list)
+    # Why the history cannot reach back to the position (None when it can).
+    reset: str | None = None
+
+
+# Reads one group's history after a position, or says it no longer reaches back. The stream key
+# expires `age` after its last entry, so a missing key means nothing was emitted within `age`.
+# Otherwise entries are gone when the largest deleted id (trimmed by length or age) is past the
+# position, or when the key was recreated after expiring and the position is older than that.
+READ_HISTORY_LUA = """
+local origin = redis.call('GET', KEYS[2])
+if origin ~= ARGV[1] then return {'origin', origin or ''} end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local age_ms = tonumber(ARGV[4]) * 1000
+local after_ms, after_seq = tonumber(ARGV[2]), tonumber(ARGV[3])
+local function before(ms, seq) return after_ms < ms or (after_ms == ms and after_seq < seq) end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    if after_ms < now_ms - age_ms then return {'reset', 'older than the history age'} end
+    return {'ok', {}}
+end
+redis.call('XTRIM', KEYS[1], 'MINID', tostring(math.max(now_ms - age_ms, 0)))
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local deleted = '0-0'
+for i = 1, #info, 2 do
+    if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+end
+local d_ms, d_seq = string.match(deleted, '(%d+)-(%d+)')
+if deleted ~= '0-0' then
+    if before(tonumber(d_ms), tonumber(d_seq)) then return {'reset', 'trimmed past the position'} end
+else
+    local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+    if first then
+        local f_ms = tonumber(string.match(first[1], '(%d+)-'))
+        if after_ms < f_ms - age_ms and before(f_ms, 0) then
+            return {'reset', 'older than the history age'}
+        end
+    end
+end
+return {'ok', redis.call('XRANGE', KEYS[1], '(' .. ARGV[2] .. '-' .. ARGV[3], '+', 'COUNT', ARGV[5])}
+"""
+
+
+async def read_local(
+    layer: RedisChannelLayer, group: str, position: GroupPosition, margin_ms: int = 0
+) -> tuple[str | None, Replay]:
+    """(this Redis's origin tag or None, what it holds of group after position).
+
+    margin_ms moves the floor back for origins the client has seen nothing of: their clocks may
+    lag the clock that set the floor (HISTORY_CLOCK_SKEW). Used for peers' requests.
+    """
+    policy = history_policy(group)
+    if policy is None:
+        kind = group.split("-", 1)[0]
+        return None, Replay(reset=f"no history is kept for {kind} groups (AWX_WS['HISTORY_KINDS'])")
+    connection = layer.connection(0)
+    raw_origin = await connection.get(origin_key(layer))
+    if raw_origin is None:
+        return None, Replay()  # this Redis never recorded a message
+    origin = raw_origin.decode()
+    after_ms, after_seq = position.after(origin)
+    if origin not in position.seen:
+        after_ms = max(after_ms - margin_ms, 0)
+    reply = await connection.eval(
+        READ_HISTORY_LUA,
+        2,
+        stream_key(layer, group),
+        origin_key(layer),
+        origin,
+        after_ms,
+        after_seq,
+        policy.age,
+        policy.length,
+    )
+    status = reply[0].decode()
+    if status == "origin":  # the tag changed under us (Redis flushed): the old ids are gone
+        return None, Replay(reset="this node's history was reset")
+    if status == "reset":
+        return origin, Replay(reset=reply[1].decode())
+    entries = []
+    for stream_id, fields in reply[1]:
+        values = dict(zip(fields[::2], fields[1::2], strict=True))
+        entries.append((f"{origin}:{stream_id.decode()}", values[b"t"].decode()))
+    return origin, Replay(entries)
+
+
+async def open_position(layer: RedisChannelLayer, group: str) -> GroupPosition:
+    """The position of a client subscribing to group now: Redis's clock, this origin's last id.
+
+    Call it after joining the group, so nothing between the two is lost to the client.
+    """
+    connection = layer.connection(0)
+    seconds, micros = await connection.time()
+    floor = seconds * 1000 + micros // 1000
+    raw_origin = await connection.get(origin_key(layer))
+    if raw_origin is None or history_policy(group) is None:
+        return GroupPosition(floor)
+    last = await connection.xrevrange(stream_key(layer, group), count=1)
+    if not last:
+        return GroupPosition(floor)
+    return GroupPosition(floor, {raw_origin.decode(): _stream_id(last[0][0].decode())})

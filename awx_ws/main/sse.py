@@ -1,0 +1,191 @@
+"""`GET /api/v2/stream/?groups=...`: the same messages as the websocket, as Server-Sent Events.
+
+Served by daphne (an ASGI app, not a Django view: the stream lives as long as the client). Each
+event's `id:` is the stream's position over all its groups (history.py), so a browser's
+EventSource resumes by itself: it sends the last id back as `Last-Event-ID` when it reconnects.
+
+Unlike the classic recipe (a Redis pub/sub connection per client, noticed dead only when a later
+write fails), a stream holds no Redis connection of its own: it is one more subscriber of the
+process's fan-out, and it lets go of everything as soon as daphne reports the disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.sessions import CookieMiddleware, SessionMiddleware
+from redis.exceptions import RedisError
+
+from awx_ws.main import protocol
+from awx_ws.main.access import readable_job_ids
+from awx_ws.main.auth import authenticate_scope
+from awx_ws.main.conf import ws_settings
+from awx_ws.main.history import (
+    GroupPosition,
+    PositionError,
+    format_stream_position,
+    parse_stream_position,
+)
+from awx_ws.main.streams import Stream
+
+logger = logging.getLogger(__name__)
+
+
+class HttpError(Exception):
+    """A refusal before the stream starts: status and DRF-style detail."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+def requested_groups(query: dict[str, list[str]], user_id: int) -> protocol.SubscribeRequest:
+    """`groups=jobs-status_changed,job_events-42` as a SubscribeRequest (same rules as websockets)."""
+    names = [name for value in query.get("groups", []) for name in value.split(",") if name]
+    if not names:
+        raise HttpError(400, "groups: name at least one group, e.g. ?groups=jobs-status_changed")
+    by_kind: dict[str, list[Any]] = {}
+    for name in names:
+        kind, sep, item = name.partition("-")
+        if not sep or not item:
+            raise HttpError(400, f"groups: {name!r} is not <kind>-<item>")
+        by_kind.setdefault(kind, []).append(item)
+    try:
+        return protocol.parse_subscribe(
+            {"groups": by_kind}, user_id, ws_settings.MAX_GROUPS_PER_CONNECTION
+        )
+    except protocol.ProtocolError as exc:
+        raise HttpError(400, f"groups: {exc}") from exc
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def event_block(position: str, text: str, event: str | None = None) -> bytes:
+    """One SSE event: optional `event:`, `id:` and the data, one `data:` line per text line."""
+    lines = [f"event: {event}"] if event else []
+    lines.append(f"id: {position}")
+    lines.extend(f"data: {line}" for line in text.split("\n"))
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+class EventStreamApp:
+    """The ASGI application behind /api/v2/stream/."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Authenticate, check access, replay what was missed, then stream until the client goes."""
+        try:
+            user, groups, recover = await self._admit(scope)
+        except HttpError as exc:
+            await _refuse(send, exc)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    # Tell nginx not to buffer this response (the location says so too).
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+
+        async def send_event(group: str, text: str, message_id: str | None, position: Any) -> None:
+            # The id covers every group of the stream, so a reconnect resumes all of them.
+            body = event_block(format_stream_position(stream.positions), text)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+        stream = Stream(get_channel_layer(), send_event)
+        try:
+            await self._start(send, stream, groups, recover)
+            await _until_disconnect(receive, send)
+        except (RedisError, OSError) as exc:
+            logger.warning("stream of user %s ended, Redis unavailable: %s", user.pk, exc)
+        finally:
+            await stream.leave_all()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _admit(self, scope: dict[str, Any]) -> tuple[Any, set[str], dict[str, GroupPosition]]:
+        if scope["method"] != "GET":
+            raise HttpError(405, f'Method "{scope["method"]}" not allowed.')
+        user, _method = await authenticate_scope(scope, require_origin=False)
+        if user is None:
+            raise HttpError(401, "Authentication credentials were not provided or are invalid.")
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        request = requested_groups(query, user.pk)
+        groups = set(request.groups)
+        denied = list(request.errors)
+        for kind, ids in request.objects.items():
+            allowed = await database_sync_to_async(readable_job_ids)(user, protocol.EVENT_KINDS[kind], ids)
+            groups.update(f"{kind}-{i}" for i in ids if i in allowed)
+            denied.extend(protocol.denied_object_error(kind, i) for i in sorted(ids) if i not in allowed)
+        if denied:
+            raise HttpError(403, "; ".join(denied))
+        last_event_id = _header(scope, b"last-event-id") or (query.get("last_event_id") or [""])[0]
+        try:
+            positions = parse_stream_position(last_event_id) if last_event_id else {}
+        except PositionError as exc:
+            raise HttpError(400, f"Last-Event-ID: {exc}") from exc
+        return user, groups, {g: p for g, p in positions.items() if g in groups}
+
+    async def _start(
+        self, send: Any, stream: Stream, groups: set[str], recover: dict[str, GroupPosition]
+    ) -> None:
+        retry = int(ws_settings.SSE_RETRY * 1000)
+        await send({"type": "http.response.body", "body": f"retry: {retry}\n\n".encode(), "more_body": True})
+        try:
+            await stream.join(groups, hold=frozenset(recover))
+            if recover:
+                replays = await stream.fetch(recover)
+                resets = {g: r.reset for g, r in replays.items() if r.reset is not None}
+                if resets:
+                    # First, so the client knows to refetch before anything else arrives.
+                    notice = json.dumps({"groups": resets})
+                    body = event_block(format_stream_position(stream.positions), notice, "stream-reset")
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                await stream.replay(recover, replays)
+        finally:
+            await stream.release()
+        # An id-only block: sets the browser's last event id without firing an event, so even a
+        # stream that never got a message resumes from here.
+        body = f"id: {format_stream_position(stream.positions)}\n\n".encode()
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def _refuse(send: Any, error: HttpError) -> None:
+    body = json.dumps({"detail": str(error)}).encode()
+    headers = [(b"content-type", b"application/json")]
+    if error.status == 401:
+        headers.append((b"www-authenticate", b"Token"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _until_disconnect(receive: Any, send: Any) -> None:
+    """Wait for the client to go, with a keep-alive comment every SSE_KEEPALIVE seconds."""
+    keepalive = ws_settings.SSE_KEEPALIVE
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), keepalive)
+        except TimeoutError:
+            await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+            continue
+        if message["type"] == "http.disconnect":
+            return
+
+
+def EventStreamStack() -> Any:  # noqa: N802 (named like Channels' AuthMiddlewareStack)
+    """The stream app behind cookie and session middleware (for session-authenticated browsers)."""
+    return CookieMiddleware(SessionMiddleware(EventStreamApp()))
