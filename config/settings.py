@@ -163,6 +163,8 @@ CHANNEL_LAYERS = {
                     "address": REDIS_URL,
                     # Fail fast when Redis is unreachable instead of hanging on connect.
                     "socket_connect_timeout": env_float("REDIS_CONNECT_TIMEOUT", 2.0),
+                    # Per process; at the limit callers wait for a free connection (layers.py).
+                    "max_connections": env_int("REDIS_MAX_CONNECTIONS", 50),
                 }
             ],
             "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),

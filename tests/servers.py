@@ -158,6 +158,7 @@ class DaphneNode(Process):
     def __init__(self, workdir: Path, env_extra: dict[str, str] | None = None, port: int | None = None):
         self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
         env.update(env_extra or {})
         argv = [
@@ -211,6 +212,7 @@ class Nginx(Process):
         from awx_ws.main.management.commands.nginx_conf import render
 
         self.port = free_port()
+        self.http_url = f"http://127.0.0.1:{self.port}"
         ports = [daphne_port] if isinstance(daphne_port, int) else daphne_port
         daphnes = [f"127.0.0.1:{port}" for port in ports]
         conf = render(prefix, f"127.0.0.1:{self.port}", daphnes, f"127.0.0.1:{api_port}")

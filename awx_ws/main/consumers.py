@@ -22,6 +22,7 @@ from awx_ws.main.access import readable_job_ids
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.fanout import keep_joined
 from awx_ws.main.history import GroupPosition, Replay, read_local
+from awx_ws.main.stats import process_stats
 from awx_ws.main.streams import Stream
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class EventConsumer(AsyncWebsocketConsumer):
     subscribed: set[str]
     # daphne's protocol for this socket when awx_ws.server runs us (prepared-frame writes), else None.
     frame_protocol: Any = None
+    # Counted in process_stats once accepted.
+    _counted = False
 
     async def connect(self) -> None:
         """Accept an authenticated client (auth.py refused the rest) and greet it as AWX does."""
@@ -48,6 +51,8 @@ class EventConsumer(AsyncWebsocketConsumer):
         # Set once the client asks for ids or recovery; from then on its groups go through it.
         self.stream: Stream | None = None
         await self.accept()
+        self._counted = True
+        process_stats.websockets += 1
         await self.send_json({"accept": True, "user": self.scope["user"].pk})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -55,6 +60,8 @@ class EventConsumer(AsyncWebsocketConsumer):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if self._counted:
+                process_stats.websockets -= 1
             await self._leave_all()
 
     async def disconnect(self, code: int) -> None:

@@ -170,11 +170,34 @@ class Replay:
     reset: str | None = None
 
 
+# Trims a stream from its head by length and age and records the last removed id as the stream's
+# max-deleted-entry-id: Redis sets that for XDEL but leaves it at 0-0 when trimming, and reads
+# need it to tell "nothing was missed" from "the missed part is gone".
+TRIM_LUA = """
+local function trim(key, maxlen, min_ms, last_id)
+    local removed = nil
+    local excess = redis.call('XLEN', key) - maxlen
+    if excess > 0 then
+        local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', excess)
+        removed = gone[#gone][1]
+        redis.call('XTRIM', key, 'MAXLEN', maxlen)
+    end
+    local old = redis.call('XREVRANGE', key, '(' .. min_ms .. '-0', '-', 'COUNT', 1)
+    if old[1] then
+        removed = old[1][1]
+        redis.call('XTRIM', key, 'MINID', min_ms .. '-0')
+    end
+    if removed then redis.call('XSETID', key, last_id, 'MAXDELETEDID', removed) end
+end
+"""
+
 # Reads one group's history after a position, or says it no longer reaches back. The stream key
 # expires `age` after its last entry, so a missing key means nothing was emitted within `age`.
 # Otherwise entries are gone when the largest deleted id (trimmed by length or age) is past the
 # position, or when the key was recreated after expiring and the position is older than that.
-READ_HISTORY_LUA = """
+READ_HISTORY_LUA = (
+    TRIM_LUA
+    + """
 local origin = redis.call('GET', KEYS[2])
 if origin ~= ARGV[1] then return {'origin', origin or ''} end
 local t = redis.call('TIME')
@@ -186,12 +209,14 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
     if after_ms < now_ms - age_ms then return {'reset', 'older than the history age'} end
     return {'ok', {}}
 end
-redis.call('XTRIM', KEYS[1], 'MINID', tostring(math.max(now_ms - age_ms, 0)))
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local deleted = '0-0'
-for i = 1, #info, 2 do
-    if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+local function field(name)
+    local info = redis.call('XINFO', 'STREAM', KEYS[1])
+    for i = 1, #info, 2 do
+        if info[i] == name then return info[i + 1] end
+    end
 end
+trim(KEYS[1], tonumber(ARGV[5]), math.max(now_ms - age_ms, 0), field('last-generated-id'))
+local deleted = field('max-deleted-entry-id')
 local d_ms, d_seq = string.match(deleted, '(%d+)-(%d+)')
 if deleted ~= '0-0' then
     if before(tonumber(d_ms), tonumber(d_seq)) then return {'reset', 'trimmed past the position'} end
@@ -206,6 +231,7 @@ else
 end
 return {'ok', redis.call('XRANGE', KEYS[1], '(' .. ARGV[2] .. '-' .. ARGV[3], '+', 'COUNT', ARGV[5])}
 """
+)
 
 
 async def read_local(

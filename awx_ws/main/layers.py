@@ -17,15 +17,22 @@ from django.core.exceptions import ImproperlyConfigured
 
 # A blocking client, for emit_channel_notification's sync callers only: emit refuses to run on a
 # thread with a running event loop, so this never blocks a loop.
+from redis import BlockingConnectionPool as SyncBlockingPool
 from redis import Redis as BlockingRedis
+from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.exceptions import NoScriptError, ResponseError
 
 from awx_ws.main.exceptions import redact_url
 from awx_ws.main.fanout import Fanout
-from awx_ws.main.history import ensure_origin, history_policy, origin_key, stream_key
+from awx_ws.main.history import TRIM_LUA, ensure_origin, history_policy, origin_key, stream_key
 from awx_ws.main.liveness import Liveness
 
 logger = logging.getLogger(__name__)
+
+# Connections per Redis host and process, unless the host says "max_connections" (REDIS_MAX_CONNECTIONS).
+DEFAULT_MAX_CONNECTIONS = 50
+# Seconds a caller waits for a free pooled connection before ConnectionError.
+POOL_WAIT = 10.0
 
 # channels_redis's group_send Lua, plus the expiry clean-up it runs as a separate round trip first.
 GROUP_SEND_LUA = """
@@ -49,7 +56,7 @@ return over_capacity
 # One round trip for the common case: read the group and queue the message for every fan-out
 # member (fanout.py reads `fanout.<prefix>` keys itself and needs no __asgi_channel__ list); other
 # members (process-specific channels such as relay consumers) are returned for the standard path.
-GROUP_SEND_FANOUT_LUA = """
+GROUP_SEND_FANOUT_LUA = TRIM_LUA + """
 local blob = ARGV[1]
 local message_id = ''
 if #KEYS == 3 then
@@ -61,8 +68,8 @@ if #KEYS == 3 then
     local message = cmsgpack.unpack(string.sub(blob, plen + 1))
     local t = redis.call('TIME')
     local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    local stream_id = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[7], '*', 't', message['text'])
-    redis.call('XTRIM', KEYS[2], 'MINID', tostring(math.max(now_ms - tonumber(ARGV[8]) * 1000, 0)))
+    local stream_id = redis.call('XADD', KEYS[2], '*', 't', message['text'])
+    trim(KEYS[2], tonumber(ARGV[7]), math.max(now_ms - tonumber(ARGV[8]) * 1000, 0), stream_id)
     redis.call('EXPIRE', KEYS[2], ARGV[9])
     message_id = origin .. ':' .. stream_id
     message['id'] = message_id
@@ -129,6 +136,20 @@ class RedisChannelLayer(core.RedisChannelLayer):
         """A new process-specific channel; the process is marked alive before the name is used."""
         await self.liveness.start()
         return await super().new_channel(prefix)
+
+    def create_pool(self, index: int) -> Any:
+        """A bounded pool per Redis host: at the limit callers wait for a free connection.
+
+        channels_redis's pool opens a connection for every concurrent caller and keeps them all,
+        so a burst of 500 subscribing clients would leave 500 idle connections to Redis.
+        """
+        host = dict(self.hosts[index])
+        address = host.pop("address", None)
+        if address is None:  # sentinels: channels_redis's own pool
+            return super().create_pool(index)
+        host.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
+        host.setdefault("timeout", POOL_WAIT)
+        return AsyncBlockingPool.from_url(address, **host)
 
     def describe_hosts(self) -> str:
         """The Redis addresses of this layer for messages (passwords redacted), naming REDIS_URL."""
@@ -208,7 +229,10 @@ class RedisChannelLayer(core.RedisChannelLayer):
                 if address is None:
                     raise TypeError("sync emit needs Redis hosts given by address (no sentinels)")
                 host.setdefault("socket_timeout", timeout)
-                self._blocking[index] = BlockingRedis.from_url(address, **host)
+                host.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
+                # Threads past the limit wait for a connection (up to the emit timeout) rather than fail.
+                pool = SyncBlockingPool.from_url(address, timeout=timeout, **host)
+                self._blocking[index] = BlockingRedis(connection_pool=pool)
             return self._blocking[index]
 
     @staticmethod

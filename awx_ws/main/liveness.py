@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import RedisUnavailable
+from awx_ws.main.stats import process_stats, stats_key
 
 if TYPE_CHECKING:
     from awx_ws.main.layers import RedisChannelLayer
@@ -139,7 +140,12 @@ class Liveness:
 
     async def _write(self) -> None:
         ttl_ms = int(ws_settings.LIVENESS_TTL * 1000)
-        await self.layer.connection(0).set(self.key, ProcessRecord.current().dumps(), px=ttl_ms)
+        stats = stats_key(self.layer.prefix, self.layer.client_prefix)
+        async with self.layer.connection(0).pipeline(transaction=False) as pipe:
+            pipe.set(self.key, ProcessRecord.current().dumps(), px=ttl_ms)
+            pipe.hset(stats, mapping=process_stats.snapshot(self.layer))
+            pipe.pexpire(stats, ttl_ms)
+            await pipe.execute()
 
     async def _begin(self) -> None:
         await self._write()

@@ -32,6 +32,7 @@ from awx_ws.main.history import (
     format_stream_position,
     parse_stream_position,
 )
+from awx_ws.main.stats import process_stats
 from awx_ws.main.streams import Stream
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def requested_groups(query: dict[str, list[str]], user_id: int) -> protocol.Subs
             raise HttpError(400, f"groups: {name!r} is not <kind>-<item>")
         by_kind.setdefault(kind, []).append(item)
     try:
-        return protocol.parse_subscribe(
-            {"groups": by_kind}, user_id, ws_settings.MAX_GROUPS_PER_CONNECTION
-        )
+        return protocol.parse_subscribe({"groups": by_kind}, user_id, ws_settings.MAX_GROUPS_PER_CONNECTION)
     except protocol.ProtocolError as exc:
         raise HttpError(400, f"groups: {exc}") from exc
 
@@ -108,12 +107,14 @@ class EventStreamApp:
             await send({"type": "http.response.body", "body": body, "more_body": True})
 
         stream = Stream(get_channel_layer(), send_event)
+        process_stats.streams += 1
         try:
             await self._start(send, stream, groups, recover)
             await _until_disconnect(receive, send)
         except (RedisError, OSError) as exc:
             logger.warning("stream of user %s ended, Redis unavailable: %s", user.pk, exc)
         finally:
+            process_stats.streams -= 1
             await stream.leave_all()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

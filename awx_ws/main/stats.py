@@ -1,0 +1,45 @@
+"""What a server process holds right now, published beside its liveness record.
+
+Each daphne process writes these figures to `<prefix>:process-stats:<client prefix>` with every
+liveness heartbeat (liveness.py), so operators and tests can see per process how many sockets,
+streams, groups and asyncio tasks it holds, without attaching to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from awx_ws.main.layers import RedisChannelLayer
+
+
+def stats_key(layer_prefix: str, client_prefix: str) -> str:
+    """Redis hash of one process's figures."""
+    return f"{layer_prefix}:process-stats:{client_prefix}"
+
+
+@dataclass
+class ProcessStats:
+    """Counters of open client connections in this process."""
+
+    websockets: int = 0
+    streams: int = 0
+
+    def snapshot(self, layer: RedisChannelLayer) -> dict[str, str]:
+        """The figures as stored in Redis."""
+        fanout = layer._fanout
+        return {
+            "pid": str(os.getpid()),
+            "websockets": str(self.websockets),
+            "streams": str(self.streams),
+            "groups": str(len(fanout.groups) if fanout is not None else 0),
+            "tasks": str(len(asyncio.all_tasks())),
+            "updated": f"{time.time():.3f}",
+        }
+
+
+process_stats = ProcessStats()
