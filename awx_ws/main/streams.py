@@ -90,8 +90,13 @@ class Stream:
 
     async def fetch(self, recover: dict[str, GroupPosition]) -> dict[str, Replay]:
         """What the cluster holds after each position (a Replay with `reset` where it cannot)."""
-        await wait_until_forwarded(self.layer, set(recover))
-        return await collect_replays(self.layer, recover)
+        unforwarded = await wait_until_forwarded(self.layer, set(recover))
+        replays = await collect_replays(self.layer, recover)
+        for peer, reason in sorted(unforwarded.items()):
+            for replay in replays.values():
+                # Live messages from that peer would not arrive: nothing can be promised.
+                replay.reset = replay.reset or f"peer {peer}: {reason}"
+        return replays
 
     async def replay(self, recover: dict[str, GroupPosition], replays: dict[str, Replay]) -> dict[str, int]:
         """Send the missed messages of each group that can be replayed; {group: messages sent}."""
@@ -135,35 +140,37 @@ class Stream:
         await self.layer.fanout.leave(group, self)
 
 
-async def wait_until_forwarded(layer: RedisChannelLayer, groups: set[str]) -> None:
-    """In a cluster, wait (RECOVER_TIMEOUT at most) until connected peers forward groups here.
+async def wait_until_forwarded(layer: RedisChannelLayer, groups: set[str]) -> dict[str, str]:
+    """In a cluster, wait (RECOVER_TIMEOUT at most) until every peer forwards groups here.
 
     A peer starts forwarding a group when this node's relay tells it the group is wanted; until
-    then a message emitted there reaches neither the live stream nor the history read before it.
+    then a message emitted there reaches neither the live stream nor the history read before
+    it. Returns {peer: why not} for peers that do not forward: a replay cannot be complete.
     """
     from awx_ws.main.relay import STATUS_EVERY, configured_peers, status_key
 
-    peers = configured_peers()
-    if not peers:
-        return
     connection = layer.connection(0)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ws_settings.RECOVER_TIMEOUT
-    waiting = list(peers)
-    while waiting and loop.time() < deadline:
-        still = []
-        for peer in waiting:
+    waiting = {peer: "this node's relay has no link to it" for peer in configured_peers()}
+    failed: dict[str, str] = {}
+    while waiting:
+        for peer in list(waiting):
             state, updated = await connection.hmget(status_key(layer, peer), ["state", "updated"])
-            if state != b"connected" or time.time() - float(updated or 0) > 5 * STATUS_EVERY:
-                continue  # no live link: its history cannot be read either, collect_replays says so
-            confirmed = await connection.smismember(forwarding_key(layer, peer), sorted(groups))
-            if not all(confirmed):
-                still.append(peer)
-        waiting = still
-        if waiting:
-            await asyncio.sleep(0.02)
-    if waiting:
-        logger.warning("peers %s did not confirm forwarding %s in time", ", ".join(waiting), sorted(groups))
+            if state is None or time.time() - float(updated or 0) > 5 * STATUS_EVERY:
+                waiting[peer] = "this node's relay is not running"
+            elif state == b"disconnected":  # down now: no point waiting for it
+                failed[peer] = "relay link is down"
+                del waiting[peer]
+            elif state == b"connected" and all(
+                await connection.smismember(forwarding_key(layer, peer), sorted(groups))
+            ):
+                del waiting[peer]
+        if not waiting or loop.time() >= deadline:
+            break
+        await asyncio.sleep(0.02)
+    failed.update(waiting)
+    return failed
 
 
 async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosition]) -> dict[str, Replay]:

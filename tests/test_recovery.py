@@ -1,0 +1,167 @@
+"""Websocket recovery: ids on request, replay of missed messages, then live; AWX clients unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from awx_ws.main.emit import aemit_channel_notification
+from awx_ws.main.history import GroupPosition
+from tests.client import WsClient, open_ws
+
+
+def topic(label: str) -> str:
+    return f"{label}{time.monotonic_ns()}"
+
+
+async def emit_all(group: str, payloads: list[Any]) -> None:
+    for payload in payloads:
+        await aemit_channel_notification(group, payload)
+
+
+async def subscribe(client: WsClient, item: str, **extra: Any) -> dict[str, Any]:
+    errors, reply = await client.subscribe({"schedules": [item]}, **extra)
+    assert errors == []
+    return reply
+
+
+async def recovery(client: WsClient, count: int) -> tuple[list[Any], dict[str, Any]]:
+    """The payloads of count replayed frames, then the recovery summary."""
+    frames = [await client.recv_json() for _ in range(count)]
+    summary = await client.recv_json()
+    assert "recovered" in summary, summary
+    return [frame["data"] for frame in frames], summary
+
+
+async def test_a_client_asking_for_ids_gets_each_message_with_its_group_and_position(node, auth_headers):
+    item = topic("ids")
+    group = f"schedules-{item}"
+    client = await open_ws(node.url, headers=auth_headers)
+    reply = await subscribe(client, item, ids=True)
+    start = GroupPosition.parse(reply["positions"][group])
+    await aemit_channel_notification(group, {"n": 1})
+    frame = await client.recv_json()
+    assert (frame["group"], frame["data"]) == (group, {"n": 1})
+    position = GroupPosition.parse(frame["id"])
+    assert position.floor == start.floor and len(position.seen) == 1
+    await client.close()
+
+
+async def test_awx_clients_beside_an_ids_client_still_get_bare_payloads(node, auth_headers):
+    item = topic("plain")
+    group = f"schedules-{item}"
+    plain, with_ids = (
+        await open_ws(node.url, headers=auth_headers),
+        await open_ws(node.url, headers=auth_headers),
+    )
+    reply = await subscribe(plain, item)
+    assert set(reply) == {"groups_current", "groups_left", "groups_joined"}  # AWX's reply, as it was
+    await subscribe(with_ids, item, ids=True)
+    await aemit_channel_notification(group, {"n": 1})
+    assert await plain.recv_json() == {"n": 1}
+    assert (await with_ids.recv_json())["data"] == {"n": 1}
+    await plain.close()
+    await with_ids.close()
+
+
+async def test_recover_replays_exactly_the_missed_messages_then_goes_live(node, auth_headers):
+    item = topic("recover")
+    group = f"schedules-{item}"
+    client = await open_ws(node.url, headers=auth_headers)
+    await subscribe(client, item, ids=True)
+    await aemit_channel_notification(group, {"n": 0})
+    last_id = (await client.recv_json())["id"]
+    await client.close()
+
+    await emit_all(group, [{"n": n} for n in range(1, 21)])
+    client = await open_ws(node.url, headers=auth_headers)
+    reply = await subscribe(client, item, recover={group: last_id})
+    assert reply["groups_joined"] == [group]
+    replayed, summary = await recovery(client, 20)
+    assert replayed == [{"n": n} for n in range(1, 21)]
+    assert summary == {"recovered": {group: 20}, "reset": {}, "positions": {}}
+    await aemit_channel_notification(group, {"n": "live"})
+    assert (await client.recv_json())["data"] == {"n": "live"}
+    await client.assert_silent()
+    await client.close()
+
+
+async def test_recover_while_messages_keep_coming_sees_each_once_in_order(node, auth_headers):
+    item = topic("burst")
+    group = f"schedules-{item}"
+    client = await open_ws(node.url, headers=auth_headers)
+    reply = await subscribe(client, item, ids=True)
+    position = reply["positions"][group]
+    await client.close()
+    burst = asyncio.create_task(emit_all(group, [{"n": n} for n in range(300)]))
+    await asyncio.sleep(0.02)  # resume in the middle of the burst
+    client = await open_ws(node.url, headers=auth_headers)
+    await subscribe(client, item, recover={group: position})
+    await burst
+    frames = []
+    while len([f for f in frames if "data" in f]) < 300:
+        frames.append(await client.recv_json())
+    assert [f["data"] for f in frames if "data" in f] == [{"n": n} for n in range(300)]
+    assert sum("recovered" in f for f in frames) == 1  # the summary sits between replay and live
+    await client.assert_silent()
+    await client.close()
+
+
+HISTORY_KINDS = {"control": None, "schedules": {"length": 5, "age": 60}}
+
+
+async def test_recover_past_the_history_says_reset_and_goes_live(daphne_factory, auth_headers):
+    server = daphne_factory({"AWX_WS_HISTORY_KINDS": json.dumps(HISTORY_KINDS)})
+    item = topic("reset")
+    group = f"schedules-{item}"
+    client = await open_ws(server.url, headers=auth_headers)
+    position = (await subscribe(client, item, ids=True))["positions"][group]
+    await client.close()
+    with override_settings(AWX_WS={**settings.AWX_WS, "HISTORY_KINDS": HISTORY_KINDS}):
+        await emit_all(group, [{"n": n} for n in range(8)])  # 0..2 trimmed away
+    client = await open_ws(server.url, headers=auth_headers)
+    await subscribe(client, item, recover={group: position})
+    summary = await client.recv_json()
+    assert summary["recovered"] == {} and summary["reset"] == {group: "trimmed past the position"}
+    assert group in summary["positions"]  # where the client goes on from
+    await aemit_channel_notification(group, {"n": "live"})
+    assert (await client.recv_json())["data"] == {"n": "live"}
+    await client.close()
+
+
+async def test_bad_recover_requests_get_clear_errors(client):
+    item = topic("bad")
+    group = f"schedules-{item}"
+    error = await client.request_error(json.dumps({"groups": {"schedules": [item]}, "recover": {group: "x"}}))
+    assert error.startswith(f"invalid recover entry for '{group}': invalid position 'x'")
+    error = await client.request_error(json.dumps({"groups": {"schedules": [item]}, "recover": []}))
+    assert error == 'recover must be an object of group: "<position>"'
+    errors, reply = await client.subscribe({"schedules": [item]}, recover={"schedules-other": "1"})
+    assert errors == ["recover: schedules-other is not a group this request subscribes to"]
+    errors, reply = await client.subscribe({"schedules": [item]}, recover={group: "1"})
+    assert errors == [f"recover: already subscribed to {group}, nothing was missed"]
+    assert reply["groups_current"] == [group]
+
+
+async def test_switching_to_ids_keeps_the_groups_held(client):
+    item = topic("switch")
+    group = f"schedules-{item}"
+    await subscribe(client, item)
+    await aemit_channel_notification(group, {"n": 1})
+    assert await client.recv_json() == {"n": 1}
+    reply = await subscribe(client, item, ids=True)
+    assert reply["groups_current"] == [group] and reply["groups_joined"] == []
+    await aemit_channel_notification(group, {"n": 2})
+    assert (await client.recv_json())["data"] == {"n": 2}
+    await client.assert_silent()
+
+
+@pytest.fixture
+def auth_headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Token {token}"}
