@@ -16,7 +16,7 @@ export DJANGO_SETTINGS_MODULE := config.settings
 # Debian puts nginx in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: run test bench bootstrap sysdeps lint clean
+.PHONY: run test bench bootstrap sysdeps testdeps lint clean
 
 run: bootstrap
 	mkdir -p $(AWX_WS_VAR)/log $(AWX_WS_VAR)/redis
@@ -27,7 +27,7 @@ run: bootstrap
 	@echo "Starting on http://127.0.0.1:$(AWX_WS_NGINX_PORT)/ (websocket ws://127.0.0.1:$(AWX_WS_NGINX_PORT)/websocket/); Ctrl-C stops it."
 	exec $(VENV)/bin/supervisord -n -c supervisord.conf
 
-test: bootstrap
+test: bootstrap testdeps
 	$(VENV)/bin/pytest
 
 # Benchmark against the Channels tutorial baseline and a no-Django floor (under 10 minutes).
@@ -55,6 +55,16 @@ sysdeps:
 		echo "installing$$need with apt-get"; \
 		$$sudo apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need; \
+	fi
+
+# Debian's chromium for the browser tests; they skip, saying why, where it cannot be installed.
+testdeps:
+	@if ! command -v chromium >/dev/null; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		echo "installing chromium with apt-get"; \
+		( $$sudo apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium ) \
+		|| echo "WARNING: chromium could not be installed; the browser tests will be skipped"; \
 	fi
 
 clean:

@@ -56,6 +56,7 @@ def test_root_lists_the_endpoints():
         "jobs": "http://testserver/api/v2/jobs/",
         "emit": "http://testserver/api/v2/emit/",
         "websocket": "http://testserver/websocket/",
+        "stream": "http://testserver/api/v2/stream/",
     }
 
 

@@ -211,3 +211,17 @@ async def test_a_browser_session_may_stream_but_not_for_a_foreign_origin(node, u
         node.http_url, "jobs-status_changed", headers={**cookie, "Origin": "http://127.0.0.1"}
     ) as stream:
         await stream.wait_ready()
+
+
+async def test_a_client_going_away_through_nginx_is_released_within_a_second(nginx, auth, redis_server):
+    group = f"schedules-{unique('gone')}"
+    redis = Redis.from_url(redis_server.url)
+    async with open_sse(nginx.http_url, group, headers=auth) as stream:
+        await stream.wait_ready()
+        assert await redis.zcard(f"asgi:group:{group}") == 1
+    # Nothing is being sent: nginx passes the disconnect on, daphne reports it, the stream lets go.
+    deadline = time.monotonic() + 1.0
+    while await redis.zcard(f"asgi:group:{group}") and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert await redis.zcard(f"asgi:group:{group}") == 0
+    await redis.aclose()

@@ -63,6 +63,8 @@ class ApiRootView(APIView):
         }
         body = {key: reverse(name, request=request) for key, name in names.items()}
         body["websocket"] = request.build_absolute_uri("/websocket/")
+        # Served by daphne (awx_ws.main.sse), not by this API: nginx routes it there.
+        body["stream"] = request.build_absolute_uri("/api/v2/stream/")
         return Response(body)
 
 

@@ -1,0 +1,87 @@
+"""Chromium's own EventSource against the stream: it reconnects by itself after the server
+drops it, sends Last-Event-ID, and the page sees every message exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from awx_ws.main.emit import aemit_channel_notification
+from tests.factories import adb, session_cookie
+from tests.servers import DaphneNode, Nginx
+
+pytestmark = pytest.mark.slow
+
+PAGE_SCRIPT = """
+(group) => {
+    window.received = [];
+    window.opens = 0;
+    const source = new EventSource("/api/v2/stream/?groups=" + group);
+    source.onopen = () => { window.opens += 1; };
+    source.onmessage = (event) => { window.received.push(JSON.parse(event.data).n); };
+}
+"""
+
+
+async def stream_holder(redis: Redis, servers: list[DaphneNode]) -> DaphneNode:
+    """The daphne process whose figures (stats.py) show the browser's stream."""
+    pids = {server.pid: server for server in servers}
+    for _ in range(100):
+        async for key in redis.scan_iter(match="asgi:process-stats:*"):
+            stats = await redis.hgetall(key)
+            if stats.get(b"streams") == b"1" and int(stats[b"pid"]) in pids:
+                return pids[int(stats[b"pid"])]
+        await asyncio.sleep(0.1)
+    raise AssertionError("no daphne reports the browser's stream")
+
+
+async def page_state(page: Any) -> tuple[list[int], int]:
+    return await page.evaluate("[window.received, window.opens]")
+
+
+async def test_chromium_event_source_resumes_after_the_server_drops_it(
+    browser, daphne_factory, api, user, redis_server, state_dir
+):
+    servers = [daphne_factory(), daphne_factory()]
+    nginx = Nginx(state_dir / f"nginx-browser-{os.getpid()}", [s.port for s in servers], api.port).start()
+    redis = Redis.from_url(redis_server.url)
+    group = f"schedules-browser{time.monotonic_ns()}"
+    try:
+        context = await browser.new_context()
+        cookie = await adb(session_cookie, user)
+        await context.add_cookies([{"name": "awx_sessionid", "value": cookie, "url": nginx.http_url}])
+        page = await context.new_page()
+        await page.goto(f"{nginx.http_url}/api/v2/")
+        await page.evaluate(PAGE_SCRIPT, group)
+        for _ in range(100):  # subscribed: the serving process's fan-out is in the group
+            if await redis.zcard(f"asgi:group:{group}"):
+                break
+            await asyncio.sleep(0.05)
+
+        for n in range(30):
+            await aemit_channel_notification(group, {"n": n})
+        holder = await stream_holder(redis, servers)
+        while len((await page_state(page))[0]) < 30:
+            await asyncio.sleep(0.05)
+        os.kill(holder.pid, signal.SIGKILL)  # the stream drops mid-way
+        for n in range(30, 100):  # ...while messages keep coming
+            await aemit_channel_notification(group, {"n": n})
+            await asyncio.sleep(0.01)
+
+        deadline = time.monotonic() + 20
+        received, opens = await page_state(page)
+        while len(received) < 100 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            received, opens = await page_state(page)
+        assert opens >= 2  # it did reconnect (to the other daphne, through nginx)
+        assert received == list(range(100))  # no gap, no duplicate, in order
+        await context.close()
+    finally:
+        await redis.aclose()
+        nginx.stop()
