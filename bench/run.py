@@ -308,8 +308,11 @@ def idle_rss(kind: str, redis: RedisServer, token: str, counts: list[int]) -> di
     }
 
 
-def emit_cost(redis: RedisServer, calls: int = 2000) -> dict[str, Any]:
-    """Median and p99 of the sync emit, the Redis connections it opened, and what bounds it."""
+def emit_cost(redis: RedisServer, group: str, scenario: str, calls: int = 2000) -> dict[str, Any]:
+    """Median and p99 of the sync emit, the Redis connections it opened, and what bounds it.
+
+    A `jobs` group keeps history (one XADD and trim in the emit's script); `control` keeps none.
+    """
     from redis import Redis
 
     from awx_ws.main.emit import emit_channel_notification
@@ -330,15 +333,15 @@ def emit_cost(redis: RedisServer, calls: int = 2000) -> dict[str, Any]:
         )
 
     before = connections()
-    emit_channel_notification("jobs-emitcost", {"warm": True})
+    emit_channel_notification(group, {"warm": True})
     samples = []
     for n in range(calls):
         t0 = time.perf_counter_ns()
-        emit_channel_notification("jobs-emitcost", {"n": n})
+        emit_channel_notification(group, {"n": n})
         samples.append((time.perf_counter_ns() - t0) / 1000)
     return {
         "kind": "ours",
-        "scenario": "sync emit",
+        "scenario": scenario,
         "median_us": statistics.median(samples),
         "p99_us": percentile(samples, 0.99),
         "redis_connections_opened": connections() - before,
@@ -433,7 +436,8 @@ def main() -> None:
             )
 
         log("emit cost")
-        rows.append(emit_cost(redis))
+        rows.append(emit_cost(redis, "jobs-emitcost", "sync emit"))
+        rows.append(emit_cost(redis, "control-emitcost", "sync emit, no history"))
 
         label = "1000 subs via nginx, 1 vs 2 daphne"
         for daphnes in (1, 2):
@@ -460,10 +464,10 @@ def main() -> None:
     print()
     print(table(rows))
     for r in rows:
-        if r["scenario"] == "sync emit":
+        if r["scenario"].startswith("sync emit"):
             print(
-                f"sync emit: median {r['median_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, Redis connections "
-                f"opened {max(0, r['redis_connections_opened'])} over {r['calls']} calls "
+                f"{r['scenario']}: median {r['median_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, "
+                f"Redis connections opened {max(0, r['redis_connections_opened'])} over {r['calls']} calls "
                 f"(one sync Redis round trip: {r['redis_rtt_median_us']:.0f} µs)"
             )
         if r["scenario"] == "idle sockets":

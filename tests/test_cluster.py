@@ -91,13 +91,12 @@ def relay_status(env: dict[str, str]) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def cluster(state_dir: Path, database: None) -> Iterator[dict[str, Node]]:
-    names = ["A", "B", "C"]
-    ports = free_ports(6)
-    daphne_ports, redis_ports = ports[:3], ports[3:]
+def make_nodes(state_dir: Path, names: list[str], extra_env: dict[str, str] | None = None) -> list[Node]:
+    """Nodes peering with each other, each with its own Redis (started); daphne and relay not yet."""
+    ports = free_ports(2 * len(names))
+    daphne_ports, redis_ports = ports[: len(names)], ports[len(names) :]
     peers = ",".join(f"127.0.0.1:{port}" for port in daphne_ports)
-    nodes: dict[str, Node] = {}
+    nodes = []
     for name, daphne_port, redis_port in zip(names, daphne_ports, redis_ports, strict=True):
         workdir = state_dir / f"cluster-{name}"
         redis = RedisServer(redis_port, workdir).start()
@@ -108,11 +107,20 @@ def cluster(state_dir: Path, database: None) -> Iterator[dict[str, Node]]:
             "BROADCAST_WEBSOCKET_SECRET": SECRET,
             "BROADCAST_WEBSOCKET_SELF": f"127.0.0.1:{daphne_port}",
             "AWX_WS_NODE_NAME": name,
-            # Pings every 5 s (a silent peer dropped within 10 s; the default 10 s gives 20 s), so
-            # the frozen-peer test has room under a loaded CI machine.
-            "BROADCAST_WEBSOCKET_PING_INTERVAL": "5",
+            **(extra_env or {}),
         }
-        nodes[name] = Node(name, env, redis, daphne_port, workdir)
+        nodes.append(Node(name, env, redis, daphne_port, workdir))
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def cluster(state_dir: Path, database: None) -> Iterator[dict[str, Node]]:
+    # Pings every 5 s (a silent peer dropped within 10 s; the default 10 s gives 20 s), so the
+    # frozen-peer test has room under a loaded CI machine.
+    nodes = {
+        node.name: node
+        for node in make_nodes(state_dir, ["A", "B", "C"], {"BROADCAST_WEBSOCKET_PING_INTERVAL": "5"})
+    }
     for node in nodes.values():
         node.start()
     yield nodes

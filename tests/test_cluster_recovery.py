@@ -3,7 +3,6 @@ emitted, the resuming node asks its peer for its part, and nothing is missed or 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,35 +13,20 @@ from redis import Redis as SyncRedis
 
 from awx_ws.main.history import GroupPosition
 from tests.client import WsClient, open_ws
-from tests.servers import RedisServer, free_ports
-from tests.test_cluster import SECRET, Node, members, wait_for
+from tests.test_cluster import Node, make_nodes, members, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def pair(state_dir: Path, database: None) -> Iterator[tuple[Node, Node]]:
-    daphne_ports, redis_ports = free_ports(2), free_ports(2)
-    peers = ",".join(f"127.0.0.1:{port}" for port in daphne_ports)
-    nodes = []
-    for name, daphne_port, redis_port in zip("AB", daphne_ports, redis_ports, strict=True):
-        workdir = state_dir / f"pair-{name}"
-        redis = RedisServer(redis_port, workdir).start()
-        env = {
-            **os.environ,
-            "REDIS_URL": redis.url,
-            "BROADCAST_WEBSOCKET_PEERS": peers,
-            "BROADCAST_WEBSOCKET_SECRET": SECRET,
-            "BROADCAST_WEBSOCKET_SELF": f"127.0.0.1:{daphne_port}",
-            "AWX_WS_NODE_NAME": f"pair-{name}",
-        }
-        nodes.append(Node(name, env, redis, daphne_port, workdir))
-    for node in nodes:
+    a, b = make_nodes(state_dir, ["pairA", "pairB"])
+    for node in (a, b):
         node.start()
-    for node, other in ((nodes[0], nodes[1]), (nodes[1], nodes[0])):
-        wait_connected(node, other)
-    yield nodes[0], nodes[1]
-    for node in nodes:
+    wait_connected(a, b)
+    wait_connected(b, a)
+    yield a, b
+    for node in (a, b):
         node.stop()
         node.redis.stop()
 
@@ -61,6 +45,16 @@ async def connect(node: Node, token: str) -> WsClient:
     return await open_ws(node.url, headers={"Authorization": f"Token {token}"})
 
 
+async def seen_one(node: Node, token: str, item: str) -> str:
+    """Subscribe on node with ids, receive one message emitted there, leave: the position then."""
+    client = await connect(node, token)
+    await client.subscribe({"schedules": [item]}, ids=True)
+    await node.emit(f"schedules-{item}", {"n": 0})
+    position = (await client.recv_json())["id"]
+    await client.close()
+    return position
+
+
 async def data_frames(client: WsClient, count: int) -> list[Any]:
     return [(await client.recv_json())["data"] for _ in range(count)]
 
@@ -70,11 +64,7 @@ async def test_a_client_resumes_on_the_other_node_without_loss_or_duplicates(pai
     item = f"pair{time.monotonic_ns()}"
     group = f"schedules-{item}"
 
-    on_a = await connect(a, token)
-    await on_a.subscribe({"schedules": [item]}, ids=True)
-    await a.emit(group, {"n": 0})
-    last_id = (await on_a.recv_json())["id"]
-    await on_a.close()
+    last_id = await seen_one(a, token, item)
 
     # While the client is away, 30 messages are emitted on A; B holds none of them.
     for n in range(1, 31):
@@ -112,11 +102,7 @@ async def test_a_peer_that_is_down_makes_the_resume_say_reset(pair, token):
     a, b = pair
     item = f"down{time.monotonic_ns()}"
     group = f"schedules-{item}"
-    on_a = await connect(a, token)
-    await on_a.subscribe({"schedules": [item]}, ids=True)
-    await a.emit(group, {"n": 0})
-    last_id = (await on_a.recv_json())["id"]
-    await on_a.close()
+    last_id = await seen_one(a, token, item)
     b.kill()
     try:
         on_a = await connect(a, token)

@@ -3,6 +3,7 @@ nginx, and Ctrl-C stopping everything."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -12,12 +13,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from tests.servers import ROOT, free_ports, port_open
+from tests.sse import open_sse
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +59,16 @@ def read_lines_until(proc: subprocess.Popen[str], pattern: str, timeout: float) 
         else:
             time.sleep(0.05)
     raise AssertionError(f"no line matching {pattern!r} in {lines}")
+
+
+async def stream_while(base_url: str, token: str, action: Callable[[], None]) -> list[Any]:
+    """The first message a stream of jobs-status_changed receives once action has run."""
+    async with open_sse(
+        base_url, "jobs-status_changed", headers={"Authorization": f"Token {token}"}
+    ) as stream:
+        await stream.wait_ready(30)
+        await asyncio.to_thread(action)
+        return await stream.payloads(1, 30)
 
 
 def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
@@ -104,14 +118,20 @@ def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
             read_lines_until(client, r"groups_current", 30)
             stack_env = {**env, "REDIS_URL": f"redis://127.0.0.1:{ports['REDIS']}/0"}
             payload = {"group_name": "jobs", "unified_job_id": 1, "status": "running"}
-            subprocess.run(
-                [sys.executable, "manage.py", "emit", "jobs-status_changed", json.dumps(payload)],
-                cwd=ROOT,
-                env=stack_env,
-                check=True,
-                timeout=60,
-                capture_output=True,
-            )
+
+            def emit() -> None:
+                subprocess.run(
+                    [sys.executable, "manage.py", "emit", "jobs-status_changed", json.dumps(payload)],
+                    cwd=ROOT,
+                    env=stack_env,
+                    check=True,
+                    timeout=60,
+                    capture_output=True,
+                )
+
+            # The README's SSE example: the same message reaches a stream through nginx.
+            streamed = asyncio.run(stream_while(f"http://127.0.0.1:{ports['NGINX']}", token[1], emit))
+            assert streamed == [payload]
             received = read_lines_until(client, r"unified_job_id", 30)
             assert json.loads(received[-1]) == payload
         finally:

@@ -330,7 +330,11 @@ class PeerLink:
         """Record which groups the peer now forwards here (streams.wait_until_forwarded reads it)."""
         key = forwarding_key(self.relay.layer, self.peer)
         connection = self.relay.layer.connection(0)
-        if dropped:
-            await connection.srem(key, *dropped)
-        if forwarding:
-            await connection.sadd(key, *forwarding)
+        try:
+            if dropped:
+                await connection.srem(key, *dropped)
+            if forwarding:
+                await connection.sadd(key, *forwarding)
+        except (RedisError, OSError) as exc:
+            # Resuming clients then wait for it in vain and report a reset: nothing is lost.
+            logger.warning("relay could not record what %s forwards: %s", self.peer, exc)
