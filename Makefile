@@ -19,6 +19,8 @@ export PATH := $(PATH):/usr/sbin:/sbin
 .PHONY: run test bench bootstrap sysdeps testdeps lint clean
 
 run: bootstrap
+	# Metrics files of an earlier run would add up with this one's (prometheus_client multiprocess).
+	rm -rf $(AWX_WS_VAR)/metrics
 	mkdir -p $(AWX_WS_VAR)/log $(AWX_WS_VAR)/redis
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py bootstrap_demo

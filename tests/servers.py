@@ -184,6 +184,7 @@ class Gunicorn(Process):
 
     def __init__(self, workdir: Path, env_extra: dict[str, str] | None = None):
         self.port = free_port()
+        self.http_url = f"http://127.0.0.1:{self.port}"
         argv = [
             sys.executable, "-m", "gunicorn", "config.wsgi:application",
             "-b", f"127.0.0.1:{self.port}", "--workers", "1", "--access-logfile", "-",

@@ -55,6 +55,9 @@ def test_root_lists_the_endpoints():
         "organizations": "http://testserver/api/v2/organizations/",
         "jobs": "http://testserver/api/v2/jobs/",
         "emit": "http://testserver/api/v2/emit/",
+        "ping": "http://testserver/api/v2/ping/",
+        "ready": "http://testserver/api/v2/ready/",
+        "metrics": "http://testserver/api/v2/metrics",
         "websocket": "http://testserver/websocket/",
         "stream": "http://testserver/api/v2/stream/",
     }

@@ -107,6 +107,8 @@ def make_nodes(state_dir: Path, names: list[str], extra_env: dict[str, str] | No
             "BROADCAST_WEBSOCKET_SECRET": SECRET,
             "BROADCAST_WEBSOCKET_SELF": f"127.0.0.1:{daphne_port}",
             "AWX_WS_NODE_NAME": name,
+            # Its own var: metrics, nginx and logs per node, as on separate machines.
+            "AWX_WS_VAR": str(workdir / "var"),
             **(extra_env or {}),
         }
         nodes.append(Node(name, env, redis, daphne_port, workdir))

@@ -17,7 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
-from awx_ws.main import protocol
+from awx_ws.main import metrics, protocol
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.fanout import keep_joined
@@ -40,8 +40,9 @@ class EventConsumer(AsyncWebsocketConsumer):
     subscribed: set[str]
     # daphne's protocol for this socket when awx_ws.server runs us (prepared-frame writes), else None.
     frame_protocol: Any = None
-    # Counted in process_stats once accepted.
+    # Counted in process_stats and the metrics once accepted.
     _counted = False
+    transport = "websocket"
 
     async def connect(self) -> None:
         """Accept an authenticated client (auth.py refused the rest) and greet it as AWX does."""
@@ -53,6 +54,7 @@ class EventConsumer(AsyncWebsocketConsumer):
         await self.accept()
         self._counted = True
         process_stats.websockets += 1
+        metrics.CONNECTIONS.labels("websocket").inc()
         await self.send_json({"accept": True, "user": self.scope["user"].pk})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -62,6 +64,7 @@ class EventConsumer(AsyncWebsocketConsumer):
         finally:
             if self._counted:
                 process_stats.websockets -= 1
+                metrics.CONNECTIONS.labels("websocket").dec()
             await self._leave_all()
 
     async def disconnect(self, code: int) -> None:
@@ -155,6 +158,8 @@ class EventConsumer(AsyncWebsocketConsumer):
                 replays = await stream.fetch(recover)
                 replayed = await stream.replay(recover, replays)
                 resets = {g: r.reset for g, r in replays.items() if r.reset is not None}
+                metrics.REPLAYED.labels("websocket").inc(sum(replayed.values()))
+                metrics.RESETS.labels("websocket").inc(len(resets))
                 await self.send_json(
                     {
                         "recovered": replayed,

@@ -12,6 +12,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import EmitError, RedisUnavailable
 from awx_ws.main.layers import RedisChannelLayer
@@ -50,12 +51,14 @@ async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, st
     try:
         await asyncio.wait_for(layer.group_send(group, message), timeout)
     except (TimeoutError, RedisError, OSError) as exc:
+        metrics.REDIS_ERRORS.labels("emit").inc()
         raise _unavailable(exc, group, layer, timeout) from exc
 
 
 async def aemit_channel_notification(group: str, payload: Any) -> None:
     """Send payload to every subscriber of group; raises EmitError within EMIT_TIMEOUT on failure."""
     await _group_send(get_channel_layer(), group, build_message(group, payload))
+    metrics.EMITTED.labels(metrics.group_kind(group)).inc()
 
 
 def emit_channel_notification(group: str, payload: Any) -> None:
@@ -83,4 +86,6 @@ def emit_channel_notification(group: str, payload: Any) -> None:
     try:
         layer.group_send_blocking(group, message, timeout)
     except (RedisError, OSError) as exc:
+        metrics.REDIS_ERRORS.labels("emit").inc()
         raise _unavailable(exc, group, layer, timeout) from exc
+    metrics.EMITTED.labels(metrics.group_kind(group)).inc()

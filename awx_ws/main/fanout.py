@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from awx_ws.main import metrics
 from awx_ws.main.interest import changes_channel, interest_key
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ class Subscriber(Protocol):
     # daphne's websocket protocol, to write the shared prepared frame to; None to be called on
     # `deliver` instead (SSE streams, clients that want ids, a connection replaying history).
     frame_protocol: Any
+    # "websocket" or "sse", for the metrics.
+    transport: str
 
     async def deliver(self, group: str, text: str, message_id: str | None) -> None:
         """Send one message of group (payload JSON text; its history id, if it has one)."""
@@ -91,6 +94,7 @@ class Fanout:
                 await connection.publish(changes_channel(self.layer.prefix), self.layer.client_prefix)
                 members = self.groups[group] = set()
             members.add(subscriber)
+            metrics.SUBSCRIPTIONS.labels(metrics.group_kind(group)).inc()
 
     async def leave(self, group: str, subscriber: Subscriber) -> None:
         """Stop delivering group's messages to subscriber."""
@@ -99,6 +103,7 @@ class Fanout:
             if members is None or subscriber not in members:
                 return
             members.discard(subscriber)
+            metrics.SUBSCRIPTIONS.labels(metrics.group_kind(group)).dec()
             if members:
                 return
             del self.groups[group]
@@ -144,6 +149,7 @@ class Fanout:
                 raise
             except Exception as exc:
                 failures += 1
+                metrics.REDIS_ERRORS.labels("fanout_receive").inc()
                 if failures == 1 or failures % 100 == 0:
                     logger.warning("fan-out receive on %s failed %d time(s): %s", channel, failures, exc)
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))
@@ -159,6 +165,7 @@ class Fanout:
     async def _deliver(self, members: set[Subscriber], group: str, text: str, message_id: str | None) -> None:
         prepared = None
         fallback = []
+        written = 0
         for subscriber in tuple(members):
             protocol = subscriber.frame_protocol
             if protocol is None:
@@ -168,8 +175,14 @@ class Fanout:
                 if prepared is None:
                     prepared = protocol.factory.prepareMessage(text.encode())
                 protocol.sendPreparedMessage(prepared)
+                written += 1
+        if written:
+            metrics.DELIVERED.labels("websocket").inc(written)
         for subscriber in fallback:
             try:
                 await subscriber.deliver(group, text, message_id)
             except Exception as exc:  # one broken connection must not stop the others
+                metrics.DROPPED.labels("connection_closing").inc()
                 logger.info("delivery to a closing connection failed: %s", exc)
+            else:
+                metrics.DELIVERED.labels(subscriber.transport).inc()

@@ -22,6 +22,7 @@ from redis import Redis as BlockingRedis
 from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.exceptions import NoScriptError, ResponseError
 
+from awx_ws.main import metrics
 from awx_ws.main.exceptions import redact_url
 from awx_ws.main.fanout import Fanout
 from awx_ws.main.history import TRIM_LUA, ensure_origin, history_policy, origin_key, stream_key
@@ -166,6 +167,7 @@ class RedisChannelLayer(core.RedisChannelLayer):
 
     def _report_over_capacity(self, over: int, group: str) -> None:
         if over:
+            metrics.DROPPED.labels("channel_full").inc(over)
             # The same drop channels_redis makes at capacity (see channels_redis#212): say so.
             logger.info("%s channels over capacity in group %s: message dropped for them", over, group)
 
@@ -234,6 +236,10 @@ class RedisChannelLayer(core.RedisChannelLayer):
                 pool = SyncBlockingPool.from_url(address, timeout=timeout, **host)
                 self._blocking[index] = BlockingRedis(connection_pool=pool)
             return self._blocking[index]
+
+    def ping_blocking(self, timeout: float) -> None:
+        """PING the first Redis host from sync code (readiness); raises RedisError when it fails."""
+        self._blocking_client(0, timeout).ping()
 
     @staticmethod
     def _eval_fanout_blocking(connection: BlockingRedis, keys: list[str], args: list[Any]) -> Any:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from redis.exceptions import RedisError
 
+from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import RedisUnavailable
 from awx_ws.main.stats import process_stats, stats_key
@@ -164,6 +165,7 @@ class Liveness:
                 raise
             except Exception as exc:
                 failures += 1
+                metrics.REDIS_ERRORS.labels("liveness").inc()
                 # One line when the trouble starts, then every tenth retry: no log flood.
                 if failures == 1 or failures % 10 == 0:
                     logger.warning("liveness heartbeat %s failed %d time(s): %s", self.key, failures, exc)

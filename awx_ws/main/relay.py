@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from awx_ws.main import peerauth
+from awx_ws.main import metrics, peerauth
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import parse_message_id
@@ -72,9 +72,13 @@ class LinkStatus:
     # (second, count) buckets of the last minute
     _recent: deque[list[int]] = field(default_factory=deque)
 
+    def __post_init__(self) -> None:
+        metrics.RELAY_UP.labels(self.peer).set(0)
+
     def received(self) -> None:
         """Count one message."""
         self.received_total += 1
+        metrics.RELAY_RECEIVED.labels(self.peer).inc()
         now = int(time.time())
         if self._recent and self._recent[-1][0] == now:
             self._recent[-1][1] += 1
@@ -93,6 +97,7 @@ class LinkStatus:
         if state == self.state:
             return False
         self.state, self.since = state, time.time()
+        metrics.RELAY_UP.labels(self.peer).set(1 if state == "connected" else 0)
         return True
 
     def as_mapping(self) -> dict[str, str]:
@@ -246,6 +251,7 @@ class PeerLink:
                     await self.relay.layer.connection(0).delete(forwarding_key(self.relay.layer, self.peer))
                     if connected_once:
                         self.status.reconnects += 1
+                        metrics.RELAY_RECONNECTS.labels(self.peer).inc()
                     connected_once = True
                     self.status.move_to("connected")
                     self.status.last_error = ""
@@ -310,6 +316,7 @@ class PeerLink:
                 parse_message_id(message_id)
         except (ValueError, KeyError, TypeError) as exc:
             self.status.dropped_total += 1
+            metrics.DROPPED.labels("relay_malformed").inc()
             logger.warning("relay link to %s sent a malformed message: %s", self.peer, exc)
             return
         message = {"type": "internal.message", "text": text, "group": group, "relayed": True}
@@ -319,6 +326,8 @@ class PeerLink:
             await self.relay.layer.group_send(group, message)
         except (RedisError, OSError) as exc:
             self.status.dropped_total += 1
+            metrics.DROPPED.labels("relay_inject_failed").inc()
+            metrics.REDIS_ERRORS.labels("relay_inject").inc()
             if self.status.dropped_total == 1 or self.status.dropped_total % 1000 == 0:
                 logger.error(
                     "relay could not inject into local Redis (%d dropped): %s", self.status.dropped_total, exc

@@ -12,6 +12,7 @@ from channels.security.websocket import WebsocketDenier
 from django.urls import re_path
 from redis.exceptions import RedisError
 
+from awx_ws.main import metrics
 from awx_ws.main.auth import PeerAuthMiddleware, WebsocketAuthStack
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.consumers import BroadcastConsumer, EventConsumer
@@ -111,6 +112,9 @@ class AWXProtocolTypeRouter(ProtocolTypeRouter):
                     logger.warning("waiting up to %gs for Redis: %s", wait, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        metrics.PURGED.labels("memberships").inc(report.memberships)
+        metrics.PURGED.labels("queues").inc(report.queues)
+        metrics.PURGED.labels("records").inc(report.records)
         logger.info(
             "start-up purge: removed %d group memberships, %d message queues, %d records "
             "of %d dead processes",

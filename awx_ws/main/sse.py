@@ -22,7 +22,7 @@ from channels.layers import get_channel_layer
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from redis.exceptions import RedisError
 
-from awx_ws.main import protocol
+from awx_ws.main import metrics, protocol
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.auth import authenticate_scope
 from awx_ws.main.conf import ws_settings
@@ -106,15 +106,18 @@ class EventStreamApp:
             body = event_block(format_stream_position(stream.positions), text)
             await send({"type": "http.response.body", "body": body, "more_body": True})
 
-        stream = Stream(get_channel_layer(), send_event)
+        stream = Stream(get_channel_layer(), send_event, transport="sse")
         process_stats.streams += 1
+        metrics.CONNECTIONS.labels("sse").inc()
         try:
             await self._start(send, stream, groups, recover)
             await _until_disconnect(receive, send)
         except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("stream").inc()
             logger.warning("stream of user %s ended, Redis unavailable: %s", user.pk, exc)
         finally:
             process_stats.streams -= 1
+            metrics.CONNECTIONS.labels("sse").dec()
             await stream.leave_all()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -151,12 +154,14 @@ class EventStreamApp:
             if recover:
                 replays = await stream.fetch(recover)
                 resets = {g: r.reset for g, r in replays.items() if r.reset is not None}
+                metrics.RESETS.labels("sse").inc(len(resets))
                 if resets:
                     # First, so the client knows to refetch before anything else arrives.
                     notice = json.dumps({"groups": resets})
                     body = event_block(format_stream_position(stream.positions), notice, "stream-reset")
                     await send({"type": "http.response.body", "body": body, "more_body": True})
-                await stream.replay(recover, replays)
+                replayed = await stream.replay(recover, replays)
+                metrics.REPLAYED.labels("sse").inc(sum(replayed.values()))
         finally:
             await stream.release()
         # An id-only block: sets the browser's last event id without firing an event, so even a

@@ -53,6 +53,8 @@ class Stream:
 
     layer: RedisChannelLayer
     send: Sender
+    # "websocket" or "sse", for the metrics.
+    transport: str = "websocket"
     positions: dict[str, GroupPosition] = field(default_factory=dict)
     # Groups whose live messages are held back while their history is replayed.
     _held: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)

@@ -6,6 +6,8 @@ its organization or superusers.
 
 from __future__ import annotations
 
+import ipaddress
+
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 from rest_framework.request import Request
 from rest_framework.views import APIView
@@ -28,3 +30,29 @@ class CanEmit(BasePermission):
         """Staff or holders of the permission."""
         user = request.user
         return bool(user.is_staff or user.has_perm("main.emit_notification"))
+
+
+def from_loopback(request: Request) -> bool:
+    """True for a request made on this machine, directly or through our nginx.
+
+    nginx connects from 127.0.0.1 and appends the client's address to X-Forwarded-For, so behind
+    it the last entry of that header is the client; a direct request has no header.
+    """
+    addresses = [request.META.get("REMOTE_ADDR", "")]
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+    if forwarded:
+        addresses.append(forwarded.split(",")[-1].strip())
+    try:
+        return all(ipaddress.ip_address(address).is_loopback for address in addresses)
+    except ValueError:
+        return False
+
+
+class IsSuperuserOrLoopback(BasePermission):
+    """Operators' endpoints: superusers from anywhere, anyone from this machine."""
+
+    message = "metrics are for superusers, or for requests from this machine"
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        """Superusers, or loopback requests."""
+        return bool(request.user and request.user.is_superuser) or from_loopback(request)

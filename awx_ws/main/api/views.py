@@ -60,6 +60,9 @@ class ApiRootView(APIView):
             "organizations": "organization-list",
             "jobs": "job-list",
             "emit": "api-emit",
+            "ping": "api-ping",
+            "ready": "api-ready",
+            "metrics": "api-metrics",
         }
         body = {key: reverse(name, request=request) for key, name in names.items()}
         body["websocket"] = request.build_absolute_uri("/websocket/")

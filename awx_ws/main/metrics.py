@@ -1,0 +1,86 @@
+"""Prometheus metrics of every awx_ws process, summed per node by `GET /api/v2/metrics`.
+
+Daphne, the gunicorn workers and the relay are separate processes. prometheus_client's
+multiprocess mode has each of them write its values to files in PROMETHEUS_MULTIPROC_DIR (set by
+config/settings.py, under AWX_WS_VAR); the endpoint reads and sums them. Gauges of live state
+(connections, subscriptions, relay links) count only processes that still run: files of dead
+processes are retired at each scrape, so a daphne killed with -9 does not haunt the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import psutil
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+    multiprocess,
+)
+
+CONNECTIONS = Gauge(
+    "awx_ws_connections",
+    "Open client connections",
+    ["transport"],
+    multiprocess_mode="livesum",
+)
+SUBSCRIPTIONS = Gauge(
+    "awx_ws_subscriptions",
+    "Group subscriptions held by client connections, by group kind",
+    ["kind"],
+    multiprocess_mode="livesum",
+)
+EMITTED = Counter("awx_ws_messages_emitted", "Messages emitted on this node, by group kind", ["kind"])
+DELIVERED = Counter("awx_ws_messages_delivered", "Messages written to client connections", ["transport"])
+DROPPED = Counter("awx_ws_messages_dropped", "Messages dropped, by reason", ["reason"])
+SLOW_CLIENT_CLOSES = Counter(
+    "awx_ws_slow_client_closes", "Client connections closed because they stopped reading"
+)
+REPLAYED = Counter("awx_ws_history_replayed", "Missed messages replayed to resuming clients", ["transport"])
+RESETS = Counter("awx_ws_history_resets", "Groups a resume could not replay (stream-reset)", ["transport"])
+REDIS_ERRORS = Counter("awx_ws_redis_errors", "Failed Redis operations, by what failed", ["operation"])
+PURGED = Counter(
+    "awx_ws_startup_purge_removed", "Stale channel-layer state removed by start-up purges", ["what"]
+)
+RELAY_UP = Gauge(
+    "awx_ws_relay_link_up",
+    "1 while this node's relay link to a peer is connected",
+    ["peer"],
+    multiprocess_mode="livemax",
+)
+RELAY_RECEIVED = Counter("awx_ws_relay_received", "Messages received from a peer's relay link", ["peer"])
+RELAY_RECONNECTS = Counter("awx_ws_relay_reconnects", "Relay links re-established after a loss", ["peer"])
+
+# gauge_livesum_1234.db and the like: files of live-state gauges of one process
+_LIVE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
+
+
+def group_kind(group: str) -> str:
+    """The kind part of a group name (`job_events` of `job_events-42`)."""
+    return group.split("-", 1)[0]
+
+
+def retire_dead_processes(directory: str | Path) -> list[int]:
+    """Drop live-state gauge files of processes that no longer run here; their pids."""
+    dead = set()
+    for name in os.listdir(directory):
+        match = _LIVE_FILE.match(name)
+        if match and not psutil.pid_exists(int(match[1])):
+            dead.add(int(match[1]))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, str(directory))
+    return sorted(dead)
+
+
+def render() -> tuple[bytes, str]:
+    """The node's metrics in Prometheus's text format, and its content type."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    retire_dead_processes(directory)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return generate_latest(registry), CONTENT_TYPE_LATEST

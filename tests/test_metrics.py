@@ -1,0 +1,180 @@
+"""Operators' endpoints: liveness, readiness, and metrics that follow real traffic across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from awx_ws.main.emit import aemit_channel_notification
+from tests.client import open_ws
+from tests.factories import adb, create_token, create_user
+from tests.servers import Gunicorn, free_port
+from tests.sse import open_sse
+from tests.test_cluster_recovery import pair  # noqa: F401 (the 2-node fixture)
+
+Samples = Counter[tuple[str, frozenset[tuple[str, str]]]]
+
+
+async def scrape(base_url: str, headers: dict[str, str] | None = None) -> Samples:
+    """Every sample of GET /api/v2/metrics, keyed by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(f"{base_url}/api/v2/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    samples: Samples = Counter()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+async def test_metrics_follow_connections_subscriptions_and_messages(node, api, token):
+    headers = {"Authorization": f"Token {token}"}
+    item = f"metrics{time.monotonic_ns()}"
+    group = f"schedules-{item}"
+    before = await scrape(api.http_url)
+    sockets = [await open_ws(node.url, headers=headers) for _ in range(3)]
+    for ws in sockets:
+        await ws.subscribe({"schedules": [item]})
+    async with (
+        open_sse(node.http_url, group, headers=headers) as one,
+        open_sse(node.http_url, group, headers=headers) as two,
+    ):
+        await one.wait_ready()
+        await two.wait_ready()
+        during = await scrape(api.http_url)
+        assert moved(before, during, "awx_ws_connections", transport="websocket") == 3
+        assert moved(before, during, "awx_ws_connections", transport="sse") == 2
+        assert moved(before, during, "awx_ws_subscriptions", kind="schedules") == 5
+
+        for n in range(10):
+            await aemit_channel_notification(group, {"n": n})
+        for ws in sockets:
+            assert [(await ws.recv_json())["n"] for _ in range(10)] == list(range(10))
+        assert await one.payloads(10) == await two.payloads(10) == [{"n": n} for n in range(10)]
+        after = await scrape(api.http_url)
+        assert moved(during, after, "awx_ws_messages_emitted_total", kind="schedules") == 10
+        assert moved(during, after, "awx_ws_messages_delivered_total", transport="websocket") == 30
+        assert moved(during, after, "awx_ws_messages_delivered_total", transport="sse") == 20
+    for ws in sockets:
+        await ws.close()
+
+    async def settled() -> Samples:
+        for _ in range(50):
+            samples = await scrape(api.http_url)
+            if value(samples, "awx_ws_subscriptions", kind="schedules") == value(
+                before, "awx_ws_subscriptions", kind="schedules"
+            ):
+                return samples
+            await asyncio.sleep(0.1)
+        return samples
+
+    final = await settled()
+    assert moved(before, final, "awx_ws_connections", transport="websocket") == 0
+    assert moved(before, final, "awx_ws_connections", transport="sse") == 0
+    assert moved(before, final, "awx_ws_subscriptions", kind="schedules") == 0
+
+
+async def test_a_killed_daphne_leaves_the_gauges_and_the_next_start_purges(daphne_factory, api, token):
+    headers = {"Authorization": f"Token {token}"}
+    before = await scrape(api.http_url)
+    doomed = daphne_factory()
+    sockets = [await open_ws(doomed.url, headers=headers) for _ in range(2)]
+    for ws in sockets:
+        await ws.subscribe({"jobs": ["status_changed"]})
+    assert moved(before, await scrape(api.http_url), "awx_ws_connections", transport="websocket") == 2
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.proc.wait(10)
+    for ws in sockets:
+        await ws.close()  # the server is gone: closed at once (1006)
+    after_kill = await scrape(api.http_url)
+    assert moved(before, after_kill, "awx_ws_connections", transport="websocket") == 0
+    # kill -9 left the process's group membership in Redis: the next daphne's start-up purge
+    # removes it and counts it.
+    daphne_factory()
+    after_start = await scrape(api.http_url)
+    assert moved(before, after_start, "awx_ws_startup_purge_removed_total", what="memberships") >= 1
+
+
+async def test_metrics_are_for_superusers_or_this_machine(api, database):
+    foreign = {"X-Forwarded-For": "203.0.113.9"}  # as our nginx passes a remote client on
+    async with httpx.AsyncClient(timeout=10) as http:
+        url = f"{api.http_url}/api/v2/metrics"
+        assert (await http.get(url)).status_code == 200  # loopback
+        assert (await http.get(url, headers=foreign)).status_code == 401
+        member = await adb(create_token, await adb(create_user))
+        refused = await http.get(url, headers={**foreign, "Authorization": f"Token {member}"})
+        assert refused.status_code == 403
+        assert refused.json() == {"detail": "metrics are for superusers, or for requests from this machine"}
+        admin = await adb(create_token, await adb(create_user, superuser=True))
+        assert (
+            await http.get(url, headers={**foreign, "Authorization": f"Token {admin}"})
+        ).status_code == 200
+
+
+async def test_ping_answers_and_ready_names_what_is_down(api, state_dir):
+    async with httpx.AsyncClient(timeout=10) as http:
+        ping = await http.get(f"{api.http_url}/api/v2/ping/")
+        assert ping.status_code == 200 and ping.json()["ping"] == "pong"
+        ready = await http.get(f"{api.http_url}/api/v2/ready/")
+        assert (ready.status_code, ready.json()) == (200, {"redis": "ok", "database": "ok"})
+
+        dead_port = free_port()
+        orphan = Gunicorn(state_dir / "logs", {"REDIS_URL": f"redis://127.0.0.1:{dead_port}/0"}).start()
+        try:
+            assert (await http.get(f"{orphan.http_url}/api/v2/ping/")).status_code == 200
+            not_ready = await http.get(f"{orphan.http_url}/api/v2/ready/")
+        finally:
+            orphan.stop()
+    assert not_ready.status_code == 503
+    body: dict[str, Any] = not_ready.json()
+    assert body["database"] == "ok"
+    assert body["redis"].startswith(f"unreachable at REDIS_URL=redis://127.0.0.1:{dead_port}/0: ")
+
+
+@pytest.mark.slow
+async def test_relay_metrics_show_the_link_and_what_crossed_it(pair, token, state_dir):  # noqa: F811
+    a, b = pair
+    api_a = Gunicorn(state_dir / "logs", a.env).start()
+    try:
+        before = await scrape(api_a.http_url)
+        peer_b = f"127.0.0.1:{b.daphne_port}"
+        assert value(before, "awx_ws_relay_link_up", peer=peer_b) == 1
+        item = f"relayed{time.monotonic_ns()}"
+        on_a = await open_ws(a.url, headers={"Authorization": f"Token {token}"})
+        await on_a.subscribe({"schedules": [item]})
+        for _ in range(100):  # until A's relay has asked B for the group
+            if await members_of(b, f"schedules-{item}"):
+                break
+            await asyncio.sleep(0.05)
+        for n in range(3):
+            await b.emit(f"schedules-{item}", {"n": n})
+        assert [(await on_a.recv_json())["n"] for _ in range(3)] == [0, 1, 2]
+        after = await scrape(api_a.http_url)
+        assert moved(before, after, "awx_ws_relay_received_total", peer=peer_b) == 3
+        await on_a.close()
+    finally:
+        api_a.stop()
+
+
+async def members_of(node: Any, group: str) -> int:
+    from tests.test_cluster import members
+
+    return await members(node, group)
