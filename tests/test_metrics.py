@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from awx_ws.main.emit import aemit_channel_notification
 from tests.client import open_ws
 from tests.factories import adb, create_token, create_user
-from tests.servers import Gunicorn, free_port
+from tests.servers import ROOT, Gunicorn, free_port
 from tests.sse import open_sse
 from tests.test_cluster_recovery import pair  # noqa: F401 (the 2-node fixture)
 
@@ -178,3 +180,46 @@ async def members_of(node: Any, group: str) -> int:
     from tests.test_cluster import members
 
     return await members(node, group)
+
+
+def run_connections(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "manage.py", "connections", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
+async def test_the_connections_command_shows_each_process_and_its_groups(daphne_factory, token):
+    server = daphne_factory()
+    headers = {"Authorization": f"Token {token}"}
+    item = f"cmd{time.monotonic_ns()}"
+    sockets = [await open_ws(server.url, headers=headers) for _ in range(2)]
+    await sockets[0].subscribe({"schedules": [item]})
+    await sockets[1].subscribe({"jobs": ["status_changed"]})
+    async with open_sse(server.http_url, f"schedules-{item}", headers=headers) as stream:
+        await stream.wait_ready()
+        expected = (str(server.pid), "2", "1", "2")
+        for _ in range(50):  # figures come with the next heartbeat (every 2 s in the tests)
+            output = await asyncio.to_thread(run_connections, "--groups")
+            rows = [line.split() for line in output.splitlines() if line.strip()]
+            if any(tuple(row[:4]) == expected for row in rows):
+                break
+            await asyncio.sleep(0.2)
+        assert any(tuple(row[:4]) == expected for row in rows), output
+        assert output.splitlines()[1].split() == [
+            "PID",
+            "WEBSOCKETS",
+            "STREAMS",
+            "GROUPS",
+            "TASKS",
+            "UPDATED",
+        ]
+        assert [f"schedules-{item}", str(server.pid)] in rows
+        assert any(row[0] == "jobs-status_changed" and str(server.pid) in row[1].split(",") for row in rows)
+    for ws in sockets:
+        await ws.close()

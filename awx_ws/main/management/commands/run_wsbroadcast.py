@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.management.tables import ago, format_table
 from awx_ws.main.relay import Relay, configured_peers, status_key
 
 # A status older than this means the relay is not running (it rewrites it every second).
@@ -48,11 +49,6 @@ async def _run_until_signalled(relay: Relay) -> None:
         pass
 
 
-def _ago(stamp: float, now: float) -> str:
-    seconds = max(0, int(now - stamp))
-    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60}m ago"
-
-
 async def status_table(layer: Any) -> str:
     """The relay's links as a table, read from this node's Redis."""
     if not isinstance(layer, RedisChannelLayer):
@@ -79,15 +75,11 @@ async def status_table(layer: Any) -> str:
             (
                 peer,
                 state,
-                _ago(float(row["since"]), now),
+                ago(float(row["since"]), now),
                 row["received_total"],
                 row["received_last_minute"],
                 row["reconnects"],
                 row["last_error"],
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
+    return format_table(lines)
