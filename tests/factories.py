@@ -54,3 +54,12 @@ def session_cookie(user: Any) -> str:
     browser = Client()
     browser.force_login(user)
     return browser.cookies["awx_sessionid"].value
+
+
+def set_login_password(user: Any, password: str) -> None:
+    """A password the servers can check (they use Django's default hashers, not the tests' MD5)."""
+    from django.test import override_settings
+
+    with override_settings(PASSWORD_HASHERS=["django.contrib.auth.hashers.PBKDF2PasswordHasher"]):
+        user.set_password(password)
+        user.save(update_fields=["password"])

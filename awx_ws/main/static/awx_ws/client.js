@@ -1,0 +1,129 @@
+// awx_ws browser client: one websocket, AWX's subscribe protocol, reconnect and recovery.
+//
+//   import { AwxWsClient } from "/static/awx_ws/client.js";
+//   const client = new AwxWsClient({ onState: (state) => ... });
+//   client.subscribe({ jobs: ["status_changed"], job_events: [42] });
+//   client.on("jobs-status_changed", (data) => ...);
+//   client.on("job_events-42", (data) => ..., { onReset: (reason) => refetch() });
+//
+// Authentication: the session cookie with the csrftoken cookie as xrftoken (a logged-in page), or
+// a token (`new AwxWsClient({ token })`, sent as ?token= because browsers cannot set headers on a
+// websocket). The client asks for ids, keeps each group's position, and after a reconnect
+// re-subscribes with `recover`: the server replays what was missed, then live messages follow, so
+// handlers see every message once. When the history cannot reach back the group's onReset is
+// called: the page refetches over the API. Protocol: docs/channels.md.
+
+function cookie(name) {
+  const match = document.cookie.match(new RegExp("(?:^|; )" + name + "=([^;]*)"));
+  return match ? decodeURIComponent(match[1]) : null;
+}
+
+function defaultUrl() {
+  const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${window.location.host}/websocket/`;
+}
+
+function groupNames(groups) {
+  const names = [];
+  for (const [kind, items] of Object.entries(groups)) {
+    for (const item of items) names.push(`${kind}-${item}`);
+  }
+  return names;
+}
+
+export class AwxWsClient {
+  constructor({ url = defaultUrl(), token = null, minDelay = 500, maxDelay = 10000, onState = () => {}, onError = () => {} } = {}) {
+    this.url = token ? `${url}?token=${encodeURIComponent(token)}` : url;
+    this.minDelay = minDelay;
+    this.maxDelay = maxDelay;
+    this.onState = onState;
+    this.onError = onError;
+    this.groups = {};
+    this.handlers = new Map(); // group -> [{ onMessage, onReset }]
+    this.positions = new Map(); // group -> position to recover from
+    this.attempt = 0;
+    this.closed = false;
+    this.state = "idle";
+    this.connect();
+  }
+
+  // Replace the subscription with these groups ({kind: [items]}).
+  subscribe(groups) {
+    this.groups = groups;
+    const wanted = new Set(groupNames(groups));
+    for (const group of [...this.positions.keys()]) {
+      if (!wanted.has(group)) this.positions.delete(group);
+    }
+    if (this.state === "open") this.send({ groups, ids: true });
+  }
+
+  // Call onMessage(data, {group, id}) for each message of group; onReset(reason) when missed
+  // messages cannot be replayed. Returns a function that removes the handler.
+  on(group, onMessage, { onReset = () => {} } = {}) {
+    const entry = { onMessage, onReset };
+    if (!this.handlers.has(group)) this.handlers.set(group, []);
+    this.handlers.get(group).push(entry);
+    return () => this.handlers.set(group, this.handlers.get(group).filter((e) => e !== entry));
+  }
+
+  close() {
+    this.closed = true;
+    if (this.socket) this.socket.close();
+    this.setState("closed");
+  }
+
+  connect() {
+    this.setState(this.attempt === 0 ? "connecting" : "reconnecting");
+    const socket = new WebSocket(this.url);
+    this.socket = socket;
+    socket.onmessage = (event) => this.receive(JSON.parse(event.data));
+    socket.onclose = () => {
+      if (this.socket !== socket || this.closed) return;
+      this.socket = null;
+      this.setState("reconnecting");
+      // Exponential backoff with jitter, so a restarted server is not hit by everyone at once.
+      const delay = Math.min(this.maxDelay, this.minDelay * 2 ** this.attempt) * (0.5 + Math.random() / 2);
+      this.attempt += 1;
+      setTimeout(() => this.connect(), delay);
+    };
+  }
+
+  send(frame) {
+    this.socket.send(JSON.stringify({ ...frame, xrftoken: cookie("csrftoken") }));
+  }
+
+  setState(state) {
+    this.state = state;
+    this.onState(state);
+  }
+
+  receive(frame) {
+    if (frame.accept) {
+      this.attempt = 0;
+      this.setState("open");
+      const recover = {};
+      for (const group of groupNames(this.groups)) {
+        if (this.positions.has(group)) recover[group] = this.positions.get(group);
+      }
+      this.send({ groups: this.groups, ids: true, ...(Object.keys(recover).length ? { recover } : {}) });
+    } else if ("groups_current" in frame) {
+      for (const [group, position] of Object.entries(frame.positions || {})) {
+        if (!this.positions.has(group)) this.positions.set(group, position);
+      }
+    } else if ("recovered" in frame) {
+      for (const [group, position] of Object.entries(frame.positions || {})) {
+        this.positions.set(group, position);
+      }
+      for (const [group, reason] of Object.entries(frame.reset || {})) {
+        for (const handler of this.handlers.get(group) || []) handler.onReset(reason);
+      }
+    } else if ("error" in frame) {
+      this.onError(frame.error);
+    } else if ("group" in frame) {
+      if (frame.id) this.positions.set(frame.group, frame.id);
+      for (const handler of this.handlers.get(frame.group) || []) {
+        handler.onMessage(frame.data, { group: frame.group, id: frame.id });
+      }
+    }
+  }
+}

@@ -1,0 +1,139 @@
+// The live page: jobs with their status as it changes, and a job's event lines as they arrive.
+import { AwxWsClient } from "./client.js";
+
+// Job kind -> the kind of its event group (awx_ws/main/notifications.py).
+const EVENT_KINDS = {
+  job: "job_events",
+  workflow_job: "workflow_events",
+  ad_hoc_command: "ad_hoc_command_events",
+  project_update: "project_update_events",
+  inventory_update: "inventory_update_events",
+  system_job: "system_job_events",
+};
+const STATE_LABELS = { connecting: "connecting…", open: "live", reconnecting: "reconnecting…", closed: "closed" };
+
+const connection = document.getElementById("connection");
+const jobsBody = document.querySelector("#jobs tbody");
+const jobPane = document.getElementById("job-pane");
+const jobTitle = document.getElementById("job-title");
+const eventsBox = document.getElementById("events");
+
+// What tests and curious operators can read: how the page got its lines.
+const live = (window.awxLive = { reconnects: 0, refetches: 0, errors: [] });
+
+const client = new AwxWsClient({
+  onState: (state) => {
+    if (state === "reconnecting" && connection.dataset.state !== "reconnecting") live.reconnects += 1;
+    connection.dataset.state = state;
+    connection.textContent = STATE_LABELS[state] || state;
+  },
+  onError: (error) => live.errors.push(error),
+});
+
+async function api(path) {
+  const response = await fetch(path, { credentials: "same-origin", headers: { Accept: "application/json" } });
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  return response.json();
+}
+
+// --- jobs ---------------------------------------------------------------------------------
+
+const rows = new Map(); // job id -> <tr>
+
+function showJob(job) {
+  let row = rows.get(job.id);
+  if (!row) {
+    row = document.createElement("tr");
+    row.dataset.jobId = job.id;
+    row.innerHTML = '<td class="id"></td><td class="name"></td><td class="kind"></td><td class="status"></td>';
+    row.addEventListener("click", () => openJob(job));
+    rows.set(job.id, row);
+    jobsBody.prepend(row);
+  }
+  row.querySelector(".id").textContent = job.id;
+  row.querySelector(".name").textContent = job.name;
+  row.querySelector(".kind").textContent = job.kind;
+  setStatus(job.id, job.status);
+}
+
+function setStatus(jobId, status) {
+  const cell = rows.get(jobId)?.querySelector(".status");
+  if (!cell) return;
+  cell.textContent = status;
+  cell.dataset.status = status;
+}
+
+client.on("jobs-status_changed", async (data) => {
+  if (rows.has(data.unified_job_id)) setStatus(data.unified_job_id, data.status);
+  else showJob(await api(`/api/v2/jobs/${data.unified_job_id}/`));
+});
+
+async function loadJobs() {
+  let url = "/api/v2/jobs/?page_size=200";
+  const jobs = [];
+  while (url) {
+    const page = await api(url);
+    jobs.push(...page.results);
+    url = page.next;
+  }
+  jobs.sort((a, b) => a.id - b.id).forEach(showJob);
+}
+
+// --- one job's event lines ----------------------------------------------------------------
+
+let current = null; // { job, group, lines: Map(counter -> element), off }
+
+function addLine(event) {
+  if (!current || current.lines.has(event.counter)) return; // the API and the stream may overlap
+  const line = document.createElement("div");
+  line.className = "line";
+  line.dataset.counter = event.counter;
+  line.textContent = event.stdout || event.event;
+  current.lines.set(event.counter, line);
+  // Follow the output while the reader is at its end; leave the scroll alone otherwise.
+  const following = eventsBox.scrollTop + eventsBox.clientHeight >= eventsBox.scrollHeight - 4;
+  // Keep counter order even when an event arrives before an earlier one.
+  const after = [...eventsBox.children].find((el) => Number(el.dataset.counter) > event.counter);
+  eventsBox.insertBefore(line, after || null);
+  if (following) eventsBox.scrollTop = eventsBox.scrollHeight;
+}
+
+async function fetchEvents(after) {
+  const job = current.job;
+  let url = `/api/v2/jobs/${job.id}/job_events/?counter__gt=${after}`;
+  while (url && current?.job === job) {
+    const page = await api(url);
+    page.results.forEach(addLine);
+    url = page.next;
+  }
+}
+
+function lastCounter() {
+  return Math.max(0, ...current.lines.keys());
+}
+
+async function openJob(job) {
+  if (current) current.off();
+  const kind = EVENT_KINDS[job.kind];
+  const group = `${kind}-${job.id}`;
+  current = { job, group, lines: new Map(), off: () => {} };
+  eventsBox.replaceChildren();
+  jobTitle.textContent = `${job.name} (#${job.id})`;
+  jobPane.hidden = false;
+  window.location.hash = `job-${job.id}`;
+  // Subscribe first, then read what is already there: nothing falls in between.
+  current.off = client.on(group, addLine, {
+    onReset: () => {
+      live.refetches += 1;
+      fetchEvents(lastCounter()); // the history could not reach back: ask the API
+    },
+  });
+  client.subscribe({ jobs: ["status_changed"], [kind]: [job.id] });
+  await fetchEvents(0);
+}
+
+client.subscribe({ jobs: ["status_changed"] });
+await loadJobs();
+const wanted = window.location.hash.match(/^#job-(\d+)$/);
+if (wanted) openJob(await api(`/api/v2/jobs/${wanted[1]}/`));
+document.body.dataset.ready = "true";
