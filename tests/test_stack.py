@@ -142,6 +142,14 @@ def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
 
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['NGINX']}/api/", timeout=10) as response:
             assert json.loads(response.read())["websocket"] == "/websocket/"
+        # The live page asks for a login first; its script is served as a static file.
+        front = f"http://127.0.0.1:{ports['NGINX']}"
+        with urllib.request.urlopen(f"{front}/", timeout=10) as response:
+            assert response.url.endswith("/login/?next=/") and b'name="password"' in response.read()
+        with urllib.request.urlopen(f"{front}/static/awx_ws/client.js", timeout=10) as response:
+            assert b"export class AwxWsClient" in response.read()
+        with urllib.request.urlopen(f"{front}/api/v2/ready/", timeout=10) as response:
+            assert json.loads(response.read()) == {"redis": "ok", "database": "ok"}
         for program in ("daphne", "api", "redis", "nginx", "relay", "supervisord"):
             assert (var / "log" / f"{program}.log").exists()
     finally:
