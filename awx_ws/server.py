@@ -18,6 +18,8 @@ from daphne.cli import CommandLineInterface
 from daphne.server import Server as DaphneServer
 from daphne.ws_protocol import WebSocketProtocol as DaphneWebSocketProtocol
 
+from awx_ws.main.backlog import SLOW_CLIENT_CLOSE_CODE, backlog_bytes
+from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 
 logger = logging.getLogger("awx_ws.server")
@@ -82,17 +84,58 @@ def _idle_plain_transport(transport: Any) -> bool:
 
 
 class WebSocketProtocol(DaphneWebSocketProtocol):
-    """daphne's websocket protocol whose writes try the socket before Twisted's write buffer.
+    """daphne's websocket protocol: writes try the socket first, and slow readers are cut off.
 
     Twisted queues every write and registers the socket for writability, which costs two
     epoll_ctl calls and selector bookkeeping per write: about 60 % of daphne's CPU in a profile of
     a 1,000-subscriber fan-out (docs/performance.md). With nothing queued, a non-blocking send()
     now is what Twisted would do one loop turn later; whatever the kernel does not take goes to
     Twisted's buffer as before, so order and back-pressure are unchanged.
+
+    That buffer has no bound: a client that stops reading would grow it with every message it is
+    sent (channels_redis#212, AWX #7720). Past SLOW_CLIENT_MAX_BYTES or SLOW_CLIENT_MAX_MESSAGES
+    waiting, the connection is closed with code 4008; a client that does not read the close frame
+    either is aborted when autobahn's close handshake times out, which frees the buffer.
     """
 
+    # Frames written since the transport last had nothing waiting.
+    _waiting_frames = 0
+    # Set once this connection is being closed for being slow (the close frame is a write too).
+    _cut_off = False
+
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Send frame bytes: straight to the socket when possible, else autobahn's way."""
+        """Send frame bytes (straight to the socket when possible), then check the backlog."""
+        self._send(data, sync, chopsize)
+        if self.state == self.STATE_OPEN:
+            self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        if self._cut_off:
+            return
+        waiting = backlog_bytes(self.transport)
+        if not waiting:
+            self._waiting_frames = 0
+            return
+        self._waiting_frames += 1
+        max_bytes, max_frames = ws_settings.SLOW_CLIENT_MAX_BYTES, ws_settings.SLOW_CLIENT_MAX_MESSAGES
+        if waiting > max_bytes or self._waiting_frames > max_frames:
+            self._cut_off = True
+            # Imported here: prometheus_client must not load before the settings have set
+            # PROMETHEUS_MULTIPROC_DIR, and this module is imported before Django is set up.
+            from awx_ws.main import metrics
+
+            metrics.SLOW_CLIENT_CLOSES.inc()
+            logger.warning(
+                "closing slow client %s: %d bytes in %d messages not taken (limits %d bytes, %d messages)",
+                self.peer,
+                waiting,
+                self._waiting_frames,
+                max_bytes,
+                max_frames,
+            )
+            self.sendClose(code=SLOW_CLIENT_CLOSE_CODE, reason="slow client: messages not read in time")
+
+    def _send(self, data: bytes, sync: bool, chopsize: int | None) -> None:
         transport = self.transport
         if sync or chopsize or self.send_queue or not _idle_plain_transport(transport):
             return super().sendData(data, sync, chopsize)
@@ -117,13 +160,14 @@ class WebSocketProtocol(DaphneWebSocketProtocol):
 class Server(DaphneServer):
     """daphne's Server plus ASGI lifespan around the reactor's run, and a handle on each socket.
 
-    Websocket scopes get `scope["extensions"]["awx_ws.protocol"]`: daphne's protocol object, so
-    the fan-out (awx_ws.main.fanout) can write one prepared frame to many sockets directly.
+    Scopes get `scope["extensions"]["awx_ws.protocol"]`: daphne's protocol object, so the fan-out
+    (awx_ws.main.fanout) can write one prepared frame to many websockets directly, and an SSE
+    stream can see how much its client has not read yet.
     """
 
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> Any:
-        """daphne's, plus the protocol handle in websocket scopes."""
-        if scope.get("type") == "websocket":
+        """daphne's, plus the protocol handle in the scope."""
+        if scope.get("type") in ("websocket", "http"):
             scope.setdefault("extensions", {})["awx_ws.protocol"] = protocol
         return super().create_application(protocol, scope)
 

@@ -219,6 +219,11 @@ AWX_WS: dict[str, Any] = {
     "RECOVER_TIMEOUT": env_float("AWX_WS_RECOVER_TIMEOUT", 5.0),
     "SSE_KEEPALIVE": env_float("AWX_WS_SSE_KEEPALIVE", 15.0),
     "SSE_RETRY": env_float("AWX_WS_SSE_RETRY", 1.0),
+    # Hardening (docs/reliability.md): slow readers, subscribe storms.
+    "SLOW_CLIENT_MAX_BYTES": env_int("AWX_WS_SLOW_CLIENT_MAX_BYTES", 8 * 1024 * 1024),
+    "SLOW_CLIENT_MAX_MESSAGES": env_int("AWX_WS_SLOW_CLIENT_MAX_MESSAGES", 10_000),
+    "SUBSCRIBE_RATE": env_int("AWX_WS_SUBSCRIBE_RATE", 20),
+    "SUBSCRIBE_WINDOW": env_float("AWX_WS_SUBSCRIBE_WINDOW", 10.0),
 }
 
 if AWX_WS["LIVENESS_INTERVAL"] * 2 > AWX_WS["LIVENESS_TTL"]:

@@ -47,6 +47,12 @@ DEFAULTS: dict[str, Any] = {
     "SSE_KEEPALIVE": 15.0,
     # Seconds a browser's EventSource waits before reconnecting (the stream's `retry:`).
     "SSE_RETRY": 1.0,
+    # A websocket whose unread backlog passes either bound is closed with code 4008 (server.py).
+    "SLOW_CLIENT_MAX_BYTES": 8 * 1024 * 1024,
+    "SLOW_CLIENT_MAX_MESSAGES": 10_000,
+    # Subscribe frames one websocket may send per SUBSCRIBE_WINDOW seconds; more get an error.
+    "SUBSCRIBE_RATE": 20,
+    "SUBSCRIBE_WINDOW": 10.0,
     # This node's name in logs and peer headers.
     "NODE_NAME": "awx_ws",
 }

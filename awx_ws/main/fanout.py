@@ -174,7 +174,12 @@ class Fanout:
                 # Frame once, write the same bytes to every socket (autobahn's prepared message).
                 if prepared is None:
                     prepared = protocol.factory.prepareMessage(text.encode())
-                protocol.sendPreparedMessage(prepared)
+                try:
+                    protocol.sendPreparedMessage(prepared)
+                except Exception as exc:  # one broken connection must not stop the others
+                    metrics.DROPPED.labels("connection_closing").inc()
+                    logger.warning("writing to %s failed: %r", getattr(protocol, "peer", "?"), exc)
+                    continue
                 written += 1
         if written:
             metrics.DELIVERED.labels("websocket").inc(written)

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from awx_ws.main import metrics, protocol
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.auth import authenticate_scope
+from awx_ws.main.backlog import backlog_bytes
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.history import (
     GroupPosition,
@@ -101,7 +102,12 @@ class EventStreamApp:
             }
         )
 
+        transport = getattr(scope.get("extensions", {}).get("awx_ws.protocol"), "transport", None)
+
         async def send_event(group: str, text: str, message_id: str | None, position: Any) -> None:
+            if transport is not None and backlog_bytes(transport) > ws_settings.SLOW_CLIENT_MAX_BYTES:
+                _cut_off(transport, user.pk)
+                return
             # The id covers every group of the stream, so a reconnect resumes all of them.
             body = event_block(format_stream_position(stream.positions), text)
             await send({"type": "http.response.body", "body": body, "more_body": True})
@@ -168,6 +174,21 @@ class EventStreamApp:
         # stream that never got a message resumes from here.
         body = f"id: {format_stream_position(stream.positions)}\n\n".encode()
         await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+def _cut_off(transport: Any, user_id: int) -> None:
+    """End a stream whose client stopped reading; daphne then reports the disconnect as usual."""
+    if transport.disconnecting:
+        return
+    metrics.SLOW_CLIENT_CLOSES.inc()
+    logger.warning(
+        "cutting off slow stream of user %s: %d bytes not taken (limit %d)",
+        user_id,
+        backlog_bytes(transport),
+        ws_settings.SLOW_CLIENT_MAX_BYTES,
+    )
+    # Abort, not close: a close would wait to flush what the client is not reading.
+    transport.abortConnection()
 
 
 async def _refuse(send: Any, error: HttpError) -> None:

@@ -1,0 +1,108 @@
+"""A client that stops reading is cut off before it grows the server's memory; others go on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from awx_ws.main.emit import aemit_channel_notification
+from tests.client import open_ws
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = 600
+PAYLOAD = "x" * 64 * 1024  # 600 x 64 KiB: about 38 MiB to each subscriber
+
+
+def slow_closes(log: Path) -> int:
+    return len(re.findall(r"WARNING .* closing slow client", log.read_text()))
+
+
+async def test_a_client_that_stops_reading_is_closed_and_memory_stays_bounded(daphne_factory, token):
+    server = daphne_factory({"AWX_WS_SLOW_CLIENT_MAX_BYTES": str(2 * 1024 * 1024)})
+    headers = {"Authorization": f"Token {token}"}
+    item = f"slow{time.monotonic_ns()}"
+    fast = await open_ws(server.url, headers=headers)
+    await fast.subscribe({"schedules": [item]})
+
+    # The slow client: a tiny receive buffer, and a websocket client that stops reading from the
+    # socket after one unread message.
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow = await connect(f"{server.url}/websocket/", sock=sock, additional_headers=headers, max_queue=1)
+    json.loads(await slow.recv())  # accept
+    await slow.send(json.dumps({"groups": {"schedules": [item]}}))
+    json.loads(await slow.recv())  # groups reply
+
+    daphne = psutil.Process(server.pid)
+    rss_before = daphne.memory_info().rss
+
+    async def read_fast() -> list[int]:
+        return [(await fast.recv_json(10))["n"] for _ in range(MESSAGES)]
+
+    reader = asyncio.create_task(read_fast())
+    for n in range(MESSAGES):
+        await aemit_channel_notification(f"schedules-{item}", {"n": n, "pad": PAYLOAD})
+        await asyncio.sleep(0.002)  # about 32 MiB/s: a reading client keeps up
+    # The fast client gets everything, in order, while the slow one is dealt with.
+    assert await reader == list(range(MESSAGES))
+    rss_growth = daphne.memory_info().rss - rss_before
+    assert slow_closes(server.log) == 1
+    # 38 MiB went to a client that read none of it; the server kept at most ~2 MiB of it.
+    assert rss_growth < 16 * 1024 * 1024, f"daphne grew {rss_growth / 2**20:.1f} MiB"
+
+    # When the slow client reads again it finds the messages it was sent, then the end.
+    got = []
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            got.append(json.loads(await asyncio.wait_for(slow.recv(), 10))["n"])
+    assert got == list(range(len(got))) and len(got) < MESSAGES
+    # 4008 when it reads the close frame in time; otherwise the server aborted the connection.
+    assert closed.value.rcvd is None or closed.value.rcvd.code == 4008
+    await fast.assert_silent()
+    await fast.close()
+
+
+async def test_an_sse_client_that_stops_reading_is_cut_off(daphne_factory, token, redis_server):
+    from redis.asyncio import Redis
+
+    server = daphne_factory({"AWX_WS_SLOW_CLIENT_MAX_BYTES": str(2 * 1024 * 1024)})
+    item = f"slowsse{time.monotonic_ns()}"
+    group = f"schedules-{item}"
+    # A raw HTTP client that sends its request and never reads the response.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, limit=4096, ssl=None)
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.transport.pause_reading()
+    writer.write(
+        f"GET /api/v2/stream/?groups={group} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Token {token}\r\n\r\n".encode()
+    )
+    redis = Redis.from_url(redis_server.url)
+    for _ in range(100):  # subscribed
+        if await redis.zcard(f"asgi:group:{group}"):
+            break
+        await asyncio.sleep(0.05)
+    daphne = psutil.Process(server.pid)
+    rss_before = daphne.memory_info().rss
+    for n in range(MESSAGES):
+        await aemit_channel_notification(group, {"n": n, "pad": PAYLOAD})
+        await asyncio.sleep(0.002)
+    for _ in range(100):  # the stream was cut off and let go of its group
+        if not await redis.zcard(f"asgi:group:{group}"):
+            break
+        await asyncio.sleep(0.05)
+    assert await redis.zcard(f"asgi:group:{group}") == 0
+    assert re.findall(r"WARNING .* cutting off slow stream", server.log.read_text())
+    rss_growth = daphne.memory_info().rss - rss_before
+    assert rss_growth < 16 * 1024 * 1024, f"daphne grew {rss_growth / 2**20:.1f} MiB"
+    writer.close()
+    await redis.aclose()
