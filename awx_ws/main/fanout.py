@@ -81,6 +81,11 @@ class Fanout:
         self._refresher: asyncio.Task[None] | None = None
         self._interest_key = interest_key(layer.prefix, layer.client_prefix)
 
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while group memberships change; other per-client Redis work may share it."""
+        return self._lock
+
     async def join(self, group: str, subscriber: Subscriber) -> None:
         """Deliver group's messages to subscriber from now on."""
         # One change at a time: a group_discard overtaking a later group_add would lose the group.

@@ -86,9 +86,12 @@ class Stream:
         fanout = self.layer.fanout
         for group in sorted(groups):
             await fanout.join(group, self)
-        for group in sorted(groups):
-            # Taken after joining, so nothing between the two is lost to the client.
-            self.positions[group] = await open_position(self.layer, group)
+        # One client's set-up at a time, as the joins above: 500 clients arriving together would
+        # otherwise open as many pooled Redis connections as run at once, and keep them.
+        async with fanout.lock:
+            for group in sorted(groups):
+                # Taken after joining, so nothing between the two is lost to the client.
+                self.positions[group] = await open_position(self.layer, group)
 
     async def fetch(self, recover: dict[str, GroupPosition]) -> dict[str, Replay]:
         """What the cluster holds after each position (a Replay with `reset` where it cannot)."""
