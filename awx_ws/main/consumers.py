@@ -96,7 +96,14 @@ class EventConsumer(AsyncWebsocketConsumer):
             logger.info("refused frame from user %s: %s", self.scope["user"].pk, exc)
             await self.send_json(exc.reply())
             return
-        await self.subscribe(request)
+        try:
+            await self.subscribe(request)
+        except (RedisError, OSError) as exc:
+            # The connection stays; what was joined before the failure stays joined.
+            metrics.REDIS_ERRORS.labels("subscribe").inc()
+            logger.warning("subscribe of user %s failed, Redis unavailable: %s", self.scope["user"].pk, exc)
+            await self.send_json({"error": "subscribe failed: the service cannot reach Redis, try again"})
+            await self.send_json(protocol.groups_reply(self.subscribed, set(), set()))
 
     async def subscribe(self, request: protocol.SubscribeRequest) -> None:
         """Replace the connection's groups with what the request names and the user may read."""

@@ -17,6 +17,8 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from redis.exceptions import RedisError
+
 from awx_ws.main import metrics
 from awx_ws.main.interest import changes_channel, interest_key
 
@@ -80,6 +82,8 @@ class Fanout:
         self._task: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._interest_key = interest_key(layer.prefix, layer.client_prefix)
+        # Groups left while Redis could not be told: their memberships are removed on resync.
+        self._unsynced: set[str] = set()
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -112,11 +116,39 @@ class Fanout:
             if members:
                 return
             del self.groups[group]
-            if self.channel is not None:
+            try:
+                if self.channel is not None:
+                    await self.layer.group_discard(group, self.channel)
+                connection = self.layer.connection(0)
+                await connection.srem(self._interest_key, group)
+                await connection.publish(changes_channel(self.layer.prefix), self.layer.client_prefix)
+            except (RedisError, OSError) as exc:
+                # The client is gone either way; Redis is set right when the fan-out reconnects.
+                self._unsynced.add(group)
+                metrics.REDIS_ERRORS.labels("fanout_leave").inc()
+                logger.warning("could not leave %s in Redis, will on reconnect: %s", group, exc)
+
+    async def resync(self) -> None:
+        """Write this process's memberships and interest to Redis again (after Redis came back).
+
+        A restarted Redis has lost them (the group members, the relay's interest set); a Redis
+        that was only unreachable may still hold groups left meanwhile. Both are made right.
+        """
+        async with self._lock:
+            if self.channel is None:
+                return
+            for group in sorted(self.groups):
+                await self.layer.group_add(group, self.channel)
+            for group in sorted(self._unsynced - set(self.groups)):
                 await self.layer.group_discard(group, self.channel)
-            connection = self.layer.connection(0)
-            await connection.srem(self._interest_key, group)
-            await connection.publish(changes_channel(self.layer.prefix), self.layer.client_prefix)
+            async with self.layer.connection(0).pipeline(transaction=True) as pipe:
+                pipe.delete(self._interest_key)
+                if self.groups:
+                    pipe.sadd(self._interest_key, *sorted(self.groups))
+                pipe.publish(changes_channel(self.layer.prefix), self.layer.client_prefix)
+                await pipe.execute()
+            self._unsynced.clear()
+        logger.info("fan-out %s rejoined %d groups in Redis", self.channel, len(self.groups))
 
     async def _channel(self) -> str:
         if self.channel is None:
@@ -149,6 +181,8 @@ class Fanout:
         failures = 0
         while True:
             try:
+                if failures or self._unsynced:
+                    await self.resync()  # Redis is back, perhaps restarted empty
                 batch = await self._pop(key)
             except asyncio.CancelledError:
                 raise
@@ -159,13 +193,21 @@ class Fanout:
                     logger.warning("fan-out receive on %s failed %d time(s): %s", channel, failures, exc)
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                 continue
+            if failures:
+                logger.info("fan-out receive on %s works again after %d failures", channel, failures)
             failures = 0
             for raw in batch:
-                message = self.layer.deserialize(raw)
-                group = message.get("group", "")
-                members = self.groups.get(group)
-                if members:
-                    await self._deliver(members, group, message["text"], message.get("id"))
+                try:
+                    message = self.layer.deserialize(raw)
+                    group = message.get("group", "")
+                    members = self.groups.get(group)
+                    if members:
+                        await self._deliver(members, group, message["text"], message.get("id"))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # one bad message must not stop delivery of the rest
+                    metrics.DROPPED.labels("undeliverable").inc()
+                    logger.warning("fan-out could not deliver a message on %s: %r", channel, exc)
 
     async def _deliver(self, members: set[Subscriber], group: str, text: str, message_id: str | None) -> None:
         prepared = None

@@ -58,6 +58,8 @@ class Stream:
     positions: dict[str, GroupPosition] = field(default_factory=dict)
     # Groups whose live messages are held back while their history is replayed.
     _held: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
+    # Groups joined on the fan-out (a set-up that failed half-way leaves some: leave_all sees them).
+    _joined: set[str] = field(default_factory=set)
 
     # Subscriber protocol (fanout.py): every message comes through deliver().
     frame_protocol: Any = None
@@ -86,6 +88,7 @@ class Stream:
         fanout = self.layer.fanout
         for group in sorted(groups):
             await fanout.join(group, self)
+            self._joined.add(group)
         # One client's set-up at a time, as the joins above: 500 clients arriving together would
         # otherwise open as many pooled Redis connections as run at once, and keep them.
         async with fanout.lock:
@@ -133,7 +136,7 @@ class Stream:
 
     async def leave_all(self) -> None:
         """Leave every group (whatever happened before)."""
-        groups, self.positions = list(self.positions), {}
+        groups, self._joined, self.positions = sorted(self._joined), set(), {}
         self._held.clear()
         for group in groups:
             await self.layer.fanout.leave(group, self)
@@ -142,6 +145,7 @@ class Stream:
         """Leave one group."""
         self.positions.pop(group, None)
         self._held.pop(group, None)
+        self._joined.discard(group)
         await self.layer.fanout.leave(group, self)
 
 
