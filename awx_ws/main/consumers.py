@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -51,6 +52,11 @@ class EventConsumer(AsyncWebsocketConsumer):
         self.frame_protocol = self.scope.get("extensions", {}).get("awx_ws.protocol")
         # Set once the client asks for ids or recovery; from then on its groups go through it.
         self.stream: Stream | None = None
+        # Subscribe storms: each frame costs a token (AWX_WS SUBSCRIBE_RATE per SUBSCRIBE_WINDOW).
+        self.rate = protocol.RateLimit(
+            ws_settings.SUBSCRIBE_RATE, ws_settings.SUBSCRIBE_WINDOW, time.monotonic()
+        )
+        self._refused_since_log = 0
         await self.accept()
         self._counted = True
         process_stats.websockets += 1
@@ -83,6 +89,14 @@ class EventConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Handle one client frame: validate, check access, replace the subscription set."""
+        if not self.rate.allow(time.monotonic()):
+            # One log line per burst, not one per frame: a flood must not flood the log too.
+            if self._refused_since_log == 0:
+                logger.info("user %s sends frames too fast; refusing them", self.scope["user"].pk)
+            self._refused_since_log += 1
+            await self.send_json({"error": self.rate.error()})
+            return
+        self._refused_since_log = 0
         try:
             message = protocol.decode_frame(text_data, bytes_data, ws_settings.MAX_FRAME_BYTES)
             if self.scope.get("auth") == "session" and not protocol.xrftoken_matches(

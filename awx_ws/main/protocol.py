@@ -186,6 +186,29 @@ def parse_subscribe(message: dict[str, Any], user_id: int, max_groups: int) -> S
     return plan
 
 
+class RateLimit:
+    """At most `limit` events per `window` seconds, refilled continuously (a token bucket)."""
+
+    def __init__(self, limit: int, window: float, now: float) -> None:
+        self.limit = limit
+        self.window = window
+        self.tokens = float(limit)
+        self.stamp = now
+
+    def allow(self, now: float) -> bool:
+        """Take one token if there is one."""
+        self.tokens = min(self.limit, self.tokens + (now - self.stamp) * self.limit / self.window)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def error(self) -> str:
+        """The reply to a refused frame."""
+        return f"too many requests: at most {self.limit} messages per {self.window:g} s, try again later"
+
+
 def groups_reply(current: set[str], left: set[str], joined: set[str]) -> dict[str, list[str]]:
     """AWX's acknowledgement of a subscribe request (sorted, so replies are stable)."""
     return {
