@@ -213,7 +213,7 @@ def emitter(kind: str, redis_url: str):
     return send
 
 
-async def emit_paced(send, plan: list[str], rate: float) -> float:
+async def emit_paced(send, plan: list[str], rate: float, pad: str = "") -> float:
     """Emit one message per group in plan at `rate` per second; returns the start time."""
     start = time.time()
     for index, group in enumerate(plan):
@@ -221,8 +221,66 @@ async def emit_paced(send, plan: list[str], rate: float) -> float:
         delay = due - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        await send(group, {"t": time.time(), "seq": index})
+        payload: dict[str, Any] = {"t": time.time(), "seq": index}
+        if pad:
+            payload["pad"] = pad
+        await send(group, payload)
     return start
+
+
+async def stalled_client(url: str, token: str, group: str) -> Any:
+    """A websocket that subscribes to group and then reads nothing (tiny receive buffer)."""
+    import socket
+
+    from websockets.asyncio.client import connect
+
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ws = await connect(f"{url}/websocket/?token={token}", sock=sock, max_queue=1)
+    await ws.recv()
+    await ws.send(json.dumps({"groups": {"jobs": [group.split("-", 1)[1]]}}))
+    await ws.recv()
+    return ws
+
+
+def slow_client_latency(redis: RedisServer, token: str, messages: int) -> dict[str, Any]:
+    """100 readers and one client that stopped reading, 64 KiB messages at 40/s: what the
+    readers' latency is while the stalled one is cut off (AWX_WS_SLOW_CLIENT_MAX_BYTES)."""
+    group, pad = "jobs-slowbench", "x" * 64 * 1024
+    server = Server("ours", redis)
+    try:
+        load = Clients(server, 100, [group], token, expect=messages, timeout=120)
+        load.wait_ready()
+        cpu0 = server.cpu()
+        rss0 = server.rss()
+
+        async def run() -> None:
+            stalled = await stalled_client(server.url, token, group)
+            await emit_paced(emitter("ours", redis.url), [group] * messages, 40.0, pad)
+            stalled.transport.abort()
+
+        started = time.time()
+        asyncio.run(run())
+        result = load.result("slow client", 100 * messages)
+        wall = time.time() - started
+        cpu, rss_growth = server.cpu() - cpu0, server.rss() - rss0
+        closed = server.processes[0].output().count("closing slow client")
+    finally:
+        server.stop()
+    lat = result["latencies_ms"]
+    return {
+        "kind": "ours",
+        "scenario": "100 readers + 1 stalled, 64 KiB x 40/s",
+        "expected": 100 * messages,
+        "received": result["received"],
+        "deliveries_per_s": result["received"] / wall,
+        "cpu_ms_per_1000": cpu * 1e6 / result["received"] if result["received"] else float("nan"),
+        "p50_ms": percentile(lat, 0.50),
+        "p99_ms": percentile(lat, 0.99),
+        "stalled_closed": closed,
+        "rss_growth_mib": rss_growth / 2**20,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -456,6 +514,9 @@ def main() -> None:
             )
             rows.append(row)
 
+        log("slow client")
+        rows.append(slow_client_latency(redis, token, int(400 * scale) or 80))
+
         log("idle sockets")
         counts = [1000, 5000] if args.quick else [1000, 5000, 10000]
         rows.append(idle_rss("ours", redis, token, counts))
@@ -469,6 +530,11 @@ def main() -> None:
                 f"{r['scenario']}: median {r['median_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, "
                 f"Redis connections opened {max(0, r['redis_connections_opened'])} over {r['calls']} calls "
                 f"(one sync Redis round trip: {r['redis_rtt_median_us']:.0f} µs)"
+            )
+        if "stalled_closed" in r:
+            print(
+                f"{r['scenario']}: readers' p99 {r['p99_ms']:.1f} ms, stalled client closed "
+                f"{r['stalled_closed']} time(s), daphne RSS +{r['rss_growth_mib']:.1f} MiB"
             )
         if r["scenario"] == "idle sockets":
             print(
