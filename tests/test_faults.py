@@ -165,3 +165,62 @@ async def test_nginx_reloaded_with_sockets_open_keeps_them(state_dir, node, api,
         await after.close()
     finally:
         front.stop()
+
+
+async def test_a_nodes_redis_restarted_empty_the_relay_recovers_both_ways(state_dir, token, database):
+    from tests.test_cluster import make_nodes
+    from tests.test_cluster_recovery import wait_connected
+
+    a, b = make_nodes(state_dir, [f"redisA{time.monotonic_ns()}", f"redisB{time.monotonic_ns()}"])
+    for node in (a, b):
+        node.start()
+    try:
+        wait_connected(a, b)
+        wait_connected(b, a)
+        headers = {"Authorization": f"Token {token}"}
+        item = f"relayredis{time.monotonic_ns()}"
+        group = f"schedules-{item}"
+        on_a, on_b = await open_ws(a.url, headers=headers), await open_ws(b.url, headers=headers)
+        await on_a.subscribe({"schedules": [item]})
+        await on_b.subscribe({"schedules": [item]})
+
+        async def crosses(emitter: Any, receiver: WsClient, label: str) -> None:
+            """Emit probes on emitter until receiver gets one of them (bounded)."""
+            for probe in range(150):
+                await emitter.emit(group, {"n": f"{label} {probe}"})
+                try:
+                    while not str((await receiver.recv_json(0.2))["n"]).startswith(label):
+                        pass  # an earlier probe, or one of the other direction
+                    return
+                except TimeoutError:
+                    continue
+            raise AssertionError(f"{label}: nothing crossed in 30 s")
+
+        await crosses(a, on_b, "a->b before")
+        await crosses(b, on_a, "b->a before")
+
+        a.redis.kill()
+        a.redis.start()  # empty: A's memberships, interest and its relay's state are gone
+
+        await crosses(b, on_a, "b->a after")  # A's fan-out rejoined; A's relay reads B again
+        await crosses(a, on_b, "a->b after")  # B's relay reconnected to A and asked again
+        assert a.daphne is not None and a.daphne.proc is not None and a.daphne.proc.poll() is None
+
+        for n in range(10):
+            await a.emit(group, {"n": n})
+            await b.emit(group, {"n": 100 + n})
+        # Each client: its own node's 10 and the other node's 10, each once (order across nodes free).
+        for client in (on_a, on_b):
+            got: list[int] = []
+            while len(got) < 20:
+                frame = await client.recv_json(10)
+                if isinstance(frame["n"], int):
+                    got.append(frame["n"])
+            assert sorted(got) == list(range(10)) + list(range(100, 110))
+            await client.assert_silent(0.5)
+        await on_a.close()
+        await on_b.close()
+    finally:
+        for node in (a, b):
+            node.stop()
+            node.redis.stop()
