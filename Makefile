@@ -16,7 +16,7 @@ export DJANGO_SETTINGS_MODULE := config.settings
 # Debian puts nginx in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: run test bench bootstrap sysdeps testdeps lint clean
+.PHONY: run test test-postgres bench bootstrap sysdeps testdeps lint clean
 
 run: bootstrap
 	# Metrics files of an earlier run would add up with this one's (prometheus_client multiprocess).
@@ -29,8 +29,15 @@ run: bootstrap
 	@echo "Starting on http://127.0.0.1:$(AWX_WS_NGINX_PORT)/ (websocket ws://127.0.0.1:$(AWX_WS_NGINX_PORT)/websocket/); Ctrl-C stops it."
 	exec $(VENV)/bin/supervisord -n -c supervisord.conf
 
+# The whole suite on SQLite (the default), then on PostgreSQL all but the slow scenarios
+# (and those marked postgres: nodes sharing one database).
 test: bootstrap testdeps
 	$(VENV)/bin/pytest
+	AWX_WS_TEST_DATABASE=postgres $(VENV)/bin/pytest -m "not slow or postgres"
+
+# Only the PostgreSQL pass (a throwaway cluster started by the test fixtures on a free port).
+test-postgres: bootstrap testdeps
+	AWX_WS_TEST_DATABASE=postgres $(VENV)/bin/pytest -m "not slow or postgres"
 
 # Benchmark against the Channels tutorial baseline and a no-Django floor (under 10 minutes).
 bench: bootstrap
@@ -59,10 +66,16 @@ sysdeps:
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need; \
 	fi
 
-# Debian's chromium for the browser tests; they skip, saying why, where it cannot be installed.
+# Debian's postgresql for the PostgreSQL pass, and chromium for the browser tests (which skip,
+# saying why, where it cannot be installed).
 testdeps:
-	@if ! command -v chromium >/dev/null; then \
-		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	@sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "installing postgresql with apt-get"; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends postgresql; \
+	fi; \
+	if ! command -v chromium >/dev/null; then \
 		echo "installing chromium with apt-get"; \
 		( $$sudo apt-get update -qq && \
 		  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium ) \

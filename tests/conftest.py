@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -24,13 +25,29 @@ from tests.servers import DaphneNode, Gunicorn, Nginx, Process, RedisServer, fre
 _STATE = Path(tempfile.mkdtemp(prefix="awx_ws-tests-"))
 
 
+# AWX_WS_TEST_DATABASE=postgres runs the suite against a PostgreSQL started here (make test does
+# both); by default the servers share an SQLite file.
+_POSTGRES: list[Any] = []
+
+
+def _database_url() -> str:
+    if os.environ.get("AWX_WS_TEST_DATABASE") != "postgres":
+        return f"sqlite:///{_STATE / 'db.sqlite3'}"
+    from tests.servers import PostgresServer
+
+    # Its own directory: PostgreSQL runs as the postgres user, who cannot enter our 0700 one.
+    server = PostgresServer(free_port(), Path(tempfile.mkdtemp(prefix="awx_ws-pg-"))).start()
+    _POSTGRES.append(server)
+    return server.url
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Settings read the environment at import; the daphne processes the tests start inherit it.
     os.environ.update(
         {
             "DJANGO_SETTINGS_MODULE": "config.settings",
             "AWX_WS_VAR": str(_STATE / "var"),
-            "DATABASE_URL": f"sqlite:///{_STATE / 'db.sqlite3'}",
+            "DATABASE_URL": _database_url(),
             "SECRET_KEY": "tests-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
             "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
             "ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
@@ -49,6 +66,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    for server in _POSTGRES:
+        server.stop(signal.SIGINT)  # PostgreSQL's fast shutdown
+        shutil.rmtree(server.data.parent, ignore_errors=True)
     if os.environ.get("AWX_WS_KEEP_TEST_STATE"):  # server logs, for a failure's post-mortem
         print(f"test state kept in {_STATE}")
         return

@@ -234,3 +234,44 @@ class Nginx(Process):
         super().start()
         self.wait_for_port(self.port)
         return self
+
+
+def postgres_bin(program: str) -> str:
+    """A PostgreSQL server program from Debian's versioned directory (not on PATH)."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{program}"))
+    if not found:
+        raise RuntimeError(f"{program} not found: install Debian's postgresql (make test does)")
+    return str(found[-1])
+
+
+class PostgresServer(Process):
+    """A throwaway PostgreSQL cluster on loopback (initdb into workdir, trust auth).
+
+    PostgreSQL refuses to run as root; as root it runs as the `postgres` user Debian creates.
+    """
+
+    def __init__(self, port: int, workdir: Path):
+        self.port = port
+        self.url = f"postgres://postgres@127.0.0.1:{port}/postgres"
+        self.data = workdir / "pgdata"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(workdir, "postgres")
+        subprocess.run(
+            [*self.as_user, postgres_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        argv = [
+            *self.as_user, postgres_bin("postgres"), "-D", str(self.data), "-p", str(port),
+            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={workdir}",
+            "-c", "max_connections=300", "-c", "fsync=off",
+        ]  # fmt: skip
+        super().__init__(f"postgres:{port}", argv, workdir / f"postgres-{port}.log")
+
+    def start(self) -> PostgresServer:
+        super().start()
+        self.wait_for_port(self.port)
+        return self

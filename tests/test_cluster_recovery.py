@@ -15,7 +15,8 @@ from awx_ws.main.history import GroupPosition
 from tests.client import WsClient, open_ws
 from tests.test_cluster import Node, make_nodes, members, wait_for
 
-pytestmark = pytest.mark.slow
+# Two nodes sharing one database, as AWX nodes do: part of the PostgreSQL pass too.
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 
 @pytest.fixture(scope="module")
