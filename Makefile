@@ -10,6 +10,10 @@ export AWX_WS_REDIS_PORT ?= 6390
 export AWX_WS_DAPHNE_PORT ?= 8051
 export AWX_WS_API_PORT ?= 8050
 export AWX_WS_NGINX_PORT ?= 8013
+# HTTPS/WSS on a second nginx port; without a certificate of yours, a self-signed one in var/tls.
+export AWX_WS_TLS_PORT ?= 8443
+export AWX_WS_TLS_CERT ?= $(AWX_WS_VAR)/tls/cert.pem
+export AWX_WS_TLS_KEY ?= $(AWX_WS_VAR)/tls/key.pem
 export REDIS_URL ?= redis://127.0.0.1:$(AWX_WS_REDIS_PORT)/0
 export AWX_WS_PYTHON := $(PY)
 export DJANGO_SETTINGS_MODULE := config.settings
@@ -24,9 +28,11 @@ run: bootstrap
 	mkdir -p $(AWX_WS_VAR)/log $(AWX_WS_VAR)/redis
 	$(PY) manage.py migrate --noinput -v0
 	$(PY) manage.py bootstrap_demo
+	@[ -f "$(AWX_WS_TLS_CERT)" ] || $(PY) manage.py tls_cert --dir $(AWX_WS_VAR)/tls >/dev/null
 	$(PY) manage.py nginx_conf --prefix $(AWX_WS_VAR)/nginx --listen 127.0.0.1:$(AWX_WS_NGINX_PORT) \
-		--daphne 127.0.0.1:$(AWX_WS_DAPHNE_PORT) --api 127.0.0.1:$(AWX_WS_API_PORT) >/dev/null
-	@echo "Starting on http://127.0.0.1:$(AWX_WS_NGINX_PORT)/ (websocket ws://127.0.0.1:$(AWX_WS_NGINX_PORT)/websocket/); Ctrl-C stops it."
+		--daphne 127.0.0.1:$(AWX_WS_DAPHNE_PORT) --api 127.0.0.1:$(AWX_WS_API_PORT) \
+		--tls-listen 127.0.0.1:$(AWX_WS_TLS_PORT) --cert $(AWX_WS_TLS_CERT) --key $(AWX_WS_TLS_KEY) >/dev/null
+	@echo "Starting on http://127.0.0.1:$(AWX_WS_NGINX_PORT)/ and https://127.0.0.1:$(AWX_WS_TLS_PORT)/ (websocket /websocket/); Ctrl-C stops it."
 	exec $(VENV)/bin/supervisord -n -c supervisord.conf
 
 # The whole suite on SQLite (the default), then on PostgreSQL all but the slow scenarios

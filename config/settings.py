@@ -207,6 +207,10 @@ AWX_WS: dict[str, Any] = {
         "BROADCAST_WEBSOCKET_SELF", f"127.0.0.1:{os.environ.get('AWX_WS_DAPHNE_PORT', '8051')}"
     ),
     "BROADCAST_WEBSOCKET_NONCE_WINDOW": env_float("BROADCAST_WEBSOCKET_NONCE_WINDOW", 300.0),
+    # wss:// peers: certificates verified by default, against this CA bundle or the system's.
+    "BROADCAST_WEBSOCKET_VERIFY_CERT": os.environ.get("BROADCAST_WEBSOCKET_VERIFY_CERT", "true").lower()
+    not in {"0", "false", "no"},
+    "BROADCAST_WEBSOCKET_CA_BUNDLE": os.environ.get("BROADCAST_WEBSOCKET_CA_BUNDLE", ""),
     "BROADCAST_WEBSOCKET_BACKOFF_MAX": env_float("BROADCAST_WEBSOCKET_BACKOFF_MAX", 16.0),
     "BROADCAST_WEBSOCKET_PING_INTERVAL": env_float("BROADCAST_WEBSOCKET_PING_INTERVAL", 10.0),
     "NODE_NAME": os.environ.get("AWX_WS_NODE_NAME", socket.gethostname()),

@@ -209,14 +209,23 @@ class Relay(Process):
 class Nginx(Process):
     """nginx rendered from nginx/nginx.conf.template in front of a daphne and an API port."""
 
-    def __init__(self, prefix: Path, daphne_port: int | list[int], api_port: int):
+    def __init__(
+        self,
+        prefix: Path,
+        daphne_port: int | list[int],
+        api_port: int,
+        tls: tuple[Path, Path] | None = None,
+    ):
         from awx_ws.main.management.commands.nginx_conf import render
 
         self.port = free_port()
         self.http_url = f"http://127.0.0.1:{self.port}"
+        # With tls=(certificate, key): HTTPS/WSS on a second port.
+        self.tls_port = free_port() if tls else None
         ports = [daphne_port] if isinstance(daphne_port, int) else daphne_port
         daphnes = [f"127.0.0.1:{port}" for port in ports]
-        conf = render(prefix, f"127.0.0.1:{self.port}", daphnes, f"127.0.0.1:{api_port}")
+        tls_listen = (f"127.0.0.1:{self.tls_port}", *tls) if tls else None
+        conf = render(prefix, f"127.0.0.1:{self.port}", daphnes, f"127.0.0.1:{api_port}", tls_listen)
         argv = [
             find_program("nginx"),
             "-p",
@@ -233,6 +242,8 @@ class Nginx(Process):
     def start(self) -> Nginx:
         super().start()
         self.wait_for_port(self.port)
+        if self.tls_port:
+            self.wait_for_port(self.tls_port)
         return self
 
 

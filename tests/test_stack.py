@@ -72,7 +72,7 @@ async def stream_while(base_url: str, token: str, action: Callable[[], None]) ->
 
 
 def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
-    ports = dict(zip(("REDIS", "DAPHNE", "API", "NGINX"), free_ports(4), strict=True))
+    ports = dict(zip(("REDIS", "DAPHNE", "API", "NGINX", "TLS"), free_ports(5), strict=True))
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "SECRET_KEY", "REDIS_URL"}}
     env.update({f"AWX_WS_{name}_PORT": str(port) for name, port in ports.items()})
     var = tmp_path / "var"

@@ -28,6 +28,10 @@ DEFAULTS: dict[str, Any] = {
     "BROADCAST_WEBSOCKET_SECRET": "",
     # This node's own entry in BROADCAST_WEBSOCKET_PEERS: never dialled.
     "BROADCAST_WEBSOCKET_SELF": "",
+    # Verify peers' TLS certificates on wss:// links (AWX does not by default; we do)...
+    "BROADCAST_WEBSOCKET_VERIFY_CERT": True,
+    # ...against this CA bundle (a PEM file), or the system's CAs when empty.
+    "BROADCAST_WEBSOCKET_CA_BUNDLE": "",
     # Seconds a peer's nonce may be away from our clock.
     "BROADCAST_WEBSOCKET_NONCE_WINDOW": 300.0,
     # Reconnect backoff: 1 s doubling to this many seconds, with jitter.

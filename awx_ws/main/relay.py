@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -115,8 +116,30 @@ class LinkStatus:
         }
 
 
+def peer_ssl(url: str) -> ssl.SSLContext | None:
+    """The TLS context for a wss:// peer: verified against BROADCAST_WEBSOCKET_CA_BUNDLE (or the
+    system's CAs) unless BROADCAST_WEBSOCKET_VERIFY_CERT is off; None for ws://."""
+    if not url.startswith("wss://"):
+        return None
+    bundle = ws_settings.BROADCAST_WEBSOCKET_CA_BUNDLE or None
+    try:
+        context = ssl.create_default_context(cafile=bundle)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"BROADCAST_WEBSOCKET_CA_BUNDLE={bundle!r} cannot be read: {exc}") from exc
+    if not ws_settings.BROADCAST_WEBSOCKET_VERIFY_CERT:
+        # AWX's default; ours is to verify. Only for peers reached over a network one trusts.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def describe(exc: BaseException) -> str:
     """A one-line reason for a failed or lost link."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate not trusted: {exc.verify_message} (the peer's certificate must be signed "
+            "by a CA in BROADCAST_WEBSOCKET_CA_BUNDLE, or the system's CAs)"
+        )
     if isinstance(exc, InvalidStatus):
         code = exc.response.status_code
         hint = " (check BROADCAST_WEBSOCKET_SECRET)" if code == 403 else ""
@@ -148,6 +171,8 @@ class Relay:
                 "BROADCAST_WEBSOCKET_SECRET is empty: set the same secret on every node to relay "
                 f"to {', '.join(peers)}"
             )
+        for peer in peers:
+            peer_ssl(peer_url(peer))  # a CA bundle that cannot be read stops the relay at once
         return cls(layer, peers, secret, ws_settings.NODE_NAME)
 
     def changed(self) -> asyncio.Event:
@@ -240,6 +265,7 @@ class PeerLink:
                 ping = ws_settings.BROADCAST_WEBSOCKET_PING_INTERVAL
                 async with connect(
                     self.url,
+                    ssl=peer_ssl(self.url),
                     additional_headers=headers,
                     ping_interval=ping,
                     ping_timeout=ping,

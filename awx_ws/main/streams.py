@@ -31,6 +31,7 @@ from websockets.exceptions import WebSocketException
 
 from awx_ws.main import peerauth
 from awx_ws.main.conf import ws_settings
+from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import GroupPosition, Replay, open_position, parse_message_id, read_local
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosi
 
 async def fetch_from_peer(peer: str, recover: dict[str, GroupPosition]) -> dict[str, Any] | str:
     """{group: (origin, Replay)} from one peer's BroadcastConsumer, or why it failed."""
-    from awx_ws.main.relay import peer_url
+    from awx_ws.main.relay import peer_ssl, peer_url
 
     request = {"history": [{"group": g, "position": str(p)} for g, p in sorted(recover.items())]}
     headers = {
@@ -232,10 +233,18 @@ async def fetch_from_peer(peer: str, recover: dict[str, GroupPosition]) -> dict[
     }
     try:
         async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
-            async with connect(peer_url(peer), additional_headers=headers, max_size=2**26) as ws:
+            url = peer_url(peer)
+            async with connect(url, ssl=peer_ssl(url), additional_headers=headers, max_size=2**26) as ws:
                 await ws.send(json.dumps(request))
                 reply = json.loads(await ws.recv())
-    except (OSError, TimeoutError, WebSocketException, peerauth.PeerAuthError, ValueError) as exc:
+    except (
+        OSError,
+        TimeoutError,
+        WebSocketException,
+        peerauth.PeerAuthError,
+        ValueError,
+        StartupError,
+    ) as exc:
         logger.info("history of peer %s unavailable: %s", peer, exc)
         return str(exc) or type(exc).__name__
     results: dict[str, Any] = {}

@@ -7,7 +7,7 @@ from string import Template
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 TEMPLATE = Path(settings.BASE_DIR) / "nginx" / "nginx.conf.template"
 
@@ -18,17 +18,40 @@ class _BracedTemplate(Template):
     pattern = r"\$(?:(?P<escaped>(?!x)x)|(?P<named>(?!x)x)|\{(?P<braced>[a-z_]+)\}|(?P<invalid>(?!x)x))"  # type: ignore[assignment]
 
 
-def render(prefix: Path, listen: str, daphne: str | list[str], api: str) -> Path:
+def tls_lines(listen: str, certificate: Path, key: Path) -> str:
+    """The server block's HTTPS/WSS listener: the same locations on a second port, over TLS."""
+    return "\n        ".join(
+        [
+            f"listen {listen} ssl;",
+            f"ssl_certificate {certificate};",
+            f"ssl_certificate_key {key};",
+            "ssl_protocols TLSv1.2 TLSv1.3;",
+        ]
+    )
+
+
+def render(
+    prefix: Path,
+    listen: str,
+    daphne: str | list[str],
+    api: str,
+    tls: tuple[str, Path, Path] | None = None,
+) -> Path:
     """Write prefix/nginx.conf from the template (creating prefix) and return its path.
 
-    daphne is one address or several (one daphne process per core behind one upstream).
+    daphne is one address or several (one daphne process per core behind one upstream); tls is
+    (listen address, certificate, key) for a second, HTTPS/WSS port.
     """
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "tmp").mkdir(exist_ok=True)
     addresses = [daphne] if isinstance(daphne, str) else daphne
     servers = "\n        ".join(f"server {address};" for address in addresses)
     text = _BracedTemplate(TEMPLATE.read_text()).substitute(
-        prefix=str(prefix), listen=listen, daphne_servers=servers, api=api
+        prefix=str(prefix),
+        listen=listen,
+        daphne_servers=servers,
+        api=api,
+        tls=tls_lines(*tls) if tls else "# no TLS listener (nginx_conf --tls-listen)",
     )
     target = prefix / "nginx.conf"
     target.write_text(text)
@@ -45,8 +68,20 @@ class Command(BaseCommand):
             "--daphne", default="127.0.0.1:8051", help="daphne address, or several separated by commas"
         )
         parser.add_argument("--api", default="127.0.0.1:8050")
+        parser.add_argument("--tls-listen", help="also serve HTTPS/WSS here (needs --cert and --key)")
+        parser.add_argument("--cert", help="PEM certificate (chain) for --tls-listen")
+        parser.add_argument("--key", help="PEM private key for --tls-listen")
 
     def handle(self, *args: Any, **options: Any) -> None:
         daphnes = options["daphne"].split(",")
-        path = render(Path(options["prefix"]).resolve(), options["listen"], daphnes, options["api"])
+        tls = None
+        if options["tls_listen"]:
+            if not options["cert"] or not options["key"]:
+                raise CommandError("--tls-listen needs --cert and --key (AWX_WS_TLS_CERT, AWX_WS_TLS_KEY)")
+            certificate, key = Path(options["cert"]).resolve(), Path(options["key"]).resolve()
+            for path in (certificate, key):
+                if not path.is_file():
+                    raise CommandError(f"TLS file {path} does not exist")
+            tls = (options["tls_listen"], certificate, key)
+        path = render(Path(options["prefix"]).resolve(), options["listen"], daphnes, options["api"], tls)
         self.stdout.write(str(path))
