@@ -12,8 +12,9 @@ export AWX_WS_API_PORT ?= 8050
 export AWX_WS_NGINX_PORT ?= 8013
 # HTTPS/WSS on a second nginx port; without a certificate of yours, a self-signed one in var/tls.
 export AWX_WS_TLS_PORT ?= 8443
-export AWX_WS_TLS_CERT ?= $(AWX_WS_VAR)/tls/cert.pem
-export AWX_WS_TLS_KEY ?= $(AWX_WS_VAR)/tls/key.pem
+# (Not exported: a stack started by the tests gets its own var/, so its own default.)
+AWX_WS_TLS_CERT ?= $(AWX_WS_VAR)/tls/cert.pem
+AWX_WS_TLS_KEY ?= $(AWX_WS_VAR)/tls/key.pem
 export REDIS_URL ?= redis://127.0.0.1:$(AWX_WS_REDIS_PORT)/0
 export AWX_WS_PYTHON := $(PY)
 export DJANGO_SETTINGS_MODULE := config.settings

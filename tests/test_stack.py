@@ -4,10 +4,12 @@ nginx, and Ctrl-C stopping everything."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -73,7 +75,8 @@ async def stream_while(base_url: str, token: str, action: Callable[[], None]) ->
 
 def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
     ports = dict(zip(("REDIS", "DAPHNE", "API", "NGINX", "TLS"), free_ports(5), strict=True))
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "SECRET_KEY", "REDIS_URL"}}
+    own = {"DATABASE_URL", "SECRET_KEY", "REDIS_URL", "AWX_WS_TLS_CERT", "AWX_WS_TLS_KEY"}
+    env = {k: v for k, v in os.environ.items() if k not in own}
     env.update({f"AWX_WS_{name}_PORT": str(port) for name, port in ports.items()})
     var = tmp_path / "var"
     env["AWX_WS_VAR"] = str(var)
@@ -150,11 +153,17 @@ def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
             assert b"export class AwxWsClient" in response.read()
         with urllib.request.urlopen(f"{front}/api/v2/ready/", timeout=10) as response:
             assert json.loads(response.read()) == {"redis": "ok", "database": "ok"}
+        # HTTPS on the second port, with the self-signed certificate make run wrote to var/tls/.
+        trusting = ssl.create_default_context(cafile=str(var / "tls" / "cert.pem"))
+        secure = f"https://127.0.0.1:{ports['TLS']}/api/v2/ping/"
+        with urllib.request.urlopen(secure, timeout=10, context=trusting) as response:
+            assert json.loads(response.read())["ping"] == "pong"
         for program in ("daphne", "api", "redis", "nginx", "relay", "supervisord"):
             assert (var / "log" / f"{program}.log").exists()
     finally:
         # Ctrl-C in a terminal signals the whole foreground process group.
-        os.killpg(stack.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # already gone if make run failed
+            os.killpg(stack.pid, signal.SIGINT)
         try:
             stack.wait(60)
         except subprocess.TimeoutExpired:

@@ -83,7 +83,8 @@ class EventConsumer(AsyncWebsocketConsumer):
         stream = getattr(self, "stream", None)
         if stream is not None:
             await stream.leave_all()
-            return
+        # Also as ourselves (a no-op for groups the stream took over): a switch to the stream
+        # that failed half-way may have left some.
         for group in held:
             await self.fanout.leave(group, self)
 
@@ -147,11 +148,13 @@ class EventConsumer(AsyncWebsocketConsumer):
         if request.ids and self.stream is None:
             await self._use_stream(self.subscribed - left)
         if self.stream is None:
+            # One group at a time, so a failure half-way leaves `subscribed` true to the fan-out.
             for group in left:
                 await self.fanout.leave(group, self)
+                self.subscribed.discard(group)
             for group in joined:
                 await self.fanout.join(group, self)
-            self.subscribed = wanted
+                self.subscribed.add(group)
             await self.send_json(protocol.groups_reply(self.subscribed, left, joined))
             return
         await self._subscribe_stream(self.stream, left, joined, recover)
