@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 _TOKEN_SCHEMES = (b"token", b"bearer")
 
 
-def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+def header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    """The first value of an HTTP header in an ASGI scope (name in lower case), or None."""
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return bytes(value)
@@ -40,7 +41,7 @@ def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
 
 def token_from_scope(scope: dict[str, Any]) -> str | None:
     """The API token a client presented: Authorization header, ?token=, or the token cookie."""
-    authorization = _header(scope, b"authorization")
+    authorization = header(scope, b"authorization")
     if authorization:
         scheme, _, key = authorization.partition(b" ")
         if scheme.lower() in _TOKEN_SCHEMES and key.strip():
@@ -57,7 +58,7 @@ def token_from_scope(scope: dict[str, Any]) -> str | None:
 
 def origin_allowed(scope: dict[str, Any]) -> bool:
     """True if the Origin header names one of ALLOWED_HOSTS (cross-site websocket hijacking guard)."""
-    origin = _header(scope, b"origin")
+    origin = header(scope, b"origin")
     if not origin:
         return False
     parts = urlsplit(origin.decode("latin-1"))
@@ -119,11 +120,11 @@ async def authenticate_scope(scope: dict[str, Any], require_origin: bool) -> tup
     if isinstance(user, AnonymousUser) or not user.is_active:
         logger.info("%s refused: no credentials from %s", scope["type"], client)
         return None, None
-    if (require_origin or _header(scope, b"origin") is not None) and not origin_allowed(scope):
+    if (require_origin or header(scope, b"origin") is not None) and not origin_allowed(scope):
         logger.warning(
             "%s refused: session cookie with foreign or missing Origin %r from %s",
             scope["type"],
-            _header(scope, b"origin"),
+            header(scope, b"origin"),
             client,
         )
         return None, None
@@ -140,10 +141,10 @@ class PeerAuthMiddleware:
         self, scope: dict[str, Any], receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> Any:
         """Verify the secret header and the nonce's freshness, then hand over to the consumer."""
-        header = _header(scope, peerauth.HEADER.encode())
+        secret = header(scope, peerauth.HEADER.encode())
         try:
             nonce = peerauth.verify(
-                header.decode("latin-1") if header else None,
+                secret.decode("latin-1") if secret else None,
                 ws_settings.BROADCAST_WEBSOCKET_SECRET,
                 ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW,
             )
@@ -151,7 +152,7 @@ class PeerAuthMiddleware:
         except peerauth.PeerAuthError as exc:
             logger.warning("peer relay refused from %s: %s", scope.get("client"), exc)
             return await WebsocketDenier()(scope, receive, send)
-        peer = _header(scope, b"x-awx-ws-node")
+        peer = header(scope, b"x-awx-ws-node")
         scope = dict(scope, peer=peer.decode("latin-1") if peer else str(scope.get("client")))
         return await self.inner(scope, receive, send)
 

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main import metrics, protocol
 from awx_ws.main.access import readable_job_ids
-from awx_ws.main.auth import authenticate_scope
+from awx_ws.main.auth import authenticate_scope, header
 from awx_ws.main.backlog import backlog_bytes
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.history import (
@@ -62,13 +62,6 @@ def requested_groups(query: dict[str, list[str]], user_id: int) -> protocol.Subs
         return protocol.parse_subscribe({"groups": by_kind}, user_id, ws_settings.MAX_GROUPS_PER_CONNECTION)
     except protocol.ProtocolError as exc:
         raise HttpError(400, f"groups: {exc}") from exc
-
-
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 def event_block(position: str, text: str, event: str | None = None) -> bytes:
@@ -143,7 +136,8 @@ class EventStreamApp:
             denied.extend(protocol.denied_object_error(kind, i) for i in sorted(ids) if i not in allowed)
         if denied:
             raise HttpError(403, "; ".join(denied))
-        last_event_id = _header(scope, b"last-event-id") or (query.get("last_event_id") or [""])[0]
+        raw_id = header(scope, b"last-event-id")
+        last_event_id = raw_id.decode("latin-1") if raw_id else (query.get("last_event_id") or [""])[0]
         try:
             positions = parse_stream_position(last_event_id) if last_event_id else {}
         except PositionError as exc:
