@@ -19,6 +19,7 @@ from tests.client import open_ws
 from tests.factories import adb, create_token, create_user
 from tests.servers import ROOT, Gunicorn, free_port
 from tests.sse import open_sse
+from tests.test_cluster import members
 from tests.test_cluster_recovery import pair  # noqa: F401 (the 2-node fixture)
 
 Samples = Counter[tuple[str, frozenset[tuple[str, str]]]]
@@ -163,7 +164,7 @@ async def test_relay_metrics_show_the_link_and_what_crossed_it(pair, token, stat
         on_a = await open_ws(a.url, headers={"Authorization": f"Token {token}"})
         await on_a.subscribe({"schedules": [item]})
         for _ in range(100):  # until A's relay has asked B for the group
-            if await members_of(b, f"schedules-{item}"):
+            if await members(b, f"schedules-{item}"):
                 break
             await asyncio.sleep(0.05)
         for n in range(3):
@@ -174,12 +175,6 @@ async def test_relay_metrics_show_the_link_and_what_crossed_it(pair, token, stat
         await on_a.close()
     finally:
         api_a.stop()
-
-
-async def members_of(node: Any, group: str) -> int:
-    from tests.test_cluster import members
-
-    return await members(node, group)
 
 
 def run_connections(*args: str) -> str:

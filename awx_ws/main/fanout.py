@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -212,7 +213,9 @@ class Fanout:
     async def _deliver(self, members: set[Subscriber], group: str, text: str, message_id: str | None) -> None:
         prepared = None
         fallback = []
-        written = 0
+        # Deliveries per transport, counted once per message: a metrics write per socket would
+        # cost a locked file write each (prometheus_client's multiprocess mode).
+        delivered: Counter[str] = Counter()
         for subscriber in tuple(members):
             protocol = subscriber.frame_protocol
             if protocol is None:
@@ -224,17 +227,20 @@ class Fanout:
                 try:
                     protocol.sendPreparedMessage(prepared)
                 except Exception as exc:  # one broken connection must not stop the others
-                    metrics.DROPPED.labels("connection_closing").inc()
+                    delivered["dropped"] += 1
                     logger.warning("writing to %s failed: %r", getattr(protocol, "peer", "?"), exc)
                     continue
-                written += 1
-        if written:
-            metrics.DELIVERED.labels("websocket").inc(written)
+                delivered["websocket"] += 1
         for subscriber in fallback:
             try:
                 await subscriber.deliver(group, text, message_id)
             except Exception as exc:  # one broken connection must not stop the others
-                metrics.DROPPED.labels("connection_closing").inc()
+                delivered["dropped"] += 1
                 logger.info("delivery to a closing connection failed: %s", exc)
             else:
-                metrics.DELIVERED.labels(subscriber.transport).inc()
+                delivered[subscriber.transport] += 1
+        dropped = delivered.pop("dropped", 0)
+        if dropped:
+            metrics.DROPPED.labels("connection_closing").inc(dropped)
+        for transport, count in delivered.items():
+            metrics.DELIVERED.labels(transport).inc(count)

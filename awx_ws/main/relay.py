@@ -30,7 +30,6 @@ from awx_ws.main.history import parse_message_id
 from awx_ws.main.interest import changes_channel, node_interest
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.protocol import validate_group_name
-from awx_ws.main.streams import forwarding_key
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +51,16 @@ def configured_peers() -> list[str]:
     """BROADCAST_WEBSOCKET_PEERS without this node's own entry (BROADCAST_WEBSOCKET_SELF)."""
     own = ws_settings.BROADCAST_WEBSOCKET_SELF
     return [peer for peer in ws_settings.BROADCAST_WEBSOCKET_PEERS if peer != own]
+
+
+def forwarding_key(layer: RedisChannelLayer, peer: str) -> str:
+    """Redis set of the groups a peer has confirmed it forwards to this node (resumes wait on it)."""
+    return f"{layer.prefix}:relay-forwarding:{peer}"
+
+
+def peer_headers(secret: str, node: str) -> dict[str, str]:
+    """What a connection to a peer's /websocket/broadcast/ presents: the HMAC and our node name."""
+    return {peerauth.HEADER: peerauth.sign(secret), "x-awx-ws-node": node}
 
 
 def status_key(layer: RedisChannelLayer, peer: str) -> str:
@@ -258,10 +267,7 @@ class PeerLink:
             self.status.move_to("connecting")
             started = None
             try:
-                headers = {
-                    peerauth.HEADER: peerauth.sign(self.relay.secret),
-                    "x-awx-ws-node": self.relay.node,
-                }
+                headers = peer_headers(self.relay.secret, self.relay.node)
                 ping = ws_settings.BROADCAST_WEBSOCKET_PING_INTERVAL
                 async with connect(
                     self.url,

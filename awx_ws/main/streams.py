@@ -33,6 +33,15 @@ from awx_ws.main import peerauth
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import GroupPosition, Replay, open_position, parse_message_id, read_local
+from awx_ws.main.relay import (
+    STATUS_EVERY,
+    configured_peers,
+    forwarding_key,
+    peer_headers,
+    peer_ssl,
+    peer_url,
+    status_key,
+)
 
 if TYPE_CHECKING:
     from awx_ws.main.layers import RedisChannelLayer
@@ -41,11 +50,6 @@ logger = logging.getLogger(__name__)
 
 # (group, payload JSON text, message id or None, the group's position after it or None)
 Sender = Callable[[str, str, str | None, GroupPosition | None], Awaitable[None]]
-
-
-def forwarding_key(layer: RedisChannelLayer, peer: str) -> str:
-    """Redis set of the groups a peer has confirmed it forwards to this node (relay.py keeps it)."""
-    return f"{layer.prefix}:relay-forwarding:{peer}"
 
 
 @dataclass(eq=False)  # identity: the fan-out keeps subscribers in sets
@@ -157,8 +161,6 @@ async def wait_until_forwarded(layer: RedisChannelLayer, groups: set[str]) -> di
     then a message emitted there reaches neither the live stream nor the history read before
     it. Returns {peer: why not} for peers that do not forward: a replay cannot be complete.
     """
-    from awx_ws.main.relay import STATUS_EVERY, configured_peers, status_key
-
     connection = layer.connection(0)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ws_settings.RECOVER_TIMEOUT
@@ -185,8 +187,6 @@ async def wait_until_forwarded(layer: RedisChannelLayer, groups: set[str]) -> di
 
 async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosition]) -> dict[str, Replay]:
     """What every node of the cluster holds after each position, merged in time order."""
-    from awx_ws.main.relay import configured_peers
-
     merged = {group: Replay() for group in recover}
     answered: dict[str, set[str]] = {group: set() for group in recover}
 
@@ -224,13 +224,8 @@ async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosi
 
 async def fetch_from_peer(peer: str, recover: dict[str, GroupPosition]) -> dict[str, Any] | str:
     """{group: (origin, Replay)} from one peer's BroadcastConsumer, or why it failed."""
-    from awx_ws.main.relay import peer_ssl, peer_url
-
     request = {"history": [{"group": g, "position": str(p)} for g, p in sorted(recover.items())]}
-    headers = {
-        peerauth.HEADER: peerauth.sign(ws_settings.BROADCAST_WEBSOCKET_SECRET),
-        "x-awx-ws-node": ws_settings.NODE_NAME,
-    }
+    headers = peer_headers(ws_settings.BROADCAST_WEBSOCKET_SECRET, ws_settings.NODE_NAME)
     try:
         async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
             url = peer_url(peer)
