@@ -21,7 +21,7 @@ export DJANGO_SETTINGS_MODULE := config.settings
 # Debian puts nginx in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: run test test-postgres bench bootstrap sysdeps testdeps lint clean
+.PHONY: run test test-postgres bench bootstrap sysdeps testdeps rabbitmq lint clean
 
 run: bootstrap
 	# Metrics files of an earlier run would add up with this one's (prometheus_client multiprocess).
@@ -47,7 +47,7 @@ test-postgres: bootstrap testdeps
 	AWX_WS_TEST_DATABASE=postgres $(VENV)/bin/pytest -m "not slow or postgres"
 
 # Benchmark against the Channels tutorial baseline and a no-Django floor (under 10 minutes).
-bench: bootstrap
+bench: bootstrap rabbitmq
 	$(PY) -m bench.run
 
 lint: bootstrap
@@ -73,9 +73,19 @@ sysdeps:
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need; \
 	fi
 
+# Debian's rabbitmq-server, started by the tests and the benchmark for the RabbitMQ layer (its
+# own node name, ports and data each time; the package's system service is not used).
+rabbitmq:
+	@if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		echo "installing rabbitmq-server with apt-get"; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends rabbitmq-server; \
+	fi
+
 # Debian's postgresql for the PostgreSQL pass, and chromium for the browser tests (which skip,
-# saying why, where it cannot be installed).
-testdeps:
+# saying why, where it cannot be installed); rabbitmq-server for the RabbitMQ layer's tests.
+testdeps: rabbitmq
 	@sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "installing postgresql with apt-get"; \

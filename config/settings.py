@@ -168,27 +168,52 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6390/0")
 CHANNEL_LAYER_CAPACITY = env_int("CHANNEL_LAYER_CAPACITY", 1000)
 if CHANNEL_LAYER_CAPACITY < 1:
     raise ImproperlyConfigured("CHANNEL_LAYER_CAPACITY must be at least 1")
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "awx_ws.main.layers.RedisChannelLayer",
-        "CONFIG": {
-            "hosts": [
-                {
-                    "address": REDIS_URL,
-                    # Fail fast when Redis is unreachable instead of hanging on connect.
-                    "socket_connect_timeout": env_float("REDIS_CONNECT_TIMEOUT", 2.0),
-                    # Per process; at the limit callers wait for a free connection (layers.py).
-                    "max_connections": env_int("REDIS_MAX_CONNECTIONS", 50),
-                }
-            ],
-            "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),
-            "capacity": CHANNEL_LAYER_CAPACITY,
-            "expiry": 60,
-            # Group members older than this are dropped; the fan-out refreshes its own (fanout.py).
-            "group_expiry": env_int("CHANNEL_LAYER_GROUP_EXPIRY", 86400),
-        },
-    }
-}
+
+
+def channel_layer_config(backend: str) -> dict[str, Any]:
+    """CHANNEL_LAYERS["default"] for CHANNEL_LAYER_BACKEND ("redis" or "rabbitmq"), from the environment."""
+    if backend == "redis":
+        return {
+            "BACKEND": "awx_ws.main.layers.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        # Fail fast when Redis is unreachable instead of hanging on connect.
+                        "socket_connect_timeout": env_float("REDIS_CONNECT_TIMEOUT", 2.0),
+                        # Per process; at the limit callers wait for a free connection (layers.py).
+                        "max_connections": env_int("REDIS_MAX_CONNECTIONS", 50),
+                    }
+                ],
+                "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),
+                "capacity": CHANNEL_LAYER_CAPACITY,
+                "expiry": 60,
+                # Group members older than this are dropped; the fan-out refreshes its own (fanout.py).
+                "group_expiry": env_int("CHANNEL_LAYER_GROUP_EXPIRY", 86400),
+            },
+        }
+    if backend == "rabbitmq":
+        # channels_rabbitmq: one exclusive queue per process, groups bound on one direct exchange.
+        return {
+            "BACKEND": "awx_ws.main.rabbitmq.RabbitmqChannelLayer",
+            "CONFIG": {
+                "host": os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672"),
+                # Messages a process holds in memory, received but not yet taken by its fan-out...
+                "local_capacity": env_int("RABBITMQ_LOCAL_CAPACITY", 100),
+                # ...of which RabbitMQ hands over this many before it waits for acks (at most the above).
+                "prefetch_count": env_int("RABBITMQ_PREFETCH_COUNT", env_int("RABBITMQ_LOCAL_CAPACITY", 100)),
+                # Messages a process's queue holds in RabbitMQ; more are refused (and counted).
+                "remote_capacity": env_int("RABBITMQ_REMOTE_CAPACITY", CHANNEL_LAYER_CAPACITY),
+                # Seconds a message may wait in RabbitMQ before it is dropped.
+                "expiry": env_int("RABBITMQ_EXPIRY", 60),
+                "groups_exchange": os.environ.get("RABBITMQ_GROUPS_EXCHANGE", "groups"),
+            },
+        }
+    raise ImproperlyConfigured(f"CHANNEL_LAYER_BACKEND={backend!r}: use 'redis' (the default) or 'rabbitmq'")
+
+
+CHANNEL_LAYER_BACKEND = os.environ.get("CHANNEL_LAYER_BACKEND", "redis").lower()
+CHANNEL_LAYERS = {"default": channel_layer_config(CHANNEL_LAYER_BACKEND)}
 
 # One namespace for the service's own settings; read them through awx_ws.main.conf.ws_settings.
 AWX_WS: dict[str, Any] = {
@@ -245,7 +270,11 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # A RabbitMQ outage: one line a minute instead of a traceback a second (logfilters.py).
+    "filters": {"broker_reconnects": {"()": "awx_ws.main.logfilters.BrokerReconnects"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["broker_reconnects"]}
+    },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "awx_ws": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},

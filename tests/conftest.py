@@ -1,7 +1,9 @@
 """Layered fixtures: redis → migrated database → daphne node → user → token → connected client.
 
 Everything is real: a redis-server on a free loopback port, daphne processes running
-awx_ws.server, an SQLite file shared between this process and the servers.
+awx_ws.server, an SQLite file shared between this process and the servers. Modules that spell out
+behaviour both channel layers must share override `node` with `layer_node`, which runs each of
+their tests against a node on Redis and one on RabbitMQ (a rabbitmq-server started here).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 
 from tests.client import WsClient, open_ws
 from tests.factories import adb, create_token, create_user
-from tests.servers import DaphneNode, Gunicorn, Nginx, Process, RedisServer, free_port
+from tests.servers import DaphneNode, Gunicorn, Nginx, Process, RabbitMQServer, RedisServer, free_port
 
 _STATE = Path(tempfile.mkdtemp(prefix="awx_ws-tests-"))
 
@@ -50,6 +52,8 @@ def pytest_configure(config: pytest.Config) -> None:
             "DATABASE_URL": _database_url(),
             "SECRET_KEY": "tests-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
             "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            # Used by nodes started with CHANNEL_LAYER_BACKEND=rabbitmq (the rabbitmq_server fixture).
+            "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}",
             "ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
             "LOG_LEVEL": "INFO",
             # Short liveness periods so purge scenarios need no long waits.
@@ -99,11 +103,89 @@ def database(redis_server: RedisServer) -> None:
 
 
 @pytest.fixture(scope="session")
-def node(redis_server: RedisServer, state_dir: Path) -> Iterator[DaphneNode]:
-    """One daphne node for the protocol tests."""
+def redis_node(redis_server: RedisServer, state_dir: Path) -> Iterator[DaphneNode]:
+    """One daphne node on the Redis layer (the default)."""
     server = DaphneNode(state_dir / "logs").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def node(redis_node: DaphneNode) -> DaphneNode:
+    """The node most tests talk to: the Redis one."""
+    return redis_node
+
+
+# vhosts of the session's RabbitMQ: "/" for single-node tests, one per node of a 2-node cluster.
+RABBITMQ_VHOSTS = ["/", "node-a", "node-b"]
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(state_dir: Path) -> Iterator[RabbitMQServer]:
+    """The session's rabbitmq-server, on the port RABBITMQ_URL names."""
+    port = int(os.environ["RABBITMQ_URL"].rsplit(":", 1)[1])
+    server = RabbitMQServer(port, state_dir / "rabbitmq", RABBITMQ_VHOSTS).start()
+    yield server
+    server.stop()
+
+
+def rabbitmq_env(server: RabbitMQServer, vhost: str = "/") -> dict[str, str]:
+    """Environment of a process on the RabbitMQ layer (vhost: its own broker, in effect)."""
+    return {"CHANNEL_LAYER_BACKEND": "rabbitmq", "RABBITMQ_URL": server.url(vhost)}
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_node(
+    rabbitmq_server: RabbitMQServer, redis_server: RedisServer, state_dir: Path
+) -> Iterator[DaphneNode]:
+    """One daphne node on the RabbitMQ layer."""
+    server = DaphneNode(state_dir / "logs", rabbitmq_env(rabbitmq_server)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
+def layer_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each channel layer in turn; this process's emits go through the same one."""
+    if request.param == "redis":
+        yield "redis"
+        return
+    from django.test import override_settings
+
+    from config.settings import channel_layer_config
+
+    request.getfixturevalue("rabbitmq_server")  # on the port RABBITMQ_URL names
+    with override_settings(CHANNEL_LAYERS={"default": channel_layer_config("rabbitmq")}):
+        yield "rabbitmq"
+
+
+@pytest.fixture(scope="module")
+def layer_env(layer_backend: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Environment for a process (a manage.py command) on the layer under test."""
+    if layer_backend == "redis":
+        return {}
+    return rabbitmq_env(request.getfixturevalue("rabbitmq_server"))
+
+
+@pytest.fixture(scope="module")
+def layer_node(layer_backend: str, request: pytest.FixtureRequest) -> DaphneNode:
+    """The daphne node of the layer under test."""
+    return request.getfixturevalue(f"{layer_backend}_node")
+
+
+@pytest.fixture
+async def fresh_in_process_layer() -> AsyncIterator[None]:
+    """Close this process's channel layer after each test: a RabbitMQ one is bound to the test's
+    event loop, and each test has a loop of its own."""
+    yield
+    from channels.layers import channel_layers
+
+    from awx_ws.main.rabbitmq import RabbitmqChannelLayer
+
+    layer = channel_layers.backends.get("default")
+    if isinstance(layer, RabbitmqChannelLayer):
+        del channel_layers.backends["default"]
+        await layer.close()
 
 
 @pytest.fixture
@@ -174,4 +256,3 @@ async def browser() -> AsyncIterator[Any]:
         chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield chromium
         await chromium.close()
-

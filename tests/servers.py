@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -286,3 +287,91 @@ class PostgresServer(Process):
         super().start()
         self.wait_for_port(self.port)
         return self
+
+
+class RabbitMQServer(Process):
+    """Debian's rabbitmq-server on loopback, with its own node name, ports, cookie and data.
+
+    Every port is chosen here (AMQP, Erlang distribution, epmd) and bound to 127.0.0.1; `vhosts`
+    are created at boot from a definitions file, so each test cluster node can have a broker of
+    its own on one server.
+    """
+
+    BIN = Path("/usr/lib/rabbitmq/bin")
+
+    def __init__(self, port: int, workdir: Path, vhosts: list[str]):
+        self.port = port
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        dist_port, self.epmd_port = free_ports(2)
+        definitions = {
+            "users": [{"name": "guest", "password": "guest", "tags": "administrator"}],
+            "vhosts": [{"name": vhost} for vhost in vhosts],
+            "permissions": [
+                {"user": "guest", "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+                for vhost in vhosts
+            ],
+        }
+        (workdir / "definitions.json").write_text(json.dumps(definitions))
+        (workdir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{port}\n"
+            f"load_definitions = {workdir / 'definitions.json'}\n"
+            "log.console = true\nlog.file = false\n"
+            "disk_free_limit.absolute = 50MB\n"
+        )
+        (workdir / "enabled_plugins").write_text("[].\n")
+        self.env = {
+            **os.environ,
+            "HOME": str(workdir),  # the Erlang cookie goes here
+            "RABBITMQ_NODENAME": f"awxws{port}@localhost",
+            "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(workdir / "log"),
+            "RABBITMQ_PID_FILE": str(workdir / "rabbitmq.pid"),
+            "RABBITMQ_DIST_PORT": str(dist_port),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+        program = self.BIN / "rabbitmq-server"
+        if not program.exists():
+            raise RuntimeError("rabbitmq-server is not installed: run `make test`, which installs it")
+        super().__init__(f"rabbitmq:{port}", [str(program)], workdir / f"rabbitmq-{port}.log", self.env)
+
+    def url(self, vhost: str = "/") -> str:
+        """The AMQP URL of one vhost."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}" + ("" if vhost == "/" else f"/{vhost}")
+
+    def start(self) -> RabbitMQServer:
+        super().start()
+        self.wait_for_port(self.port, timeout=60)
+        return self
+
+    def ctl(self, *args: str) -> str:
+        """rabbitmqctl against this node; its output."""
+        result = subprocess.run(
+            [str(self.BIN / "rabbitmqctl"), "-q", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr}")
+        return result.stdout
+
+    def rows(self, *args: str) -> list[list[str]]:
+        """A rabbitmqctl list_* table as rows of tab-separated fields (no header)."""
+        return [line.split("\t") for line in self.ctl("--no-table-headers", *args).splitlines() if line]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        code = super().stop(sig, timeout)
+        # epmd outlives the node it served; it is ours, on our port: stop it too.
+        found = sorted(Path("/usr/lib/erlang").glob("erts-*/bin/epmd"))
+        epmd = shutil.which("epmd") or (found[-1] if found else None)
+        if epmd:
+            subprocess.run(
+                [str(epmd), "-port", str(self.epmd_port), "-kill"], capture_output=True, timeout=10
+            )
+        return code

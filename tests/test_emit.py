@@ -1,4 +1,7 @@
-"""emit_channel_notification, its async twin and `manage.py emit`: delivery, reuse, failure."""
+"""emit_channel_notification, its async twin and `manage.py emit`: delivery, reuse, failure.
+
+Every test that talks to `node` or `layer_port` runs on the Redis layer and on the RabbitMQ layer.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +35,23 @@ def run_manage(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-def redis_connections(port: int) -> int:
-    """TCP connections this test process holds to the Redis on port."""
+pytestmark = pytest.mark.usefixtures("fresh_in_process_layer")
+
+
+@pytest.fixture(scope="module")
+def node(layer_node):
+    """Both layers' nodes in turn (conftest.layer_backend)."""
+    return layer_node
+
+
+@pytest.fixture
+def layer_port(layer_backend, request) -> int:
+    """The port of the layer's server (Redis or RabbitMQ)."""
+    return request.getfixturevalue(f"{layer_backend}_server").port
+
+
+def server_connections(port: int) -> int:
+    """TCP connections this test process holds to the server on port."""
     return sum(
         1
         for conn in psutil.Process().net_connections(kind="tcp")
@@ -52,25 +70,26 @@ async def test_sync_emit_from_worker_threads_reaches_the_subscriber(client):
     await client.assert_silent()
 
 
-def test_sync_emit_opens_no_connection_or_thread_per_call(redis_server):
+def test_sync_emit_opens_no_connection_or_thread_per_call(layer_port):
     emit_channel_notification("jobs-warmup", {"n": 0})
-    connections, threads = redis_connections(redis_server.port), threading.active_count()
+    connections, threads = server_connections(layer_port), threading.active_count()
+    assert connections >= 1
     for n in range(50):
         emit_channel_notification("jobs-reuse", {"n": n})
-    assert redis_connections(redis_server.port) == connections
+    assert server_connections(layer_port) == connections
     assert threading.active_count() == threads
 
 
-async def test_sync_emit_from_many_threads_at_once_shares_a_small_pool(client, redis_server):
+async def test_sync_emit_from_many_threads_at_once_shares_a_small_pool(client, layer_port):
     await client.subscribe({"jobs": ["pool"]})
-    before = redis_connections(redis_server.port)
+    before = server_connections(layer_port)
     await asyncio.gather(
         *(asyncio.to_thread(emit_channel_notification, "jobs-pool", {"n": n}) for n in range(40))
     )
     assert sorted([(await client.recv_json())["n"] for _ in range(40)]) == list(range(40))
     # At most one pooled connection per concurrent caller (the executor's threads), not one per call.
     executor_threads = min(32, (os.cpu_count() or 1) + 4)
-    assert redis_connections(redis_server.port) - before <= executor_threads
+    assert server_connections(layer_port) - before <= executor_threads
 
 
 async def test_sync_emit_inside_an_event_loop_points_to_the_async_twin():
@@ -140,9 +159,30 @@ def test_emit_command_refuses_bad_json_and_bad_groups():
     assert "invalid group name 'jobs status'" in bad_group.stderr
 
 
-async def test_emit_command_delivers_to_a_subscriber(client):
+async def test_emit_command_delivers_to_a_subscriber(client, layer_env):
     await client.subscribe({"job_events": []})
     await client.subscribe({"schedules": ["changed"]})
-    result = await asyncio.to_thread(run_manage, "emit", "schedules-changed", '{"id": 9, "x": [1, 2]}')
+    payload = '{"id": 9, "x": [1, 2]}'
+    result = await asyncio.to_thread(run_manage, "emit", "schedules-changed", payload, env=layer_env)
     assert result.returncode == 0, result.stderr
     assert json.loads(await client.ws.recv()) == {"id": 9, "x": [1, 2]}
+
+
+def test_emit_command_with_rabbitmq_down_fails_naming_the_url():
+    port = free_port()
+    result = run_manage(
+        "emit",
+        "jobs-status_changed",
+        "{}",
+        env={
+            "CHANNEL_LAYER_BACKEND": "rabbitmq",
+            "RABBITMQ_URL": f"amqp://guest:secret@127.0.0.1:{port}",
+            "AWX_WS_EMIT_TIMEOUT": "2",
+        },
+    )
+    assert result.returncode == 1
+    assert "took longer than 2s (AWX_WS_EMIT_TIMEOUT)" in result.stderr
+    # The password never shows; the setting and address do.
+    assert f"RABBITMQ_URL=amqp://guest:***@127.0.0.1:{port}" in result.stderr
+    assert "secret" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,4 +1,7 @@
-"""AWX's websocket protocol against a real daphne and Redis: what a client receives for each rule."""
+"""AWX's websocket protocol against a real daphne: what a client receives for each rule.
+
+Every test that talks to `node` runs twice: on the Redis layer and on the RabbitMQ layer.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,14 @@ from redis.asyncio import Redis
 from awx_ws.main.emit import aemit_channel_notification, build_message
 from tests.client import WsClient, open_ws, refused_status
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
+
+pytestmark = pytest.mark.usefixtures("fresh_in_process_layer")
+
+
+@pytest.fixture(scope="module")
+def node(layer_node):
+    """Both layers' nodes in turn (conftest.layer_backend)."""
+    return layer_node
 
 
 @pytest.fixture
@@ -258,19 +269,30 @@ async def test_only_subscribers_of_the_group_receive(node):
         await c.close()
 
 
-async def test_disconnect_leaves_every_group(node, token, redis_server):
+async def group_members(layer_backend: str, group: str, request) -> int:
+    """Members of group as the layer's server sees them: Redis's sorted set, RabbitMQ's bindings."""
+    if layer_backend == "redis":
+        redis = Redis.from_url(request.getfixturevalue("redis_server").url)
+        try:
+            return int(await redis.zcard(f"asgi:group:{group}"))
+        finally:
+            await redis.aclose()
+    rabbitmq = request.getfixturevalue("rabbitmq_server")
+    rows = await asyncio.to_thread(rabbitmq.rows, "list_bindings", "source_name", "routing_key")
+    return sum(1 for source, key in rows if source == "groups" and key == group)
+
+
+async def test_disconnect_leaves_every_group(node, token, layer_backend, request):
     client = await open_ws(node.url, headers={"Authorization": f"Token {token}"})
     group = f"schedules-gone{secrets.token_hex(4)}"
     await client.subscribe({"schedules": [group.split("-", 1)[1]]})
-    redis = Redis.from_url(redis_server.url)
-    assert await redis.zcard(f"asgi:group:{group}") == 1
+    assert await group_members(layer_backend, group, request) == 1
     await client.close()
     for _ in range(50):
-        if await redis.zcard(f"asgi:group:{group}") == 0:
+        if await group_members(layer_backend, group, request) == 0:
             break
         await asyncio.sleep(0.1)
-    assert await redis.zcard(f"asgi:group:{group}") == 0
-    await redis.aclose()
+    assert await group_members(layer_backend, group, request) == 0
 
 
 async def test_a_client_that_stops_reading_still_gets_everything_in_order(node, token):

@@ -136,6 +136,7 @@ class PeerAuthMiddleware:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self._seen_nonces = peerauth.NonceMemory()
 
     async def __call__(
         self, scope: dict[str, Any], receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -159,6 +160,9 @@ class PeerAuthMiddleware:
     async def _refuse_replay(self, nonce: str) -> None:
         layer = get_channel_layer()
         if not isinstance(layer, RedisChannelLayer):
+            # No shared store (RabbitMQ): remember nonces in this process only (docs/channels.md).
+            if not self._seen_nonces.add(nonce, ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW * 2 + 1):
+                raise peerauth.PeerAuthError("nonce already used (a replayed header)")
             return
         window = int(ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW) * 2 + 1
         key = f"{layer.prefix}:peer-nonce:{nonce}"

@@ -116,8 +116,13 @@ class EventConsumer(AsyncWebsocketConsumer):
         except (RedisError, OSError) as exc:
             # The connection stays; what was joined before the failure stays joined.
             metrics.REDIS_ERRORS.labels("subscribe").inc()
-            logger.warning("subscribe of user %s failed, Redis unavailable: %s", self.scope["user"].pk, exc)
-            await self.send_json({"error": "subscribe failed: the service cannot reach Redis, try again"})
+            service = getattr(self.fanout.layer, "service", "its channel layer")
+            logger.warning(
+                "subscribe of user %s failed, %s unavailable: %s", self.scope["user"].pk, service, exc
+            )
+            await self.send_json(
+                {"error": f"subscribe failed: the service cannot reach {service}, try again"}
+            )
             await self.send_json(protocol.groups_reply(self.subscribed, set(), set()))
 
     async def subscribe(self, request: protocol.SubscribeRequest) -> None:
@@ -262,10 +267,14 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
     async def _answer_history(self, requests: list[dict[str, Any]]) -> None:
         """This node's part of a peer's recovery: its own history after each position."""
         margin = int(ws_settings.HISTORY_CLOCK_SKEW * 1000)
-        answers = []
+        answers: list[dict[str, Any]] = []
         for request in requests:
             group = protocol.validate_group_name(request["group"])
             position = GroupPosition.parse(request["position"])
+            if not getattr(self.channel_layer, "keeps_history", False):
+                reset = f"{ws_settings.NODE_NAME}'s channel layer keeps no history"
+                answers.append({"group": group, "origin": None, "entries": [], "reset": reset})
+                continue
             try:
                 origin, replay = await read_local(self.channel_layer, group, position, margin)
             except (RedisError, OSError) as exc:

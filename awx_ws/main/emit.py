@@ -7,16 +7,20 @@ import json
 import logging
 from typing import Any
 
+from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import BaseChannelLayer, get_channel_layer
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
+from django.utils.module_loading import import_string
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import EmitError, RedisUnavailable
+from awx_ws.main.exceptions import BrokerUnavailable, EmitError, RedisUnavailable
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.protocol import validate_group_name
+from awx_ws.main.rabbitmq import RabbitmqChannelLayer, blocking_emitter
 
 logger = logging.getLogger(__name__)
 
@@ -31,19 +35,17 @@ def build_message(group: str, payload: Any) -> dict[str, str]:
     return {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder), "group": group}
 
 
-def _describe(layer: BaseChannelLayer) -> str:
-    describe = getattr(layer, "describe_hosts", None)
-    return describe() if describe else str(layer)
-
-
-def _unavailable(exc: BaseException, group: str, layer: BaseChannelLayer, timeout: float) -> RedisUnavailable:
-    """Our error for a failed emit, naming the setting or the Redis URL at fault."""
+def _unavailable(exc: BaseException, group: str, layer: Any, timeout: float) -> EmitError:
+    """Our error for a failed emit, naming the setting or the address at fault."""
+    service = getattr(layer, "service", "Redis")
+    error = BrokerUnavailable if service == "RabbitMQ" else RedisUnavailable
+    where = layer.describe_hosts() if hasattr(layer, "describe_hosts") else type(layer).__name__
     if isinstance(exc, TimeoutError | RedisTimeoutError):
-        return RedisUnavailable(
+        return error(
             f"emit to {group!r} took longer than {timeout:g}s (AWX_WS_EMIT_TIMEOUT); "
-            f"is Redis up at {_describe(layer)}?"
+            f"is {service} up at {where}?"
         )
-    return RedisUnavailable(f"emit to {group!r} failed, Redis at {_describe(layer)}: {exc}")
+    return error(f"emit to {group!r} failed, {service} at {where}: {exc}")
 
 
 async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, str]) -> None:
@@ -61,13 +63,20 @@ async def aemit_channel_notification(group: str, payload: Any) -> None:
     metrics.EMITTED.labels(metrics.group_kind(group)).inc()
 
 
+def uses_rabbitmq() -> bool:
+    """True when CHANNEL_LAYERS names the RabbitMQ layer (which sync code must not instantiate)."""
+    backend = import_string(settings.CHANNEL_LAYERS[DEFAULT_CHANNEL_LAYER]["BACKEND"])
+    return isinstance(backend, type) and issubclass(backend, RabbitmqChannelLayer)
+
+
 def emit_channel_notification(group: str, payload: Any) -> None:
     """Send payload to every subscriber of group, from any thread without a running event loop.
 
-    Raises InvalidGroupName for a bad group and EmitError (RedisUnavailable) within
-    AWX_WS_EMIT_TIMEOUT per Redis round trip when Redis cannot take the message. It runs in the
-    calling thread on a pooled blocking connection: no event loop, no thread hop, no new
-    connection per call (AWX created an event loop per call).
+    Raises InvalidGroupName for a bad group and EmitError (RedisUnavailable, BrokerUnavailable)
+    within AWX_WS_EMIT_TIMEOUT per round trip when the layer cannot take the message. On Redis it
+    runs in the calling thread on a pooled blocking connection: no event loop, no thread hop, no
+    new connection per call (AWX created an event loop per call). On RabbitMQ it hands the publish
+    to the process's one emit loop thread (rabbitmq.BlockingEmitter).
     """
     message = build_message(group, payload)
     try:
@@ -79,10 +88,20 @@ def emit_channel_notification(group: str, payload: Any) -> None:
             "emit_channel_notification() blocks; inside a running event loop await "
             "aemit_channel_notification() instead"
         )
+    timeout = ws_settings.EMIT_TIMEOUT
+    if uses_rabbitmq():
+        try:
+            blocking_emitter.call(lambda rabbitmq: rabbitmq.group_send(group, message), timeout)
+        except (TimeoutError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("emit").inc()
+            raise _unavailable(exc, group, blocking_emitter, timeout) from exc
+        metrics.EMITTED.labels(metrics.group_kind(group)).inc()
+        return
     layer = get_channel_layer()
     if not isinstance(layer, RedisChannelLayer):
-        raise EmitError("emit_channel_notification() needs awx_ws.main.layers.RedisChannelLayer")
-    timeout = ws_settings.EMIT_TIMEOUT
+        raise EmitError(
+            "emit_channel_notification() needs one of awx_ws's channel layers (CHANNEL_LAYER_BACKEND)"
+        )
     try:
         layer.group_send_blocking(group, message, timeout)
     except (RedisError, OSError) as exc:

@@ -25,6 +25,13 @@ class RedisUnavailable(EmitError):
     """Redis could not be reached (or did not answer) within the configured time."""
 
 
+class BrokerUnavailable(EmitError, ConnectionError):
+    """RabbitMQ could not be reached (or the connection was lost) within the configured time.
+
+    A ConnectionError too, so code that handles a lost Redis connection handles this the same way.
+    """
+
+
 class StartupError(AwxWsError):
     """The server cannot start: its start-up work failed for good."""
 

@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from awx_ws.main import metrics
 from awx_ws.main.exceptions import redact_url
-from awx_ws.main.fanout import Fanout
+from awx_ws.main.fanout import RedisFanout
 from awx_ws.main.history import TRIM_LUA, ensure_origin, history_policy, origin_key, stream_key
 from awx_ws.main.liveness import Liveness
 
@@ -57,7 +57,9 @@ return over_capacity
 # One round trip for the common case: read the group and queue the message for every fan-out
 # member (fanout.py reads `fanout.<prefix>` keys itself and needs no __asgi_channel__ list); other
 # members (process-specific channels such as relay consumers) are returned for the standard path.
-GROUP_SEND_FANOUT_LUA = TRIM_LUA + """
+GROUP_SEND_FANOUT_LUA = (
+    TRIM_LUA
+    + """
 local blob = ARGV[1]
 local message_id = ''
 if #KEYS == 3 then
@@ -97,6 +99,7 @@ for _, member in ipairs(members) do
 end
 return {over, others, message_id}
 """
+)
 
 
 _FANOUT_SHA = hashlib.sha1(GROUP_SEND_FANOUT_LUA.encode()).hexdigest()
@@ -113,8 +116,11 @@ class RedisChannelLayer(core.RedisChannelLayer):
       code without an event loop (emit_channel_notification).
     """
 
+    # What clients and operators are told is unreachable; whether resumes can replay (they can).
+    service = "Redis"
+    keeps_history = True
     _liveness: Liveness | None = None
-    _fanout: Fanout | None = None
+    _fanout: RedisFanout | None = None
     _blocking: dict[int, BlockingRedis] | None = None
     _blocking_pid: int = 0
     _blocking_lock = threading.Lock()
@@ -127,10 +133,10 @@ class RedisChannelLayer(core.RedisChannelLayer):
         return self._liveness
 
     @property
-    def fanout(self) -> Fanout:
+    def fanout(self) -> RedisFanout:
         """This process's group fan-out to client sockets (created on first use, no I/O)."""
         if self._fanout is None:
-            self._fanout = Fanout(self)
+            self._fanout = RedisFanout(self)
         return self._fanout
 
     async def new_channel(self, prefix: str = "specific") -> str:

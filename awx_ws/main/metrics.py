@@ -47,6 +47,10 @@ REDIS_ERRORS = Counter("awx_ws_redis_errors", "Failed Redis operations, by what 
 PURGED = Counter(
     "awx_ws_startup_purge_removed", "Stale channel-layer state removed by start-up purges", ["what"]
 )
+PURGE_SKIPPED = Counter(
+    "awx_ws_startup_purge_skipped",
+    "Start-ups whose channel layer keeps no state outside its connections to purge (RabbitMQ)",
+)
 RELAY_UP = Gauge(
     "awx_ws_relay_link_up",
     "1 while this node's relay link to a peer is connected",

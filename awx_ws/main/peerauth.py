@@ -52,3 +52,21 @@ def verify(value: str | None, secret: str, window: float, now: float | None = No
     if skew > window:
         raise PeerAuthError(f"nonce {skew:.0f}s away from our clock (window {window:g}s)")
     return nonce
+
+
+class NonceMemory:
+    """Nonces seen in this process, each kept for its ttl (layers without a shared store)."""
+
+    def __init__(self) -> None:
+        self._expires: dict[str, float] = {}
+
+    def add(self, nonce: str, ttl: float, now: float | None = None) -> bool:
+        """Remember nonce; False when it was seen before and has not expired."""
+        now = time.monotonic() if now is None else now
+        # Forget expired ones first: at most one window's worth of peer connections is kept.
+        for old in [old for old, expires in self._expires.items() if expires <= now]:
+            del self._expires[old]
+        if nonce in self._expires:
+            return False
+        self._expires[nonce] = now + ttl
+        return True

@@ -71,11 +71,20 @@ class SubscribeRequest:
         return len(self.groups) + sum(len(ids) for ids in self.objects.values()) + len(self.errors)
 
 
+# Group names of awx_ws's own traffic on the channel layer.
+RESERVED_PREFIX = "awx_ws."
+
+
 def validate_group_name(name: Any) -> str:
     """Return name if it is a group name Channels accepts and no client-reserved one; else raise."""
     if not isinstance(name, str) or not GROUP_NAME_RE.match(name):
         raise InvalidGroupName(
             f"invalid group name {name!r}: use 1-99 characters of a-z, A-Z, 0-9, '_', '.', '-'"
+        )
+    if name.startswith(RESERVED_PREFIX):
+        # The fan-outs and the relay talk on these (interest.py): no emit may pose as them.
+        raise InvalidGroupName(
+            f"invalid group name {name!r}: names starting {RESERVED_PREFIX!r} are reserved"
         )
     return name
 

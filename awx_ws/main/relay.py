@@ -4,7 +4,9 @@ For every peer it keeps one websocket to the peer's BroadcastConsumer (/websocke
 tells it which groups this node's clients hold (interest.py) and injects what the peer forwards
 into the local channel layer, marked `relayed` so no BroadcastConsumer here sends it on again.
 Links reconnect with exponential backoff and jitter, log once per state change (AWX #7266 logged
-every attempt), and keep their figures in the local Redis for `run_wsbroadcast --status`.
+every attempt), and keep their figures in the local Redis for `run_wsbroadcast --status`. On a
+layer without Redis (RabbitMQ) interest comes from the fan-outs' announcements on the layer, and
+the figures are in the metrics only.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from awx_ws.main import metrics, peerauth
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import parse_message_id
-from awx_ws.main.interest import changes_channel, node_interest
+from awx_ws.main.interest import watch_layer_interest, watch_redis_interest
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.protocol import validate_group_name
 
@@ -35,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 # A link that stayed up this long resets its backoff to the first step.
 HEALTHY_AFTER = 30.0
-# Interest is recomputed on every change notice, and at least this often (missed notices, restarts).
-INTEREST_RESYNC = 5.0
 STATUS_EVERY = 1.0
 
 
@@ -159,8 +159,10 @@ def describe(exc: BaseException) -> str:
 class Relay:
     """All links of this node, and the interest they keep their peers informed of."""
 
-    def __init__(self, layer: RedisChannelLayer, peers: list[str], secret: str, node: str) -> None:
+    def __init__(self, layer: Any, peers: list[str], secret: str, node: str) -> None:
         self.layer = layer
+        # Redis keeps the node's interest, the links' figures and the peers' acks; other layers don't.
+        self.redis: RedisChannelLayer | None = layer if isinstance(layer, RedisChannelLayer) else None
         self.peers = peers
         self.secret = secret
         self.node = node
@@ -171,8 +173,11 @@ class Relay:
     @classmethod
     def from_settings(cls, layer: Any) -> Relay:
         """Build from AWX_WS settings; StartupError with a clear message when they cannot work."""
-        if not isinstance(layer, RedisChannelLayer):
-            raise StartupError("the relay needs awx_ws.main.layers.RedisChannelLayer as the default layer")
+        if not hasattr(layer, "fanout"):
+            raise StartupError(
+                "the relay needs one of awx_ws's channel layers (CHANNEL_LAYER_BACKEND), "
+                f"not {type(layer).__name__}"
+            )
         peers = configured_peers()
         secret = ws_settings.BROADCAST_WEBSOCKET_SECRET
         if peers and not secret:
@@ -200,10 +205,14 @@ class Relay:
             logger.info("no peers in BROADCAST_WEBSOCKET_PEERS besides this node: nothing to relay")
             await asyncio.Event().wait()
         logger.info("relay of node %s to %s", self.node, ", ".join(self.peers))
-        self._publish(frozenset(await node_interest(self.layer)))
-        tasks = [asyncio.create_task(self._watch_interest(), name="interest")]
+        if self.redis is not None:
+            watch = watch_redis_interest(self.redis, self._publish)
+        else:
+            watch = watch_layer_interest(self.layer, self._publish)
+        tasks = [asyncio.create_task(watch, name="interest")]
         tasks += [asyncio.create_task(link.run(), name=f"link {link.peer}") for link in self.links]
-        tasks.append(asyncio.create_task(self._write_status(), name="status"))
+        if self.redis is not None:
+            tasks.append(asyncio.create_task(self._write_status(self.redis), name="status"))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -211,36 +220,13 @@ class Relay:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _watch_interest(self) -> None:
-        failures = 0
-        while True:
-            pubsub = self.layer.connection(0).pubsub()
-            try:
-                await pubsub.subscribe(changes_channel(self.layer.prefix))
-                while True:
-                    self._publish(frozenset(await node_interest(self.layer)))
-                    failures = 0
-                    # Wait for a change notice (or the periodic resync), then drain the burst.
-                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=INTEREST_RESYNC)
-                    while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01):
-                        pass
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                failures += 1
-                if failures == 1:
-                    logger.warning("relay cannot read this node's interest from Redis: %s", exc)
-                await asyncio.sleep(min(2.0**failures, 10.0))
-            finally:
-                await pubsub.aclose()
-
-    async def _write_status(self) -> None:
+    async def _write_status(self, redis: RedisChannelLayer) -> None:
         while True:
             try:
                 for link in self.links:
-                    key = status_key(self.layer, link.peer)
-                    await self.layer.connection(0).hset(key, mapping=link.status.as_mapping())
-                    await self.layer.connection(0).expire(key, 3600)
+                    key = status_key(redis, link.peer)
+                    await redis.connection(0).hset(key, mapping=link.status.as_mapping())
+                    await redis.connection(0).expire(key, 3600)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -279,8 +265,10 @@ class PeerLink:
                     max_size=2**24,
                 ) as ws:
                     started = time.monotonic()
-                    # A new link starts with nothing forwarded; the interest sent next rebuilds it.
-                    await self.relay.layer.connection(0).delete(forwarding_key(self.relay.layer, self.peer))
+                    redis = self.relay.redis
+                    if redis is not None:
+                        # A new link starts with nothing forwarded; the interest sent next rebuilds it.
+                        await redis.connection(0).delete(forwarding_key(redis, self.peer))
                     if connected_once:
                         self.status.reconnects += 1
                         metrics.RELAY_RECONNECTS.labels(self.peer).inc()
@@ -362,15 +350,21 @@ class PeerLink:
             metrics.REDIS_ERRORS.labels("relay_inject").inc()
             if self.status.dropped_total == 1 or self.status.dropped_total % 1000 == 0:
                 logger.error(
-                    "relay could not inject into local Redis (%d dropped): %s", self.status.dropped_total, exc
+                    "relay could not inject into the local %s (%d dropped): %s",
+                    getattr(self.relay.layer, "service", "channel layer"),
+                    self.status.dropped_total,
+                    exc,
                 )
             return
         self.status.received()
 
     async def _confirmed(self, forwarding: list[str], dropped: list[str]) -> None:
         """Record which groups the peer now forwards here (streams.wait_until_forwarded reads it)."""
-        key = forwarding_key(self.relay.layer, self.peer)
-        connection = self.relay.layer.connection(0)
+        redis = self.relay.redis
+        if redis is None:
+            return  # no history on this layer: no resume waits for it
+        key = forwarding_key(redis, self.peer)
+        connection = redis.connection(0)
         try:
             if dropped:
                 await connection.srem(key, *dropped)

@@ -19,6 +19,7 @@ from awx_ws.main.consumers import BroadcastConsumer, EventConsumer
 from awx_ws.main.exceptions import RedisUnavailable, StartupError
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.liveness import purge_stale_state
+from awx_ws.main.rabbitmq import RabbitmqChannelLayer
 from awx_ws.main.sse import EventStreamStack
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,10 @@ class AWXProtocolTypeRouter(ProtocolTypeRouter):
     async def startup(self) -> None:
         """Mark this process live, then purge state of dead ones; wait a bounded time for Redis."""
         layer = get_channel_layer()
+        if isinstance(layer, RabbitmqChannelLayer):
+            return await self._startup_rabbitmq(layer)
         if not isinstance(layer, RedisChannelLayer):
-            logger.info("channel layer %s keeps no purgeable state; no start-up purge", layer)
-            return
+            raise StartupError(f"CHANNEL_LAYERS names {type(layer).__name__}: use CHANNEL_LAYER_BACKEND")
         wait = ws_settings.STARTUP_REDIS_WAIT
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -124,8 +126,27 @@ class AWXProtocolTypeRouter(ProtocolTypeRouter):
             len(report.dead_processes),
         )
 
+    async def _startup_rabbitmq(self, layer: RabbitmqChannelLayer) -> None:
+        """Wait (bounded) for the broker; there is nothing to purge, which is logged and counted."""
+        wait = ws_settings.STARTUP_REDIS_WAIT
+        try:
+            await asyncio.wait_for(asyncio.shield(layer.carehare_connection), wait)
+        except TimeoutError as exc:
+            raise StartupError(
+                f"RabbitMQ unreachable for {wait:g}s (AWX_WS_STARTUP_REDIS_WAIT) at {layer.describe_hosts()}"
+            ) from exc
+        metrics.PURGE_SKIPPED.inc()
+        # Each process's queue is exclusive: RabbitMQ deletes it, and its bindings, when the
+        # process's connection goes, so a killed daphne leaves nothing behind to remove.
+        logger.info(
+            "start-up purge skipped: the RabbitMQ layer keeps no state outside live connections (%s)",
+            layer.describe_hosts(),
+        )
+
     async def shutdown(self) -> None:
-        """Withdraw this process's liveness record so its state counts as stale at once."""
+        """Withdraw this process's liveness record (Redis) or close its broker connection (RabbitMQ)."""
         layer = get_channel_layer()
         if isinstance(layer, RedisChannelLayer):
             await layer.liveness.stop()
+        elif isinstance(layer, RabbitmqChannelLayer):
+            await layer.close()

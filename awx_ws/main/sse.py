@@ -113,7 +113,7 @@ class EventStreamApp:
             await _until_disconnect(receive, send)
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.labels("stream").inc()
-            logger.warning("stream of user %s ended, Redis unavailable: %s", user.pk, exc)
+            logger.warning("stream of user %s ended, channel layer unavailable: %s", user.pk, exc)
         finally:
             process_stats.streams -= 1
             metrics.CONNECTIONS.labels("sse").dec()

@@ -56,7 +56,8 @@ Sender = Callable[[str, str, str | None, GroupPosition | None], Awaitable[None]]
 class Stream:
     """One client's resumable subscription: positions, the replay buffer, dedupe by id."""
 
-    layer: RedisChannelLayer
+    # Any of our layers; only the Redis one keeps history (`keeps_history`).
+    layer: Any
     send: Sender
     # "websocket" or "sse", for the metrics.
     transport: str = "websocket"
@@ -94,6 +95,12 @@ class Stream:
         for group in sorted(groups):
             await fanout.join(group, self)
             self._joined.add(group)
+        if not self.layer.keeps_history:
+            # Nothing to resume from later but the time: every recovery will report a reset.
+            now_ms = int(time.time() * 1000)
+            for group in groups:
+                self.positions[group] = GroupPosition(now_ms)
+            return
         # One client's set-up at a time, as the joins above: 500 clients arriving together would
         # otherwise open as many pooled Redis connections as run at once, and keep them.
         async with fanout.lock:
@@ -103,6 +110,9 @@ class Stream:
 
     async def fetch(self, recover: dict[str, GroupPosition]) -> dict[str, Replay]:
         """What the cluster holds after each position (a Replay with `reset` where it cannot)."""
+        if not self.layer.keeps_history:
+            reason = f"no history is kept with the {self.layer.service} channel layer (CHANNEL_LAYER_BACKEND)"
+            return {group: Replay(reset=reason) for group in recover}
         unforwarded = await wait_until_forwarded(self.layer, set(recover))
         replays = await collect_replays(self.layer, recover)
         for peer, reason in sorted(unforwarded.items()):

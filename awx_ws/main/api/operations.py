@@ -16,7 +16,9 @@ from rest_framework.views import APIView
 from awx_ws.main import metrics
 from awx_ws.main.api.permissions import IsSuperuserOrLoopback
 from awx_ws.main.conf import ws_settings
+from awx_ws.main.emit import uses_rabbitmq
 from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.rabbitmq import blocking_emitter
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,13 @@ class PingView(APIView):
         return Response({"ping": "pong", "node": ws_settings.NODE_NAME})
 
 
-def _redis_problem() -> str | None:
+def _layer_problem() -> str | None:
+    if uses_rabbitmq():
+        try:
+            blocking_emitter.ping(ws_settings.EMIT_TIMEOUT)
+        except (TimeoutError, OSError) as exc:
+            return f"unreachable at {blocking_emitter.describe_hosts()}: {exc}"
+        return None
     layer = get_channel_layer()
     if not isinstance(layer, RedisChannelLayer):
         return None
@@ -53,14 +61,15 @@ def _database_problem() -> str | None:
 
 
 class ReadyView(APIView):
-    """Readiness: Redis and the database answer; 503 naming what does not."""
+    """Readiness: the channel layer (Redis or RabbitMQ) and the database answer; 503 naming what does not."""
 
     permission_classes = [AllowAny]
     authentication_classes: list[type] = []
 
     def get(self, request: Request) -> Response:
         """200 when both answer, else 503 with the reason for each."""
-        problems = {"redis": _redis_problem(), "database": _database_problem()}
+        layer = "rabbitmq" if uses_rabbitmq() else "redis"
+        problems = {layer: _layer_problem(), "database": _database_problem()}
         body = {name: problem or "ok" for name, problem in problems.items()}
         if any(problems.values()):
             logger.warning("not ready: %s", body)

@@ -27,18 +27,18 @@ class Command(BaseCommand):
         parser.add_argument("--status", action="store_true", help="print each peer link's state and exit")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        layer = get_channel_layer()
+        # The layer is made inside the loop: the RabbitMQ one is bound to the loop that creates it.
         if options["status"]:
-            self.stdout.write(asyncio.run(status_table(layer)))
+            self.stdout.write(asyncio.run(status_table()))
             return
-        try:
-            relay = Relay.from_settings(layer)
-        except StartupError as exc:
-            raise CommandError(str(exc)) from exc
-        asyncio.run(_run_until_signalled(relay))
+        asyncio.run(_run_until_signalled())
 
 
-async def _run_until_signalled(relay: Relay) -> None:
+async def _run_until_signalled() -> None:
+    try:
+        relay = Relay.from_settings(get_channel_layer())
+    except StartupError as exc:
+        raise CommandError(str(exc)) from exc
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -49,10 +49,14 @@ async def _run_until_signalled(relay: Relay) -> None:
         pass
 
 
-async def status_table(layer: Any) -> str:
+async def status_table() -> str:
     """The relay's links as a table, read from this node's Redis."""
+    layer = get_channel_layer()
     if not isinstance(layer, RedisChannelLayer):
-        raise CommandError("--status needs awx_ws.main.layers.RedisChannelLayer as the default layer")
+        raise CommandError(
+            "--status reads the figures the relay writes to Redis; with the RabbitMQ layer see "
+            "GET /api/v2/metrics (awx_ws_relay_link_up, awx_ws_relay_received)"
+        )
     peers = configured_peers()
     if not peers:
         return "no peers configured (BROADCAST_WEBSOCKET_PEERS)"

@@ -1,0 +1,231 @@
+"""The RabbitMQ channel layer: channels_rabbitmq with our fan-out, bounded waits and clear errors.
+
+channels_rabbitmq gives each process one exclusive queue, bound to a direct exchange with one
+routing key per group its channels hold; a group_send is one publish, with publisher confirms.
+What it cannot do compared with our Redis layer, and how we handle it (docs/channels.md):
+- it keeps no group state outside its connections (exclusive queues go with them), so the
+  start-up purge has nothing to remove (routing.py logs and counts that);
+- it keeps no history, so resumes report a reset (streams.py);
+- a queue at `remote_capacity` makes RabbitMQ nack the publish: we log it and count the drop;
+- the layer is bound to the event loop that created it, so sync emit runs its own layer on one
+  long-lived loop thread per process (`BlockingEmitter`), never a new loop per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import carehare
+from channels import DEFAULT_CHANNEL_LAYER
+from channels.layers import channel_layers
+from channels_rabbitmq import core
+from channels_rabbitmq.multiqueue import MultiQueue
+from channels_rabbitmq.util import GroupRecipient, serialize_message
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+
+from awx_ws.main import metrics
+from awx_ws.main.exceptions import BrokerUnavailable, redact_url
+from awx_ws.main.fanout import Fanout
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Seconds a group_add, group_discard or group_send waits for the broker connection (channels_rabbitmq
+# waits forever: a subscribe during an outage would hang the client instead of answering it).
+CONNECT_WAIT = 5.0
+
+
+class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
+    """channels_rabbitmq's layer with our fan-out, bounded connection waits and counted drops."""
+
+    # What clients and operators are told is unreachable; whether resumes can replay (they cannot).
+    service = "RabbitMQ"
+    keeps_history = False
+
+    def __init__(
+        self,
+        host: str = "amqp://guest:guest@127.0.0.1:5672",
+        local_capacity: int = 100,
+        remote_capacity: int = 1000,
+        prefetch_count: int | None = None,
+        expiry: int = 60,
+        groups_exchange: str = "groups",
+        connect_wait: float = CONNECT_WAIT,
+    ) -> None:
+        prefetch = local_capacity if prefetch_count is None else prefetch_count
+        if not 1 <= prefetch <= local_capacity:
+            # Every unacknowledged message sits in the process's in-memory queue, which
+            # channels_rabbitmq refuses to grow past local_capacity (it asserts).
+            raise ImproperlyConfigured(
+                f"RABBITMQ_PREFETCH_COUNT={prefetch} must be between 1 and "
+                f"RABBITMQ_LOCAL_CAPACITY={local_capacity}"
+            )
+        context = ssl.create_default_context() if host.startswith("amqps://") else None
+        # channels_rabbitmq 4.0.1 uses local_capacity twice: as the size of its in-memory queue and,
+        # on every (re)connect, as the consumer's prefetch count. Give it the prefetch count, then
+        # size the in-memory queue ourselves.
+        super().__init__(
+            host=host,
+            local_capacity=prefetch,
+            remote_capacity=remote_capacity,
+            expiry=expiry,
+            ssl_context=context,
+            groups_exchange=groups_exchange,
+        )
+        self._multi_queue = MultiQueue(capacity=local_capacity)
+        self.memory_capacity = local_capacity
+        self.prefetch_count = prefetch
+        self.connect_wait = connect_wait
+        self._fanout: Fanout | None = None
+
+    @property
+    def fanout(self) -> Fanout:
+        """This process's group fan-out to client sockets (created on first use, no I/O)."""
+        if self._fanout is None:
+            self._fanout = Fanout(self)
+        return self._fanout
+
+    def describe_hosts(self) -> str:
+        """The broker address for messages (password redacted), naming RABBITMQ_URL."""
+        return f"RABBITMQ_URL={redact_url(self.host)}"
+
+    async def connected(self) -> carehare.Connection:
+        """The broker connection, waiting connect_wait seconds at most; BrokerUnavailable after."""
+        try:
+            # shield: the future is the layer's own, shared by every caller; a timeout must not cancel it.
+            return await asyncio.wait_for(asyncio.shield(self.carehare_connection), self.connect_wait)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"no connection to RabbitMQ within {self.connect_wait:g}s at {self.describe_hosts()}"
+            ) from exc
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Add channel to group; BrokerUnavailable when the broker stays unreachable."""
+        await self.connected()
+        await super().group_add(group, channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove channel from group; BrokerUnavailable when the broker stays unreachable."""
+        await self.connected()
+        await super().group_discard(group, channel)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Publish message to group: one publish, confirmed by the broker.
+
+        A nack means some member's queue is at remote_capacity: RabbitMQ dropped the message for
+        that queue only (the others have it). channels_rabbitmq logs that without a figure; we
+        count it. A connection lost mid-publish raises BrokerUnavailable instead of the silent
+        loss channels_rabbitmq chooses, so an emit says it failed.
+        """
+        if not self.require_valid_group_name(group):
+            raise TypeError(f"invalid group name {group!r}")
+        body = serialize_message(GroupRecipient(group), message)
+        connection = await self.connected()
+        try:
+            await connection.publish(body, exchange_name=self.groups_exchange, routing_key=group)
+        except carehare.ServerSentNack:
+            metrics.DROPPED.labels("channel_full").inc()
+            logger.info(
+                "a queue bound to group %s is at RABBITMQ_REMOTE_CAPACITY=%s: message dropped for it",
+                group,
+                self.remote_capacity,
+            )
+        except (carehare.ConnectionClosed, carehare.ChannelClosed) as exc:
+            raise BrokerUnavailable(
+                f"connection to RabbitMQ at {self.describe_hosts()} lost while sending to {group!r}"
+            ) from exc
+
+
+class BlockingEmitter:
+    """Sync callers' way to a RabbitMQ layer: one event-loop thread per process, one layer on it.
+
+    channels_rabbitmq binds a layer to the loop that created it, and sync code (gunicorn workers,
+    `manage.py emit`) has none; AWX created a loop per call. Here a daemon thread runs one loop for
+    the life of the process and callers hand it coroutines. A forked child starts its own.
+    """
+
+    service = "RabbitMQ"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._layer: RabbitmqChannelLayer | None = None
+
+    def _started(self) -> tuple[asyncio.AbstractEventLoop, RabbitmqChannelLayer]:
+        with self._lock:
+            if self._loop is None or self._layer is None or self._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=_run_loop, args=(loop,), name="awx_ws-emit", daemon=True).start()
+                self._layer = asyncio.run_coroutine_threadsafe(_make_layer(), loop).result()
+                self._loop, self._pid = loop, os.getpid()
+            return self._loop, self._layer
+
+    def call(self, work: Callable[[RabbitmqChannelLayer], Awaitable[T]], timeout: float) -> T:
+        """Run work(layer) on the emitter's loop; TimeoutError after timeout seconds."""
+        loop, layer = self._started()
+
+        async def bounded() -> T:
+            return await asyncio.wait_for(work(layer), timeout)
+
+        future = asyncio.run_coroutine_threadsafe(bounded(), loop)
+        try:
+            return future.result(timeout + 1.0)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"no answer from the emit loop within {timeout:g}s") from None
+
+    def describe_hosts(self) -> str:
+        """The broker address of the emit loop's layer (password redacted), naming RABBITMQ_URL."""
+        return self._started()[1].describe_hosts()
+
+    def ping(self, timeout: float) -> None:
+        """Wait until the emit loop's layer is connected; BrokerUnavailable or TimeoutError if not."""
+        self.call(lambda layer: layer.connected(), timeout)
+
+    def reset(self) -> None:
+        """Forget the loop and its layer (settings changed); the next call starts anew."""
+        with self._lock:
+            loop, layer = self._loop, self._layer
+            self._loop = self._layer = None
+        if loop is not None and layer is not None and self._pid == os.getpid():
+            try:
+                asyncio.run_coroutine_threadsafe(layer.close(), loop).result(5)
+            except Exception as exc:  # it is being thrown away either way
+                logger.debug("closing the emit loop's layer failed: %s", exc)
+            loop.call_soon_threadsafe(loop.stop)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+async def _make_layer() -> RabbitmqChannelLayer:
+    layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+    if not isinstance(layer, RabbitmqChannelLayer):
+        raise ImproperlyConfigured("CHANNEL_LAYERS['default'] is no longer the RabbitMQ layer")
+    return layer
+
+
+blocking_emitter = BlockingEmitter()
+
+
+def _reset(*, setting: str, **kwargs: Any) -> None:
+    if setting == "CHANNEL_LAYERS":
+        blocking_emitter.reset()
+
+
+setting_changed.connect(_reset)
