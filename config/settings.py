@@ -193,15 +193,23 @@ def channel_layer_config(backend: str) -> dict[str, Any]:
             },
         }
     if backend == "rabbitmq":
+        local_capacity = env_int("RABBITMQ_LOCAL_CAPACITY", 100)
+        prefetch_count = env_int("RABBITMQ_PREFETCH_COUNT", local_capacity)
+        if not 1 <= prefetch_count <= local_capacity:
+            # Every unacknowledged message sits in the process's in-memory queue (rabbitmq.py).
+            raise ImproperlyConfigured(
+                f"RABBITMQ_PREFETCH_COUNT={prefetch_count} must be between 1 and "
+                f"RABBITMQ_LOCAL_CAPACITY={local_capacity}"
+            )
         # channels_rabbitmq: one exclusive queue per process, groups bound on one direct exchange.
         return {
             "BACKEND": "awx_ws.main.rabbitmq.RabbitmqChannelLayer",
             "CONFIG": {
                 "host": os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672"),
                 # Messages a process holds in memory, received but not yet taken by its fan-out...
-                "local_capacity": env_int("RABBITMQ_LOCAL_CAPACITY", 100),
+                "local_capacity": local_capacity,
                 # ...of which RabbitMQ hands over this many before it waits for acks (at most the above).
-                "prefetch_count": env_int("RABBITMQ_PREFETCH_COUNT", env_int("RABBITMQ_LOCAL_CAPACITY", 100)),
+                "prefetch_count": prefetch_count,
                 # Messages a process's queue holds in RabbitMQ; more are refused (and counted).
                 "remote_capacity": env_int("RABBITMQ_REMOTE_CAPACITY", CHANNEL_LAYER_CAPACITY),
                 # Seconds a message may wait in RabbitMQ before it is dropped.

@@ -173,11 +173,8 @@ def layer_node(layer_backend: str, request: pytest.FixtureRequest) -> DaphneNode
     return request.getfixturevalue(f"{layer_backend}_node")
 
 
-@pytest.fixture
-async def fresh_in_process_layer() -> AsyncIterator[None]:
-    """Close this process's channel layer after each test: a RabbitMQ one is bound to the test's
-    event loop, and each test has a loop of its own."""
-    yield
+async def close_in_process_layer() -> None:
+    """Close this process's RabbitMQ layer, if it made one (Channels' own reset drops it unclosed)."""
     from channels.layers import channel_layers
 
     from awx_ws.main.rabbitmq import RabbitmqChannelLayer
@@ -186,6 +183,14 @@ async def fresh_in_process_layer() -> AsyncIterator[None]:
     if isinstance(layer, RabbitmqChannelLayer):
         del channel_layers.backends["default"]
         await layer.close()
+
+
+@pytest.fixture
+async def fresh_in_process_layer() -> AsyncIterator[None]:
+    """Close this process's channel layer after each test: a RabbitMQ one is bound to the test's
+    event loop, and each test has a loop of its own."""
+    yield
+    await close_in_process_layer()
 
 
 @pytest.fixture

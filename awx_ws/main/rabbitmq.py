@@ -87,6 +87,16 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
         self.connect_wait = connect_wait
         self._fanout: Fanout | None = None
 
+    # channels 4.2 deprecated valid_*_name (a DeprecationWarning per call) for require_valid_*_name,
+    # which channels_rabbitmq 4.0.1 still calls in group_add, group_discard, send and receive.
+    def valid_group_name(self, name: str) -> bool:
+        """The check channels_rabbitmq asks for, without the deprecation warning."""
+        return bool(self.require_valid_group_name(name))
+
+    def valid_channel_name(self, name: str, receive: bool = False) -> bool:
+        """The check channels_rabbitmq asks for, without the deprecation warning."""
+        return bool(self.require_valid_channel_name(name, receive))
+
     @property
     def fanout(self) -> Fanout:
         """This process's group fan-out to client sockets (created on first use, no I/O)."""
@@ -134,10 +144,12 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
             await connection.publish(body, exchange_name=self.groups_exchange, routing_key=group)
         except carehare.ServerSentNack:
             metrics.DROPPED.labels("channel_full").inc()
+            # The full queue is another process's, with its own RABBITMQ_REMOTE_CAPACITY: name the
+            # setting, not our value of it.
             logger.info(
-                "a queue bound to group %s is at RABBITMQ_REMOTE_CAPACITY=%s: message dropped for it",
+                "a queue bound to group %s is full (its process's RABBITMQ_REMOTE_CAPACITY): "
+                "message dropped for that queue",
                 group,
-                self.remote_capacity,
             )
         except (carehare.ConnectionClosed, carehare.ChannelClosed) as exc:
             raise BrokerUnavailable(
