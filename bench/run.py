@@ -2,7 +2,9 @@
 
 Every server runs in its own process; load clients run in other processes (bench.loadclient) on
 the same 2 cores, so absolute rates are shared-CPU figures. The fair figure is the server's own
-CPU time per 1,000 deliveries (psutil: user + system of the server processes only).
+CPU time per 1,000 deliveries (psutil: user + system of the server processes only); the channel
+layer's server (redis-server or RabbitMQ's beam) is reported beside it as `layer CPU`.
+"ours" runs on the Redis layer, "ours-rabbitmq" on the RabbitMQ one (CHANNEL_LAYER_BACKEND).
 Prints a table with ratios to the baseline and writes bench/results/<time>.json.
 """
 
@@ -27,7 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(tempfile.mkdtemp(prefix="awx_ws-bench-"))
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import DaphneNode, Nginx, Process, RedisServer, free_port  # noqa: E402
+from tests.servers import DaphneNode, Nginx, Process, RabbitMQServer, RedisServer, free_port  # noqa: E402
+
+# The RabbitMQ broker of the "ours-rabbitmq" kind (started by main()).
+RABBITMQ: list[RabbitMQServer] = []
+
+
+def rabbitmq_env() -> dict[str, str]:
+    return {"CHANNEL_LAYER_BACKEND": "rabbitmq", "RABBITMQ_URL": RABBITMQ[0].url()}
+
+
+def cpu_seconds(process: Process) -> float:
+    """User + system CPU of a process and its children (RabbitMQ's beam runs under a shell)."""
+    parent = psutil.Process(process.pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [parent, *parent.children(recursive=True)])
 
 
 def setup_django(redis_port: int) -> None:
@@ -73,8 +88,9 @@ class Server:
         self.kind = kind
         self.processes: list[Process] = []
         logs = STATE / "logs"
-        if kind == "ours":
-            nodes = [DaphneNode(logs, {"LOG_LEVEL": "WARNING"}).start() for _ in range(daphnes)]
+        if kind in ("ours", "ours-rabbitmq"):
+            env = {"LOG_LEVEL": "WARNING", **(rabbitmq_env() if kind == "ours-rabbitmq" else {})}
+            nodes = [DaphneNode(logs, env).start() for _ in range(daphnes)]
             self.processes += nodes
             if front:
                 nginx = Nginx(STATE / f"nginx-{free_port()}", [n.port for n in nodes], free_port()).start()
@@ -143,8 +159,9 @@ class Clients:
         hold: bool = False,
         timeout: float = 90,
     ):
+        client_kind = "ours" if server.kind == "ours-rabbitmq" else server.kind  # the same protocol
         argv = [
-            sys.executable, "-m", "bench.loadclient", "--kind", server.kind, "--url", server.url,
+            sys.executable, "-m", "bench.loadclient", "--kind", client_kind, "--url", server.url,
             "--count", str(count), "--groups", ",".join(groups), "--token", token,
             "--expect", str(expect), "--timeout", str(timeout),
         ]  # fmt: skip
@@ -197,6 +214,25 @@ def emitter(kind: str, redis_url: str):
         return publish
     from awx_ws.main.emit import build_message
 
+    if kind == "ours-rabbitmq":
+        # Made on first use: a RabbitMQ layer belongs to the loop that creates it.
+        from awx_ws.main.rabbitmq import RabbitmqChannelLayer
+        from config.settings import channel_layer_config
+
+        config = channel_layer_config("rabbitmq")["CONFIG"]
+        made: list[RabbitmqChannelLayer] = []
+
+        async def send_rabbitmq(group: str, payload: dict) -> None:
+            if not made:
+                made.append(RabbitmqChannelLayer(**{**config, "host": RABBITMQ[0].url()}))
+            await made[0].group_send(group, build_message(group, payload))
+
+        async def close() -> None:
+            if made:
+                await made[0].close()
+
+        send_rabbitmq.close = close  # type: ignore[attr-defined]
+        return send_rabbitmq
     if kind == "ours":
         # Configured as our settings configure it (capacity and all), as the API would emit.
         from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
@@ -225,6 +261,9 @@ async def emit_paced(send, plan: list[str], rate: float, pad: str = "") -> float
         if pad:
             payload["pad"] = pad
         await send(group, payload)
+    close = getattr(send, "close", None)
+    if close is not None:  # a RabbitMQ layer: its connection and tasks end with this loop
+        await close()
     return start
 
 
@@ -311,7 +350,8 @@ def deliveries(
             server, clients, groups, token, expect=per_client, timeout=max(60.0, len(plan) / rate * 6)
         )
         load.wait_ready()
-        cpu0, parts0 = server.cpu(), server.cpu_parts()
+        broker = RABBITMQ[0] if kind == "ours-rabbitmq" else redis
+        cpu0, parts0, layer_cpu0 = server.cpu(), server.cpu_parts(), cpu_seconds(broker)
         client_cpu0 = sum(psutil.Process(load.proc.pid).cpu_times()[:2])
         started = time.time()
         asyncio.run(emit_paced(emitter(kind, redis.url), plan, rate))
@@ -319,6 +359,7 @@ def deliveries(
         wall = time.time() - started
         cpu = server.cpu() - cpu0
         parts = {name: value - parts0[name] for name, value in server.cpu_parts().items()}
+        layer_cpu = cpu_seconds(broker) - layer_cpu0
     finally:
         server.stop()
     received = result["received"]
@@ -334,6 +375,7 @@ def deliveries(
         "p99_ms": percentile(lat, 0.99),
         "wall_s": wall,
         "server_cpu_s": cpu,
+        "layer_cpu_ms_per_1000": layer_cpu * 1e6 / received if received else float("nan"),
         "server_cpu_by_process_s": parts,
         # the load client's CPU over the same window (it reports its own total at the end)
         "client_cpu_s": result["cpu_s"] - client_cpu0,
@@ -408,6 +450,54 @@ def emit_cost(redis: RedisServer, group: str, scenario: str, calls: int = 2000) 
     }
 
 
+def emit_cost_rabbitmq(group: str, calls: int = 2000) -> dict[str, Any]:
+    """The sync emit on the RabbitMQ layer: one publish, confirmed, through the emit loop thread."""
+    import threading
+
+    from django.test import override_settings
+
+    from awx_ws.main.emit import emit_channel_notification
+    from config.settings import channel_layer_config
+
+    broker = RABBITMQ[0]
+
+    def connections() -> int:
+        return sum(
+            1 for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == broker.port
+        )
+
+    os.environ["RABBITMQ_URL"] = broker.url()
+    with override_settings(CHANNEL_LAYERS={"default": channel_layer_config("rabbitmq")}):
+        before, threads = connections(), threading.active_count()
+        emit_channel_notification(group, {"warm": True})
+        samples = []
+        for n in range(calls):
+            t0 = time.perf_counter_ns()
+            emit_channel_notification(group, {"n": n})
+            samples.append((time.perf_counter_ns() - t0) / 1000)
+        opened, new_threads = connections() - before, threading.active_count() - threads
+    return {
+        "kind": "ours-rabbitmq",
+        "scenario": "sync emit (RabbitMQ)",
+        "median_us": statistics.median(samples),
+        "p99_us": percentile(samples, 0.99),
+        "connections_opened": opened,
+        "threads_started": new_threads,
+        "calls": calls,
+    }
+
+
+@contextmanager
+def rabbitmq_server():
+    server = RabbitMQServer(free_port(), STATE / "rabbitmq", ["/"]).start()
+    RABBITMQ.append(server)
+    try:
+        yield server
+    finally:
+        RABBITMQ.clear()
+        server.stop()
+
+
 @contextmanager
 def redis_server():
     server = RedisServer(free_port(), STATE / "redis").start()
@@ -420,8 +510,8 @@ def redis_server():
 def table(rows: list[dict[str, Any]]) -> str:
     base = {r["scenario"]: r for r in rows if r["kind"] == "baseline" and "cpu_ms_per_1000" in r}
     out = [
-        f"{'scenario':<34} {'server':<12} {'deliv/s':>9} {'CPU ms/1k':>10} {'x base':>7} "
-        f"{'p50 ms':>8} {'p99 ms':>9} {'got/expected':>14}"
+        f"{'scenario':<34} {'server':<13} {'deliv/s':>9} {'CPU ms/1k':>10} {'x base':>7} "
+        f"{'p50 ms':>8} {'p99 ms':>9} {'got/expected':>14} {'layer CPU ms/1k':>16}"
     ]
     for r in rows:
         if "cpu_ms_per_1000" not in r:
@@ -431,9 +521,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             ref["cpu_ms_per_1000"] / r["cpu_ms_per_1000"] if ref and r["cpu_ms_per_1000"] else float("nan")
         )
         out.append(
-            f"{r['scenario']:<34} {r['kind']:<12} {r['deliveries_per_s']:>9.0f} "
+            f"{r['scenario']:<34} {r['kind']:<13} {r['deliveries_per_s']:>9.0f} "
             f"{r['cpu_ms_per_1000']:>10.1f} "
-            f"{ratio:>7.2f} {r['p50_ms']:>8.1f} {r['p99_ms']:>9.1f} {r['received']:>7}/{r['expected']:<6}"
+            f"{ratio:>7.2f} {r['p50_ms']:>8.1f} {r['p99_ms']:>9.1f} {r['received']:>7}/{r['expected']:<6} "
+            f"{r.get('layer_cpu_ms_per_1000', float('nan')):>16.1f}"
         )
     return "\n".join(out)
 
@@ -449,13 +540,13 @@ def main() -> None:
         f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
         "load clients share the cores"
     )
-    with redis_server() as redis:
+    with redis_server() as redis, rabbitmq_server():
         setup_django(redis.port)
         token, jobs = make_token_and_jobs(1000)
 
         for subscribers, messages, rate in [(100, 50, 50.0), (1000, int(50 * scale) or 5, 20.0)]:
             label = f"fan-out 1 group x {subscribers}"
-            for kind in ("baseline", "floor", "ours"):
+            for kind in ("baseline", "floor", "ours", "ours-rabbitmq"):
                 log(f"{label}: {kind}")
                 rows.append(
                     deliveries(
@@ -473,12 +564,12 @@ def main() -> None:
         count = int(1000 * scale) or 100
         groups = [f"job_events-{job}" for job in jobs[:count]]
         label = f"{count} clients, own group each"
-        for kind in ("baseline", "ours"):
+        for kind in ("baseline", "ours", "ours-rabbitmq"):
             log(f"{label}: {kind}")
             rows.append(deliveries(kind, redis, token, count, groups, groups * 5, 1000.0, label))
 
         label = "1000 subs x 10 msg/s (latency)"
-        for kind in ("baseline", "floor", "ours"):
+        for kind in ("baseline", "floor", "ours", "ours-rabbitmq"):
             log(f"{label}: {kind}")
             rows.append(
                 deliveries(
@@ -496,6 +587,7 @@ def main() -> None:
         log("emit cost")
         rows.append(emit_cost(redis, "jobs-emitcost", "sync emit"))
         rows.append(emit_cost(redis, "control-emitcost", "sync emit, no history"))
+        rows.append(emit_cost_rabbitmq("jobs-emitcost"))
 
         label = "1000 subs via nginx, 1 vs 2 daphne"
         for daphnes in (1, 2):
@@ -525,7 +617,13 @@ def main() -> None:
     print()
     print(table(rows))
     for r in rows:
-        if r["scenario"].startswith("sync emit"):
+        if r["scenario"] == "sync emit (RabbitMQ)":
+            print(
+                f"{r['scenario']}: median {r['median_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, "
+                f"connections opened {r['connections_opened']}, threads started {r['threads_started']} "
+                f"over {r['calls']} calls (one emit loop thread and connection per process)"
+            )
+        elif r["scenario"].startswith("sync emit"):
             print(
                 f"{r['scenario']}: median {r['median_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, "
                 f"Redis connections opened {max(0, r['redis_connections_opened'])} over {r['calls']} calls "

@@ -327,3 +327,39 @@ async def emit_on(env: dict[str, str], group: str, payload: object) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+async def test_a_broker_restart_answers_subscribes_with_an_error_then_delivery_resumes(
+    daphne_factory, state_dir, auth
+):
+    """A broker of this test's own, stopped under a live node and started again."""
+    broker = RabbitMQServer(free_port(), state_dir / f"rabbitmq-restart-{free_port()}", ["/"]).start()
+    try:
+        server = daphne_factory(rabbitmq_env(broker))
+        client = await open_ws(server.url, headers=auth)
+        await client.subscribe({"schedules": ["before"]})
+        broker.stop()
+        # The subscribe is answered (within the layer's 5 s connection wait), the socket stays.
+        await client.send_json({"groups": {"schedules": ["before", "during"]}})
+        error = await client.recv_json(timeout=15)
+        assert error == {"error": "subscribe failed: the service cannot reach RabbitMQ, try again"}
+        assert (await client.recv_json())["groups_current"] == ["schedules-before"]
+        assert server.proc is not None and server.proc.poll() is None
+        broker.start()
+        # channels_rabbitmq reconnects and binds the process's groups again.
+        for attempt in range(60):
+            await aemit_via(broker, "schedules-before", {"attempt": attempt})
+            try:
+                message = await client.recv_json(timeout=1)
+            except TimeoutError:
+                continue
+            break
+        else:
+            raise AssertionError("no delivery after the broker came back")
+        assert "attempt" in message
+        errors, reply = await client.subscribe({"schedules": ["before", "during"]})
+        assert errors == [] and reply["groups_current"] == ["schedules-before", "schedules-during"]
+        await client.close()
+    finally:
+        broker.stop()
