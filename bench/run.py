@@ -408,6 +408,11 @@ def idle_rss(kind: str, redis: RedisServer, token: str, counts: list[int]) -> di
     }
 
 
+def connections_to(port: int) -> int:
+    """TCP connections this process holds to a server on port."""
+    return sum(1 for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
+
+
 def emit_cost(redis: RedisServer, group: str, scenario: str, calls: int = 2000) -> dict[str, Any]:
     """Median and p99 of the sync emit, the Redis connections it opened, and what bounds it.
 
@@ -428,9 +433,7 @@ def emit_cost(redis: RedisServer, group: str, scenario: str, calls: int = 2000) 
     ping.close()
 
     def connections() -> int:
-        return sum(
-            1 for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == redis.port
-        )
+        return connections_to(redis.port)
 
     before = connections()
     emit_channel_notification(group, {"warm": True})
@@ -462,9 +465,7 @@ def emit_cost_rabbitmq(group: str, calls: int = 2000) -> dict[str, Any]:
     broker = RABBITMQ[0]
 
     def connections() -> int:
-        return sum(
-            1 for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == broker.port
-        )
+        return connections_to(broker.port)
 
     os.environ["RABBITMQ_URL"] = broker.url()
     with override_settings(CHANNEL_LAYERS={"default": channel_layer_config("rabbitmq")}):

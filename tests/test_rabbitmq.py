@@ -162,16 +162,7 @@ async def test_a_killed_daphne_leaves_nothing_behind_and_its_clients_come_back(
 
 async def aemit_via(rabbitmq_server: RabbitMQServer, group: str, payload: object) -> None:
     """Emit as `manage.py emit` on the RabbitMQ layer does (the sync path, its own process)."""
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "manage.py", "emit", group, json.dumps(payload)],
-        cwd=ROOT,
-        env={**os.environ, **rabbitmq_env(rabbitmq_server)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+    await emit_on({**os.environ, **rabbitmq_env(rabbitmq_server)}, group, payload)
 
 
 async def test_a_full_queue_drops_for_itself_only_with_a_log_line_and_a_metric(
@@ -317,6 +308,7 @@ async def drain_until(client, wanted: object) -> object:
 
 
 async def emit_on(env: dict[str, str], group: str, payload: object) -> None:
+    """`manage.py emit` in a process of its own with env."""
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "manage.py", "emit", group, json.dumps(payload)],

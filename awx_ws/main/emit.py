@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from typing import Any
@@ -65,7 +66,12 @@ async def aemit_channel_notification(group: str, payload: Any) -> None:
 
 def uses_rabbitmq() -> bool:
     """True when CHANNEL_LAYERS names the RabbitMQ layer (which sync code must not instantiate)."""
-    backend = import_string(settings.CHANNEL_LAYERS[DEFAULT_CHANNEL_LAYER]["BACKEND"])
+    return _is_rabbitmq(settings.CHANNEL_LAYERS[DEFAULT_CHANNEL_LAYER]["BACKEND"])
+
+
+@functools.cache  # asked on every sync emit: resolve each backend path once
+def _is_rabbitmq(backend_path: str) -> bool:
+    backend = import_string(backend_path)
     return isinstance(backend, type) and issubclass(backend, RabbitmqChannelLayer)
 
 
