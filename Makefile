@@ -21,7 +21,7 @@ export DJANGO_SETTINGS_MODULE := config.settings
 # Debian puts nginx in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: run test test-postgres bench bootstrap sysdeps testdeps rabbitmq lint clean
+.PHONY: run test test-postgres bench bootstrap sysdeps testdeps rabbitmq postgresql lint clean
 
 run: bootstrap
 	# Metrics files of an earlier run would add up with this one's (prometheus_client multiprocess).
@@ -47,7 +47,7 @@ test-postgres: bootstrap testdeps
 	AWX_WS_TEST_DATABASE=postgres $(VENV)/bin/pytest -m "not slow or postgres"
 
 # Benchmark against the Channels tutorial baseline and a no-Django floor (under 10 minutes).
-bench: bootstrap rabbitmq
+bench: bootstrap rabbitmq postgresql
 	$(PY) -m bench.run
 
 lint: bootstrap
@@ -83,15 +83,19 @@ rabbitmq:
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends rabbitmq-server; \
 	fi
 
-# Debian's postgresql for the PostgreSQL pass, and chromium for the browser tests (which skip,
-# saying why, where it cannot be installed); rabbitmq-server for the RabbitMQ layer's tests.
-testdeps: rabbitmq
-	@sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-	if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+# Debian's postgresql, started by the tests' PostgreSQL pass and the benchmark (a throwaway cluster).
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 		echo "installing postgresql with apt-get"; \
 		$$sudo apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends postgresql; \
-	fi; \
+	fi
+
+# postgresql and rabbitmq-server for the backends' tests, and chromium for the browser tests (which
+# skip, saying why, where it cannot be installed).
+testdeps: rabbitmq postgresql
+	@sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	if ! command -v chromium >/dev/null; then \
 		echo "installing chromium with apt-get"; \
 		( $$sudo apt-get update -qq && \

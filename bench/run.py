@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STATE = Path(tempfile.mkdtemp(prefix="awx_ws-bench-"))
 sys.path.insert(0, str(ROOT))
 
+from bench.backends import database_figures, describe, tls_figures  # noqa: E402
 from tests.servers import DaphneNode, Nginx, Process, RabbitMQServer, RedisServer, free_port  # noqa: E402
 
 # The RabbitMQ broker of the "ours-rabbitmq" kind (started by main()).
@@ -615,6 +616,12 @@ def main() -> None:
         rows.append(idle_rss("ours", redis, token, counts))
         rows.append(idle_rss("baseline", redis, token, [1000]))
 
+        log("backends: the database behind a handshake, TLS at nginx")
+        handshakes = int(300 * scale) or 50
+        backend_rows = database_figures(STATE, handshakes, token, jobs[0])
+        backend_rows += tls_figures(STATE, token, jobs[0], handshakes, int(5000 * scale) or 500)
+        rows += backend_rows
+
     print()
     print(table(rows))
     for r in rows:
@@ -640,6 +647,7 @@ def main() -> None:
                 f"idle sockets, {r['kind']}: "
                 + ", ".join(f"{k}: {v:.1f} KB" for k, v in r["kb_per_socket"].items())
             )
+    print(describe(backend_rows))
     multi = [r for r in rows if r["scenario"].startswith("1000 subs via nginx")]
     for r in multi:
         busy = (r["server_cpu_s"] + r["client_cpu_s"]) / (r["wall_s"] * (os.cpu_count() or 1))
