@@ -178,7 +178,11 @@ class BlockingEmitter:
             if self._loop is None or self._layer is None or self._pid != os.getpid():
                 loop = asyncio.new_event_loop()
                 threading.Thread(target=_run_loop, args=(loop,), name="awx_ws-emit", daemon=True).start()
-                self._layer = asyncio.run_coroutine_threadsafe(_make_layer(), loop).result()
+                try:
+                    self._layer = asyncio.run_coroutine_threadsafe(_make_layer(), loop).result()
+                except BaseException:
+                    loop.call_soon_threadsafe(loop.stop)  # no thread left behind per failed attempt
+                    raise
                 self._loop, self._pid = loop, os.getpid()
             return self._loop, self._layer
 
