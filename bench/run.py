@@ -414,14 +414,25 @@ def connections_to(port: int) -> int:
     return sum(1 for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
 
 
+def timed_sync_emits(group: str, calls: int) -> list[float]:
+    """µs of each of calls emit_channel_notification()s, after one untimed warm-up call."""
+    from awx_ws.main.emit import emit_channel_notification
+
+    emit_channel_notification(group, {"warm": True})
+    samples = []
+    for n in range(calls):
+        t0 = time.perf_counter_ns()
+        emit_channel_notification(group, {"n": n})
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    return samples
+
+
 def emit_cost(redis: RedisServer, group: str, scenario: str, calls: int = 2000) -> dict[str, Any]:
     """Median and p99 of the sync emit, the Redis connections it opened, and what bounds it.
 
     A `jobs` group keeps history (one XADD and trim in the emit's script); `control` keeps none.
     """
     from redis import Redis
-
-    from awx_ws.main.emit import emit_channel_notification
 
     # What one loopback Redis round trip costs from a sync client: the floor of any confirmed emit.
     ping = Redis.from_url(redis.url)
@@ -437,12 +448,7 @@ def emit_cost(redis: RedisServer, group: str, scenario: str, calls: int = 2000) 
         return connections_to(redis.port)
 
     before = connections()
-    emit_channel_notification(group, {"warm": True})
-    samples = []
-    for n in range(calls):
-        t0 = time.perf_counter_ns()
-        emit_channel_notification(group, {"n": n})
-        samples.append((time.perf_counter_ns() - t0) / 1000)
+    samples = timed_sync_emits(group, calls)
     return {
         "kind": "ours",
         "scenario": scenario,
@@ -460,7 +466,6 @@ def emit_cost_rabbitmq(group: str, calls: int = 2000) -> dict[str, Any]:
 
     from django.test import override_settings
 
-    from awx_ws.main.emit import emit_channel_notification
     from config.settings import channel_layer_config
 
     broker = RABBITMQ[0]
@@ -471,12 +476,7 @@ def emit_cost_rabbitmq(group: str, calls: int = 2000) -> dict[str, Any]:
     os.environ["RABBITMQ_URL"] = broker.url()
     with override_settings(CHANNEL_LAYERS={"default": channel_layer_config("rabbitmq")}):
         before, threads = connections(), threading.active_count()
-        emit_channel_notification(group, {"warm": True})
-        samples = []
-        for n in range(calls):
-            t0 = time.perf_counter_ns()
-            emit_channel_notification(group, {"n": n})
-            samples.append((time.perf_counter_ns() - t0) / 1000)
+        samples = timed_sync_emits(group, calls)
         opened, new_threads = connections() - before, threading.active_count() - threads
     return {
         "kind": "ours-rabbitmq",
