@@ -7,15 +7,15 @@ SECRET_KEY is unset, a generated key file inside it (never committed).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import socket
 from pathlib import Path
 from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from awx_ws.main import conf as ws_conf
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("AWX_WS_VAR", BASE_DIR / "var")).resolve()
@@ -160,7 +160,9 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     # Scoped rates; the emit endpoint's rate is AWX_WS["EMIT_RATE"].
-    "DEFAULT_THROTTLE_RATES": {"tokens": os.environ.get("AWX_WS_TOKEN_RATE", "60/min")},
+    "DEFAULT_THROTTLE_RATES": {
+        "tokens": ws_conf.require_rate("AWX_WS_TOKEN_RATE", os.environ.get("AWX_WS_TOKEN_RATE") or "60/min")
+    },
 }
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6390/0")
@@ -223,53 +225,11 @@ def channel_layer_config(backend: str) -> dict[str, Any]:
 CHANNEL_LAYER_BACKEND = os.environ.get("CHANNEL_LAYER_BACKEND", "redis").lower()
 CHANNEL_LAYERS = {"default": channel_layer_config(CHANNEL_LAYER_BACKEND)}
 
-# One namespace for the service's own settings; read them through awx_ws.main.conf.ws_settings.
-AWX_WS: dict[str, Any] = {
-    "MAX_GROUPS_PER_CONNECTION": env_int("AWX_WS_MAX_GROUPS_PER_CONNECTION", 100),
-    "MAX_FRAME_BYTES": env_int("AWX_WS_MAX_FRAME_BYTES", 64 * 1024),
-    "EMIT_TIMEOUT": env_float("AWX_WS_EMIT_TIMEOUT", 5.0),
-    "EMIT_RATE": os.environ.get("AWX_WS_EMIT_RATE", "1200/min"),
-    "STARTUP_REDIS_WAIT": env_float("AWX_WS_STARTUP_REDIS_WAIT", 60.0),
-    "LIVENESS_TTL": env_float("AWX_WS_LIVENESS_TTL", 30.0),
-    "LIVENESS_INTERVAL": env_float("AWX_WS_LIVENESS_INTERVAL", 10.0),
-    # The cluster relay (AWX's names): peers as host:port (or ws:// / wss:// URLs), shared secret.
-    "BROADCAST_WEBSOCKET_PEERS": env_list("BROADCAST_WEBSOCKET_PEERS", []),
-    "BROADCAST_WEBSOCKET_SECRET": os.environ.get("BROADCAST_WEBSOCKET_SECRET", ""),
-    # This node's own entry in the peers list, which its relay skips (one list for every node).
-    "BROADCAST_WEBSOCKET_SELF": os.environ.get(
-        "BROADCAST_WEBSOCKET_SELF", f"127.0.0.1:{os.environ.get('AWX_WS_DAPHNE_PORT', '8051')}"
-    ),
-    "BROADCAST_WEBSOCKET_NONCE_WINDOW": env_float("BROADCAST_WEBSOCKET_NONCE_WINDOW", 300.0),
-    # wss:// peers: certificates verified by default, against this CA bundle or the system's.
-    "BROADCAST_WEBSOCKET_VERIFY_CERT": os.environ.get("BROADCAST_WEBSOCKET_VERIFY_CERT", "true").lower()
-    not in {"0", "false", "no"},
-    "BROADCAST_WEBSOCKET_CA_BUNDLE": os.environ.get("BROADCAST_WEBSOCKET_CA_BUNDLE", ""),
-    "BROADCAST_WEBSOCKET_BACKOFF_MAX": env_float("BROADCAST_WEBSOCKET_BACKOFF_MAX", 16.0),
-    "BROADCAST_WEBSOCKET_PING_INTERVAL": env_float("BROADCAST_WEBSOCKET_PING_INTERVAL", 10.0),
-    "NODE_NAME": os.environ.get("AWX_WS_NODE_NAME", socket.gethostname()),
-    # Resumable streams (docs/channels.md): history per group, SSE timing.
-    "HISTORY_LENGTH": env_int("AWX_WS_HISTORY_LENGTH", 1000),
-    "HISTORY_AGE": env_float("AWX_WS_HISTORY_AGE", 3600.0),
-    # JSON, e.g. {"control": null, "jobs": {"length": 100, "age": 600}}
-    "HISTORY_KINDS": json.loads(os.environ.get("AWX_WS_HISTORY_KINDS", '{"control": null}')),
-    "HISTORY_CLOCK_SKEW": env_float("AWX_WS_HISTORY_CLOCK_SKEW", 1.0),
-    "RECOVER_TIMEOUT": env_float("AWX_WS_RECOVER_TIMEOUT", 5.0),
-    "SSE_KEEPALIVE": env_float("AWX_WS_SSE_KEEPALIVE", 15.0),
-    "SSE_RETRY": env_float("AWX_WS_SSE_RETRY", 1.0),
-    # Hardening (docs/reliability.md): slow readers, subscribe storms.
-    "SLOW_CLIENT_MAX_BYTES": env_int("AWX_WS_SLOW_CLIENT_MAX_BYTES", 8 * 1024 * 1024),
-    "SLOW_CLIENT_MAX_MESSAGES": env_int("AWX_WS_SLOW_CLIENT_MAX_MESSAGES", 10_000),
-    "SUBSCRIBE_RATE": env_int("AWX_WS_SUBSCRIBE_RATE", 20),
-    "SUBSCRIBE_WINDOW": env_float("AWX_WS_SUBSCRIBE_WINDOW", 10.0),
-}
-
-if AWX_WS["LIVENESS_INTERVAL"] * 2 > AWX_WS["LIVENESS_TTL"]:
-    # A record must survive a missed heartbeat, or another daphne's start-up purge could take a
-    # live process for dead and remove its subscriptions.
-    raise ImproperlyConfigured(
-        f"AWX_WS_LIVENESS_INTERVAL={AWX_WS['LIVENESS_INTERVAL']:g} must be at most half of "
-        f"AWX_WS_LIVENESS_TTL={AWX_WS['LIVENESS_TTL']:g}"
-    )
+# One namespace for the service's own settings: what the environment gives, every other value
+# from the defaults in awx_ws.main.conf.SETTINGS (docs/channels.md has the table). Validated here,
+# so a bad value stops every process at start, naming its variable. Read through ws_settings.
+AWX_WS: dict[str, Any] = ws_conf.from_environment(os.environ)
+ws_conf.validate(AWX_WS)
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
 LOGGING = {

@@ -1,65 +1,352 @@
-"""The AWX_WS settings namespace: defaults, one object to read them, overridable in tests."""
+"""The AWX_WS settings namespace: every default written once, read from the environment, validated.
+
+`SETTINGS` is the one table: for each setting its environment variable, its default, how the
+variable's text is read and what a valid value is. config/settings.py puts what the environment
+gives into `settings.AWX_WS` (`from_environment`), and validates the whole namespace at start
+(`validate`): a bad value stops the process with the variable's name and the value, before any
+connection is accepted or any emit is tried. Code reads values through `ws_settings`, which falls
+back to the defaults here; tests override them with `override_settings(AWX_WS={...})`, which is
+validated the same way.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
-DEFAULTS: dict[str, Any] = {
-    # Groups one websocket connection may hold at once.
-    "MAX_GROUPS_PER_CONNECTION": 100,
-    # Largest inbound text frame we parse; larger frames get an error reply.
-    "MAX_FRAME_BYTES": 64 * 1024,
-    # Seconds an emit may take before EmitError (Redis down or unreachable).
-    "EMIT_TIMEOUT": 5.0,
-    # Per-user rate of POST /api/v2/emit/ (DRF rate syntax).
-    "EMIT_RATE": "1200/min",
-    # Seconds daphne waits for Redis at start before it exits with one clear message.
-    "STARTUP_REDIS_WAIT": 60.0,
-    # A process's liveness record expires this many seconds after its last heartbeat...
-    "LIVENESS_TTL": 30.0,
-    # ...and is refreshed this often.
-    "LIVENESS_INTERVAL": 10.0,
-    # Peer nodes the relay dials: "host:port" (ws://host:port/websocket/broadcast/) or full URLs.
-    "BROADCAST_WEBSOCKET_PEERS": [],
-    # Shared HMAC key of the cluster; empty refuses every peer.
-    "BROADCAST_WEBSOCKET_SECRET": "",
-    # This node's own entry in BROADCAST_WEBSOCKET_PEERS: never dialled.
-    "BROADCAST_WEBSOCKET_SELF": "",
-    # Verify peers' TLS certificates on wss:// links (AWX does not by default; we do)...
-    "BROADCAST_WEBSOCKET_VERIFY_CERT": True,
-    # ...against this CA bundle (a PEM file), or the system's CAs when empty.
-    "BROADCAST_WEBSOCKET_CA_BUNDLE": "",
-    # Seconds a peer's nonce may be away from our clock.
-    "BROADCAST_WEBSOCKET_NONCE_WINDOW": 300.0,
-    # Reconnect backoff: 1 s doubling to this many seconds, with jitter.
-    "BROADCAST_WEBSOCKET_BACKOFF_MAX": 16.0,
-    # Seconds between pings on a relay link; a peer silent for twice this is dropped.
-    "BROADCAST_WEBSOCKET_PING_INTERVAL": 10.0,
-    # History kept per group for resuming streams (history.py): entries and seconds per group...
-    "HISTORY_LENGTH": 1000,
-    "HISTORY_AGE": 3600.0,
-    # ...overridden per group kind: {"kind": {"length": n, "age": s}} or {"kind": None} for none.
-    "HISTORY_KINDS": {"control": None},
-    # Seconds a peer node's clock may lag ours; resuming replays that much earlier from it.
-    "HISTORY_CLOCK_SKEW": 1.0,
-    # Seconds a resume may wait for peers (their history, their relay forwarding the group).
-    "RECOVER_TIMEOUT": 5.0,
-    # Seconds between keep-alive comments on an idle SSE stream.
-    "SSE_KEEPALIVE": 15.0,
-    # Seconds a browser's EventSource waits before reconnecting (the stream's `retry:`).
-    "SSE_RETRY": 1.0,
-    # A websocket whose unread backlog passes either bound is closed with code 4008 (server.py).
-    "SLOW_CLIENT_MAX_BYTES": 8 * 1024 * 1024,
-    "SLOW_CLIENT_MAX_MESSAGES": 10_000,
-    # Subscribe frames one websocket may send per SUBSCRIBE_WINDOW seconds; more get an error.
-    "SUBSCRIBE_RATE": 20,
-    "SUBSCRIBE_WINDOW": 10.0,
-    # This node's name in logs and peer headers.
-    "NODE_NAME": "awx_ws",
-}
+Check = Callable[[Any], str | None]
+
+
+class SettingError(ImproperlyConfigured):
+    """One AWX_WS setting is malformed; the message names its environment variable and value."""
+
+
+# --- readers of environment text -------------------------------------------------------------
+
+
+def _integer(text: str) -> int:
+    return int(text.strip())
+
+
+def _number(text: str) -> float:
+    value = float(text.strip())
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(sorted(_TRUE | _FALSE))}")
+
+
+def _json(text: str) -> Any:
+    return json.loads(text)
+
+
+# --- checks of values (None when valid, else what is wrong) ----------------------------------
+
+
+def _int_at_least(low: int) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "must be an integer"
+        return None if value >= low else f"must be at least {low}"
+
+    return check
+
+
+def _seconds(*, zero: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            return "must be a number of seconds"
+        if value < 0 or (value == 0 and not zero):
+            return "must be at least 0" if zero else "must be greater than 0"
+        return None
+
+    return check
+
+
+def _string(*, empty: bool = True) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return "must be a string"
+        return None if empty or value.strip() else "must not be empty"
+
+    return check
+
+
+def _flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+_RATE_RE = re.compile(r"^\d+/(s|m|h|d)[a-z]*$")
+
+
+def _rate(value: Any) -> str | None:
+    if isinstance(value, str) and _RATE_RE.match(value):
+        return None
+    return "must be a DRF rate such as 1200/min (a count, '/', then s, m, h or d)"
+
+
+_PEER_RE = re.compile(r"^(wss?://\S+|[A-Za-z0-9_.\-\[\]:]+:\d{1,5})$")
+
+
+def _peers(value: Any) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(peer, str) for peer in value):
+        return "must be a list of host:port entries or ws:// / wss:// URLs"
+    bad = [peer for peer in value if not _PEER_RE.match(peer)]
+    return f"{bad[0]!r} is neither host:port nor a ws:// or wss:// URL" if bad else None
+
+
+def _history_kinds(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return 'must be a JSON object such as {"control": null, "jobs": {"length": 100, "age": 600}}'
+    for kind, policy in value.items():
+        if not isinstance(kind, str) or not kind:
+            return f"{kind!r} is not a group kind"
+        if policy is None:
+            continue
+        if not isinstance(policy, dict) or not set(policy) <= {"length", "age"}:
+            return f'{kind!r}: expected null or {{"length": n, "age": seconds}}'
+        if "length" in policy and (problem := _int_at_least(1)(policy["length"])):
+            return f"{kind!r}: length {problem}"
+        if "age" in policy and (problem := _seconds()(policy["age"])):
+            return f"{kind!r}: age {problem}"
+    return None
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One AWX_WS setting: where it comes from, its default, and what a valid value is."""
+
+    env: str
+    # The value when the environment does not give one (a callable gets the environment).
+    default: Any
+    read: Callable[[str], Any]
+    check: Check
+    help: str
+
+    def default_for(self, environ: Mapping[str, str]) -> Any:
+        """The default value (computed from the environment where it depends on it)."""
+        return self.default(environ) if callable(self.default) else self.default
+
+
+def _own_relay_address(environ: Mapping[str, str]) -> str:
+    return f"127.0.0.1:{environ.get('AWX_WS_DAPHNE_PORT') or '8051'}"
+
+
+def _hostname(environ: Mapping[str, str]) -> str:
+    return socket.gethostname()
+
+
+def _s(env: str, default: Any, read: Callable[[str], Any], check: Check, help: str) -> Setting:
+    return Setting(env, default, read, check, help)
+
+
+SETTINGS: dict[str, Setting] = {
+    "MAX_GROUPS_PER_CONNECTION": _s(
+        "AWX_WS_MAX_GROUPS_PER_CONNECTION", 100, _integer, _int_at_least(1),
+        "Groups one websocket connection may hold at once.",
+    ),
+    "MAX_FRAME_BYTES": _s(
+        "AWX_WS_MAX_FRAME_BYTES", 64 * 1024, _integer, _int_at_least(64),
+        "Largest inbound text frame parsed; larger frames get an error reply.",
+    ),
+    "EMIT_TIMEOUT": _s(
+        "AWX_WS_EMIT_TIMEOUT", 5.0, _number, _seconds(),
+        "Seconds an emit may take before EmitError (the channel layer down or unreachable).",
+    ),
+    "EMIT_RATE": _s(
+        "AWX_WS_EMIT_RATE", "1200/min", _text, _rate,
+        "Per-user rate of POST /api/v2/emit/ (DRF rate syntax).",
+    ),
+    "STARTUP_REDIS_WAIT": _s(
+        "AWX_WS_STARTUP_REDIS_WAIT", 60.0, _number, _seconds(zero=True),
+        "Seconds a starting server waits for its channel layer (Redis or RabbitMQ).",
+    ),
+    "LIVENESS_TTL": _s(
+        "AWX_WS_LIVENESS_TTL", 30.0, _number, _seconds(),
+        "A process's liveness record expires this many seconds after its last heartbeat.",
+    ),
+    "LIVENESS_INTERVAL": _s(
+        "AWX_WS_LIVENESS_INTERVAL", 10.0, _number, _seconds(),
+        "Seconds between liveness heartbeats (at most half of AWX_WS_LIVENESS_TTL).",
+    ),
+    "BROADCAST_WEBSOCKET_PEERS": _s(
+        "BROADCAST_WEBSOCKET_PEERS", [], _comma_list, _peers,
+        "Peer nodes the relay dials: host:port (ws://host:port/websocket/broadcast/) or full URLs.",
+    ),
+    "BROADCAST_WEBSOCKET_SECRET": _s(
+        "BROADCAST_WEBSOCKET_SECRET", "", _text, _string(),
+        "Shared HMAC key of the cluster; empty refuses every peer.",
+    ),
+    "BROADCAST_WEBSOCKET_SELF": _s(
+        "BROADCAST_WEBSOCKET_SELF", _own_relay_address, _text, _string(),
+        "This node's own entry in BROADCAST_WEBSOCKET_PEERS: never dialled.",
+    ),
+    "BROADCAST_WEBSOCKET_VERIFY_CERT": _s(
+        "BROADCAST_WEBSOCKET_VERIFY_CERT", True, _boolean, _flag,
+        "Verify peers' TLS certificates on wss:// links (AWX does not by default; we do).",
+    ),
+    "BROADCAST_WEBSOCKET_CA_BUNDLE": _s(
+        "BROADCAST_WEBSOCKET_CA_BUNDLE", "", _text, _string(),
+        "CA bundle (PEM) for wss:// peers; the system's CAs when empty.",
+    ),
+    "BROADCAST_WEBSOCKET_NONCE_WINDOW": _s(
+        "BROADCAST_WEBSOCKET_NONCE_WINDOW", 300.0, _number, _seconds(),
+        "Seconds a peer's nonce may be away from our clock.",
+    ),
+    "BROADCAST_WEBSOCKET_BACKOFF_MAX": _s(
+        "BROADCAST_WEBSOCKET_BACKOFF_MAX", 16.0, _number, _seconds(),
+        "Relay reconnect back-off: 1 s doubling to this many seconds, with jitter.",
+    ),
+    "BROADCAST_WEBSOCKET_PING_INTERVAL": _s(
+        "BROADCAST_WEBSOCKET_PING_INTERVAL", 10.0, _number, _seconds(),
+        "Seconds between pings on a relay link; a peer silent for twice this is dropped.",
+    ),
+    "HISTORY_LENGTH": _s(
+        "AWX_WS_HISTORY_LENGTH", 1000, _integer, _int_at_least(1),
+        "Messages of history kept per group for resuming streams.",
+    ),
+    "HISTORY_AGE": _s(
+        "AWX_WS_HISTORY_AGE", 3600.0, _number, _seconds(),
+        "Seconds of history kept per group.",
+    ),
+    "HISTORY_KINDS": _s(
+        "AWX_WS_HISTORY_KINDS", {"control": None}, _json, _history_kinds,
+        'Per group kind: {"kind": {"length": n, "age": s}} or {"kind": null} for no history (JSON).',
+    ),
+    "HISTORY_CLOCK_SKEW": _s(
+        "AWX_WS_HISTORY_CLOCK_SKEW", 1.0, _number, _seconds(zero=True),
+        "Seconds a peer node's clock may lag ours; resuming replays that much earlier from it.",
+    ),
+    "RECOVER_TIMEOUT": _s(
+        "AWX_WS_RECOVER_TIMEOUT", 5.0, _number, _seconds(),
+        "Seconds a resume may wait for peers (their history, their relay forwarding the group).",
+    ),
+    "SSE_KEEPALIVE": _s(
+        "AWX_WS_SSE_KEEPALIVE", 15.0, _number, _seconds(),
+        "Seconds between keep-alive comments on an idle SSE stream.",
+    ),
+    "SSE_RETRY": _s(
+        "AWX_WS_SSE_RETRY", 1.0, _number, _seconds(zero=True),
+        "Seconds a browser's EventSource waits before reconnecting (the stream's retry:).",
+    ),
+    "SLOW_CLIENT_MAX_BYTES": _s(
+        "AWX_WS_SLOW_CLIENT_MAX_BYTES", 8 * 1024 * 1024, _integer, _int_at_least(1),
+        "A client with more unread bytes than this is cut off (websocket close 4008, SSE ends).",
+    ),
+    "SLOW_CLIENT_MAX_MESSAGES": _s(
+        "AWX_WS_SLOW_CLIENT_MAX_MESSAGES", 10_000, _integer, _int_at_least(1),
+        "A websocket with more unread messages than this is closed with 4008.",
+    ),
+    "SUBSCRIBE_RATE": _s(
+        "AWX_WS_SUBSCRIBE_RATE", 20, _integer, _int_at_least(1),
+        "Subscribe frames one websocket may send per AWX_WS_SUBSCRIBE_WINDOW seconds.",
+    ),
+    "SUBSCRIBE_WINDOW": _s(
+        "AWX_WS_SUBSCRIBE_WINDOW", 10.0, _number, _seconds(),
+        "The window of AWX_WS_SUBSCRIBE_RATE, in seconds.",
+    ),
+    "NODE_NAME": _s(
+        "AWX_WS_NODE_NAME", _hostname, _text, _string(empty=False),
+        "This node's name in logs and peer headers (the hostname by default).",
+    ),
+    "RETRY_DELAY": _s(
+        "AWX_WS_RETRY_DELAY", 0.1, _number, _seconds(),
+        "First back-off step of background loops after a failure (retry.py), in seconds.",
+    ),
+    "RETRY_MAX_DELAY": _s(
+        "AWX_WS_RETRY_MAX_DELAY", 5.0, _number, _seconds(),
+        "Largest back-off step of background loops, in seconds.",
+    ),
+    "RETRY_LOG_EVERY": _s(
+        "AWX_WS_RETRY_LOG_EVERY", 60.0, _number, _seconds(),
+        "While a background loop keeps failing, one log line per this many seconds.",
+    ),
+}  # fmt: skip
+
+
+def _describe(name: str, value: Any) -> str:
+    """`AWX_WS_X='value'`: the environment variable and the value at fault."""
+    shown = repr(value) if isinstance(value, str) else json.dumps(value, default=repr)
+    return f"{SETTINGS[name].env}={shown}"
+
+
+def require_rate(env: str, value: str) -> str:
+    """value if it is a DRF rate; SettingError naming env otherwise (rates outside AWX_WS)."""
+    problem = _rate(value)
+    if problem:
+        raise SettingError(f"{env}={value!r}: {problem}")
+    return value
+
+
+def from_environment(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The AWX_WS values the environment gives (unset or empty variables are left out)."""
+    values: dict[str, Any] = {}
+    for name, setting in SETTINGS.items():
+        raw = environ.get(setting.env)
+        if raw is None or (raw == "" and setting.read is not _text):
+            continue
+        try:
+            values[name] = setting.read(raw)
+        except ValueError as exc:
+            raise SettingError(f"{setting.env}={raw!r} cannot be read: {exc}") from exc
+    return values
+
+
+def validate(values: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse unknown names and bad values of settings.AWX_WS (defaults filled in), naming each."""
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        raise SettingError(
+            f"AWX_WS has unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}"
+        )
+    merged = {name: values.get(name, setting.default_for(environ)) for name, setting in SETTINGS.items()}
+    for name, setting in SETTINGS.items():
+        problem = setting.check(merged[name])
+        if problem:
+            raise SettingError(f"{_describe(name, merged[name])}: {problem} ({setting.help})")
+    if merged["LIVENESS_INTERVAL"] * 2 > merged["LIVENESS_TTL"]:
+        # A record must survive a missed heartbeat, or another daphne's start-up purge could take
+        # a live process for dead and remove its subscriptions.
+        raise SettingError(
+            f"AWX_WS_LIVENESS_INTERVAL={merged['LIVENESS_INTERVAL']:g} must be at most half of "
+            f"AWX_WS_LIVENESS_TTL={merged['LIVENESS_TTL']:g}"
+        )
+    if merged["RETRY_DELAY"] > merged["RETRY_MAX_DELAY"]:
+        raise SettingError(
+            f"AWX_WS_RETRY_DELAY={merged['RETRY_DELAY']:g} must not exceed "
+            f"AWX_WS_RETRY_MAX_DELAY={merged['RETRY_MAX_DELAY']:g}"
+        )
 
 
 class WsSettings:
@@ -69,11 +356,11 @@ class WsSettings:
         self._cache: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
-        if name not in DEFAULTS:
+        if name not in SETTINGS:
             raise AttributeError(f"unknown AWX_WS setting {name!r}")
         if name not in self._cache:
-            user = getattr(settings, "AWX_WS", {})
-            self._cache[name] = user.get(name, DEFAULTS[name])
+            given = getattr(settings, "AWX_WS", {})
+            self._cache[name] = given[name] if name in given else SETTINGS[name].default_for(os.environ)
         return self._cache[name]
 
     def reload(self) -> None:
@@ -84,8 +371,10 @@ class WsSettings:
 ws_settings = WsSettings()
 
 
-def _reload(*, setting: str, **kwargs: Any) -> None:
+def _reload(*, setting: str, enter: bool = True, value: Any = None, **kwargs: Any) -> None:
     if setting == "AWX_WS":
+        if enter and value is not None:
+            validate(value)  # overrides are held to the same rules as the environment
         ws_settings.reload()
 
 
