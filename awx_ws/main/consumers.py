@@ -7,7 +7,6 @@ auth.py, the relay in relay.py. Consumers apply plans and pass `internal.message
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -20,6 +19,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main import metrics, protocol
 from awx_ws.main.access import readable_job_ids
+from awx_ws.main.backlog import SLOW_CLIENT_CLOSE_CODE, SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.fanout import keep_joined
 from awx_ws.main.history import GroupPosition, Replay, read_local
@@ -32,9 +32,10 @@ logger = logging.getLogger(__name__)
 class EventConsumer(AsyncWebsocketConsumer):
     """A browser or token client subscribed to groups of AWX notifications.
 
-    Group messages reach it through the process's fan-out (fanout.py), which writes them straight
-    to the socket, so the consumer needs no channel of its own: its channel-layer alias names no
-    layer, and Channels then creates no channel and no per-consumer receive loop.
+    Group messages reach it through the process's fan-out (fanout.py): written straight to the
+    socket under awx_ws.server, or through `deliver` (the ordinary ASGI send) under any other
+    server. The consumer needs no channel of its own: its channel-layer alias names no layer, and
+    Channels then creates no channel and no per-consumer receive loop.
     """
 
     channel_layer_alias = "awx_ws.fanout-delivers"
@@ -50,6 +51,9 @@ class EventConsumer(AsyncWebsocketConsumer):
         self.subscribed = set()
         self.fanout = get_channel_layer().fanout
         self.frame_protocol = self.scope.get("extensions", {}).get("awx_ws.protocol")
+        # awx_ws.server's protocol checks every write itself; elsewhere our sends are checked here.
+        transport = None if self.frame_protocol is not None else connection_transport(self.scope)
+        self.slow_reader = SlowReader(transport)
         # Set once the client asks for ids or recovery; from then on its groups go through it.
         self.stream: Stream | None = None
         # Subscribe storms: each frame costs a token (AWX_WS SUBSCRIBE_RATE per SUBSCRIBE_WINDOW).
@@ -64,29 +68,40 @@ class EventConsumer(AsyncWebsocketConsumer):
         await self.send_json({"accept": True, "user": self.scope["user"].pk})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Run the consumer; whichever way it ends (even a crash), release its groups."""
+        """Run the consumer; whichever way it ends (even a crash or a cancel), release its groups."""
         try:
             await super().__call__(scope, receive, send)
         finally:
             if self._counted:
                 process_stats.websockets -= 1
                 metrics.CONNECTIONS.labels("websocket").dec()
-            await self._leave_all()
+            self._release()
 
     async def disconnect(self, code: int) -> None:
         """Leave every group the connection held."""
-        await self._leave_all()
+        self._release()
 
-    async def _leave_all(self) -> None:
-        held: set[str] = getattr(self, "subscribed", set())
-        self.subscribed = set()
+    def _release(self) -> None:
+        # Synchronous: nothing can interrupt it half-way (fanout.py).
         stream = getattr(self, "stream", None)
         if stream is not None:
-            await stream.leave_all()
-        # Also as ourselves (a no-op for groups the stream took over): a switch to the stream
-        # that failed half-way may have left some.
-        for group in held:
-            await self.fanout.leave(group, self)
+            stream.leave_all()
+        fanout = getattr(self, "fanout", None)
+        if fanout is not None:
+            fanout.release(self)
+        self.subscribed = set()
+
+    async def deliver(self, group: str, text: str, message_id: str | None) -> None:
+        """One message of a group, through the ASGI send (servers without direct writes)."""
+        await self.send(text_data=text)
+
+    async def send(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
+    ) -> None:
+        """Send a frame; a client that stopped reading is closed with 4008 (backlog.py)."""
+        await super().send(text_data=text_data, bytes_data=bytes_data, close=close)
+        if self.slow_reader.too_slow():
+            await self.close(code=SLOW_CLIENT_CLOSE_CODE, reason="slow client: messages not read in time")
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Handle one client frame: validate, check access, replace the subscription set."""
@@ -153,11 +168,12 @@ class EventConsumer(AsyncWebsocketConsumer):
         if request.ids and self.stream is None:
             await self._use_stream(self.subscribed - left)
         if self.stream is None:
-            # One group at a time, so a failure half-way leaves `subscribed` true to the fan-out.
             for group in left:
-                await self.fanout.leave(group, self)
+                self.fanout.leave(group, self)
                 self.subscribed.discard(group)
-            for group in joined:
+            # One group at a time, so a failure half-way leaves `subscribed` true to the fan-out
+            # (a join that fails or is cancelled leaves nothing held).
+            for group in sorted(joined):
                 await self.fanout.join(group, self)
                 self.subscribed.add(group)
             await self.send_json(protocol.groups_reply(self.subscribed, left, joined))
@@ -170,13 +186,13 @@ class EventConsumer(AsyncWebsocketConsumer):
         # Join through the stream before leaving as ourselves: a message in between comes once.
         await self.stream.join(kept)
         for group in kept:
-            await self.fanout.leave(group, self)
+            self.fanout.leave(group, self)
 
     async def _subscribe_stream(
         self, stream: Stream, left: set[str], joined: set[str], recover: dict[str, GroupPosition]
     ) -> None:
         for group in left:
-            await stream.leave(group)
+            stream.leave(group)
         try:
             await stream.join(joined, hold=frozenset(recover))
             self.subscribed = (self.subscribed - left) | joined
@@ -225,21 +241,34 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         """Accept the authenticated peer."""
         self.joined = set()
-        self._refresher = asyncio.create_task(
-            keep_joined(self.channel_layer, self.channel_name, lambda: self.joined)
-        )
+        self._refresher = keep_joined(self.channel_layer, self.channel_name, lambda: self.joined)
         await self.accept()
         logger.info("peer relay %s connected from %s", self.scope.get("peer"), self.scope.get("client"))
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Run the consumer; however it ends (a crash when Redis restarts too), leave its groups."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._leave_all()
+
     async def disconnect(self, code: int) -> None:
         """Leave every group joined for the peer."""
+        await self._leave_all()
+        logger.info("peer relay %s disconnected (%s)", self.scope.get("peer"), code)
+
+    async def _leave_all(self) -> None:
         refresher = getattr(self, "_refresher", None)
         if refresher is not None:
-            refresher.cancel()
-        for group in getattr(self, "joined", ()):
-            await self.channel_layer.group_discard(group, self.channel_name)
+            refresher.cancel()  # a dead channel must not be re-added every refresh
+        held: set[str] = getattr(self, "joined", set())
         self.joined = set()
-        logger.info("peer relay %s disconnected (%s)", self.scope.get("peer"), code)
+        try:
+            for group in held:
+                await self.channel_layer.group_discard(group, self.channel_name)
+        except (RedisError, OSError) as exc:
+            # Redis lost them already (a restart), or drops them at group_expiry.
+            logger.info("peer relay %s: could not leave its groups: %s", self.scope.get("peer"), exc)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Apply a `{"join": [...], "leave": [...]}` update, or answer a `{"history": [...]}` request."""

@@ -29,11 +29,11 @@ logger = logging.getLogger(__name__)
 def build_message(group: str, payload: Any) -> dict[str, str]:
     """The channel-layer message for payload: its JSON serialised once, as AWX's consumers expect.
 
-    `group` rides along so a BroadcastConsumer, which receives it as a group member, knows which
-    group to name when it forwards the message to a peer node.
+    Exactly what AWX sends, `{"type": "internal.message", "text": ...}`; the layer adds the group
+    when it sends (layers.with_group), as it does for any producer's group_send.
     """
     validate_group_name(group)
-    return {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder), "group": group}
+    return {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder)}
 
 
 def _unavailable(exc: BaseException, group: str, layer: Any, timeout: float) -> EmitError:
@@ -52,7 +52,8 @@ def _unavailable(exc: BaseException, group: str, layer: Any, timeout: float) -> 
 async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, str]) -> None:
     timeout = ws_settings.EMIT_TIMEOUT
     try:
-        await asyncio.wait_for(layer.group_send(group, message), timeout)
+        async with asyncio.timeout(timeout):
+            await layer.group_send(group, message)
     except (TimeoutError, RedisError, OSError) as exc:
         metrics.REDIS_ERRORS.labels("emit").inc()
         raise _unavailable(exc, group, layer, timeout) from exc
@@ -61,7 +62,6 @@ async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, st
 async def aemit_channel_notification(group: str, payload: Any) -> None:
     """Send payload to every subscriber of group; raises EmitError within EMIT_TIMEOUT on failure."""
     await _group_send(get_channel_layer(), group, build_message(group, payload))
-    metrics.EMITTED.labels(metrics.group_kind(group)).inc()
 
 
 def uses_rabbitmq() -> bool:
@@ -101,7 +101,6 @@ def emit_channel_notification(group: str, payload: Any) -> None:
         except (TimeoutError, OSError) as exc:
             metrics.REDIS_ERRORS.labels("emit").inc()
             raise _unavailable(exc, group, blocking_emitter, timeout) from exc
-        metrics.EMITTED.labels(metrics.group_kind(group)).inc()
         return
     layer = get_channel_layer()
     if not isinstance(layer, RedisChannelLayer):
@@ -113,4 +112,3 @@ def emit_channel_notification(group: str, payload: Any) -> None:
     except (RedisError, OSError) as exc:
         metrics.REDIS_ERRORS.labels("emit").inc()
         raise _unavailable(exc, group, layer, timeout) from exc
-    metrics.EMITTED.labels(metrics.group_kind(group)).inc()

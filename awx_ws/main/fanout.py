@@ -3,31 +3,40 @@
 The Channels way puts every client connection into the Redis group and hands each message to
 each consumer through its own queue, task and dispatch (channels 4.2+ also hops to a thread per
 message for `aclose_old_connections`). Here a daphne process joins a group once, with one channel
-of its own; one loop receives each message once and writes the same prepared websocket frame to
-every local subscriber's socket. Redis work per emit is one entry per process, not per subscriber.
+of its own; one loop receives each message once and hands it to every local subscriber: the same
+prepared websocket frame written to every socket under awx_ws.server, or the ordinary ASGI send
+(`Subscriber.deliver`) under any other server. Redis work per emit is one entry per process, not
+per subscriber.
+
+Membership is race-free by construction. Which local subscribers hold which group changes only
+synchronously (`join`'s first step, `leave`, `release`: no await, so no cancellation or reordering
+can cut one in half). One sync loop makes the layer match: it adds the process's membership of a
+group some subscriber holds and removes that of a group nobody holds, whatever order connect,
+subscribe, replace and close came in (a client may close before its subscribe was answered; daphne
+may cancel a consumer mid-join). `join` waits until the membership is in place, so a subscribe
+reply means delivery. A failed sync is retried, with the groups' layer state taken as unknown.
 
 `Fanout` works on any channel layer with groups (the RabbitMQ one): one channel from
-new_channel(), one receive loop. `RedisFanout` is the Redis layer's: a queue key of its own that it
-pops in batches, and group memberships it refreshes and rewrites after a Redis restart.
-
-The groups held here are also this node's interest for the relay (interest.py): the Redis fan-out
-mirrors them into `<prefix>:interest:<client prefix>` with a change notice; the generic one
-announces them on the layer itself.
+new_channel(), one receive loop. `RedisFanout` is the Redis layer's: a queue key of its own that
+it pops in batches, memberships written in one pipeline, and its groups mirrored into
+`<prefix>:interest:<client prefix>` for the relay (interest.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from channels.exceptions import StopConsumer
-from redis.exceptions import RedisError
 
 from awx_ws.main import metrics
 from awx_ws.main.interest import INTEREST_REQUEST_TYPE, InterestAnnouncer, changes_channel, interest_key
+from awx_ws.main.messages import CLIENT_MESSAGE_TYPE
+from awx_ws.main.retry import FailureLog, spawn
 
 if TYPE_CHECKING:
     from awx_ws.main.layers import RedisChannelLayer
@@ -45,34 +54,38 @@ def fanout_channel(client_prefix: str) -> str:
     return f"fanout.{client_prefix}"
 
 
-async def keep_joined(layer: Any, channel: str, groups: Callable[[], Iterable[str]]) -> None:
-    """Re-join channel's groups every quarter of the layer's group_expiry, until cancelled.
+def refresh_interval(layer: Any) -> float | None:
+    """How often memberships are re-added so channels_redis's group_expiry never drops them.
 
     channels_redis drops group members older than group_expiry (a day by default) at the next
     group_send. A consumer re-joins when it reconnects, but a process's fan-out membership, or a
-    peer relay's, lives as long as the group is held, which can be longer: refresh its timestamp.
+    peer relay's, lives as long as the group is held, which can be longer. None: no expiry (RabbitMQ).
     """
     group_expiry = getattr(layer, "group_expiry", None)
-    if not group_expiry:  # a layer without group expiry (RabbitMQ): memberships last as they are
-        return
-    interval = max(1.0, group_expiry / 4)
-    while True:
-        await asyncio.sleep(interval)
+    return max(1.0, group_expiry / 4) if group_expiry else None
+
+
+def keep_joined(layer: Any, channel: str, groups: Callable[[], Iterable[str]]) -> asyncio.Task[None] | None:
+    """Start re-joining channel's groups every refresh_interval (None when the layer needs none)."""
+    interval = refresh_interval(layer)
+    if interval is None:
+        return None
+
+    async def refresh(failures: int) -> float:
+        if not failures:
+            await asyncio.sleep(interval)
         for group in list(groups()):
-            try:
-                await layer.group_add(group, channel)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("could not refresh membership of %s in %s: %s", channel, group, exc)
-                break
+            await layer.group_add(group, channel)
+        return 0.0
+
+    return spawn(f"membership refresh {channel}", refresh, metric="membership_refresh")
 
 
 class Subscriber(Protocol):
     """What the fan-out needs of a client connection."""
 
-    # daphne's websocket protocol, to write the shared prepared frame to; None to be called on
-    # `deliver` instead (SSE streams, clients that want ids, a connection replaying history).
+    # daphne's websocket protocol, to write the shared prepared frame to (awx_ws.server); None to
+    # be called on `deliver` instead (any other server, SSE streams, clients that want ids).
     frame_protocol: Any
     # "websocket" or "sse", for the metrics.
     transport: str
@@ -82,7 +95,8 @@ class Subscriber(Protocol):
 
 
 class Fanout:
-    """The groups this process's clients hold, and the one loop delivering their messages.
+    """The groups this process's clients hold, the loop that keeps the layer in step with them,
+    and the one loop delivering their messages.
 
     This base works on any channel layer with groups: a channel from new_channel(), group_add
     and group_discard, one receive() per message; it announces its groups on the layer for the
@@ -91,73 +105,59 @@ class Fanout:
 
     def __init__(self, layer: Any) -> None:
         self.layer = layer
+        # What local subscribers hold: group -> subscribers, and each subscriber's groups.
         self.groups: dict[str, set[Subscriber]] = {}
+        self._held: dict[Subscriber, set[str]] = {}
         self.channel: str | None = None
+        # The layer's side: groups it holds our membership of; groups whose state there is unknown
+        # (a sync failed half-way, or the layer may have restarted); groups to look at next sync,
+        # and those the running sync is applying.
+        self._applied: set[str] = set()
+        self._uncertain: set[str] = set()
+        self._dirty: set[str] = set()
+        self._in_flight: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._started: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        # Groups left while the layer could not be told: their memberships are removed on resync.
-        self._unsynced: set[str] = set()
         self._announcer: InterestAnnouncer | None = None
+        self._delivery_errors = FailureLog("fan-out delivery", 60.0, logger)
+        self._skipped = FailureLog("fan-out input", 60.0, logger)
 
     @property
     def lock(self) -> asyncio.Lock:
-        """Held while group memberships change; other per-client layer work may share it."""
+        """Serialises per-client set-up work on the layer (streams' positions) to bound connections."""
         return self._lock
 
-    async def join(self, group: str, subscriber: Subscriber) -> None:
-        """Deliver group's messages to subscriber from now on."""
-        # One change at a time: a group_discard overtaking a later group_add would lose the group.
-        async with self._lock:
-            members = self.groups.get(group)
-            if members is None:
-                channel = await self._channel()
-                await self.layer.group_add(group, channel)
-                self._unsynced.discard(group)
-                await self._interest_added(group)
-                members = self.groups[group] = set()
-            members.add(subscriber)
-            metrics.SUBSCRIPTIONS.labels(metrics.group_kind(group)).inc()
+    # --- start and stop ------------------------------------------------------------------------
 
-    async def leave(self, group: str, subscriber: Subscriber) -> None:
-        """Stop delivering group's messages to subscriber."""
-        async with self._lock:
-            members = self.groups.get(group)
-            if members is None or subscriber not in members:
-                return
-            members.discard(subscriber)
-            metrics.SUBSCRIPTIONS.labels(metrics.group_kind(group)).dec()
-            if members:
-                return
-            del self.groups[group]
-            try:
-                if self.channel is not None:
-                    await self.layer.group_discard(group, self.channel)
-                await self._interest_removed(group)
-            except (RedisError, OSError) as exc:
-                # The client is gone either way; the layer is set right when it is back (resync).
-                self._unsynced.add(group)
-                metrics.REDIS_ERRORS.labels("fanout_leave").inc()
-                logger.warning("could not leave %s in %s, will later: %s", group, self._service(), exc)
+    async def start(self) -> None:
+        """Open this process's channel and start its loops (once; concurrent callers share it)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        try:
+            await asyncio.shield(self._started)
+        except Exception:
+            self._started = None  # the next caller tries again
+            raise
 
-    async def resync(self) -> None:
-        """Remove memberships of groups left while the layer was unreachable."""
-        async with self._lock:
-            if self.channel is None:
-                return
-            for group in sorted(self._unsynced - set(self.groups)):
-                await self.layer.group_discard(group, self.channel)
-            self._unsynced.clear()
-
-    def _service(self) -> str:
-        return str(getattr(self.layer, "service", "the channel layer"))
-
-    async def _interest_added(self, group: str) -> None:
+    async def _start(self) -> None:
+        self.channel = await self._open()
+        self._tasks = [
+            spawn("fan-out receive", self._receive_round, metric="fanout_receive"),
+            spawn("fan-out sync", self._sync_round, metric="fanout_sync"),
+        ]
         if self._announcer is not None:
-            self._announcer.changed()
+            self._tasks.append(spawn("interest announcer", self._announcer.round, metric="interest_announce"))
 
-    async def _interest_removed(self, group: str) -> None:
-        if self._announcer is not None:
-            self._announcer.changed()
+    async def stop(self) -> None:
+        """Stop the loops (at shutdown)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._started = None
 
     async def _open(self) -> str:
         """Create this process's channel (no tasks yet)."""
@@ -167,76 +167,172 @@ class Fanout:
         self._announcer = InterestAnnouncer(self.layer, channel, lambda: list(self.groups))
         return str(channel)
 
-    def _background(self) -> list[Any]:
-        """Coroutines that run beside the receive loop for the life of the process."""
-        work = [self._retry_unsynced()]
+    # --- what local subscribers hold (synchronous: nothing can interrupt a change) --------------
+
+    async def join(self, group: str, subscriber: Subscriber) -> None:
+        """Deliver group's messages to subscriber; returns once the layer delivers them here.
+
+        Raises the layer's error when the membership cannot be made; the subscriber then does not
+        hold the group, and neither does it when the caller is cancelled while waiting.
+        """
+        await self.start()
+        self._hold(group, subscriber)
+        if group in self._applied and not {group} & (self._dirty | self._in_flight | self._uncertain):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(group, []).append(waiter)
+        self._mark(group)
+        try:
+            await waiter
+        except BaseException:
+            self.leave(group, subscriber)
+            raise
+
+    def leave(self, group: str, subscriber: Subscriber) -> None:
+        """Stop delivering group's messages to subscriber (the layer follows in the background)."""
+        members = self.groups.get(group)
+        if members is None or subscriber not in members:
+            return
+        members.discard(subscriber)
+        held = self._held.get(subscriber)
+        if held is not None:
+            held.discard(group)
+            if not held:
+                del self._held[subscriber]
+        metrics.SUBSCRIPTIONS.labels(metrics.group_kind(group)).dec()
+        if not members:
+            del self.groups[group]
+            self._mark(group)
+
+    def release(self, subscriber: Subscriber) -> None:
+        """Leave every group subscriber holds (a connection that ended, however it ended)."""
+        for group in sorted(self._held.get(subscriber, ())):
+            self.leave(group, subscriber)
+
+    def _hold(self, group: str, subscriber: Subscriber) -> None:
+        members = self.groups.setdefault(group, set())
+        if subscriber not in members:
+            members.add(subscriber)
+            self._held.setdefault(subscriber, set()).add(group)
+            metrics.SUBSCRIPTIONS.labels(metrics.group_kind(group)).inc()
+
+    def _mark(self, group: str) -> None:
+        self._dirty.add(group)
+        self._wake.set()
+
+    def resync(self) -> None:
+        """Take every membership as unknown and write them all again (the layer may have restarted)."""
+        everything = set(self.groups) | self._applied
+        self._uncertain |= everything
+        self._dirty |= everything
+        self._wake.set()
+
+    # --- the sync loop -------------------------------------------------------------------------
+
+    async def _sync_round(self, failures: int) -> None:
+        """Wait for changes (or the refresh time), then make the layer's memberships match."""
+        if not self._dirty:
+            try:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
+                # that arrives as the event is set, and the task would never stop.
+                async with asyncio.timeout(refresh_interval(self.layer)):
+                    await self._wake.wait()
+            except TimeoutError:
+                # Refresh the join time of every membership (channels_redis's group_expiry).
+                self._uncertain |= self._applied
+                self._dirty |= self._applied
+        self._wake.clear()
+        batch, self._dirty = self._dirty, set()
+        unsure = self._uncertain
+        adds = sorted(g for g in batch if g in self.groups and (g not in self._applied or g in unsure))
+        discards = sorted(g for g in batch if g not in self.groups and (g in self._applied or g in unsure))
+        self._in_flight = batch
+        try:
+            if adds or discards:
+                await self._apply(adds, discards)
+        except BaseException as exc:
+            # What reached the layer is unknown: look at all of it again next round.
+            self._uncertain.update(adds, discards)
+            self._applied.update(adds)
+            self._dirty |= batch
+            if isinstance(exc, Exception):
+                self._fail_waiters(adds, exc)
+            raise
+        finally:
+            self._in_flight = set()
+        self._applied.update(adds)
+        self._applied.difference_update(discards)
+        self._uncertain.difference_update(adds)
+        self._uncertain.difference_update(discards)
+        for group in batch & set(self._waiters):
+            # A group held again while its removal was being applied is dirty again: its waiters
+            # wait for the next round.
+            if group not in self.groups or (group in self._applied and group not in self._dirty):
+                for waiter in self._waiters.pop(group):
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    def _fail_waiters(self, groups: Iterable[str], exc: Exception) -> None:
+        for group in groups:
+            for waiter in self._waiters.pop(group, ()):
+                if not waiter.done():
+                    waiter.set_exception(exc)
+
+    async def _apply(self, adds: list[str], discards: list[str]) -> None:
+        """Add this process's membership of adds to the layer, remove that of discards."""
+        for group in adds:
+            await self.layer.group_add(group, self.channel)
+        for group in discards:
+            await self.layer.group_discard(group, self.channel)
         if self._announcer is not None:
-            work.append(self._announcer.run())
-        return work
+            self._announcer.changed()
 
-    async def _channel(self) -> str:
-        if self.channel is None:
-            self.channel = await self._open()
-            loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._receive_forever())]
-            self._tasks += [loop.create_task(work) for work in self._background()]
-        return self.channel
-
-    async def _retry_unsynced(self) -> None:
-        while True:
-            await asyncio.sleep(5.0)
-            if self._unsynced:
-                try:
-                    await self.resync()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    logger.info("fan-out %s still cannot leave groups: %s", self.channel, exc)
+    # --- the receive loop ----------------------------------------------------------------------
 
     async def _receive(self, channel: str) -> list[dict[str, Any]]:
         """The next message(s) for channel."""
         return [await self.layer.receive(channel)]
 
-    async def _receive_forever(self) -> None:
+    async def _receive_round(self, failures: int) -> None:
+        """Receive the next message(s) and deliver them; after a failure, resync first."""
         channel = self.channel
         if channel is None:
             raise RuntimeError("fan-out loop started without a channel")
-        failures = 0
-        while True:
+        if failures:
+            self.resync()  # the layer is back, perhaps restarted empty
+        try:
+            batch = await self._receive(channel)
+        except StopConsumer:
+            logger.info("fan-out %s stops: the channel layer was closed", channel)
+            await asyncio.Event().wait()  # closed for good: idle until cancelled
+            return
+        for message in batch:
             try:
-                if failures or self._unsynced:
-                    await self.resync()  # the layer is back, perhaps restarted empty
-                batch = await self._receive(channel)
-            except asyncio.CancelledError:
-                raise
-            except StopConsumer:
-                logger.info("fan-out %s stops: the channel layer was closed", channel)
-                return
-            except Exception as exc:
-                failures += 1
-                metrics.REDIS_ERRORS.labels("fanout_receive").inc()
-                if failures == 1 or failures % 100 == 0:
-                    logger.warning("fan-out receive on %s failed %d time(s): %s", channel, failures, exc)
-                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
-                continue
-            if failures:
-                logger.info("fan-out receive on %s works again after %d failures", channel, failures)
-            failures = 0
-            for message in batch:
-                try:
-                    if message.get("type") == INTEREST_REQUEST_TYPE:
-                        if self._announcer is not None:
-                            self._announcer.changed()
-                        continue
-                    group = message.get("group", "")
-                    members = self.groups.get(group)
-                    if members:
-                        await self._deliver(members, group, message["text"], message.get("id"))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # one bad message must not stop delivery of the rest
-                    metrics.DROPPED.labels("undeliverable").inc()
-                    logger.warning("fan-out could not deliver a message on %s: %r", channel, exc)
+                await self._dispatch(message)
+            except Exception as exc:  # one bad message must not stop delivery of the rest
+                metrics.DROPPED.labels("undeliverable").inc()
+                self._delivery_errors.failed(1, exc)
+
+    async def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == INTEREST_REQUEST_TYPE:
+            if self._announcer is not None:
+                self._announcer.changed()
+            return
+        if kind != CLIENT_MESSAGE_TYPE:
+            # Another consumer's message in a group our clients share: not for websocket clients.
+            logger.debug("fan-out skips a %r message: only %s reaches clients", kind, CLIENT_MESSAGE_TYPE)
+            return
+        group, text = message.get("group"), message.get("text")
+        if not isinstance(group, str) or not isinstance(text, str):
+            metrics.DROPPED.labels("malformed").inc()
+            problem = "no group (not sent through awx_ws's channel layer)" if group is None else "no text"
+            self._skipped.failed(1, ValueError(f"a {CLIENT_MESSAGE_TYPE} message with {problem}: dropped"))
+            return
+        members = self.groups.get(group)
+        if members:
+            message_id = message.get("id")
+            await self._deliver(members, group, text, message_id if isinstance(message_id, str) else None)
 
     async def _deliver(self, members: set[Subscriber], group: str, text: str, message_id: str | None) -> None:
         prepared = None
@@ -275,45 +371,21 @@ class Fanout:
 
 
 class RedisFanout(Fanout):
-    """The Redis layer's fan-out: its own queue key popped in batches, interest kept in Redis."""
+    """The Redis layer's fan-out: its own queue key popped in batches, memberships and interest
+    written in one pipeline."""
 
     layer: RedisChannelLayer
 
     def __init__(self, layer: RedisChannelLayer) -> None:
         super().__init__(layer)
         self._interest_key = interest_key(layer.prefix, layer.client_prefix)
+        # After a resync the interest set is rewritten whole (a restarted Redis lost it).
+        self._rewrite_interest = False
 
-    async def _interest_added(self, group: str) -> None:
-        connection = self.layer.connection(0)
-        await connection.sadd(self._interest_key, group)
-        await connection.publish(changes_channel(self.layer.prefix), self.layer.client_prefix)
-
-    async def _interest_removed(self, group: str) -> None:
-        connection = self.layer.connection(0)
-        await connection.srem(self._interest_key, group)
-        await connection.publish(changes_channel(self.layer.prefix), self.layer.client_prefix)
-
-    async def resync(self) -> None:
-        """Write this process's memberships and interest to Redis again (after Redis came back).
-
-        A restarted Redis has lost them (the group members, the relay's interest set); a Redis
-        that was only unreachable may still hold groups left meanwhile. Both are made right.
-        """
-        async with self._lock:
-            if self.channel is None:
-                return
-            for group in sorted(self.groups):
-                await self.layer.group_add(group, self.channel)
-            for group in sorted(self._unsynced - set(self.groups)):
-                await self.layer.group_discard(group, self.channel)
-            async with self.layer.connection(0).pipeline(transaction=True) as pipe:
-                pipe.delete(self._interest_key)
-                if self.groups:
-                    pipe.sadd(self._interest_key, *sorted(self.groups))
-                pipe.publish(changes_channel(self.layer.prefix), self.layer.client_prefix)
-                await pipe.execute()
-            self._unsynced.clear()
-        logger.info("fan-out %s rejoined %d groups in Redis", self.channel, len(self.groups))
+    def resync(self) -> None:
+        """Take every membership as unknown; rewrite them and the interest set."""
+        super().resync()
+        self._rewrite_interest = True
 
     async def _open(self) -> str:
         # Mark the process live before its name is in any group (liveness.py).
@@ -322,9 +394,43 @@ class RedisFanout(Fanout):
         # reads: it can pop many messages per round trip (see _receive).
         return fanout_channel(self.layer.client_prefix)
 
-    def _background(self) -> list[Any]:
-        # The loop notices a failed read and resyncs; memberships need refreshing (group_expiry).
-        return [keep_joined(self.layer, str(self.channel), lambda: list(self.groups))]
+    async def _apply(self, adds: list[str], discards: list[str]) -> None:
+        """One pipeline: the group memberships (as channels_redis's group_add/discard write
+        them), this process's interest set, and the change notice for the relay."""
+        layer, channel = self.layer, str(self.channel)
+        rewrite, self._rewrite_interest = self._rewrite_interest, False
+        try:
+            if layer.ring_size > 1:  # group keys live on several shards: channels_redis's own calls
+                await super()._apply(adds, discards)
+            async with layer.connection(0).pipeline(transaction=False) as pipe:
+                if rewrite:
+                    # A restarted Redis lost our liveness record too: write it before anything that
+                    # names this process (liveness.Liveness.write_into).
+                    layer.liveness.write_into(pipe)
+                if layer.ring_size == 1:
+                    now = time.time()
+                    for group in adds:
+                        key = layer.group_key(group)
+                        pipe.zadd(key, {channel: now})
+                        pipe.expire(key, layer.group_expiry)
+                    for group in discards:
+                        pipe.zrem(layer.group_key(group), channel)
+                if rewrite:
+                    pipe.delete(self._interest_key)
+                    if self.groups:
+                        pipe.sadd(self._interest_key, *sorted(self.groups))
+                else:
+                    if adds:
+                        pipe.sadd(self._interest_key, *adds)
+                    if discards:
+                        pipe.srem(self._interest_key, *discards)
+                pipe.publish(changes_channel(layer.prefix), layer.client_prefix)
+                await pipe.execute()
+        except BaseException:
+            self._rewrite_interest = self._rewrite_interest or rewrite
+            raise
+        if rewrite:
+            logger.info("fan-out %s rejoined %d groups in Redis", channel, len(self.groups))
 
     async def _receive(self, channel: str) -> list[dict[str, Any]]:
         """Up to BATCH queued messages: one round trip while busy, a blocking wait when idle."""
@@ -342,5 +448,5 @@ class RedisFanout(Fanout):
                 messages.append(self.layer.deserialize(blob))
             except Exception as exc:  # one bad message must not stop delivery of the rest
                 metrics.DROPPED.labels("undeliverable").inc()
-                logger.warning("fan-out could not read a message on %s: %r", channel, exc)
+                self._delivery_errors.failed(1, exc)
         return messages

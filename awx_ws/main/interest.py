@@ -17,9 +17,8 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-
 from awx_ws.main.liveness import LivenessJudge
+from awx_ws.main.retry import Round
 
 if TYPE_CHECKING:
     from awx_ws.main.layers import RedisChannelLayer
@@ -54,29 +53,24 @@ async def node_interest(layer: RedisChannelLayer) -> set[str]:
     return groups
 
 
-async def watch_redis_interest(layer: RedisChannelLayer, publish: Callable[[frozenset[str]], None]) -> None:
-    """Publish the node's interest from Redis at every change notice and every INTEREST_RESYNC."""
-    failures = 0
-    while True:
+def watch_redis_interest(layer: RedisChannelLayer, publish: Callable[[frozenset[str]], None]) -> Round:
+    """A round (retry.supervise) that publishes the node's interest from Redis at every change
+    notice and every INTEREST_RESYNC, until its pub/sub connection fails."""
+
+    async def watch(failures: int) -> None:
         pubsub = layer.connection(0).pubsub()
         try:
             await pubsub.subscribe(changes_channel(layer.prefix))
             while True:
                 publish(frozenset(await node_interest(layer)))
-                failures = 0
                 # Wait for a change notice (or the periodic resync), then drain the burst.
                 await pubsub.get_message(ignore_subscribe_messages=True, timeout=INTEREST_RESYNC)
                 while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01):
                     pass
-        except asyncio.CancelledError:
-            raise
-        except (RedisError, OSError) as exc:
-            failures += 1
-            if failures == 1:
-                logger.warning("relay cannot read this node's interest from Redis: %s", exc)
-            await asyncio.sleep(min(2.0**failures, 10.0))
         finally:
             await pubsub.aclose()
+
+    return watch
 
 
 # Layers without a shared store (RabbitMQ): every process's fan-out announces its groups on the
@@ -106,67 +100,54 @@ class InterestAnnouncer:
         """Announce soon (the groups changed, or a relay asked)."""
         self._changed.set()
 
-    async def run(self) -> None:
-        """Announce until cancelled."""
-        failures = 0
-        while True:
+    async def round(self, failures: int) -> float:
+        """One announcement, after a change or ANNOUNCE_EVERY (at once after a failed one)."""
+        if not failures:
             try:
-                await asyncio.wait_for(self._changed.wait(), ANNOUNCE_EVERY)
+                async with asyncio.timeout(ANNOUNCE_EVERY):  # not wait_for: see fanout._sync_round
+                    await self._changed.wait()
             except TimeoutError:
                 pass
-            self._changed.clear()
-            message = {
-                "type": INTEREST_TYPE,
-                "process": self.channel,
-                "groups": sorted(self.groups()),
-                "ttl": 3 * ANNOUNCE_EVERY,
-            }
-            try:
-                await self.layer.group_send(INTEREST_GROUP, message)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                if failures == 1 or failures % 100 == 0:
-                    logger.warning(
-                        "could not announce %s's groups (%d failures): %s", self.channel, failures, exc
-                    )
-                self._changed.set()  # try again after the backoff
-                await asyncio.sleep(min(0.1 * 2**failures, ANNOUNCE_EVERY))
-            await asyncio.sleep(DEBOUNCE)
+        self._changed.clear()
+        message = {
+            "type": INTEREST_TYPE,
+            "process": self.channel,
+            "groups": sorted(self.groups()),
+            "ttl": 3 * ANNOUNCE_EVERY,
+        }
+        await self.layer.group_send(INTEREST_GROUP, message)
+        return DEBOUNCE
 
 
-async def watch_layer_interest(layer: Any, publish: Callable[[frozenset[str]], None]) -> None:
-    """Publish the union of the groups live processes announce on the layer (InterestAnnouncer)."""
-    failures = 0
-    while True:
-        try:
-            channel = await layer.new_channel("relay.")
-            await layer.group_add(INTEREST_GROUP, channel)
-            await layer.group_send(InterestAnnouncer.REQUESTS, {"type": INTEREST_REQUEST_TYPE})
-            break
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            failures += 1
-            if failures == 1:
-                logger.warning("relay cannot listen for this node's interest: %s", exc)
-            await asyncio.sleep(min(2.0**failures, 10.0))
-    held: dict[str, tuple[frozenset[str], float]] = {}
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            message = await asyncio.wait_for(layer.receive(channel), ANNOUNCE_EVERY)
-        except TimeoutError:
-            message = None
-        now = loop.time()
-        if message is not None and message.get("type") == INTEREST_TYPE:
+class LayerInterestWatcher:
+    """The relay's view of the groups live processes announce on the layer (InterestAnnouncer)."""
+
+    def __init__(self, layer: Any, publish: Callable[[frozenset[str]], None]) -> None:
+        self.layer = layer
+        self.publish = publish
+        self.channel: str | None = None
+        self.held: dict[str, tuple[frozenset[str], float]] = {}
+
+    async def round(self, failures: int) -> None:
+        """Listen (again, after a failure: the layer may have lost our binding) and publish the union."""
+        if self.channel is None:
+            self.channel = await self.layer.new_channel("relay.")
+        await self.layer.group_add(INTEREST_GROUP, self.channel)
+        await self.layer.group_send(InterestAnnouncer.REQUESTS, {"type": INTEREST_REQUEST_TYPE})
+        loop = asyncio.get_running_loop()
+        while True:
             try:
-                groups = frozenset(str(group) for group in message["groups"])
-                held[str(message["process"])] = (groups, now + float(message["ttl"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("ignoring a malformed interest announcement: %s", exc)
-        for process in [process for process, (_, expires) in held.items() if expires < now]:
-            del held[process]
-        publish(frozenset().union(*(groups for groups, _ in held.values())))
+                async with asyncio.timeout(ANNOUNCE_EVERY):
+                    message = await self.layer.receive(self.channel)
+            except TimeoutError:
+                message = None
+            now = loop.time()
+            if message is not None and message.get("type") == INTEREST_TYPE:
+                try:
+                    groups = frozenset(str(group) for group in message["groups"])
+                    self.held[str(message["process"])] = (groups, now + float(message["ttl"]))
+                except (KeyError, TypeError, ValueError) as exc:
+                    logger.warning("ignoring a malformed interest announcement: %s", exc)
+            for process in [process for process, (_, expires) in self.held.items() if expires < now]:
+                del self.held[process]
+            self.publish(frozenset().union(*(groups for groups, _ in self.held.values())))

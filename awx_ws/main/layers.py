@@ -27,6 +27,7 @@ from awx_ws.main.exceptions import redact_url
 from awx_ws.main.fanout import RedisFanout
 from awx_ws.main.history import TRIM_LUA, ensure_origin, history_policy, origin_key, stream_key
 from awx_ws.main.liveness import Liveness
+from awx_ws.main.messages import is_client_message, with_group
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ class RedisChannelLayer(core.RedisChannelLayer):
     - `fanout` delivers group messages to this process's client sockets (fanout.py).
     - `group_send` takes one Redis round trip (two when process-specific channels such as relay
       consumers are members) instead of four, and `group_send_blocking` does the same from sync
-      code without an event loop (emit_channel_notification).
+      code without an event loop (emit_channel_notification). Either way, and whoever calls it,
+      a client message gets its history id, reaches the relay and is counted.
     """
 
     # What clients and operators are told is unreachable; whether resumes can replay (they can).
@@ -158,6 +160,12 @@ class RedisChannelLayer(core.RedisChannelLayer):
         host.setdefault("timeout", POOL_WAIT)
         return AsyncBlockingPool.from_url(address, **host)
 
+    def group_key(self, group: str) -> str:
+        """The Redis key of group's members (channels_redis's format, `<prefix>:group:<name>`)."""
+        # channels_redis keeps this private (and returns bytes); it is read here only, and
+        # tests/test_layers.py fails loudly if its format moves.
+        return bytes(self._group_key(group)).decode()
+
     def describe_hosts(self) -> str:
         """The Redis addresses of this layer for messages (passwords redacted), naming REDIS_URL."""
         addresses = [redact_url(str(host.get("address", host))) for host in self.hosts]
@@ -181,11 +189,11 @@ class RedisChannelLayer(core.RedisChannelLayer):
         """(keys, args) of GROUP_SEND_FANOUT_LUA; keys name the history stream when one is kept."""
         now = time.time()
         capacity = self.get_capacity("fanout.any")
-        keys = [self._group_key(group)]
+        keys = [self.group_key(group)]
         args: list[Any] = [self.serialize(message), now, self.expiry]
         args += [int(now) - self.group_expiry, capacity, self.prefix]
         # A relayed message already has its origin's id; its history lives on the origin node.
-        policy = None if "id" in message else history_policy(group)
+        policy = history_policy(group) if is_client_message(group, message) and "id" not in message else None
         if policy is not None:
             if self._serializer.crypter is not None or not isinstance(self._serializer, MsgPackSerializer):
                 raise ImproperlyConfigured(
@@ -203,14 +211,20 @@ class RedisChannelLayer(core.RedisChannelLayer):
         self._report_over_capacity(int(over), group)
         if message_id:
             message["id"] = message_id.decode()
+        if is_client_message(group, message):
+            metrics.EMITTED.labels(metrics.group_kind(group)).inc()
         return others
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send message to every member of group (see GROUP_SEND_FANOUT_LUA)."""
         if not self.require_valid_group_name(group):
             raise TypeError(f"invalid group name {group!r}")
+        message = with_group(group, message)
         if self.ring_size > 1:  # fan-out keys may live on other shards: channels_redis's way
-            return await super().group_send(group, message)
+            await super().group_send(group, message)
+            if is_client_message(group, message):
+                metrics.EMITTED.labels(metrics.group_kind(group)).inc()
+            return
         connection = self.connection(0)
         keys, args = self._fanout_call(group, message)
         try:
@@ -261,6 +275,7 @@ class RedisChannelLayer(core.RedisChannelLayer):
             raise TypeError(f"invalid group name {group!r}")
         if self.ring_size > 1:
             raise TypeError("sync emit supports one Redis host (channels_redis sharding is not supported)")
+        message = with_group(group, message)
         connection = self._blocking_client(0, timeout)
         keys, args = self._fanout_call(group, message)
         try:

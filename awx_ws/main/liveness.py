@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from redis.exceptions import RedisError
 
-from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import RedisUnavailable
+from awx_ws.main.retry import RetryPolicy, spawn
 from awx_ws.main.stats import process_stats, stats_key
 
 if TYPE_CHECKING:
@@ -135,44 +135,43 @@ class Liveness:
             self._task = None
         self._ready = None
         try:
-            await asyncio.wait_for(self.layer.connection(0).delete(self.key), timeout=2)
+            async with asyncio.timeout(2):
+                await self.layer.connection(0).delete(self.key)
         except (TimeoutError, RedisError, OSError) as exc:
             logger.warning("could not delete liveness record %s: %s", self.key, exc)
 
-    async def _write(self) -> None:
+    def write_into(self, pipe: Any) -> None:
+        """Queue the writes of this process's record (and its figures) on a Redis pipeline.
+
+        The fan-out queues them first when it writes its memberships again after a Redis restart:
+        until the next heartbeat, a process without a record would look dead to the relay and
+        to any other process's start-up purge.
+        """
         ttl_ms = int(ws_settings.LIVENESS_TTL * 1000)
         stats = stats_key(self.layer.prefix, self.layer.client_prefix)
+        pipe.set(self.key, ProcessRecord.current().dumps(), px=ttl_ms)
+        pipe.hset(stats, mapping=process_stats.snapshot(self.layer))
+        pipe.pexpire(stats, ttl_ms)
+
+    async def _write(self) -> None:
         async with self.layer.connection(0).pipeline(transaction=False) as pipe:
-            pipe.set(self.key, ProcessRecord.current().dumps(), px=ttl_ms)
-            pipe.hset(stats, mapping=process_stats.snapshot(self.layer))
-            pipe.pexpire(stats, ttl_ms)
+            self.write_into(pipe)
             await pipe.execute()
 
     async def _begin(self) -> None:
         await self._write()
-        self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+        # Retries within the heartbeat interval: a record must never lapse for want of a retry.
+        interval = ws_settings.LIVENESS_INTERVAL
+        policy = RetryPolicy.from_settings()
+        policy = RetryPolicy(min(policy.base, interval), min(policy.cap, interval), policy.log_every)
+        self._task = spawn(f"liveness heartbeat {self.key}", self._heartbeat, policy, metric="liveness")
         logger.info("process %s is live as %s", os.getpid(), self.key)
 
-    async def _refresh_forever(self) -> None:
-        interval = ws_settings.LIVENESS_INTERVAL
-        failures = 0
-        while True:
-            delay = interval if failures == 0 else min(interval, 0.5 * 2**failures)
-            await asyncio.sleep(delay * random.uniform(0.9, 1.0))
-            try:
-                await self._write()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                metrics.REDIS_ERRORS.labels("liveness").inc()
-                # One line when the trouble starts, then every tenth retry: no log flood.
-                if failures == 1 or failures % 10 == 0:
-                    logger.warning("liveness heartbeat %s failed %d time(s): %s", self.key, failures, exc)
-            else:
-                if failures:
-                    logger.info("liveness heartbeat %s recovered", self.key)
-                failures = 0
+    async def _heartbeat(self, failures: int) -> None:
+        """Rewrite the record every LIVENESS_INTERVAL (with jitter); at once after a failure."""
+        if not failures:
+            await asyncio.sleep(ws_settings.LIVENESS_INTERVAL * random.uniform(0.9, 1.0))
+        await self._write()
 
 
 @dataclass

@@ -44,6 +44,11 @@ SLOW_CLIENT_CLOSES = Counter(
 REPLAYED = Counter("awx_ws_history_replayed", "Missed messages replayed to resuming clients", ["transport"])
 RESETS = Counter("awx_ws_history_resets", "Groups a resume could not replay (stream-reset)", ["transport"])
 REDIS_ERRORS = Counter("awx_ws_redis_errors", "Failed Redis operations, by what failed", ["operation"])
+BACKGROUND_FAILURES = Counter(
+    "awx_ws_background_failures",
+    "Failed rounds of background loops (retried with back-off, see retry.py), by loop",
+    ["task"],
+)
 PURGED = Counter(
     "awx_ws_startup_purge_removed", "Stale channel-layer state removed by start-up purges", ["what"]
 )

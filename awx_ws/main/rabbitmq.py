@@ -8,7 +8,10 @@ What it cannot do compared with our Redis layer, and how we handle it (docs/chan
 - it keeps no history, so resumes report a reset (streams.py);
 - a queue at `remote_capacity` makes RabbitMQ nack the publish: we log it and count the drop;
 - the layer is bound to the event loop that created it, so sync emit runs its own layer on one
-  long-lived loop thread per process (`BlockingEmitter`), never a new loop per call.
+  long-lived loop thread per process (`BlockingEmitter`), never a new loop per call;
+- channels_rabbitmq refuses to be made outside an event loop, which breaks AWX-style producers
+  (`async_to_sync(get_channel_layer().group_send)(...)` in a worker): made there, the layer is a
+  `SyncProducerLayer`, whose sends go through that same emit loop thread.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
 from awx_ws.main import metrics
+from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import BrokerUnavailable, redact_url
 from awx_ws.main.fanout import Fanout
+from awx_ws.main.messages import is_client_message, with_group
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,14 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
     # What clients and operators are told is unreachable; whether resumes can replay (they cannot).
     service = "RabbitMQ"
     keeps_history = False
+
+    def __new__(cls, *args: Any, **config: Any) -> Any:
+        """The layer; from sync code (no running event loop) a SyncProducerLayer instead."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return SyncProducerLayer(**config)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -112,7 +125,8 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
         """The broker connection, waiting connect_wait seconds at most; BrokerUnavailable after."""
         try:
             # shield: the future is the layer's own, shared by every caller; a timeout must not cancel it.
-            return await asyncio.wait_for(asyncio.shield(self.carehare_connection), self.connect_wait)
+            async with asyncio.timeout(self.connect_wait):
+                return await asyncio.shield(self.carehare_connection)
         except TimeoutError as exc:
             raise BrokerUnavailable(
                 f"no connection to RabbitMQ within {self.connect_wait:g}s at {self.describe_hosts()}"
@@ -138,6 +152,7 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
         """
         if not self.require_valid_group_name(group):
             raise TypeError(f"invalid group name {group!r}")
+        message = with_group(group, message)
         body = serialize_message(GroupRecipient(group), message)
         connection = await self.connected()
         try:
@@ -155,6 +170,8 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
             raise BrokerUnavailable(
                 f"connection to RabbitMQ at {self.describe_hosts()} lost while sending to {group!r}"
             ) from exc
+        if is_client_message(group, message):
+            metrics.EMITTED.labels(metrics.group_kind(group)).inc()
 
 
 class BlockingEmitter:
@@ -191,7 +208,8 @@ class BlockingEmitter:
         loop, layer = self._started()
 
         async def bounded() -> T:
-            return await asyncio.wait_for(work(layer), timeout)
+            async with asyncio.timeout(timeout):
+                return await work(layer)
 
         future = asyncio.run_coroutine_threadsafe(bounded(), loop)
         try:
@@ -199,6 +217,16 @@ class BlockingEmitter:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError(f"no answer from the emit loop within {timeout:g}s") from None
+
+    async def call_async(self, work: Callable[[RabbitmqChannelLayer], Awaitable[T]], timeout: float) -> T:
+        """call() for async code on another loop: awaits the emit loop instead of blocking."""
+        loop, layer = await asyncio.to_thread(self._started)
+
+        async def bounded() -> T:
+            async with asyncio.timeout(timeout):
+                return await work(layer)
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(bounded(), loop))
 
     def describe_hosts(self) -> str:
         """The broker address of the emit loop's layer (password redacted), naming RABBITMQ_URL."""
@@ -219,6 +247,46 @@ class BlockingEmitter:
             except Exception as exc:  # it is being thrown away either way
                 logger.debug("closing the emit loop's layer failed: %s", exc)
             loop.call_soon_threadsafe(loop.stop)
+
+
+class SyncProducerLayer:
+    """The RabbitMQ layer as code without an event loop gets it from get_channel_layer().
+
+    Only producing works here: group_send and send run on the process's emit loop thread
+    (BlockingEmitter), from whatever loop awaits them (async_to_sync makes one per call).
+    Receiving needs a layer inside the server's event loop, and says so.
+    """
+
+    service = "RabbitMQ"
+    keeps_history = False
+    extensions = ["groups"]
+
+    def __init__(self, **config: Any) -> None:
+        self.config = config
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Publish to group through the emit loop; BrokerUnavailable or TimeoutError when it cannot."""
+        await blocking_emitter.call_async(
+            lambda layer: layer.group_send(group, message), ws_settings.EMIT_TIMEOUT
+        )
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """Send to one channel through the emit loop."""
+        await blocking_emitter.call_async(
+            lambda layer: layer.send(channel, message), ws_settings.EMIT_TIMEOUT
+        )
+
+    def describe_hosts(self) -> str:
+        """The broker address (password redacted), naming RABBITMQ_URL."""
+        return f"RABBITMQ_URL={redact_url(str(self.config.get('host', '')))}"
+
+    def _consumer_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "this RabbitMQ layer was made outside an event loop, for sending only; receiving needs "
+            "the layer of a running server (channels_rabbitmq binds a layer to its event loop)"
+        )
+
+    receive = new_channel = group_add = group_discard = flush = _consumer_only
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import ssl
 import time
 from collections import deque
@@ -29,9 +28,10 @@ from awx_ws.main import metrics, peerauth
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import parse_message_id
-from awx_ws.main.interest import watch_layer_interest, watch_redis_interest
+from awx_ws.main.interest import LayerInterestWatcher, watch_redis_interest
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.protocol import validate_group_name
+from awx_ws.main.retry import RetryPolicy, spawn, supervise
 
 logger = logging.getLogger(__name__)
 
@@ -208,11 +208,14 @@ class Relay:
         if self.redis is not None:
             watch = watch_redis_interest(self.redis, self._publish)
         else:
-            watch = watch_layer_interest(self.layer, self._publish)
-        tasks = [asyncio.create_task(watch, name="interest")]
-        tasks += [asyncio.create_task(link.run(), name=f"link {link.peer}") for link in self.links]
+            watch = LayerInterestWatcher(self.layer, self._publish).round
+        tasks = [spawn("relay interest", watch, metric="relay_interest")]
+        tasks += [link.start() for link in self.links]
         if self.redis is not None:
-            tasks.append(asyncio.create_task(self._write_status(self.redis), name="status"))
+            redis = self.redis
+            tasks.append(
+                spawn("relay status", lambda failures: self._write_status(redis), metric="relay_status")
+            )
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -220,18 +223,12 @@ class Relay:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _write_status(self, redis: RedisChannelLayer) -> None:
-        while True:
-            try:
-                for link in self.links:
-                    key = status_key(redis, link.peer)
-                    await redis.connection(0).hset(key, mapping=link.status.as_mapping())
-                    await redis.connection(0).expire(key, 3600)
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                logger.debug("relay status not written: %s", exc)
-            await asyncio.sleep(STATUS_EVERY)
+    async def _write_status(self, redis: RedisChannelLayer) -> float:
+        for link in self.links:
+            key = status_key(redis, link.peer)
+            await redis.connection(0).hset(key, mapping=link.status.as_mapping())
+            await redis.connection(0).expire(key, 3600)
+        return STATUS_EVERY
 
 
 class PeerLink:
@@ -243,64 +240,69 @@ class PeerLink:
         self.url = peer_url(peer)
         self.status = LinkStatus(peer)
         self._failing = False
+        self._connected_once = False
 
-    async def run(self) -> None:
-        """Connect, serve, back off, again; until cancelled."""
-        delay = 1.0
-        connected_once = False
-        backoff_max = ws_settings.BROADCAST_WEBSOCKET_BACKOFF_MAX
-        while True:
-            self.status.move_to("connecting")
-            started = None
-            try:
-                headers = peer_headers(self.relay.secret, self.relay.node)
-                ping = ws_settings.BROADCAST_WEBSOCKET_PING_INTERVAL
-                async with connect(
-                    self.url,
-                    ssl=peer_ssl(self.url),
-                    additional_headers=headers,
-                    ping_interval=ping,
-                    ping_timeout=ping,
-                    open_timeout=10,
-                    max_size=2**24,
-                ) as ws:
-                    started = time.monotonic()
-                    redis = self.relay.redis
-                    if redis is not None:
-                        # A new link starts with nothing forwarded; the interest sent next rebuilds it.
-                        await redis.connection(0).delete(forwarding_key(redis, self.peer))
-                    if connected_once:
-                        self.status.reconnects += 1
-                        metrics.RELAY_RECONNECTS.labels(self.peer).inc()
-                    connected_once = True
-                    self.status.move_to("connected")
-                    self.status.last_error = ""
-                    self._failing = False
-                    logger.info("relay link to %s connected", self.peer)
-                    await self._serve(ws)
-                raise ConnectionError("peer closed the link")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.status.last_error = describe(exc)
-                was_up = self.status.state == "connected"
-                self.status.move_to("disconnected")
-                if was_up:
-                    logger.warning(
-                        "relay link to %s lost: %s; reconnecting", self.peer, self.status.last_error
-                    )
-                elif not self._failing:
-                    logger.warning(
-                        "relay link to %s failed: %s; retrying with backoff up to %gs",
-                        self.peer,
-                        self.status.last_error,
-                        backoff_max,
-                    )
-                self._failing = not was_up
-            if started is not None and time.monotonic() - started >= HEALTHY_AFTER:
-                delay = 1.0
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, backoff_max)
+    def start(self) -> asyncio.Task[None]:
+        """Keep the link up until cancelled: connect, serve, back off (1 s doubling to
+        BROADCAST_WEBSOCKET_BACKOFF_MAX, with jitter; from 1 s again after a healthy link)."""
+        policy = RetryPolicy(
+            1.0, ws_settings.BROADCAST_WEBSOCKET_BACKOFF_MAX, RetryPolicy.from_settings().log_every
+        )
+        work = supervise(
+            f"relay link to {self.peer}",
+            self._session,
+            policy,
+            on_failure=self._lost,
+            healthy_after=HEALTHY_AFTER,
+            metric="relay_link",
+            report_expected=False,  # _lost logs once per state change
+        )
+        return asyncio.get_running_loop().create_task(work, name=f"relay link {self.peer}")
+
+    async def _session(self, failures: int) -> None:
+        """One connection to the peer, served until it ends (which is a failure: retried)."""
+        self.status.move_to("connecting")
+        headers = peer_headers(self.relay.secret, self.relay.node)
+        ping = ws_settings.BROADCAST_WEBSOCKET_PING_INTERVAL
+        async with connect(
+            self.url,
+            ssl=peer_ssl(self.url),
+            additional_headers=headers,
+            ping_interval=ping,
+            ping_timeout=ping,
+            open_timeout=10,
+            max_size=2**24,
+        ) as ws:
+            redis = self.relay.redis
+            if redis is not None:
+                # A new link starts with nothing forwarded; the interest sent next rebuilds it.
+                await redis.connection(0).delete(forwarding_key(redis, self.peer))
+            if self._connected_once:
+                self.status.reconnects += 1
+                metrics.RELAY_RECONNECTS.labels(self.peer).inc()
+            self._connected_once = True
+            self.status.move_to("connected")
+            self.status.last_error = ""
+            self._failing = False
+            logger.info("relay link to %s connected", self.peer)
+            await self._serve(ws)
+        raise ConnectionError("peer closed the link")
+
+    def _lost(self, exc: BaseException) -> None:
+        """Record why the link is down; log once per state change, not per attempt (AWX #7266)."""
+        self.status.last_error = describe(exc)
+        was_up = self.status.state == "connected"
+        self.status.move_to("disconnected")
+        if was_up:
+            logger.warning("relay link to %s lost: %s; reconnecting", self.peer, self.status.last_error)
+        elif not self._failing:
+            logger.warning(
+                "relay link to %s failed: %s; retrying with backoff up to %gs",
+                self.peer,
+                self.status.last_error,
+                ws_settings.BROADCAST_WEBSOCKET_BACKOFF_MAX,
+            )
+        self._failing = not was_up
 
     async def _serve(self, ws: ClientConnection) -> None:
         sender = asyncio.create_task(self._send_interest(ws))

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from awx_ws.main import metrics, protocol
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.auth import authenticate_scope, header
-from awx_ws.main.backlog import backlog_bytes
+from awx_ws.main.backlog import SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.history import (
     GroupPosition,
@@ -95,15 +95,18 @@ class EventStreamApp:
             }
         )
 
-        transport = getattr(scope.get("extensions", {}).get("awx_ws.protocol"), "transport", None)
+        slow_reader = SlowReader(connection_transport(scope), f"cutting off slow stream of user {user.pk} at")
 
         async def send_event(group: str, text: str, message_id: str | None, position: Any) -> None:
-            if transport is not None and backlog_bytes(transport) > ws_settings.SLOW_CLIENT_MAX_BYTES:
-                _cut_off(transport, user.pk)
+            if slow_reader.cut_off:
                 return
             # The id covers every group of the stream, so a reconnect resumes all of them.
             body = event_block(format_stream_position(stream.positions), text)
             await send({"type": "http.response.body", "body": body, "more_body": True})
+            if slow_reader.too_slow():
+                # Abort, not close: a close would wait to flush what the client is not reading;
+                # daphne then reports the disconnect as usual.
+                slow_reader.transport.abortConnection()
 
         stream = Stream(get_channel_layer(), send_event, transport="sse")
         process_stats.streams += 1
@@ -117,7 +120,7 @@ class EventStreamApp:
         finally:
             process_stats.streams -= 1
             metrics.CONNECTIONS.labels("sse").dec()
-            await stream.leave_all()
+            stream.leave_all()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _admit(self, scope: dict[str, Any]) -> tuple[Any, set[str], dict[str, GroupPosition]]:
@@ -170,21 +173,6 @@ class EventStreamApp:
         await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
-def _cut_off(transport: Any, user_id: int) -> None:
-    """End a stream whose client stopped reading; daphne then reports the disconnect as usual."""
-    if transport.disconnecting:
-        return
-    metrics.SLOW_CLIENT_CLOSES.inc()
-    logger.warning(
-        "cutting off slow stream of user %s: %d bytes not taken (limit %d)",
-        user_id,
-        backlog_bytes(transport),
-        ws_settings.SLOW_CLIENT_MAX_BYTES,
-    )
-    # Abort, not close: a close would wait to flush what the client is not reading.
-    transport.abortConnection()
-
-
 async def _refuse(send: Any, error: HttpError) -> None:
     body = json.dumps({"detail": str(error)}).encode()
     headers = [(b"content-type", b"application/json")]
@@ -199,7 +187,10 @@ async def _until_disconnect(receive: Any, send: Any) -> None:
     keepalive = ws_settings.SSE_KEEPALIVE
     while True:
         try:
-            message = await asyncio.wait_for(receive(), keepalive)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the cancel daphne
+            # sends a stream whose client is gone, and the stream would never end.
+            async with asyncio.timeout(keepalive):
+                message = await receive()
         except TimeoutError:
             await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
             continue

@@ -64,8 +64,6 @@ class Stream:
     positions: dict[str, GroupPosition] = field(default_factory=dict)
     # Groups whose live messages are held back while their history is replayed.
     _held: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
-    # Groups joined on the fan-out (a set-up that failed half-way leaves some: leave_all sees them).
-    _joined: set[str] = field(default_factory=set)
 
     # Subscriber protocol (fanout.py): every message comes through deliver().
     frame_protocol: Any = None
@@ -94,7 +92,6 @@ class Stream:
         fanout = self.layer.fanout
         for group in sorted(groups):
             await fanout.join(group, self)
-            self._joined.add(group)
         if not self.layer.keeps_history:
             # Nothing to resume from later but the time: every recovery will report a reset.
             now_ms = int(time.time() * 1000)
@@ -149,19 +146,17 @@ class Stream:
                 await self._send_live(group, text, message_id)
             self._held.pop(group, None)
 
-    async def leave_all(self) -> None:
-        """Leave every group (whatever happened before)."""
-        groups, self._joined, self.positions = sorted(self._joined), set(), {}
+    def leave_all(self) -> None:
+        """Leave every group (whatever happened before; synchronous, so nothing cuts it short)."""
+        self.positions = {}
         self._held.clear()
-        for group in groups:
-            await self.layer.fanout.leave(group, self)
+        self.layer.fanout.release(self)
 
-    async def leave(self, group: str) -> None:
+    def leave(self, group: str) -> None:
         """Leave one group."""
         self.positions.pop(group, None)
         self._held.pop(group, None)
-        self._joined.discard(group)
-        await self.layer.fanout.leave(group, self)
+        self.layer.fanout.leave(group, self)
 
 
 async def wait_until_forwarded(layer: RedisChannelLayer, groups: set[str]) -> dict[str, str]:

@@ -1,0 +1,31 @@
+"""What travels on the channel layer for clients: AWX's `internal.message`, and the group it names.
+
+AWX's producers send `{"type": "internal.message", "text": "<payload JSON>"}` to a group, through
+emit_channel_notification or Channels' own `channel_layer.group_send`. Both of our layers add the
+group they send to (`with_group`), so every member (a process's fan-out, a peer's relay link)
+knows which group a message is for, whoever sent it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from awx_ws.main.protocol import RESERVED_PREFIX
+
+# The message type AWX's consumers handle, and the only one delivered to clients.
+CLIENT_MESSAGE_TYPE = "internal.message"
+
+
+def with_group(group: str, message: dict[str, Any]) -> dict[str, Any]:
+    """message as its group's members receive it: with `group` set to the group it is sent to."""
+    return {**message, "group": group}
+
+
+def is_client_message(group: str, message: dict[str, Any]) -> bool:
+    """True for a message emitted on this node for clients (counted, kept in history)."""
+    return (
+        message.get("type") == CLIENT_MESSAGE_TYPE
+        and isinstance(message.get("text"), str)
+        and not message.get("relayed")
+        and not group.startswith(RESERVED_PREFIX)
+    )
