@@ -1,9 +1,14 @@
-"""Run daphne with ASGI lifespan and our defaults: `python -m awx_ws.server [daphne options] APP`.
+"""Our runner: daphne with ASGI lifespan, direct socket writes and no daily websocket cut-off.
 
-daphne does not speak the ASGI lifespan protocol, so start-up work (the router's purge of dead
-processes' channel-layer state) would have nowhere to run but import time or the first connection.
-This Server subclass sends `lifespan.startup` before it listens and `lifespan.shutdown` when the
-reactor stops; an application that fails start-up stops the server with one clear message.
+`python -m awx_ws.server [daphne options] APP` takes daphne's own command line. The application
+works under plain `daphne` too (docs/channels.md, "Which runner"); this runner adds:
+
+- ASGI lifespan: start-up work runs before the port opens, and an application that fails it stops
+  the server with one clear message (exit 1) instead of serving a half-started process;
+- a websocket protocol whose writes try the socket first and which cuts off slow readers itself,
+  and a handle on each connection's protocol in the scope, so the fan-out writes one prepared
+  frame to many sockets (awx_ws.main.fanout);
+- `--websocket_timeout -1` by default (daphne's 86,400 s cut every live stream daily).
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ from daphne.cli import CommandLineInterface
 from daphne.server import Server as DaphneServer
 from daphne.ws_protocol import WebSocketProtocol as DaphneWebSocketProtocol
 
-from awx_ws.main.backlog import SLOW_CLIENT_CLOSE_CODE, backlog_bytes
-from awx_ws.main.conf import ws_settings
+from awx_ws.main.backlog import SLOW_CLIENT_CLOSE_CODE, SlowReader
 from awx_ws.main.exceptions import StartupError
 
 logger = logging.getLogger("awx_ws.server")
@@ -98,42 +102,18 @@ class WebSocketProtocol(DaphneWebSocketProtocol):
     either is aborted when autobahn's close handshake times out, which frees the buffer.
     """
 
-    # Frames written since the transport last had nothing waiting.
-    _waiting_frames = 0
-    # Set once this connection is being closed for being slow (the close frame is a write too).
-    _cut_off = False
+    # Watches this connection's unread backlog (created at the first write).
+    _slow_reader: SlowReader | None = None
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """Send frame bytes (straight to the socket when possible), then check the backlog."""
         self._send(data, sync, chopsize)
         if self.state == self.STATE_OPEN:
-            self._check_backlog()
-
-    def _check_backlog(self) -> None:
-        if self._cut_off:
-            return
-        waiting = backlog_bytes(self.transport)
-        if not waiting:
-            self._waiting_frames = 0
-            return
-        self._waiting_frames += 1
-        max_bytes, max_frames = ws_settings.SLOW_CLIENT_MAX_BYTES, ws_settings.SLOW_CLIENT_MAX_MESSAGES
-        if waiting > max_bytes or self._waiting_frames > max_frames:
-            self._cut_off = True
-            # Imported here: prometheus_client must not load before the settings have set
-            # PROMETHEUS_MULTIPROC_DIR, and this module is imported before Django is set up.
-            from awx_ws.main import metrics
-
-            metrics.SLOW_CLIENT_CLOSES.inc()
-            logger.warning(
-                "closing slow client %s: %d bytes in %d messages not taken (limits %d bytes, %d messages)",
-                self.peer,
-                waiting,
-                self._waiting_frames,
-                max_bytes,
-                max_frames,
-            )
-            self.sendClose(code=SLOW_CLIENT_CLOSE_CODE, reason="slow client: messages not read in time")
+            if self._slow_reader is None:
+                self._slow_reader = SlowReader(self.transport)
+            if self._slow_reader.too_slow():
+                # The close frame is a write too: the reader is cut off once, never again.
+                self.sendClose(code=SLOW_CLIENT_CLOSE_CODE, reason="slow client: messages not read in time")
 
     def _send(self, data: bytes, sync: bool, chopsize: int | None) -> None:
         transport = self.transport

@@ -15,3 +15,6 @@ from awx_ws.main.routing import AWXProtocolTypeRouter, http_application, websock
 application = AWXProtocolTypeRouter(
     {"http": http_application(django_asgi_app), "websocket": websocket_application()}
 )
+# Start-up work (liveness, the purge of dead processes' state, the fan-out) when the server starts,
+# also under plain `daphne`, which sends no ASGI lifespan; nothing runs until then.
+application.start_with_server()

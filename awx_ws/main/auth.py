@@ -14,7 +14,6 @@ from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
 from channels.auth import get_user
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from channels.security.websocket import WebsocketDenier
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
@@ -29,6 +28,17 @@ from awx_ws.main.layers import RedisChannelLayer
 logger = logging.getLogger(__name__)
 
 _TOKEN_SCHEMES = (b"token", b"bearer")
+
+
+async def deny_websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Refuse a websocket handshake: daphne answers HTTP 403.
+
+    Channels' WebsocketDenier is a consumer, and a consumer takes a channel from the default
+    layer: every refused handshake would cost a Redis channel, or an error while Redis is down.
+    """
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close"})
 
 
 def header(scope: dict[str, Any], name: bytes) -> bytes | None:
@@ -91,7 +101,7 @@ class WebsocketAuthMiddleware:
         scope = dict(scope)
         user, method = await self.authenticate(scope)
         if user is None:
-            return await WebsocketDenier()(scope, receive, send)
+            return await deny_websocket(scope, receive, send)
         scope["user"] = user
         scope["auth"] = method
         return await self.inner(scope, receive, send)
@@ -152,7 +162,7 @@ class PeerAuthMiddleware:
             await self._refuse_replay(nonce)
         except peerauth.PeerAuthError as exc:
             logger.warning("peer relay refused from %s: %s", scope.get("client"), exc)
-            return await WebsocketDenier()(scope, receive, send)
+            return await deny_websocket(scope, receive, send)
         peer = header(scope, b"x-awx-ws-node")
         scope = dict(scope, peer=peer.decode("latin-1") if peer else str(scope.get("client")))
         return await self.inner(scope, receive, send)

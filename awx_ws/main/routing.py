@@ -1,26 +1,21 @@
-"""AWXProtocolTypeRouter (start-up purge at ASGI lifespan) and the websocket URL patterns."""
+"""AWXProtocolTypeRouter (start-up work under any server) and the websocket and HTTP routes."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 from typing import Any
 
-from channels.layers import get_channel_layer
 from channels.routing import ProtocolTypeRouter, URLRouter
-from channels.security.websocket import WebsocketDenier
 from django.urls import re_path
-from redis.exceptions import RedisError
 
-from awx_ws.main import metrics
-from awx_ws.main.auth import PeerAuthMiddleware, WebsocketAuthStack
-from awx_ws.main.conf import ws_settings
+from awx_ws.main import daphne_hooks
+from awx_ws.main.auth import PeerAuthMiddleware, WebsocketAuthStack, deny_websocket
+from awx_ws.main.backlog import CONNECTION_EXTENSION
 from awx_ws.main.consumers import BroadcastConsumer, EventConsumer
-from awx_ws.main.exceptions import RedisUnavailable, StartupError
-from awx_ws.main.layers import RedisChannelLayer
-from awx_ws.main.liveness import purge_stale_state
-from awx_ws.main.rabbitmq import RabbitmqChannelLayer
+from awx_ws.main.exceptions import StartupError
 from awx_ws.main.sse import EventStreamStack
+from awx_ws.main.startup import Startup
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +24,7 @@ logger = logging.getLogger(__name__)
 websocket_urlpatterns = [
     re_path(r"^websocket/$", EventConsumer.as_asgi()),
     re_path(r"^api/websocket/$", EventConsumer.as_asgi()),
-    re_path(r"", WebsocketDenier.as_asgi()),
+    re_path(r"", deny_websocket),
 ]
 
 
@@ -43,8 +38,12 @@ def websocket_application() -> Any:
     )
 
 
+# The SSE stream's path: long-lived, served here rather than by Django.
+STREAM_PATH = "/api/v2/stream/"
+
+
 def http_application(django_app: Any) -> Any:
-    """The SSE stream (long-lived, served here) at /api/v2/stream/; everything else to Django."""
+    """The SSE stream (long-lived, served here) at STREAM_PATH; everything else to Django."""
     return URLRouter(
         [
             re_path(r"^api/v2/stream/$", EventStreamStack()),
@@ -54,17 +53,52 @@ def http_application(django_app: Any) -> Any:
 
 
 class AWXProtocolTypeRouter(ProtocolTypeRouter):
-    """ProtocolTypeRouter that clears channel-layer state of dead processes when the server starts.
+    """ProtocolTypeRouter that does this process's start-up work (startup.py) under any server.
 
-    It runs on the ASGI lifespan startup event (awx_ws.server sends it for daphne), not at import,
-    and never touches state of live processes sharing the Redis (see liveness.py).
+    It clears channel-layer state of dead processes and starts the fan-out: on the ASGI lifespan
+    startup event (awx_ws.server, uvicorn), or when daphne's reactor starts (`start_with_server`,
+    for plain `daphne`, which sends no lifespan), and at the latest before the first websocket or
+    stream is accepted. Never at import, and never touching state of live processes (liveness.py).
     """
 
+    def __init__(self, application_mapping: dict[str, Any]) -> None:
+        super().__init__(application_mapping)
+        self.startup = Startup()
+        self._timeout_warned = False
+
+    def start_with_server(self) -> None:
+        """Start up when the server starts, and stop when it stops, where lifespan is not sent."""
+        daphne_hooks.when_server_runs(self.startup.begin)
+        daphne_hooks.before_server_stops(self.startup.stop)
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        """Route lifespan to ourselves, everything else by protocol type."""
+        """Route lifespan to ourselves; hold websockets and streams until start-up is done."""
         if scope["type"] == "lifespan":
             return await self.lifespan(receive, send)
+        protocol = daphne_hooks.connection_protocol(send)
+        if protocol is not None:
+            # The connection's socket, for the slow-client cut-off under any daphne (backlog.py).
+            scope = dict(
+                scope, extensions={**(scope.get("extensions") or {}), CONNECTION_EXTENSION: protocol}
+            )
+        if scope["type"] == "websocket":
+            self._warn_about_timeout(send)
+        if scope["type"] == "websocket" or scope.get("path") == STREAM_PATH:
+            if not await self.startup.ready():
+                return await _unavailable(scope, receive, send, self.startup.failure)
         return await super().__call__(scope, receive, send)
+
+    def _warn_about_timeout(self, send: Any) -> None:
+        if self._timeout_warned:
+            return
+        self._timeout_warned = True
+        timeout = daphne_hooks.websocket_timeout(send)
+        if timeout is not None:
+            logger.warning(
+                "daphne closes every websocket after %gs (--websocket_timeout): clients are cut off "
+                "daily; run daphne with --websocket_timeout -1, or python -m awx_ws.server",
+                timeout,
+            )
 
     async def lifespan(self, receive: Any, send: Any) -> None:
         """Answer the ASGI lifespan protocol."""
@@ -72,81 +106,27 @@ class AWXProtocolTypeRouter(ProtocolTypeRouter):
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await self.startup()
+                    await self.startup.run()
                 except StartupError as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
+                await self.startup.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def startup(self) -> None:
-        """Mark this process live, then purge state of dead ones; wait a bounded time for Redis."""
-        layer = get_channel_layer()
-        if isinstance(layer, RabbitmqChannelLayer):
-            return await self._startup_rabbitmq(layer)
-        if not isinstance(layer, RedisChannelLayer):
-            raise StartupError(f"CHANNEL_LAYERS names {type(layer).__name__}: use CHANNEL_LAYER_BACKEND")
-        wait = ws_settings.STARTUP_REDIS_WAIT
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        delay = 0.25
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                try:
-                    await layer.liveness.start()
-                except (RedisError, OSError) as exc:
-                    raise RedisUnavailable(f"{layer.describe_hosts()}: {exc}") from exc
-                report = await purge_stale_state(layer)
-                break
-            except RedisUnavailable as exc:
-                if loop.time() + delay > deadline:
-                    # One clear message and a bounded wait instead of a crash loop (AWX #8696).
-                    raise StartupError(
-                        f"Redis unreachable for {wait:g}s (AWX_WS_STARTUP_REDIS_WAIT), "
-                        f"{attempts} attempts: {exc}"
-                    ) from exc
-                if attempts == 1:
-                    logger.warning("waiting up to %gs for Redis: %s", wait, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        metrics.PURGED.labels("memberships").inc(report.memberships)
-        metrics.PURGED.labels("queues").inc(report.queues)
-        metrics.PURGED.labels("records").inc(report.records)
-        logger.info(
-            "start-up purge: removed %d group memberships, %d message queues, %d records "
-            "of %d dead processes",
-            report.memberships,
-            report.queues,
-            report.records,
-            len(report.dead_processes),
-        )
 
-    async def _startup_rabbitmq(self, layer: RabbitmqChannelLayer) -> None:
-        """Wait (bounded) for the broker; there is nothing to purge, which is logged and counted."""
-        wait = ws_settings.STARTUP_REDIS_WAIT
-        try:
-            await asyncio.wait_for(asyncio.shield(layer.carehare_connection), wait)
-        except TimeoutError as exc:
-            raise StartupError(
-                f"RabbitMQ unreachable for {wait:g}s (AWX_WS_STARTUP_REDIS_WAIT) at {layer.describe_hosts()}"
-            ) from exc
-        metrics.PURGE_SKIPPED.inc()
-        # Each process's queue is exclusive: RabbitMQ deletes it, and its bindings, when the
-        # process's connection goes, so a killed daphne leaves nothing behind to remove.
-        logger.info(
-            "start-up purge skipped: the RabbitMQ layer keeps no state outside live connections (%s)",
-            layer.describe_hosts(),
-        )
-
-    async def shutdown(self) -> None:
-        """Withdraw this process's liveness record (Redis) or close its broker connection (RabbitMQ)."""
-        layer = get_channel_layer()
-        if isinstance(layer, RedisChannelLayer):
-            await layer.liveness.stop()
-        elif isinstance(layer, RabbitmqChannelLayer):
-            await layer.close()
+async def _unavailable(scope: dict[str, Any], receive: Any, send: Any, reason: Exception | None) -> None:
+    """Refuse a connection while start-up has not succeeded: websocket 403, HTTP 503."""
+    # The reason was logged once, as an ERROR, when start-up failed; daphne logs each refusal.
+    logger.debug(
+        "refusing a %s connection from %s: not started (%s)", scope["type"], scope.get("client"), reason
+    )
+    if scope["type"] == "websocket":
+        return await deny_websocket(scope, receive, send)
+    detail = f"the service cannot reach its channel layer yet: {reason}"
+    await send(
+        {"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]}
+    )
+    await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
