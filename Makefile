@@ -4,6 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest -n 2 --dist loadfile
 
 export AWX_WS_VAR ?= $(CURDIR)/var
 export AWX_WS_REDIS_PORT ?= 6390
@@ -36,15 +37,18 @@ run: bootstrap
 	@echo "Starting on http://127.0.0.1:$(AWX_WS_NGINX_PORT)/ and https://127.0.0.1:$(AWX_WS_TLS_PORT)/ (websocket /websocket/); Ctrl-C stops it."
 	exec $(VENV)/bin/supervisord -n -c supervisord.conf
 
-# The whole suite on SQLite (the default), then on PostgreSQL all but the slow scenarios
-# (and those marked postgres: nodes sharing one database).
+# The whole suite on SQLite (the default), under plain daphne and under awx_ws.server; then on
+# PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database),
+# under awx_ws.server only: the database is that pass's point.
+# Two pytest-xdist workers, a test file each at a time, each with servers of its own (and ports of
+# its own: tests/servers.py): the suite mostly waits, on servers, timers and round trips.
 test: bootstrap testdeps
-	$(VENV)/bin/pytest
-	AWX_WS_TEST_DATABASE=postgres $(VENV)/bin/pytest -m "not slow or postgres"
+	$(PYTEST)
+	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"
 
 # Only the PostgreSQL pass (a throwaway cluster started by the test fixtures on a free port).
 test-postgres: bootstrap testdeps
-	AWX_WS_TEST_DATABASE=postgres $(VENV)/bin/pytest -m "not slow or postgres"
+	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"
 
 # Benchmark against the Channels tutorial baseline and a no-Django floor (under 10 minutes).
 bench: bootstrap rabbitmq postgresql

@@ -6,8 +6,14 @@ import asyncio
 import json
 from typing import Any
 
+from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
+
+# What a test opened and has not closed yet: conftest closes it after the test, inside the test's
+# event loop, so a failing test leaves no socket behind for the garbage collector (which would
+# warn "unclosed transport" or "loop is closed" in whatever test runs next, or at exit).
+LEFT_OPEN: list[Any] = []
 
 
 class WsClient:
@@ -17,6 +23,7 @@ class WsClient:
         self.ws = ws
         self.hello = hello
         self.xrftoken: str | None = None
+        LEFT_OPEN.append(self)
 
     async def send_json(self, data: Any) -> None:
         await self.ws.send(json.dumps(data))
@@ -53,6 +60,29 @@ class WsClient:
 
     async def close(self) -> None:
         await self.ws.close()
+        if self in LEFT_OPEN:
+            LEFT_OPEN.remove(self)
+
+
+def redis_at(url: str) -> Redis:
+    """An async Redis client, closed after the test if the test does not close it."""
+    client = Redis.from_url(url)
+    LEFT_OPEN.append(client)
+    return client
+
+
+async def close_left_open() -> None:
+    """Close whatever the test left open (conftest calls this after every test)."""
+    while LEFT_OPEN:
+        thing = LEFT_OPEN.pop()
+        try:
+            async with asyncio.timeout(5):
+                if isinstance(thing, WsClient):
+                    await thing.ws.close()
+                else:
+                    await thing.aclose()
+        except (OSError, TimeoutError, RuntimeError):
+            pass  # its server or loop is gone already: nothing left to close cleanly
 
 
 async def open_ws(
@@ -82,3 +112,15 @@ async def refused_status(base_url: str, **kwargs: Any) -> int:
         return exc.response.status_code
     await client.close()
     raise AssertionError("the handshake was accepted")
+
+
+async def emit_to(redis_url: str, group: str, payload: Any) -> None:
+    """Emit into a Redis other than the session's (a node with a Redis of its own)."""
+    from awx_ws.main.emit import build_message
+    from awx_ws.main.layers import RedisChannelLayer
+
+    layer = RedisChannelLayer(hosts=[{"address": redis_url}])
+    try:
+        await layer.group_send(group, build_message(group, payload))
+    finally:
+        await layer.close_pools()

@@ -1,13 +1,17 @@
 """Layered fixtures: redis → migrated database → daphne node → user → token → connected client.
 
-Everything is real: a redis-server on a free loopback port, daphne processes running
-awx_ws.server, an SQLite file shared between this process and the servers. Modules that spell out
-behaviour both channel layers must share override `node` with `layer_node`, which runs each of
-their tests against a node on Redis and one on RabbitMQ (a rabbitmq-server started here).
+Everything is real: a redis-server on a free loopback port, daphne processes, an SQLite file
+shared between this process and the servers. Two axes run the same tests through every door:
+
+- `runner`: modules marked `both_runners` run each test against plain `daphne` (as the Channels
+  docs and AWX start it) and against `python -m awx_ws.server`; others use awx_ws.server.
+- `layer_backend`: modules that spell out behaviour both channel layers must share override
+  `node` with `layer_node`, a node on Redis and one on RabbitMQ (a rabbitmq-server started here).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import shutil
@@ -20,9 +24,18 @@ from typing import Any
 import django
 import pytest
 
-from tests.client import WsClient, open_ws
+from tests.client import WsClient, close_left_open, open_ws
 from tests.factories import adb, create_token, create_user
-from tests.servers import DaphneNode, Gunicorn, Nginx, Process, RabbitMQServer, RedisServer, free_port
+from tests.servers import (
+    RUNNERS,
+    DaphneNode,
+    Gunicorn,
+    Nginx,
+    Process,
+    RabbitMQServer,
+    RedisServer,
+    free_port,
+)
 
 _STATE = Path(tempfile.mkdtemp(prefix="awx_ws-tests-"))
 
@@ -44,6 +57,8 @@ def _database_url() -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: each worker sets up its own servers
     # Settings read the environment at import; the daphne processes the tests start inherit it.
     os.environ.update(
         {
@@ -94,6 +109,25 @@ def redis_server(state_dir: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+async def closes_what_it_opens() -> AsyncIterator[None]:
+    """Websockets and Redis clients a test left open are closed in its own event loop."""
+    yield
+    await close_left_open()
+    # Whatever else the test dropped is collected now, so a resource warning is reported on the
+    # test that leaked it, not on the next one (filterwarnings = error).
+    gc.collect()
+
+
+@pytest.fixture
+def own_redis(state_dir: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own: its keys and connections are the test's alone."""
+    port = free_port()
+    server = RedisServer(port, state_dir / f"redis-{port}").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def database(redis_server: RedisServer) -> None:
     """Migrated database shared with the server processes."""
@@ -102,15 +136,68 @@ def database(redis_server: RedisServer) -> None:
     call_command("migrate", verbosity=0, interactive=False)
 
 
-@pytest.fixture(scope="session")
-def redis_node(redis_server: RedisServer, state_dir: Path) -> Iterator[DaphneNode]:
-    """One daphne node on the Redis layer (the default)."""
-    server = DaphneNode(state_dir / "logs").start()
-    yield server
-    server.stop()
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Modules marked both_runners: every test that starts or talks to a daphne node runs on each,
+    # unless the test names its runner itself (behaviour only one of them has).
+    if "runner" not in metafunc.fixturenames or not metafunc.definition.get_closest_marker("both_runners"):
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        if "runner" in mark.args[0]:
+            return
+    # AWX_WS_TEST_RUNNERS=awx_ws.server narrows a pass to one runner (make test's PostgreSQL pass:
+    # the database is its point; the SQLite pass proves both runners).
+    wanted = os.environ.get("AWX_WS_TEST_RUNNERS")
+    runners = wanted.split(",") if wanted else list(RUNNERS)
+    if not set(runners) <= set(RUNNERS):
+        raise pytest.UsageError(f"AWX_WS_TEST_RUNNERS={wanted!r}: use {', '.join(RUNNERS)}")
+    metafunc.parametrize("runner", runners, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def runner(request: pytest.FixtureRequest) -> str:
+    """How daphne nodes of this module run: "awx_ws.server" unless parametrised (both_runners)."""
+    return str(getattr(request, "param", "awx_ws.server"))
+
+
+class NodePool:
+    """Long-lived daphne nodes of the session, one per (runner, channel layer), started on demand."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.nodes: dict[tuple[str, str, str], DaphneNode] = {}
+
+    def get(
+        self,
+        runner: str,
+        backend: str,
+        env: dict[str, str] | None = None,
+        app: str = "config.asgi:application",
+    ) -> DaphneNode:
+        key = (runner, backend, app)
+        if key not in self.nodes:
+            self.nodes[key] = DaphneNode(self.logs, env, runner=runner, app=app).start()
+        return self.nodes[key]
+
+    def stop(self) -> None:
+        for server in self.nodes.values():
+            server.stop()
 
 
 @pytest.fixture(scope="session")
+def node_pool(redis_server: RedisServer, state_dir: Path) -> Iterator[NodePool]:
+    """The session's long-lived nodes; all are stopped at the end."""
+    pool = NodePool(state_dir / "logs")
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_node(node_pool: NodePool, runner: str) -> DaphneNode:
+    """A daphne node on the Redis layer (the default)."""
+    return node_pool.get(runner, "redis")
+
+
+@pytest.fixture(scope="module")
 def node(redis_node: DaphneNode) -> DaphneNode:
     """The node most tests talk to: the Redis one."""
     return redis_node
@@ -134,14 +221,10 @@ def rabbitmq_env(server: RabbitMQServer, vhost: str = "/") -> dict[str, str]:
     return {"CHANNEL_LAYER_BACKEND": "rabbitmq", "RABBITMQ_URL": server.url(vhost)}
 
 
-@pytest.fixture(scope="session")
-def rabbitmq_node(
-    rabbitmq_server: RabbitMQServer, redis_server: RedisServer, state_dir: Path
-) -> Iterator[DaphneNode]:
-    """One daphne node on the RabbitMQ layer."""
-    server = DaphneNode(state_dir / "logs", rabbitmq_env(rabbitmq_server)).start()
-    yield server
-    server.stop()
+@pytest.fixture(scope="module")
+def rabbitmq_node(rabbitmq_server: RabbitMQServer, node_pool: NodePool, runner: str) -> DaphneNode:
+    """A daphne node on the RabbitMQ layer."""
+    return node_pool.get(runner, "rabbitmq", rabbitmq_env(rabbitmq_server))
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
@@ -168,9 +251,9 @@ def layer_env(layer_backend: str, request: pytest.FixtureRequest) -> dict[str, s
 
 
 @pytest.fixture(scope="module")
-def layer_node(layer_backend: str, request: pytest.FixtureRequest) -> DaphneNode:
-    """The daphne node of the layer under test."""
-    return request.getfixturevalue(f"{layer_backend}_node")
+def layer_node(layer_backend: str, runner: str, node_pool: NodePool, layer_env: dict[str, str]) -> DaphneNode:
+    """The daphne node of the layer under test (and of the module's runner)."""
+    return node_pool.get(runner, layer_backend, layer_env or None)
 
 
 async def close_in_process_layer() -> None:
@@ -194,12 +277,16 @@ async def fresh_in_process_layer() -> AsyncIterator[None]:
 
 
 @pytest.fixture
-def daphne_factory(redis_server: RedisServer, state_dir: Path) -> Iterator[Callable[..., DaphneNode]]:
-    """Start extra daphne processes for one test; all are stopped afterwards."""
+def daphne_factory(
+    redis_server: RedisServer, state_dir: Path, runner: str
+) -> Iterator[Callable[..., DaphneNode]]:
+    """Start extra daphne processes (the module's runner) for one test; all are stopped afterwards."""
     started: list[DaphneNode] = []
 
-    def start(env: dict[str, str] | None = None, wait: bool = True) -> DaphneNode:
-        server = DaphneNode(state_dir / "logs", env)
+    def start(
+        env: dict[str, str] | None = None, wait: bool = True, options: tuple[str, ...] = ()
+    ) -> DaphneNode:
+        server = DaphneNode(state_dir / "logs", env, runner=runner, options=options)
         started.append(server)
         if wait:
             return server.start()

@@ -2,32 +2,61 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _server_ports() -> list[int]:
+    """The ports this test process hands to servers: below the kernel's ephemeral range, so no
+    outgoing connection (tens of thousands in the churn tests) can take one between choosing it
+    and the server binding it, and a range of its own per pytest-xdist worker."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low < 12_000:  # no room below the ephemeral range: let the kernel choose
+        return []
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    span = (low - 10_000) // max(workers, 1)
+    ports = list(range(10_000 + worker * span, 10_000 + (worker + 1) * span))
+    random.Random(os.getpid()).shuffle(ports)
+    return ports
+
+
+_PORTS = itertools.cycle(_server_ports() or [0])
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for a server to bind."""
+    return free_ports(1)[0]
 
 
 def free_ports(count: int) -> list[int]:
     """count distinct free ports (all held open while choosing, so none repeats)."""
-    sockets = [socket.socket() for _ in range(count)]
+    sockets: list[socket.socket] = []
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
+        while len(sockets) < count:
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", next(_PORTS)))
+            except OSError:  # in use (or lingering): the next one
+                sock.close()
+                continue
+            sockets.append(sock)
         return [int(sock.getsockname()[1]) for sock in sockets]
     finally:
         for sock in sockets:
@@ -93,6 +122,7 @@ class Process:
         return False
 
     def wait_for_port(self, port: int, timeout: float = 30.0) -> None:
+        """Until the process listens on port; a process that does not in time is stopped."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
@@ -101,6 +131,7 @@ class Process:
             if port_open(port):
                 return
             time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"{self.name} did not listen on {port} in {timeout}s:\n{self.output()}")
 
     def kill(self) -> None:
@@ -153,30 +184,62 @@ class RedisServer(Process):
         return self
 
 
-class DaphneNode(Process):
-    """One daphne process serving config.asgi through awx_ws.server (lifespan, purge)."""
+# The ways to run the service that the suite proves: our runner (daphne with lifespan and direct
+# writes, as supervisord.conf starts it) and plain `daphne`, as the Channels docs and AWX start it.
+RUNNERS = ("awx_ws.server", "daphne")
 
-    def __init__(self, workdir: Path, env_extra: dict[str, str] | None = None, port: int | None = None):
+
+class DaphneNode(Process):
+    """One daphne process serving config.asgi: `python -m awx_ws.server` or plain `daphne`."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        env_extra: dict[str, str] | None = None,
+        port: int | None = None,
+        runner: str = "awx_ws.server",
+        app: str = "config.asgi:application",
+        options: tuple[str, ...] = (),
+    ):
+        if runner not in RUNNERS:
+            raise ValueError(f"unknown runner {runner!r}: one of {RUNNERS}")
+        self.runner = runner
         self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self.http_url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
         env.update(env_extra or {})
-        argv = [
-            sys.executable,
-            "-m",
-            "awx_ws.server",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "config.asgi:application",
-        ]
-        super().__init__(f"daphne:{self.port}", argv, workdir / f"daphne-{self.port}.log", env)
+        if runner == "daphne":
+            # The console script from the virtualenv, exactly as a user types it.
+            command = [str(Path(sys.executable).parent / "daphne")]
+        else:
+            command = [sys.executable, "-m", "awx_ws.server"]
+        argv = [*command, "-b", "127.0.0.1", "-p", str(self.port), *options, app]
+        super().__init__(f"{runner}:{self.port}", argv, workdir / f"daphne-{self.port}.log", env)
 
     def start(self, timeout: float = 30.0) -> DaphneNode:
+        """Start, and wait until it listens and its start-up work is done (under both runners).
+
+        The stream endpoint answers only once start-up is done (plain daphne holds requests to
+        it until then): 401 without credentials when it is, 503 when start-up failed.
+        """
         super().start()
-        self.wait_for_port(self.port, timeout)
+        try:
+            self.wait_for_port(self.port, timeout)
+            url = f"{self.http_url}/api/v2/stream/?groups=jobs-status_changed"
+            try:
+                urllib.request.urlopen(url, timeout=timeout).close()
+                status = 200
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+                exc.close()
+            if status != 401:
+                raise RuntimeError(
+                    f"{self.name} did not start (stream endpoint said {status}):\n{self.output()}"
+                )
+        except BaseException:
+            self.stop()  # a server that failed to start is not left running
+            raise
         return self
 
 

@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from awxkit.ws import WSClient
 
 from awx_ws.main.emit import aemit_channel_notification
 from tests.factories import adb, create_job, create_org, session_cookie
+
+pytestmark = pytest.mark.both_runners
 
 
 def collect(ws: WSClient, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 10) -> list:

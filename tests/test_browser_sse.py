@@ -13,10 +13,11 @@ import pytest
 from redis.asyncio import Redis
 
 from awx_ws.main.emit import aemit_channel_notification
+from tests.client import redis_at
 from tests.factories import adb, session_cookie
 from tests.servers import DaphneNode, Nginx
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
 PAGE_SCRIPT = """
 (group) => {
@@ -50,7 +51,7 @@ async def test_chromium_event_source_resumes_after_the_server_drops_it(
 ):
     servers = [daphne_factory(), daphne_factory()]
     nginx = Nginx(state_dir / f"nginx-browser-{os.getpid()}", [s.port for s in servers], api.port).start()
-    redis = Redis.from_url(redis_server.url)
+    redis = redis_at(redis_server.url)
     group = f"schedules-browser{time.monotonic_ns()}"
     try:
         context = await browser.new_context()

@@ -1,18 +1,20 @@
-"""10,000 connect / subscribe / disconnect cycles leave nothing behind: no group member in Redis,
-no extra Redis connection, and daphne's memory where it was."""
+"""Churn leaves nothing behind: 1,000 clients closing at random moments (before their subscribe
+is answered, mid-replace, abruptly) leave no membership or interest for groups nobody holds; and
+10,000 connect / subscribe / disconnect cycles leave no Redis connection or memory behind."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import psutil
 import pytest
 from redis.asyncio import Redis
 
-from tests.client import open_ws
+from tests.client import emit_to, open_ws, redis_at
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
 CYCLES = 10_000
 CONCURRENCY = 50
@@ -46,11 +48,14 @@ async def members(redis: Redis, items: list[str]) -> int:
     return sum([await redis.zcard(f"asgi:group:schedules-{item}") for item in items])
 
 
+# 10,000 cycles take a minute per runner; the memory and connection rule is the runner's own
+# code either way, so this runs on the production runner, and the membership rule on both (below).
+@pytest.mark.parametrize("runner", ["awx_ws.server"], indirect=True)
 async def test_10000_cycles_leave_no_member_connection_or_memory_behind(daphne_factory, token, redis_server):
     server = daphne_factory()
     headers = {"Authorization": f"Token {token}"}
     items = [f"churn{n}x{time.monotonic_ns()}" for n in range(GROUPS)]
-    redis = Redis.from_url(redis_server.url)
+    redis = redis_at(redis_server.url)
     await cycles(server.url, headers, items, 2000)  # warm-up: pools, caches, the allocator
     await asyncio.sleep(1)
     daphne = psutil.Process(server.pid)
@@ -68,3 +73,98 @@ async def test_10000_cycles_leave_no_member_connection_or_memory_behind(daphne_f
     rss_end = daphne.memory_info().rss
     assert rss_end <= rss_start * 1.10, f"RSS {rss_start / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB"
     await redis.aclose()
+
+
+RANDOM_CLIENTS = 1_000
+RANDOM_CONCURRENCY = 100
+# Few groups, so that joins and leaves of one group from many clients overlap all the time.
+RANDOM_GROUPS = 20
+
+
+async def fanout_members(redis: Redis) -> dict[str, int]:
+    """{group: fan-out members} of every group in Redis that has any."""
+    found = {}
+    async for key in redis.scan_iter(match="asgi:group:*"):
+        members = [m for m in await redis.zrange(key, 0, -1) if m.startswith(b"fanout.")]
+        if members:
+            found[key.decode().removeprefix("asgi:group:")] = len(members)
+    return found
+
+
+async def interest(redis: Redis) -> set[str]:
+    """Every group in the processes' interest sets (what the relay would ask peers for)."""
+    groups: set[str] = set()
+    async for key in redis.scan_iter(match="asgi:interest:*"):
+        groups |= {member.decode() for member in await redis.smembers(key)}
+    return groups
+
+
+async def settled(redis: Redis, expected: set[str], timeout: float = 30.0) -> tuple[dict[str, int], set[str]]:
+    """Redis's fan-out memberships and interest once they match `expected` (or the timeout ends)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = await fanout_members(redis), await interest(redis)
+        if (set(state[0]), state[1]) == (expected, expected) or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.05)
+
+
+async def churner(url: str, headers: dict[str, str], items: list[str], rng: random.Random) -> None:
+    """One client that subscribes, maybe replaces its groups, and goes at a random moment."""
+    client = await open_ws(url, headers=headers)
+    first = rng.sample(items, rng.randint(1, 4))
+    await client.send_json({"groups": {"schedules": first}, "xrftoken": None})
+    moment = rng.choice(["before reply", "after reply", "mid replace", "abort", "abort after reply"])
+    if moment in ("after reply", "mid replace", "abort after reply"):
+        while "groups_current" not in await client.recv_json():
+            pass
+    if moment == "mid replace":
+        await client.send_json(
+            {"groups": {"schedules": rng.sample(items, rng.randint(1, 4))}, "xrftoken": None}
+        )
+    if moment.startswith("abort"):
+        client.ws.transport.abort()  # no close frame: the server learns from the TCP reset
+    else:
+        await client.close()
+
+
+async def test_1000_clients_closing_at_random_moments_leave_no_membership_or_interest(
+    daphne_factory, own_redis, token
+):
+    # daphne cancels a consumer that is still busy this long after its client left: 0 s makes it
+    # cancel mid-join and mid-leave, as it does under load with its default of 10 s.
+    server = daphne_factory({"REDIS_URL": own_redis.url}, options=("--application-close-timeout", "0"))
+    headers = {"Authorization": f"Token {token}"}
+    items = [f"rnd{n}x{time.monotonic_ns()}" for n in range(RANDOM_GROUPS)]
+    redis = redis_at(own_redis.url)
+    rng = random.Random(1234)
+    try:
+        # Clients that stay: their groups must keep exactly their one membership throughout.
+        stayers = [await open_ws(server.url, headers=headers) for _ in range(3)]
+        held = {f"schedules-{item}" for item in items[:3]}
+        for client, item in zip(stayers, items[:3], strict=True):
+            errors, _reply = await client.subscribe({"schedules": [item]})
+            assert errors == []
+
+        queue = iter(range(RANDOM_CLIENTS))
+
+        async def worker(seed: int) -> None:
+            own_rng = random.Random(seed)
+            for _ in queue:
+                await churner(server.url, headers, items, own_rng)
+
+        await asyncio.gather(*(worker(rng.randrange(2**32)) for _ in range(RANDOM_CONCURRENCY)))
+
+        members, groups = await settled(redis, held)
+        assert members == {group: 1 for group in held}
+        assert groups == held
+        # Those memberships still deliver.
+        for client, item in zip(stayers, items[:3], strict=True):
+            await emit_to(own_redis.url, f"schedules-{item}", {"still": item})
+            assert await client.recv_json() == {"still": item}
+
+        for client in stayers:
+            await client.close()
+        assert await settled(redis, set()) == ({}, set())
+    finally:
+        await redis.aclose()

@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from awx_ws.main import peerauth
 from awx_ws.main.emit import build_message
 from awx_ws.main.layers import RedisChannelLayer
-from tests.client import WsClient, open_ws, refused_status
+from tests.client import WsClient, open_ws, redis_at, refused_status
 from tests.servers import ROOT, DaphneNode, RedisServer, Relay, free_ports
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
 SECRET = "cluster-tests-shared-secret"
 
@@ -37,6 +36,7 @@ class Node:
     redis: RedisServer
     daphne_port: int
     workdir: Path
+    runner: str = "awx_ws.server"
     daphne: DaphneNode | None = None
     relay: Relay | None = None
 
@@ -45,7 +45,7 @@ class Node:
         return f"ws://127.0.0.1:{self.daphne_port}"
 
     def start(self) -> None:
-        self.daphne = DaphneNode(self.workdir, self.env, port=self.daphne_port).start()
+        self.daphne = DaphneNode(self.workdir, self.env, port=self.daphne_port, runner=self.runner).start()
         self.relay = Relay(self.workdir, self.name, self.env).start()
 
     def kill(self) -> None:
@@ -70,11 +70,21 @@ class Node:
                 return line.split()
         raise AssertionError(f"no row for {other.name} in:\n{table}")
 
+    async def link_status(self, other: Node, field: str) -> str:
+        """One figure of this node's link to other, as its relay writes it to Redis every second
+        (what `--status` prints; read directly, the wait loops poll it cheaply)."""
+        redis = redis_at(self.redis.url)
+        try:
+            value = await redis.hget(f"asgi:relay-status:127.0.0.1:{other.daphne_port}", field)
+        finally:
+            await redis.aclose()
+        return value.decode() if value is not None else ""
+
     async def peer_state(self, other: Node) -> str:
-        return (await self.row(other))[1]
+        return await self.link_status(other, "state")
 
     async def received_from(self, other: Node) -> int:
-        return int((await self.row(other))[4])
+        return int(await self.link_status(other, "received_last_minute") or 0)
 
     async def emit(self, group: str, payload: Any) -> None:
         """Emit on this node: into its own Redis, as its API or workers would."""
@@ -91,7 +101,9 @@ def relay_status(env: dict[str, str]) -> str:
     return result.stdout
 
 
-def make_nodes(state_dir: Path, names: list[str], extra_env: dict[str, str] | None = None) -> list[Node]:
+def make_nodes(
+    state_dir: Path, names: list[str], extra_env: dict[str, str] | None = None, runner: str = "awx_ws.server"
+) -> list[Node]:
     """Nodes peering with each other, each with its own Redis (started); daphne and relay not yet."""
     ports = free_ports(2 * len(names))
     daphne_ports, redis_ports = ports[: len(names)], ports[len(names) :]
@@ -111,18 +123,17 @@ def make_nodes(state_dir: Path, names: list[str], extra_env: dict[str, str] | No
             "AWX_WS_VAR": str(workdir / "var"),
             **(extra_env or {}),
         }
-        nodes.append(Node(name, env, redis, daphne_port, workdir))
+        nodes.append(Node(name, env, redis, daphne_port, workdir, runner))
     return nodes
 
 
 @pytest.fixture(scope="module")
-def cluster(state_dir: Path, database: None) -> Iterator[dict[str, Node]]:
+def cluster(state_dir: Path, database: None, runner: str) -> Iterator[dict[str, Node]]:
     # Pings every 5 s (a silent peer dropped within 10 s; the default 10 s gives 20 s), so the
-    # frozen-peer test has room under a loaded CI machine.
-    nodes = {
-        node.name: node
-        for node in make_nodes(state_dir, ["A", "B", "C"], {"BROADCAST_WEBSOCKET_PING_INTERVAL": "5"})
-    }
+    # frozen-peer test has room under a loaded CI machine; and a back-off capped at 2 s, so a
+    # returning peer is dialled again within 2 s (the default 16 s cap makes tests wait for it).
+    settings = {"BROADCAST_WEBSOCKET_PING_INTERVAL": "5", "BROADCAST_WEBSOCKET_BACKOFF_MAX": "2"}
+    nodes = {node.name: node for node in make_nodes(state_dir, ["A", "B", "C"], settings, runner)}
     for node in nodes.values():
         node.start()
     yield nodes
@@ -132,7 +143,7 @@ def cluster(state_dir: Path, database: None) -> Iterator[dict[str, Node]]:
 
 
 async def members(node: Node, group: str) -> int:
-    redis = Redis.from_url(node.redis.url)
+    redis = redis_at(node.redis.url)
     try:
         return int(await redis.zcard(f"asgi:group:{group}"))
     finally:

@@ -16,12 +16,12 @@ from tests.client import WsClient, open_ws
 from tests.test_cluster import Node, make_nodes, members, wait_for
 
 # Two nodes sharing one database, as AWX nodes do: part of the PostgreSQL pass too.
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.both_runners]
 
 
 @pytest.fixture(scope="module")
-def pair(state_dir: Path, database: None) -> Iterator[tuple[Node, Node]]:
-    a, b = make_nodes(state_dir, ["pairA", "pairB"])
+def pair(state_dir: Path, database: None, runner: str) -> Iterator[tuple[Node, Node]]:
+    a, b = make_nodes(state_dir, ["pairA", "pairB"], runner=runner)
     for node in (a, b):
         node.start()
     wait_connected(a, b)

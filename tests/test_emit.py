@@ -35,7 +35,7 @@ def run_manage(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-pytestmark = pytest.mark.usefixtures("fresh_in_process_layer")
+pytestmark = [pytest.mark.usefixtures("fresh_in_process_layer"), pytest.mark.both_runners]
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +17,12 @@ import pytest
 
 from awx_ws.main.emit import build_message
 from awx_ws.main.layers import RedisChannelLayer
-from tests.client import WsClient, open_ws
+from tests.client import WsClient, open_ws, redis_at
 from tests.servers import ROOT, DaphneNode, Nginx, RedisServer, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
 CLIENTS = 20
-
-
-@pytest.fixture
-def own_redis(state_dir: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own, to kill and restart."""
-    server = RedisServer(free_port(), state_dir / f"faults-redis-{time.monotonic_ns()}").start()
-    yield server
-    server.stop()
 
 
 def emit_cli(redis: RedisServer, group: str, payload: Any) -> subprocess.CompletedProcess[str]:
@@ -57,8 +49,8 @@ async def received(clients: list[WsClient], count: int) -> list[list[Any]]:
     return [[(await c.recv_json(10))["n"] for _ in range(count)] for c in clients]
 
 
-async def test_redis_restarted_empty_under_load_loses_no_client(own_redis, state_dir, token):
-    server = DaphneNode(state_dir / "logs", {"REDIS_URL": own_redis.url}).start()
+async def test_redis_restarted_empty_under_load_loses_no_client(own_redis, state_dir, token, runner):
+    server = DaphneNode(state_dir / "logs", {"REDIS_URL": own_redis.url}, runner=runner).start()
     try:
         group = f"schedules-redisrestart{time.monotonic_ns()}"
         clients = [
@@ -104,11 +96,13 @@ async def test_redis_restarted_empty_under_load_loses_no_client(own_redis, state
         server.stop()
 
 
-async def test_daphne_killed_and_restarted_clients_resume_without_loss(state_dir, token, redis_server):
+async def test_daphne_killed_and_restarted_clients_resume_without_loss(
+    state_dir, token, redis_server, runner
+):
     from awx_ws.main.emit import aemit_channel_notification
 
     port = free_port()
-    server = DaphneNode(state_dir / "logs", port=port).start()
+    server = DaphneNode(state_dir / "logs", port=port, runner=runner).start()
     headers = {"Authorization": f"Token {token}"}
     item = f"killed{time.monotonic_ns()}"
     group = f"schedules-{item}"
@@ -167,11 +161,13 @@ async def test_nginx_reloaded_with_sockets_open_keeps_them(state_dir, node, api,
         front.stop()
 
 
-async def test_a_nodes_redis_restarted_empty_the_relay_recovers_both_ways(state_dir, token, database):
+async def test_a_nodes_redis_restarted_empty_the_relay_recovers_both_ways(state_dir, token, database, runner):
     from tests.test_cluster import make_nodes
     from tests.test_cluster_recovery import wait_connected
 
-    a, b = make_nodes(state_dir, [f"redisA{time.monotonic_ns()}", f"redisB{time.monotonic_ns()}"])
+    a, b = make_nodes(
+        state_dir, [f"redisA{time.monotonic_ns()}", f"redisB{time.monotonic_ns()}"], runner=runner
+    )
     for node in (a, b):
         node.start()
     try:
@@ -194,7 +190,9 @@ async def test_a_nodes_redis_restarted_empty_the_relay_recovers_both_ways(state_
                     return
                 except TimeoutError:
                     continue
-            raise AssertionError(f"{label}: nothing crossed in 30 s")
+            # What each side holds, to tell a missing membership from a missing link.
+            state = {node.name: (await members_of(node, group), await node.status()) for node in (a, b)}
+            raise AssertionError(f"{label}: nothing crossed in 30 s; members and relay status: {state}")
 
         await crosses(a, on_b, "a->b before")
         await crosses(b, on_a, "b->a before")
@@ -224,3 +222,76 @@ async def test_a_nodes_redis_restarted_empty_the_relay_recovers_both_ways(state_
         for node in (a, b):
             node.stop()
             node.redis.stop()
+
+
+async def members_of(node: Any, group: str) -> list[bytes]:
+    """The members of group in node's Redis."""
+    redis = redis_at(node.redis.url)
+    try:
+        return list(await redis.zrange(f"asgi:group:{group}", 0, -1))
+    finally:
+        await redis.aclose()
+
+
+def failed_rounds(metrics_dir: Path, task: str) -> float:
+    """awx_ws_background_failures_total{task} as the node's processes wrote it."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(metrics_dir))
+    return registry.get_sample_value("awx_ws_background_failures_total", {"task": task}) or 0.0
+
+
+async def test_delivery_resumes_after_2000_failed_rounds_on_a_process_never_restarted(
+    own_redis, daphne_factory, state_dir, token
+):
+    """An outage far past 1,024 retries (where `0.1 * 2**failures` overflowed): every loop backs
+    off (shortened here through settings), keeps trying, and delivers once Redis is back."""
+    metrics_dir = state_dir / f"outage-metrics-{time.monotonic_ns()}"  # this node's only
+    metrics_dir.mkdir()
+    settings = {"AWX_WS_RETRY_DELAY": "0.001", "AWX_WS_RETRY_MAX_DELAY": "0.004"}
+    env = {"REDIS_URL": own_redis.url, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **settings}
+    server = daphne_factory(env)
+    headers = {"Authorization": f"Token {token}"}
+    item = f"outage{time.monotonic_ns()}"
+    group = f"schedules-{item}"
+    client = await open_ws(server.url, headers=headers)
+    await client.subscribe({"schedules": [item]})
+
+    own_redis.stop()
+    deadline = time.monotonic() + 120
+    loops = ("fanout_receive", "fanout_sync", "liveness")
+    while min(failed_rounds(metrics_dir, task) for task in loops) <= 2000:
+        assert time.monotonic() < deadline, {task: failed_rounds(metrics_dir, task) for task in loops}
+        await asyncio.sleep(0.2)
+    assert server.proc is not None and server.proc.poll() is None
+
+    own_redis.start()  # empty: the fan-out must write its memberships again
+    redis = redis_at(own_redis.url)
+    try:
+        deadline = time.monotonic() + 30
+        while not await redis.zcard(f"asgi:group:{group}"):
+            assert time.monotonic() < deadline, "the fan-out did not rejoin its group"
+            await asyncio.sleep(0.05)
+        await emit(own_redis, group, {"n": "after the outage"})
+        assert await client.recv_json() == {"n": "after the outage"}
+        # The heartbeat is back too: a purge elsewhere will not take this process for dead.
+        deadline = time.monotonic() + 30
+        while not [key async for key in redis.scan_iter(match="asgi:alive:*")]:
+            assert time.monotonic() < deadline, "the liveness record did not come back"
+            await asyncio.sleep(0.05)
+        # New clients are served by the same process.
+        late = await open_ws(server.url, headers=headers)
+        await late.subscribe({"schedules": [item]})
+        await emit(own_redis, group, {"n": "to both"})
+        assert await client.recv_json() == await late.recv_json() == {"n": "to both"}
+        await late.close()
+    finally:
+        await redis.aclose()
+    await client.close()
+    log = server.output()
+    assert "Traceback" not in log
+    for task in ("fan-out receive", "fan-out sync"):
+        # One line when the trouble started, one when it ended (and one a minute in between).
+        assert len([line for line in log.splitlines() if f" {task} failed " in line]) <= 2
+        assert re.search(rf"{task} works again after \d{{4,}} failed round", log), task

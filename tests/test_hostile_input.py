@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from awx_ws.main.emit import aemit_channel_notification
 from tests.client import open_ws
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
 # Sent after each fuzz frame; its error reply, which no fuzz frame can get, ends that frame's replies.
 SENTINEL = json.dumps({"groups": {"sentinel_kind": []}})

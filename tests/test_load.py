@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from awx_ws.main.emit import aemit_channel_notification
 from tests.client import open_ws
+
+pytestmark = pytest.mark.both_runners
 
 CLIENTS = 200
 MESSAGES = 5

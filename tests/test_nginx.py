@@ -21,6 +21,8 @@ from tests.client import open_ws
 from tests.factories import adb, session_cookie
 from tests.servers import ROOT
 
+pytestmark = pytest.mark.both_runners
+
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     request = urllib.request.Request(url, headers=headers or {})

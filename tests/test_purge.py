@@ -9,16 +9,17 @@ import secrets
 import time
 
 import pytest
-from redis.asyncio import Redis
 
 from awx_ws.main.emit import aemit_channel_notification
 from awx_ws.main.liveness import ProcessRecord, node_id
-from tests.client import open_ws
+from tests.client import open_ws, redis_at
+
+pytestmark = pytest.mark.both_runners
 
 
 @pytest.fixture
 async def redis(redis_server):
-    connection = Redis.from_url(redis_server.url)
+    connection = redis_at(redis_server.url)
     yield connection
     await connection.aclose()
 

@@ -15,6 +15,8 @@ from awx_ws.main.emit import aemit_channel_notification
 from awx_ws.main.history import GroupPosition
 from tests.client import WsClient, open_ws
 
+pytestmark = pytest.mark.both_runners
+
 
 def topic(label: str) -> str:
     return f"{label}{time.monotonic_ns()}"

@@ -15,9 +15,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from awx_ws.main.emit import aemit_channel_notification
-from tests.client import open_ws
+from tests.client import open_ws, redis_at
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
 MESSAGES = 600
 PAYLOAD = "x" * 64 * 1024  # 600 x 64 KiB: about 38 MiB to each subscriber
@@ -73,7 +73,6 @@ async def test_a_client_that_stops_reading_is_closed_and_memory_stays_bounded(da
 
 
 async def test_an_sse_client_that_stops_reading_is_cut_off(daphne_factory, token, redis_server):
-    from redis.asyncio import Redis
 
     server = daphne_factory({"AWX_WS_SLOW_CLIENT_MAX_BYTES": str(2 * 1024 * 1024)})
     item = f"slowsse{time.monotonic_ns()}"
@@ -86,7 +85,7 @@ async def test_an_sse_client_that_stops_reading_is_cut_off(daphne_factory, token
         f"GET /api/v2/stream/?groups={group} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Authorization: Token {token}\r\n\r\n".encode()
     )
-    redis = Redis.from_url(redis_server.url)
+    redis = redis_at(redis_server.url)
     for _ in range(100):  # subscribed
         if await redis.zcard(f"asgi:group:{group}"):
             break

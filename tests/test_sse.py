@@ -11,12 +11,14 @@ import httpx
 import pytest
 from django.conf import settings
 from django.test import override_settings
-from redis.asyncio import Redis
 
 from awx_ws.main.emit import aemit_channel_notification
 from awx_ws.main.history import parse_stream_position
+from tests.client import redis_at
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
 from tests.sse import open_sse, refused
+
+pytestmark = pytest.mark.both_runners
 
 
 def unique(label: str) -> str:
@@ -112,7 +114,7 @@ async def test_history_keeps_at_most_its_length_and_says_reset_past_it(short_his
         await stream.payloads(3)
         after_three = stream.last_id
     await emit_all(group, [{"n": n} for n in range(3, 8)])
-    redis = Redis.from_url(redis_server.url)
+    redis = redis_at(redis_server.url)
     assert await redis.xlen(f"asgi:history:{group}") == 5
     await redis.aclose()
     # Messages 3..7 are all still kept: a client that saw 0..2 misses nothing.
@@ -134,7 +136,7 @@ async def test_history_forgets_messages_older_than_its_age(short_history, auth, 
         last_id = stream.last_id
     await emit_all(group, [{"n": 1}])
     await asyncio.sleep(2.5)
-    redis = Redis.from_url(redis_server.url)
+    redis = redis_at(redis_server.url)
     assert await redis.exists(f"asgi:history:{group}") == 0  # expired with its age
     await redis.aclose()
     async with open_sse(short_history.http_url, group, headers=auth, last_event_id=last_id) as stream:
@@ -215,7 +217,7 @@ async def test_a_browser_session_may_stream_but_not_for_a_foreign_origin(node, u
 
 async def test_a_client_going_away_through_nginx_is_released_within_a_second(nginx, auth, redis_server):
     group = f"schedules-{unique('gone')}"
-    redis = Redis.from_url(redis_server.url)
+    redis = redis_at(redis_server.url)
     async with open_sse(nginx.http_url, group, headers=auth) as stream:
         await stream.wait_ready()
         assert await redis.zcard(f"asgi:group:{group}") == 1

@@ -12,13 +12,12 @@ import re
 import secrets
 
 import pytest
-from redis.asyncio import Redis
 
 from awx_ws.main.emit import aemit_channel_notification, build_message
-from tests.client import WsClient, open_ws, refused_status
+from tests.client import WsClient, open_ws, redis_at, refused_status
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
 
-pytestmark = pytest.mark.usefixtures("fresh_in_process_layer")
+pytestmark = [pytest.mark.usefixtures("fresh_in_process_layer"), pytest.mark.both_runners]
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +271,7 @@ async def test_only_subscribers_of_the_group_receive(node):
 async def group_members(layer_backend: str, group: str, request) -> int:
     """Members of group as the layer's server sees them: Redis's sorted set, RabbitMQ's bindings."""
     if layer_backend == "redis":
-        redis = Redis.from_url(request.getfixturevalue("redis_server").url)
+        redis = redis_at(request.getfixturevalue("redis_server").url)
         try:
             return int(await redis.zcard(f"asgi:group:{group}"))
         finally:
@@ -317,7 +316,6 @@ async def test_a_client_that_stops_reading_still_gets_everything_in_order(node, 
 
 async def test_a_group_held_longer_than_group_expiry_keeps_delivering(daphne_factory, token):
     """channels_redis drops members older than group_expiry; the fan-out refreshes its own."""
-    from redis.asyncio import Redis
 
     from awx_ws.main.layers import RedisChannelLayer
 
@@ -330,7 +328,7 @@ async def test_a_group_held_longer_than_group_expiry_keeps_delivering(daphne_fac
     await asyncio.sleep(6)
     await layer.group_send("schedules-longlived", build_message("schedules-longlived", {"still": "here"}))
     assert await client.recv_json() == {"still": "here"}
-    redis = Redis.from_url(redis_url)
+    redis = redis_at(redis_url)
     assert await redis.zcard("asgi:group:schedules-longlived") == 1
     await redis.aclose()
     await layer.close_pools()
