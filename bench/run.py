@@ -4,7 +4,8 @@ Every server runs in its own process; load clients run in other processes (bench
 the same 2 cores, so absolute rates are shared-CPU figures. The fair figure is the server's own
 CPU time per 1,000 deliveries (psutil: user + system of the server processes only); the channel
 layer's server (redis-server or RabbitMQ's beam) is reported beside it as `layer CPU`.
-"ours" runs on the Redis layer, "ours-rabbitmq" on the RabbitMQ one (CHANNEL_LAYER_BACKEND).
+"ours" runs on the Redis layer under `python -m awx_ws.server` (direct writes), "ours-daphne" the
+same under plain `daphne` (the ASGI send path), "ours-rabbitmq" on the RabbitMQ layer.
 Prints a table with ratios to the baseline and writes bench/results/<time>.json.
 """
 
@@ -89,9 +90,10 @@ class Server:
         self.kind = kind
         self.processes: list[Process] = []
         logs = STATE / "logs"
-        if kind in ("ours", "ours-rabbitmq"):
+        if kind in ("ours", "ours-daphne", "ours-rabbitmq"):
             env = {"LOG_LEVEL": "WARNING", **(rabbitmq_env() if kind == "ours-rabbitmq" else {})}
-            nodes = [DaphneNode(logs, env).start() for _ in range(daphnes)]
+            runner = "daphne" if kind == "ours-daphne" else "awx_ws.server"
+            nodes = [DaphneNode(logs, env, runner=runner).start() for _ in range(daphnes)]
             self.processes += nodes
             if front:
                 nginx = Nginx(STATE / f"nginx-{free_port()}", [n.port for n in nodes], free_port()).start()
@@ -160,7 +162,8 @@ class Clients:
         hold: bool = False,
         timeout: float = 90,
     ):
-        client_kind = "ours" if server.kind == "ours-rabbitmq" else server.kind  # the same protocol
+        # Every "ours" kind speaks the same protocol.
+        client_kind = "ours" if server.kind.startswith("ours") else server.kind
         argv = [
             sys.executable, "-m", "bench.loadclient", "--kind", client_kind, "--url", server.url,
             "--count", str(count), "--groups", ",".join(groups), "--token", token,
@@ -234,7 +237,7 @@ def emitter(kind: str, redis_url: str):
 
         send_rabbitmq.close = close  # type: ignore[attr-defined]
         return send_rabbitmq
-    if kind == "ours":
+    if kind in ("ours", "ours-daphne"):
         # Configured as our settings configure it (capacity and all), as the API would emit.
         from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
 
@@ -548,7 +551,7 @@ def main() -> None:
 
         for subscribers, messages, rate in [(100, 50, 50.0), (1000, int(50 * scale) or 5, 20.0)]:
             label = f"fan-out 1 group x {subscribers}"
-            for kind in ("baseline", "floor", "ours", "ours-rabbitmq"):
+            for kind in ("baseline", "floor", "ours", "ours-daphne", "ours-rabbitmq"):
                 log(f"{label}: {kind}")
                 rows.append(
                     deliveries(
@@ -566,12 +569,12 @@ def main() -> None:
         count = int(1000 * scale) or 100
         groups = [f"job_events-{job}" for job in jobs[:count]]
         label = f"{count} clients, own group each"
-        for kind in ("baseline", "ours", "ours-rabbitmq"):
+        for kind in ("baseline", "ours", "ours-daphne", "ours-rabbitmq"):
             log(f"{label}: {kind}")
             rows.append(deliveries(kind, redis, token, count, groups, groups * 5, 1000.0, label))
 
         label = "1000 subs x 10 msg/s (latency)"
-        for kind in ("baseline", "floor", "ours", "ours-rabbitmq"):
+        for kind in ("baseline", "floor", "ours", "ours-daphne", "ours-rabbitmq"):
             log(f"{label}: {kind}")
             rows.append(
                 deliveries(
