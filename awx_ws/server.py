@@ -111,7 +111,7 @@ class WebSocketProtocol(DaphneWebSocketProtocol):
         if self.state == self.STATE_OPEN:
             if self._slow_reader is None:
                 self._slow_reader = SlowReader(self.transport)
-            if self._slow_reader.too_slow():
+            if self._slow_reader.too_slow(len(data)):
                 # The close frame is a write too: the reader is cut off once, never again.
                 self.sendClose(code=SLOW_CLIENT_CLOSE_CODE, reason="slow client: messages not read in time")
 

@@ -164,6 +164,20 @@ async def test_switching_to_ids_keeps_the_groups_held(client):
     await client.assert_silent()
 
 
+async def test_switching_to_ids_while_leaving_a_group_leaves_it(client):
+    kept, dropped = topic("kept"), topic("dropped")
+    errors, reply = await client.subscribe({"schedules": [kept, dropped]})
+    assert errors == [] and len(reply["groups_current"]) == 2
+    errors, reply = await client.subscribe({"schedules": [kept]}, ids=True)
+    assert reply["groups_current"] == [f"schedules-{kept}"]
+    assert reply["groups_left"] == [f"schedules-{dropped}"]
+    await aemit_channel_notification(f"schedules-{dropped}", {"n": "not for this client"})
+    await aemit_channel_notification(f"schedules-{kept}", {"n": "kept"})
+    # In order: had the dropped group's message reached the client, it would come first.
+    frame = await client.recv_json()
+    assert (frame["group"], frame["data"]) == (f"schedules-{kept}", {"n": "kept"})
+
+
 @pytest.fixture
 def auth_headers(token: str) -> dict[str, str]:
     return {"Authorization": f"Token {token}"}

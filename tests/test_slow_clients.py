@@ -15,7 +15,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from awx_ws.main.emit import aemit_channel_notification
-from tests.client import open_ws, redis_at
+from tests.client import emit_to, open_ws, redis_at
+from tests.sse import open_sse
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
@@ -105,3 +106,25 @@ async def test_an_sse_client_that_stops_reading_is_cut_off(daphne_factory, token
     assert rss_growth < 16 * 1024 * 1024, f"daphne grew {rss_growth / 2**20:.1f} MiB"
     writer.close()
     await redis.aclose()
+
+
+async def test_clients_that_keep_reading_are_never_cut_off_however_many_messages_they_get(
+    daphne_factory, token, own_redis
+):
+    """The limits count what waits from before each write, not the frame just written (which a
+    server without direct writes always holds for a moment)."""
+    server = daphne_factory({"REDIS_URL": own_redis.url, "AWX_WS_SLOW_CLIENT_MAX_MESSAGES": "20"})
+    headers = {"Authorization": f"Token {token}"}
+    item = f"steady{time.monotonic_ns()}"
+    group = f"schedules-{item}"
+    client = await open_ws(server.url, headers=headers)
+    await client.subscribe({"schedules": [item]})
+    async with open_sse(server.http_url, group, headers=headers) as stream:
+        await stream.wait_ready()
+        for n in range(200):  # ten times the limit, each read before the next is sent
+            await emit_to(own_redis.url, group, {"n": n})
+            assert await client.recv_json() == {"n": n}
+            assert await stream.payloads(1) == [{"n": n}]
+    await client.close()
+    assert slow_closes(server.log) == 0
+    assert "cutting off slow stream" not in server.output()

@@ -38,22 +38,33 @@ def connection_transport(scope: dict[str, Any]) -> Any | None:
     return getattr(protocol, "transport", None)
 
 
+# Bytes a write adds around its payload: a websocket frame header (at most 10 bytes from a
+# server) or an HTTP chunk's size line.
+FRAMING = 16
+
+
 class SlowReader:
     """Watches one connection's backlog after each write; says when its reader is too slow."""
 
     def __init__(self, transport: Any, cut_off_message: str = "closing slow client") -> None:
         self.transport = transport
         self.cut_off_message = cut_off_message
-        # Frames written since the transport last had nothing waiting.
+        # Frames written while earlier ones were still waiting.
         self.waiting_frames = 0
         self.cut_off = False
 
-    def too_slow(self) -> bool:
-        """After a write: True (once) when the backlog passes either limit (logged and counted)."""
+    def too_slow(self, written: int) -> bool:
+        """After a write of `written` payload bytes: True (once) when the backlog passes either
+        limit (logged and counted).
+
+        Only what was waiting before this write counts: a transport that is not written straight
+        to the socket (Twisted's ordinary write, plain daphne, HTTP) holds every new frame until
+        its next loop turn, however fast the client reads.
+        """
         if self.cut_off or self.transport is None:
             return False
         waiting = backlog_bytes(self.transport)
-        if not waiting:
+        if waiting - written <= FRAMING:
             self.waiting_frames = 0
             return False
         self.waiting_frames += 1

@@ -100,7 +100,8 @@ class EventConsumer(AsyncWebsocketConsumer):
     ) -> None:
         """Send a frame; a client that stopped reading is closed with 4008 (backlog.py)."""
         await super().send(text_data=text_data, bytes_data=bytes_data, close=close)
-        if self.slow_reader.too_slow():
+        written = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if self.slow_reader.too_slow(written):
             await self.close(code=SLOW_CLIENT_CLOSE_CODE, reason="slow client: messages not read in time")
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -182,20 +183,31 @@ class EventConsumer(AsyncWebsocketConsumer):
 
     async def _use_stream(self, kept: set[str]) -> None:
         """Switch to per-message delivery with ids; the groups kept go on without a gap."""
-        self.stream = Stream(get_channel_layer(), self._send_message)
-        # Join through the stream before leaving as ourselves: a message in between comes once.
-        await self.stream.join(kept)
-        for group in kept:
-            self.fanout.leave(group, self)
+        stream = Stream(get_channel_layer(), self._send_message)
+        try:
+            # Join through the stream before leaving as ourselves: a message in between comes once.
+            await stream.join(kept)
+        except BaseException:
+            stream.leave_all()  # still delivering as before, nothing twice
+            raise
+        self.stream = stream
+        # Every group we held ourselves goes: those kept are the stream's now, the rest were left.
+        self.fanout.release(self)
 
     async def _subscribe_stream(
         self, stream: Stream, left: set[str], joined: set[str], recover: dict[str, GroupPosition]
     ) -> None:
         for group in left:
             stream.leave(group)
+        self.subscribed -= left
         try:
-            await stream.join(joined, hold=frozenset(recover))
-            self.subscribed = (self.subscribed - left) | joined
+            try:
+                await stream.join(joined, hold=frozenset(recover))
+            except BaseException:
+                for group in joined:  # a set-up that failed half-way holds none of them
+                    stream.leave(group)
+                raise
+            self.subscribed |= joined
             reply: dict[str, Any] = protocol.groups_reply(self.subscribed, left, joined)
             reply["positions"] = {g: str(p) for g, p in sorted({**stream.positions, **recover}.items())}
             await self.send_json(reply)
@@ -262,10 +274,12 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
         if refresher is not None:
             refresher.cancel()  # a dead channel must not be re-added every refresh
         held: set[str] = getattr(self, "joined", set())
-        self.joined = set()
         try:
-            for group in held:
+            # One at a time, each forgotten once discarded: a cancel half-way leaves the rest
+            # for the next try (disconnect, then the end of __call__).
+            for group in sorted(held):
                 await self.channel_layer.group_discard(group, self.channel_name)
+                held.discard(group)
         except (RedisError, OSError) as exc:
             # Redis lost them already (a restart), or drops them at group_expiry.
             logger.info("peer relay %s: could not leave its groups: %s", self.scope.get("peer"), exc)

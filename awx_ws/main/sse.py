@@ -103,7 +103,7 @@ class EventStreamApp:
             # The id covers every group of the stream, so a reconnect resumes all of them.
             body = event_block(format_stream_position(stream.positions), text)
             await send({"type": "http.response.body", "body": body, "more_body": True})
-            if slow_reader.too_slow():
+            if slow_reader.too_slow(len(body)):
                 # Abort, not close: a close would wait to flush what the client is not reading;
                 # daphne then reports the disconnect as usual.
                 slow_reader.transport.abortConnection()
