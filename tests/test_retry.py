@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from awx_ws.main.exceptions import RedisUnavailable
-from awx_ws.main.retry import Backoff, RetryPolicy, spawn
+from awx_ws.main.retry import Backoff, FailureLog, RetryPolicy, spawn
 
 FAST = RetryPolicy(base=0.001, cap=0.002, log_every=60.0)
 
@@ -56,7 +56,7 @@ async def test_a_failing_round_is_retried_until_it_works_and_logged_twice(caplog
     assert calls == list(range(51))
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2
-    assert messages[0].startswith("test loop failed 1 time(s) in a row")
+    assert messages[0].startswith("test loop failed 1 time(s) in a row; retrying")
     assert "REDIS_URL=redis://nowhere" in messages[0]
     assert messages[1] == "test loop works again after 50 failed round(s)"
 
@@ -115,3 +115,23 @@ async def test_a_round_sets_the_pause_before_the_next():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert all(later - earlier >= 0.05 for earlier, later in zip(times, times[1:], strict=False))
+
+
+def test_failures_that_are_not_retried_are_logged_once_then_once_a_minute(caplog):
+    caplog.set_level(logging.INFO, logger="awx_ws.main.retry")
+    reports = FailureLog("fan-out delivery", 60.0)
+    for _ in range(100):
+        reports.occurred(RedisUnavailable("one message lost"))
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage().startswith("fan-out delivery failed 1 time(s) (1 since")
+    for _ in range(100):
+        reports.occurred(KeyError("a bug"))  # a bug's traceback is shown, once
+    errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_a_relay_back_off_cap_below_its_first_step_starts_at_the_cap():
+    policy = RetryPolicy(base=1.0, cap=0.5)
+    assert policy.base == 0.5
+    with pytest.raises(ValueError, match="cap above 0"):
+        RetryPolicy(base=0.1, cap=0)

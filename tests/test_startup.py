@@ -111,19 +111,17 @@ async def test_a_server_waits_for_a_redis_that_comes_up_late(daphne_factory, sta
         late_redis.stop()
 
 
-async def test_graceful_stop_withdraws_the_liveness_record(daphne_factory, state_dir):
-    redis_server = RedisServer(free_port(), state_dir / f"stop-redis-{time.monotonic_ns()}").start()
-    try:
-        server = daphne_factory({"REDIS_URL": redis_server.url})
-        redis = redis_at(redis_server.url)
-        try:
-            assert len([key async for key in redis.scan_iter(match="asgi:alive:*")]) == 1
-            assert server.stop() == 0
-            assert [key async for key in redis.scan_iter(match="asgi:alive:*")] == []
-        finally:
-            await redis.aclose()
-    finally:
-        redis_server.stop()
+async def test_graceful_stop_withdraws_memberships_and_the_liveness_record(daphne_factory, own_redis, token):
+    server = daphne_factory({"REDIS_URL": own_redis.url})
+    redis = redis_at(own_redis.url)
+    client = await open_ws(server.url, headers={"Authorization": f"Token {token}"})
+    await client.subscribe({"jobs": ["status_changed"]})
+    assert await redis.zcard("asgi:group:jobs-status_changed") == 1
+    assert len([key async for key in redis.scan_iter(match="asgi:alive:*")]) == 1
+    assert await asyncio.to_thread(server.stop) == 0
+    assert await redis.zcard("asgi:group:jobs-status_changed") == 0
+    assert [key async for key in redis.scan_iter(match="asgi:alive:*")] == []
+    assert [key async for key in redis.scan_iter(match="asgi:interest:*")] == []
 
 
 async def test_start_up_runs_before_any_client_under_either_runner(daphne_factory, state_dir):

@@ -59,11 +59,16 @@ def _reactor() -> Any | None:
 
 
 def when_server_runs(callback: Callable[[], None]) -> bool:
-    """Call callback once the server's reactor runs (at once if it does); False without one."""
+    """Call callback on the server's running event loop, as soon as its reactor runs; False
+    without a reactor.
+
+    Twisted fires callWhenRunning callbacks while it starts, before the asyncio loop runs: the
+    callback is deferred once more (callLater 0) so that it can start tasks on that loop.
+    """
     reactor = _reactor()
     if reactor is None or not hasattr(reactor, "callWhenRunning"):
         return False
-    reactor.callWhenRunning(callback)
+    reactor.callWhenRunning(lambda: reactor.callLater(0, callback))
     return True
 
 

@@ -5,8 +5,9 @@ each consumer through its own queue, task and dispatch (channels 4.2+ also hops 
 message for `aclose_old_connections`). Here a daphne process joins a group once, with one channel
 of its own; one loop receives each message once and hands it to every local subscriber: the same
 prepared websocket frame written to every socket under awx_ws.server, or the ordinary ASGI send
-(`Subscriber.deliver`) under any other server. Redis work per emit is one entry per process, not
-per subscriber.
+(`Subscriber.deliver`) under plain daphne, whose send never waits for the socket. (A server whose
+send waits until the client reads would let one slow client hold up the others: only daphne and
+awx_ws.server are supported.) Redis work per emit is one entry per process, not per subscriber.
 
 Membership is race-free by construction. Which local subscribers hold which group changes only
 synchronously (`join`'s first step, `leave`, `release`: no await, so no cancellation or reordering
@@ -118,6 +119,8 @@ class Fanout:
         self._in_flight: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._wake = asyncio.Event()
+        # When every membership is next re-added (refresh_interval; None: the layer needs none).
+        self._next_refresh: float | None = None
         self._lock = asyncio.Lock()
         self._started: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -136,10 +139,12 @@ class Fanout:
         """Open this process's channel and start its loops (once; concurrent callers share it)."""
         if self._started is None:
             self._started = asyncio.ensure_future(self._start())
+        started = self._started
         try:
-            await asyncio.shield(self._started)
+            await asyncio.shield(started)
         except Exception:
-            self._started = None  # the next caller tries again
+            if self._started is started:
+                self._started = None  # the next caller tries again
             raise
 
     async def _start(self) -> None:
@@ -152,12 +157,20 @@ class Fanout:
             self._tasks.append(spawn("interest announcer", self._announcer.round, metric="interest_announce"))
 
     async def stop(self) -> None:
-        """Stop the loops (at shutdown)."""
+        """Stop the loops and withdraw this process's memberships (at shutdown; best effort)."""
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._started = None
+        try:
+            async with asyncio.timeout(2):
+                await self._withdraw()
+        except Exception as exc:  # the next start-up purge removes what is left
+            logger.warning("fan-out %s could not withdraw its memberships: %r", self.channel, exc)
+
+    async def _withdraw(self) -> None:
+        """Remove this process's memberships from the layer (RabbitMQ: its queue goes with it)."""
 
     async def _open(self) -> str:
         """Create this process's channel (no tasks yet)."""
@@ -231,16 +244,24 @@ class Fanout:
 
     async def _sync_round(self, failures: int) -> None:
         """Wait for changes (or the refresh time), then make the layer's memberships match."""
+        loop = asyncio.get_running_loop()
+        interval = refresh_interval(self.layer)
+        if self._next_refresh is None and interval is not None:
+            self._next_refresh = loop.time() + interval
         if not self._dirty:
             try:
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
                 # that arrives as the event is set, and the task would never stop.
-                async with asyncio.timeout(refresh_interval(self.layer)):
+                async with asyncio.timeout_at(self._next_refresh):
                     await self._wake.wait()
             except TimeoutError:
-                # Refresh the join time of every membership (channels_redis's group_expiry).
-                self._uncertain |= self._applied
-                self._dirty |= self._applied
+                pass
+        if interval is not None and self._next_refresh is not None and loop.time() >= self._next_refresh:
+            # Refresh the join time of every membership (channels_redis's group_expiry), on time
+            # however busy the process is: a wake-up for each change does not postpone it.
+            self._uncertain |= self._applied
+            self._dirty |= self._applied
+            self._next_refresh = loop.time() + interval
         self._wake.clear()
         batch, self._dirty = self._dirty, set()
         unsure = self._uncertain
@@ -311,7 +332,7 @@ class Fanout:
                 await self._dispatch(message)
             except Exception as exc:  # one bad message must not stop delivery of the rest
                 metrics.DROPPED.labels("undeliverable").inc()
-                self._delivery_errors.failed(1, exc)
+                self._delivery_errors.occurred(exc)
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -327,7 +348,7 @@ class Fanout:
         if not isinstance(group, str) or not isinstance(text, str):
             metrics.DROPPED.labels("malformed").inc()
             problem = "no group (not sent through awx_ws's channel layer)" if group is None else "no text"
-            self._skipped.failed(1, ValueError(f"a {CLIENT_MESSAGE_TYPE} message with {problem}: dropped"))
+            self._skipped.occurred(ValueError(f"a {CLIENT_MESSAGE_TYPE} message with {problem}: dropped"))
             return
         members = self.groups.get(group)
         if members:
@@ -432,6 +453,19 @@ class RedisFanout(Fanout):
         if rewrite:
             logger.info("fan-out %s rejoined %d groups in Redis", channel, len(self.groups))
 
+    async def _withdraw(self) -> None:
+        """One pipeline: our memberships, interest set and queue key, then the change notice."""
+        if self.channel is None or self.layer.ring_size > 1:
+            return  # sharded: the next start-up purge removes them
+        layer, channel = self.layer, self.channel
+        async with layer.connection(0).pipeline(transaction=False) as pipe:
+            for group in sorted(self._applied | self._uncertain):
+                pipe.zrem(layer.group_key(group), channel)
+            pipe.delete(self._interest_key, layer.prefix + channel)
+            pipe.publish(changes_channel(layer.prefix), layer.client_prefix)
+            await pipe.execute()
+        self._applied.clear()
+
     async def _receive(self, channel: str) -> list[dict[str, Any]]:
         """Up to BATCH queued messages: one round trip while busy, a blocking wait when idle."""
         key = self.layer.prefix + channel
@@ -448,5 +482,5 @@ class RedisFanout(Fanout):
                 messages.append(self.layer.deserialize(blob))
             except Exception as exc:  # one bad message must not stop delivery of the rest
                 metrics.DROPPED.labels("undeliverable").inc()
-                self._delivery_errors.failed(1, exc)
+                self._delivery_errors.occurred(exc)
         return messages

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_CONNECTIONS = 50
 # Seconds a caller waits for a free pooled connection before ConnectionError.
 POOL_WAIT = 10.0
+# Seconds an async Redis reply may take (blocking pops wait 5 s at most) before TimeoutError.
+SOCKET_TIMEOUT = 30.0
 
 # channels_redis's group_send Lua, plus the expiry clean-up it runs as a separate round trip first.
 GROUP_SEND_LUA = """
@@ -158,6 +160,9 @@ class RedisChannelLayer(core.RedisChannelLayer):
             return super().create_pool(index)
         host.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
         host.setdefault("timeout", POOL_WAIT)
+        # A connection whose peer vanished without a reset (a network partition) would otherwise
+        # hang its caller, and with it the fan-out's loops, for good. Longer than any blocking pop.
+        host.setdefault("socket_timeout", SOCKET_TIMEOUT)
         return AsyncBlockingPool.from_url(address, **host)
 
     def group_key(self, group: str) -> str:

@@ -117,11 +117,13 @@ class Liveness:
         """Write the record once (concurrent callers share the write), then refresh it in the background."""
         if self._ready is None:
             self._ready = asyncio.ensure_future(self._begin())
+        ready = self._ready
         try:
-            await asyncio.shield(self._ready)
+            await asyncio.shield(ready)
         except Exception:
             # Let the next caller try again rather than caching the failure forever.
-            self._ready = None
+            if self._ready is ready:
+                self._ready = None
             raise
 
     async def stop(self) -> None:

@@ -226,7 +226,14 @@ class BlockingEmitter:
             async with asyncio.timeout(timeout):
                 return await work(layer)
 
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(bounded(), loop))
+        future = asyncio.run_coroutine_threadsafe(bounded(), loop)
+        try:
+            # Bounded here too: an emit loop stopped meanwhile (reset()) would never answer.
+            async with asyncio.timeout(timeout + 1.0):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     def describe_hosts(self) -> str:
         """The broker address of the emit loop's layer (password redacted), naming RABBITMQ_URL."""

@@ -151,7 +151,7 @@ def describe(exc: BaseException) -> str:
         )
     if isinstance(exc, InvalidStatus):
         code = exc.response.status_code
-        hint = " (check BROADCAST_WEBSOCKET_SECRET)" if code == 403 else ""
+        hint = " (check BROADCAST_WEBSOCKET_SECRET, or whether the peer has started)" if code == 403 else ""
         return f"HTTP {code} at handshake{hint}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 

@@ -75,6 +75,12 @@ class RetryPolicy:
     cap: float
     log_every: float = 60.0
 
+    def __post_init__(self) -> None:
+        if not self.cap > 0:
+            raise ValueError(f"a retry policy needs a cap above 0 seconds, got {self.cap}")
+        # A first step above the cap (a relay back-off cap under 1 s) starts at the cap.
+        self.base = min(self.base, self.cap)
+
     @classmethod
     def from_settings(cls) -> RetryPolicy:
         """The service-wide policy: AWX_WS_RETRY_DELAY, _RETRY_MAX_DELAY, _RETRY_LOG_EVERY."""
@@ -95,8 +101,15 @@ class FailureLog:
     _last: float = field(default=-float("inf"))
     _since_last: int = 0
     _traceback_logged: bool = False
+    _occurrences: int = 0
 
-    def failed(self, failures: int, exc: BaseException) -> None:
+    def occurred(self, exc: BaseException) -> None:
+        """Report one failure of work that is not retried (a message that could not be
+        delivered): the first is logged, then at most one line per `every` seconds."""
+        self._occurrences += 1
+        self.failed(self._occurrences, exc, retrying=False)
+
+    def failed(self, failures: int, exc: BaseException, retrying: bool = True) -> None:
         """Report failure number `failures` of the current burst (quietly after the first)."""
         self._since_last += 1
         now = time.monotonic()
@@ -105,15 +118,20 @@ class FailureLog:
             # A bug, not an outage: the traceback is what someone needs, once per burst.
             self._traceback_logged = True
             self.log.error(
-                "%s failed unexpectedly (%d in a row); retrying", self.name, failures, exc_info=exc
+                "%s failed unexpectedly (%d time(s)%s)",
+                self.name,
+                failures,
+                "; retrying" if retrying else "",
+                exc_info=exc,
             )
         elif not unexpected and not self.report_expected:
             return
         elif failures == 1 or now - self._last >= self.every:
             self.log.warning(
-                "%s failed %d time(s) in a row (%d since the last report): %s: %s; retrying",
+                "%s failed %d time(s)%s (%d since the last report): %s: %s",
                 self.name,
                 failures,
+                " in a row; retrying" if retrying else "",
                 self._since_last,
                 type(exc).__name__,
                 exc,
@@ -170,7 +188,10 @@ async def supervise(
             delay = backoff.next_delay()
             reports.failed(backoff.failures, exc)
             if on_failure is not None:
-                on_failure(exc)
+                try:
+                    on_failure(exc)
+                except Exception:  # its bug must not end the loop it reports on
+                    (log or logger).exception("%s: reporting a failure failed", name)
             await asyncio.sleep(delay)
             continue
         if backoff.failures:
@@ -194,4 +215,12 @@ def spawn(
 ) -> asyncio.Task[None]:
     """Start `supervise(...)` as a task named `name` on the running loop."""
     work = supervise(name, round_, policy, on_failure=on_failure, metric=metric)
-    return asyncio.get_running_loop().create_task(work, name=name)
+    task = asyncio.get_running_loop().create_task(work, name=name)
+    task.add_done_callback(_report_end)
+    return task
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    """A supervised loop ends only when cancelled; anything else is said, with its traceback."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background loop %s ended", task.get_name(), exc_info=task.exception())

@@ -28,7 +28,7 @@ from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import RedisUnavailable, StartupError
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.liveness import purge_stale_state
-from awx_ws.main.rabbitmq import RabbitmqChannelLayer
+from awx_ws.main.rabbitmq import RabbitmqChannelLayer, SyncProducerLayer
 from awx_ws.main.retry import Backoff, spawn
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,9 @@ async def _start_rabbitmq(layer: RabbitmqChannelLayer, wait: float | None) -> No
         async with asyncio.timeout(wait):
             await asyncio.shield(layer.carehare_connection)
     except TimeoutError as exc:
+        setting = "AWX_WS_STARTUP_REDIS_WAIT" if wait == ws_settings.STARTUP_REDIS_WAIT else "one attempt"
         raise StartupError(
-            f"RabbitMQ unreachable for {wait:g}s (AWX_WS_STARTUP_REDIS_WAIT) at {layer.describe_hosts()}"
+            f"RabbitMQ unreachable for {wait:g}s ({setting}) at {layer.describe_hosts()}"
         ) from exc
     metrics.PURGE_SKIPPED.inc()
     # Each process's queue is exclusive: RabbitMQ deletes it, and its bindings, when the
@@ -95,6 +96,11 @@ async def start_process(wait: float | None) -> None:
     """The start-up work on this process's channel layer; StartupError when it cannot be done
     within `wait` seconds (None: one attempt)."""
     layer: Any = get_channel_layer()
+    if isinstance(layer, SyncProducerLayer):
+        raise StartupError(
+            "this process's RabbitMQ layer was made by sync code before the server started it, "
+            "and can only send: call get_channel_layer() from async code in a server process"
+        )
     if isinstance(layer, RabbitmqChannelLayer):
         await _start_rabbitmq(layer, wait)
     elif isinstance(layer, RedisChannelLayer):
@@ -172,9 +178,12 @@ class Startup:
         return self.done
 
     async def stop(self) -> None:
-        """Withdraw this process's liveness record and stop its loops (once; best effort)."""
-        if self._retrying is not None:
-            self._retrying.cancel()
+        """Stop the loops, withdraw this process's memberships and liveness record (once; best
+        effort)."""
+        unfinished = [t for t in (self._retrying, self._task) if t is not None and not t.done()]
+        for task in unfinished:
+            task.cancel()  # a start-up finishing now would write its state again
+        await asyncio.gather(*unfinished, return_exceptions=True)
         if not self.done:
             return
         self.done = False
