@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from awx_ws.main.fanout import keep_joined
 from awx_ws.main.layers import RedisChannelLayer
 from tests.client import redis_at
 
@@ -113,3 +114,33 @@ async def test_joins_leaves_and_cancellations_in_any_order_leave_redis_matching(
     for subscriber in subscribers:
         layer.fanout.release(subscriber)
     assert await settled(layer, redis) == (set(), set())
+
+
+async def test_a_restart_of_redis_brings_back_the_fanout_and_every_kept_consumer_group(layer, own_redis):
+    # Only one consumer of a process sees Redis go away (the one holding channels_redis's shared
+    # receive); a peer relay's consumer that did not would wait on a channel whose groups are gone.
+    subscriber = Subscriber()
+    await layer.fanout.join("jobs-restarted", subscriber)
+    relay_channel = await layer.new_channel()
+    await layer.group_add("schedules-kept", relay_channel)
+    refresher = keep_joined(layer, relay_channel, lambda: {"schedules-kept"})
+    assert refresher is not None
+    try:
+        own_redis.kill()
+        own_redis.start()  # empty
+        redis = redis_at(own_redis.url)
+        deadline = time.monotonic() + 15
+        while not (
+            await redis.zscore("asgi:group:schedules-kept", relay_channel) is not None
+            and await redis_view(layer, redis) == ({"jobs-restarted"}, {"jobs-restarted"})
+        ):
+            assert time.monotonic() < deadline, "memberships not written again after the restart"
+            await asyncio.sleep(0.05)
+        await layer.group_send("schedules-kept", {"type": "internal.message", "text": '"kept"'})
+        received = await asyncio.wait_for(layer.receive(relay_channel), 10)
+        assert (received["group"], received["text"]) == ("schedules-kept", '"kept"')
+        await redis.aclose()
+    finally:
+        refresher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await refresher

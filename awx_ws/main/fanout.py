@@ -72,14 +72,29 @@ def keep_joined(layer: Any, channel: str, groups: Callable[[], Iterable[str]]) -
     if interval is None:
         return None
 
+    # Also at once when the process's fan-out finds the layer may have restarted empty: only one
+    # consumer of a process sees the failure (the one holding channels_redis's shared receive),
+    # so the others would keep waiting on a channel whose groups are gone.
+    lost = asyncio.Event()
+    fanout: Fanout | None = getattr(layer, "fanout", None)
+    forget = fanout.on_resync(lost.set) if fanout is not None else None
+
     async def refresh(failures: int) -> float:
         if not failures:
-            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(interval):
+                    await lost.wait()
+            except TimeoutError:
+                pass
+        lost.clear()
         for group in list(groups()):
             await layer.group_add(group, channel)
         return 0.0
 
-    return spawn(f"membership refresh {channel}", refresh, metric="membership_refresh")
+    task = spawn(f"membership refresh {channel}", refresh, metric="membership_refresh")
+    if forget is not None:
+        task.add_done_callback(lambda _: forget())
+    return task
 
 
 class Subscriber(Protocol):
@@ -127,6 +142,7 @@ class Fanout:
         self._announcer: InterestAnnouncer | None = None
         self._delivery_errors = FailureLog("fan-out delivery", 60.0, logger)
         self._skipped = FailureLog("fan-out input", 60.0, logger)
+        self._resync_listeners: list[Callable[[], None]] = []
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -239,6 +255,18 @@ class Fanout:
         self._uncertain |= everything
         self._dirty |= everything
         self._wake.set()
+        for listener in list(self._resync_listeners):
+            listener()
+
+    def on_resync(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call listener (sync, no I/O) at every resync; returns the function that unregisters it."""
+        self._resync_listeners.append(listener)
+
+        def forget() -> None:
+            if listener in self._resync_listeners:
+                self._resync_listeners.remove(listener)
+
+        return forget
 
     # --- the sync loop -------------------------------------------------------------------------
 
