@@ -124,3 +124,25 @@ async def emit_to(redis_url: str, group: str, payload: Any) -> None:
         await layer.group_send(group, build_message(group, payload))
     finally:
         await layer.close_pools()
+
+
+async def open_peer_socket(url: str, peer: str, secret: str, node: str = "tests") -> ClientConnection:
+    """A relay's socket to url with a header signed for peer (the node's BROADCAST_WEBSOCKET_SELF),
+    after the node's proof that it holds the secret (checked: the relay drops a node without it)."""
+    from awx_ws.main import peerauth
+
+    credentials = peerauth.sign(secret, peer)
+    ws = await connect(url, additional_headers=credentials.headers(node), open_timeout=10, max_size=2**24)
+    LEFT_OPEN.append(_Closing(ws))
+    peerauth.check_proof(secret, credentials, json.loads(await asyncio.wait_for(ws.recv(), 5)).get("proof"))
+    return ws
+
+
+class _Closing:
+    """A ClientConnection as close_left_open closes things."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def aclose(self) -> None:
+        await self.ws.close()

@@ -209,6 +209,9 @@ class DaphneNode(Process):
         self.http_url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
         env.update(env_extra or {})
+        # Peers sign for the node they dial (peerauth.py): this node is who it listens as.
+        env.setdefault("BROADCAST_WEBSOCKET_SELF", f"127.0.0.1:{self.port}")
+        self.self_address = env["BROADCAST_WEBSOCKET_SELF"]
         if runner == "daphne":
             # The console script from the virtualenv, exactly as a user types it.
             command = [str(Path(sys.executable).parent / "daphne")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from awx_ws.main import peerauth
 from awx_ws.main.emit import build_message
@@ -281,24 +282,32 @@ async def test_a_node_going_down_and_up(cluster, token):
         await client.close()
 
 
+async def handshake_status(url: str, headers: dict[str, str]) -> int:
+    """101 when a relay handshake with these headers is accepted, else the HTTP status."""
+    try:
+        async with connect(url, additional_headers=headers, open_timeout=10):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
 async def test_peer_authentication(cluster, token):
     a = cluster["A"]
     url = f"{a.url}/websocket/broadcast/"
+    own = a.env["BROADCAST_WEBSOCKET_SELF"]
 
     async def status(headers: dict[str, str]) -> int:
-        try:
-            async with connect(url, additional_headers=headers, open_timeout=10):
-                return 101
-        except InvalidStatus as exc:
-            return exc.response.status_code
+        return await handshake_status(url, headers)
 
     assert await status({}) == 403
-    assert await status({"secret": peerauth.sign("not-the-secret")}) == 403
-    assert await status({"secret": peerauth.sign(SECRET, now=time.time() - 301)}) == 403
-    assert await status({"secret": "HMAC-SHA256 garbage"}) == 403
-    good = peerauth.sign(SECRET)
-    assert await status({"secret": good}) == 101
-    assert await status({"secret": good}) == 403  # the same header again is a replay
+    assert await status(peerauth.sign("not-the-secret", own).headers("x")) == 403
+    assert await status(peerauth.sign(SECRET, own, now=time.time() - 301).headers("x")) == 403
+    garbage = {"secret": "HMAC-SHA256 garbage", peerauth.AUDIENCE_HEADER: peerauth.audience_of(own)}
+    assert await status(garbage) == 403
+    assert await status({"secret": peerauth.sign(SECRET, own).header}) == 403  # no audience: an old relay
+    good = peerauth.sign(SECRET, own).headers("x")
+    assert await status(good) == 101
+    assert await status(good) == 403  # the same header again is a replay
     # A normal client's token does not open the relay endpoint, nor the reserved group.
     assert (
         await refused_status(a.url, path="/websocket/broadcast/", headers={"Authorization": f"Token {token}"})
@@ -309,12 +318,66 @@ async def test_peer_authentication(cluster, token):
         "group kind 'broadcast' is reserved"
     )
     await client.close()
+    assert a.daphne is not None
     log = a.daphne.output()
-    assert log.count("peer relay refused") == 6  # five bad headers and the token client
-    assert "wrong HMAC digest (different secret?)" in log
+    assert log.count("peer relay refused") == 7  # six bad headers and the token client
+    assert "wrong HMAC digest for /websocket/broadcast/ (a different secret?)" in log
     assert "away from our clock (window 300s)" in log
-    assert "nonce already used (a replayed header)" in log
+    assert "nonce already used on this node (a replayed header)" in log
     assert "no 'secret' header" in log
+    assert "no 'x-awx-ws-audience' header" in log
+
+
+async def test_a_header_captured_on_one_link_opens_no_other_node(cluster):
+    a, b = cluster["A"], cluster["B"]
+    # What C's relay sends B, as read off a plain ws:// link: B takes it once.
+    captured = peerauth.sign(SECRET, b.env["BROADCAST_WEBSOCKET_SELF"]).headers("C")
+    assert await handshake_status(f"{b.url}/websocket/broadcast/", captured) == 101
+    # Replayed at a third node within the window: refused, and A says why.
+    assert await handshake_status(f"{a.url}/websocket/broadcast/", captured) == 403
+    # Nor does pointing its audience at A help: the digest covers the audience.
+    forged = {**captured, peerauth.AUDIENCE_HEADER: peerauth.audience_of(a.env["BROADCAST_WEBSOCKET_SELF"])}
+    assert await handshake_status(f"{a.url}/websocket/broadcast/", forged) == 403
+    assert a.daphne is not None
+    log = a.daphne.output()
+    assert f"signed for {peerauth.audience_of(b.env['BROADCAST_WEBSOCKET_SELF'])}, not for this node" in log
+    assert "wrong HMAC digest" in log
+
+
+async def test_a_relay_drops_a_dialled_node_that_cannot_prove_the_secret(cluster, token, state_dir):
+    """An impostor listed as a peer (a spoofed address) accepts any header and sends messages: the
+    relay drops it before taking any, and says why."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    a = cluster["A"]
+    item = f"impostor{time.monotonic_ns()}"
+    group = f"schedules-{item}"
+    forged = json.dumps({"group": group, "text": json.dumps({"forged": True})})
+
+    async def impostor(ws: ServerConnection) -> None:
+        # What it can say first without the secret: a made-up proof, then messages for A's clients.
+        with contextlib.suppress(ConnectionClosed):  # until the relay drops it
+            await ws.send(json.dumps({"proof": "0" * 64}))
+            while True:
+                await ws.send(forged)
+                await asyncio.sleep(0.05)
+
+    async with serve(impostor, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        env = {**a.env, "BROADCAST_WEBSOCKET_PEERS": f"127.0.0.1:{port}", "AWX_WS_NODE_NAME": "A-second"}
+        relay = Relay(a.workdir, f"A-impostor{port}", env).start()
+        try:
+            on_a = await open_ws(a.url, headers={"Authorization": f"Token {token}"})
+            await on_a.subscribe({"schedules": [item]})
+            # (In a thread: the impostor serves on this test's event loop.)
+            said = "did not prove it holds BROADCAST_WEBSOCKET_SECRET"
+            assert await asyncio.to_thread(relay.wait_for_output, said, 30), relay.output()
+            await on_a.assert_silent(1.0)  # nothing of the impostor's reached A's client
+            await a.emit(group, {"genuine": True})
+            assert await on_a.recv_json(10) == {"genuine": True}
+            await on_a.close()
+        finally:
+            relay.stop()
 
 
 def test_a_relay_without_secret_refuses_to_start(state_dir):

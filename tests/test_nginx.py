@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 
 from awx_ws.main import peerauth
 from awx_ws.main.emit import aemit_channel_notification
-from tests.client import open_ws
+from tests.client import open_peer_socket, open_ws
 from tests.factories import adb, session_cookie
 from tests.servers import ROOT
 
@@ -87,10 +87,11 @@ def test_websocket_path_without_upgrade_is_the_apis_to_answer(nginx, api):
     assert api.wait_for_output('"GET /websocket/ HTTP/1.')
 
 
-async def test_peer_relays_reach_the_broadcast_endpoint_through_nginx(nginx):
+async def test_peer_relays_reach_the_broadcast_endpoint_through_nginx(nginx, node):
     url = f"ws://127.0.0.1:{nginx.port}/websocket/broadcast/"
     secret = os.environ["BROADCAST_WEBSOCKET_SECRET"]
-    async with connect(url, additional_headers={"secret": peerauth.sign(secret)}) as ws:
+    # Signed for the node behind nginx (its BROADCAST_WEBSOCKET_SELF), which proves itself back.
+    async with await open_peer_socket(url, node.self_address, secret) as ws:
         await ws.send(json.dumps({"join": ["jobs-through_nginx"], "leave": []}))
         assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {
             "forwarding": ["jobs-through_nginx"],
@@ -101,5 +102,5 @@ async def test_peer_relays_reach_the_broadcast_endpoint_through_nginx(nginx):
         assert forwarded.pop("id")  # the origin's history id
         assert forwarded == {"group": "jobs-through_nginx", "text": json.dumps({"via": "nginx"})}
     with pytest.raises(InvalidStatus) as refused:
-        await connect(url, additional_headers={"secret": peerauth.sign("wrong")})
+        await connect(url, additional_headers=peerauth.sign("wrong", node.self_address).headers("tests"))
     assert refused.value.response.status_code == 403

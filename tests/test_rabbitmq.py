@@ -12,10 +12,13 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from awx_ws.main import metrics
 from awx_ws.main.emit import aemit_channel_notification
@@ -83,6 +86,32 @@ async def test_settings_reach_the_broker(daphne_factory, rabbitmq_server, auth):
     )
     assert [queue, "7"] in consumers
     await client.close()
+
+
+async def test_a_peer_header_opens_one_process_of_a_node_once(daphne_factory, rabbitmq_server):
+    """Several daphne processes serve one node (nginx spreads peers over them): a header accepted
+    by one is a replay to the others, on RabbitMQ too (nonces kept in the node's database)."""
+    from awx_ws.main import peerauth
+
+    node = {
+        **rabbitmq_env(rabbitmq_server),
+        "BROADCAST_WEBSOCKET_SELF": f"rabbit-node{time.monotonic_ns()}:443",
+    }
+    first, second = daphne_factory(node), daphne_factory(node)
+    headers = peerauth.sign(
+        os.environ["BROADCAST_WEBSOCKET_SECRET"], node["BROADCAST_WEBSOCKET_SELF"]
+    ).headers("x")
+    statuses = []
+    for process in (first, second):
+        try:
+            async with connect(
+                f"{process.url}/websocket/broadcast/", additional_headers=headers, open_timeout=10
+            ):
+                statuses.append(101)
+        except InvalidStatus as exc:
+            statuses.append(exc.response.status_code)
+    assert statuses == [101, 403]
+    assert second.wait_for_output("nonce already used on this node (a replayed header)")
 
 
 def test_a_prefetch_count_above_the_local_capacity_is_refused_naming_both():

@@ -14,7 +14,7 @@ import secrets
 import pytest
 
 from awx_ws.main.emit import aemit_channel_notification, build_message
-from tests.client import WsClient, open_ws, redis_at, refused_status
+from tests.client import WsClient, open_peer_socket, open_ws, redis_at, refused_status
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
 
 pytestmark = [pytest.mark.usefixtures("fresh_in_process_layer"), pytest.mark.both_runners]
@@ -343,15 +343,13 @@ async def test_a_group_held_longer_than_group_expiry_keeps_delivering(daphne_fac
 
 async def test_a_peer_relay_keeps_its_groups_past_group_expiry(daphne_factory):
     """A relay link can outlive group_expiry too: the BroadcastConsumer refreshes its groups."""
-    from websockets.asyncio.client import connect
-
-    from awx_ws.main import peerauth
     from awx_ws.main.layers import RedisChannelLayer
 
     server = daphne_factory({"CHANNEL_LAYER_GROUP_EXPIRY": "4"})
-    headers = {"secret": peerauth.sign(os.environ["BROADCAST_WEBSOCKET_SECRET"])}
+    secret = os.environ["BROADCAST_WEBSOCKET_SECRET"]
     layer = RedisChannelLayer(hosts=[{"address": os.environ["REDIS_URL"]}], group_expiry=4)
-    async with connect(f"{server.url}/websocket/broadcast/", additional_headers=headers) as peer:
+    url = f"{server.url}/websocket/broadcast/"
+    async with await open_peer_socket(url, server.self_address, secret) as peer:
         await peer.send(json.dumps({"join": ["jobs-peerlong"], "leave": []}))
         # The consumer confirms what it forwards from now on (resuming clients wait for it).
         assert json.loads(await peer.recv()) == {"forwarding": ["jobs-peerlong"], "dropped": []}

@@ -17,13 +17,13 @@ from channels.layers import get_channel_layer
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.db import DatabaseError
 from django.http.request import split_domain_port, validate_host
 from redis.exceptions import RedisError
 from rest_framework.authtoken.models import Token
 
 from awx_ws.main import peerauth
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.layers import RedisChannelLayer
 
 logger = logging.getLogger(__name__)
 
@@ -142,21 +142,25 @@ async def authenticate_scope(scope: dict[str, Any], require_origin: bool) -> tup
 
 
 class PeerAuthMiddleware:
-    """Admits a peer node's relay by its HMAC header (peerauth.py); anything else gets HTTP 403."""
+    """Admits a peer node's relay by its signed header (peerauth.py); anything else gets HTTP 403."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self._seen_nonces = peerauth.NonceMemory()
 
     async def __call__(
         self, scope: dict[str, Any], receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> Any:
-        """Verify the secret header and the nonce's freshness, then hand over to the consumer."""
+        """Verify the header for this node and path and the nonce's freshness, then hand over."""
         secret = header(scope, peerauth.HEADER.encode())
+        audience = header(scope, peerauth.AUDIENCE_HEADER.encode())
+        own_audience = peerauth.audience_of(ws_settings.BROADCAST_WEBSOCKET_SELF)
         try:
             nonce = peerauth.verify(
                 secret.decode("latin-1") if secret else None,
+                audience.decode("latin-1") if audience else None,
+                scope["path"],
                 ws_settings.BROADCAST_WEBSOCKET_SECRET,
+                own_audience,
                 ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW,
             )
             await self._refuse_replay(nonce)
@@ -164,24 +168,27 @@ class PeerAuthMiddleware:
             logger.warning("peer relay refused from %s: %s", scope.get("client"), exc)
             return await deny_websocket(scope, receive, send)
         peer = header(scope, b"x-awx-ws-node")
-        scope = dict(scope, peer=peer.decode("latin-1") if peer else str(scope.get("client")))
+        scope = dict(
+            scope,
+            peer=peer.decode("latin-1") if peer else str(scope.get("client")),
+            # The consumer's first frame proves this node holds the secret too (peerauth.proof).
+            peer_proof=peerauth.proof(ws_settings.BROADCAST_WEBSOCKET_SECRET, nonce, own_audience),
+        )
         return await self.inner(scope, receive, send)
 
     async def _refuse_replay(self, nonce: str) -> None:
         layer = get_channel_layer()
-        if not isinstance(layer, RedisChannelLayer):
-            # No shared store (RabbitMQ): remember nonces in this process only (docs/channels.md).
-            if not self._seen_nonces.add(nonce, ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW * 2 + 1):
-                raise peerauth.PeerAuthError("nonce already used (a replayed header)")
-            return
-        window = int(ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW) * 2 + 1
-        key = f"{layer.prefix}:peer-nonce:{nonce}"
+        remember = getattr(layer, "remember_nonce", None)
+        if remember is None:
+            raise peerauth.PeerAuthError(f"{type(layer).__name__} keeps no nonces: peers need our layers")
+        # Past the window the header is refused for its time anyway.
+        ttl = ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW * 2 + 1
         try:
-            fresh = await layer.connection(0).set(key, 1, nx=True, ex=window)
-        except (RedisError, OSError) as exc:
-            raise peerauth.PeerAuthError(f"cannot check the nonce, Redis unavailable: {exc}") from exc
+            fresh = await remember(nonce, ttl)
+        except (RedisError, DatabaseError, OSError) as exc:
+            raise peerauth.PeerAuthError(f"cannot check the nonce: {exc}") from exc
         if not fresh:
-            raise peerauth.PeerAuthError("nonce already used (a replayed header)")
+            raise peerauth.PeerAuthError("nonce already used on this node (a replayed header)")
 
 
 def WebsocketAuthStack(inner: Any) -> Any:  # noqa: N802 (named like Channels' AuthMiddlewareStack)

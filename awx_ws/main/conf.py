@@ -210,7 +210,8 @@ SETTINGS: dict[str, Setting] = {
     ),
     "BROADCAST_WEBSOCKET_SELF": _s(
         "BROADCAST_WEBSOCKET_SELF", _own_relay_address, _text, _string(),
-        "This node's own entry in BROADCAST_WEBSOCKET_PEERS: never dialled.",
+        "This node's entry in BROADCAST_WEBSOCKET_PEERS as other nodes write it: never dialled; "
+        "peers sign their relay headers for it.",
     ),
     "BROADCAST_WEBSOCKET_VERIFY_CERT": _s(
         "BROADCAST_WEBSOCKET_VERIFY_CERT", True, _boolean, _flag,

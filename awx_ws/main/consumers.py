@@ -255,6 +255,8 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
         self.joined = set()
         self._refresher = keep_joined(self.channel_layer, self.channel_name, lambda: self.joined)
         await self.accept()
+        # First frame: proof that this node holds the secret, for this handshake (peerauth.py).
+        await self.send(text_data=json.dumps({"proof": self.scope["peer_proof"]}))
         logger.info("peer relay %s connected from %s", self.scope.get("peer"), self.scope.get("client"))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

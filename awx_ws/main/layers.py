@@ -176,6 +176,11 @@ class RedisChannelLayer(core.RedisChannelLayer):
         addresses = [redact_url(str(host.get("address", host))) for host in self.hosts]
         return "REDIS_URL=" + ",".join(addresses)
 
+    async def remember_nonce(self, nonce: str, ttl: float) -> bool:
+        """Remember a peer's handshake nonce on this node for ttl seconds; False if seen before."""
+        key = f"{self.prefix}:peer-nonce:{nonce}"
+        return bool(await self.connection(0).set(key, 1, nx=True, ex=max(1, math.ceil(ttl))))
+
     def _group_send_plan(self, others: list[bytes], message: dict[str, Any]) -> Any:
         """(keys, args) of GROUP_SEND_LUA for the members the fan-out script handed back."""
         channel_names = [member.decode("utf8") for member in others]

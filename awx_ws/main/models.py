@@ -122,3 +122,17 @@ class JobEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id}#{self.counter} {self.event}"
+
+
+class PeerNonce(models.Model):
+    """A relay handshake nonce this node accepted, kept until it expires (no replays on the node).
+
+    The Redis layer keeps these in Redis; a node on RabbitMQ keeps them here, in the database its
+    daphne processes share, so a header accepted by one process is refused by the others.
+    """
+
+    nonce = models.CharField(max_length=64, primary_key=True)
+    expires = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.nonce

@@ -1,8 +1,15 @@
-"""Peer authentication for the relay: `secret: HMAC-SHA256 <nonce>:<hexdigest>`, as AWX sends it.
+"""Peer authentication for the relay, both ways, bound to the node dialled and the path.
 
-The nonce is `<unix time>-<random hex>`; the digest is HMAC-SHA256 keyed by the shared
-BROADCAST_WEBSOCKET_SECRET over the nonce. A nonce outside the time window is refused, and so is a
-nonce seen before (the receiving side remembers them for the window: no replays).
+The dialling side sends `secret: HMAC-SHA256 <nonce>:<hexdigest>` (AWX's header shape) and
+`x-awx-ws-audience: <the node it dials>`. The nonce is `<unix time>-<random hex>`; the digest is
+HMAC-SHA256 keyed by the shared BROADCAST_WEBSOCKET_SECRET over the nonce, the audience and the
+request path. The receiving node refuses a header signed for another node (its audience is this
+node's own BROADCAST_WEBSOCKET_SELF) or another path, a nonce outside the time window and a nonce
+seen before on this node. So a header captured on one link opens nothing anywhere else.
+
+The dialled node proves itself in turn: its first frame is `{"proof": <hexdigest>}`, HMAC-SHA256
+over the dialler's nonce and audience with a different label, which only a holder of the secret
+can compute for that fresh nonce. A dialler drops a peer whose first frame is anything else.
 """
 
 from __future__ import annotations
@@ -11,39 +18,88 @@ import hashlib
 import hmac
 import secrets
 import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 HEADER = "secret"
+AUDIENCE_HEADER = "x-awx-ws-audience"
 SCHEME = "HMAC-SHA256"
+BROADCAST_PATH = "/websocket/broadcast/"
 
 
 class PeerAuthError(Exception):
-    """Why a peer's credentials were refused (for the log line; the peer only sees 403)."""
+    """Why a peer's credentials (or a dialled peer's proof) were refused."""
 
 
-def _digest(secret: str, nonce: str) -> str:
-    return hmac.new(secret.encode(), nonce.encode(), hashlib.sha256).hexdigest()
+def peer_url(peer: str) -> str:
+    """ws://host:port/websocket/broadcast/ for a `host:port` entry; URLs are taken as they are."""
+    if "://" in peer:
+        return peer
+    return f"ws://{peer}{BROADCAST_PATH}"
 
 
-def sign(secret: str, now: float | None = None) -> str:
-    """The header value a relay sends to a peer."""
+def audience_of(peer: str) -> str:
+    """The name a node is signed for: its BROADCAST_WEBSOCKET_PEERS entry, as a URL."""
+    return peer_url(peer)
+
+
+def _digest(secret: str, *parts: str) -> str:
+    # Newlines cannot occur in a nonce, a URL or a path (header values), so the join is unambiguous.
+    return hmac.new(secret.encode(), "\n".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a dialler presents to one peer, and what it expects back."""
+
+    nonce: str
+    audience: str
+    path: str
+    header: str
+
+    def headers(self, node: str) -> dict[str, str]:
+        """The handshake headers: the signed secret, its audience and our node name (for logs)."""
+        return {HEADER: self.header, AUDIENCE_HEADER: self.audience, "x-awx-ws-node": node}
+
+
+def sign(secret: str, peer: str, now: float | None = None) -> Credentials:
+    """Credentials for dialling peer (a BROADCAST_WEBSOCKET_PEERS entry) once."""
     if not secret:
         raise PeerAuthError("BROADCAST_WEBSOCKET_SECRET is empty")
+    url = peer_url(peer)
+    audience, path = audience_of(peer), urlsplit(url).path or "/"
     nonce = f"{int(time.time() if now is None else now)}-{secrets.token_hex(8)}"
-    return f"{SCHEME} {nonce}:{_digest(secret, nonce)}"
+    header = f"{SCHEME} {nonce}:{_digest(secret, 'dial', nonce, audience, path)}"
+    return Credentials(nonce, audience, path, header)
 
 
-def verify(value: str | None, secret: str, window: float, now: float | None = None) -> str:
-    """Check a header value; return its nonce, or raise PeerAuthError saying why not."""
+def verify(
+    value: str | None,
+    audience: str | None,
+    path: str,
+    secret: str,
+    own_audience: str,
+    window: float,
+    now: float | None = None,
+) -> str:
+    """Check a dialler's header on this node (own_audience) at path; return its nonce, or raise
+    PeerAuthError saying why not."""
     if not secret:
         raise PeerAuthError("BROADCAST_WEBSOCKET_SECRET is empty on this node: every peer is refused")
     if not value:
         raise PeerAuthError(f"no {HEADER!r} header")
+    if not audience:
+        raise PeerAuthError(f"no {AUDIENCE_HEADER!r} header (a relay of an older version?)")
+    if audience != own_audience:
+        raise PeerAuthError(
+            f"signed for {audience}, not for this node ({own_audience}, BROADCAST_WEBSOCKET_SELF)"
+        )
     scheme, _, credentials = value.partition(" ")
     nonce, _, digest = credentials.partition(":")
     if scheme != SCHEME or not nonce or not digest:
         raise PeerAuthError(f"malformed {HEADER!r} header")
-    if not hmac.compare_digest(digest.encode(), _digest(secret, nonce).encode()):
-        raise PeerAuthError("wrong HMAC digest (different secret?)")
+    if not hmac.compare_digest(digest.encode(), _digest(secret, "dial", nonce, audience, path).encode()):
+        raise PeerAuthError(f"wrong HMAC digest for {path} (a different secret?)")
     stamp, _, _ = nonce.partition("-")
     try:
         skew = abs((time.time() if now is None else now) - int(stamp))
@@ -54,19 +110,17 @@ def verify(value: str | None, secret: str, window: float, now: float | None = No
     return nonce
 
 
-class NonceMemory:
-    """Nonces seen in this process, each kept for its ttl (layers without a shared store)."""
+def proof(secret: str, nonce: str, audience: str) -> str:
+    """What the dialled node answers first: it knows the secret, for this very handshake."""
+    return _digest(secret, "answer", nonce, audience)
 
-    def __init__(self) -> None:
-        self._expires: dict[str, float] = {}
 
-    def add(self, nonce: str, ttl: float, now: float | None = None) -> bool:
-        """Remember nonce; False when it was seen before and has not expired."""
-        now = time.monotonic() if now is None else now
-        # Forget expired ones first: at most one window's worth of peer connections is kept.
-        for old in [old for old, expires in self._expires.items() if expires <= now]:
-            del self._expires[old]
-        if nonce in self._expires:
-            return False
-        self._expires[nonce] = now + ttl
-        return True
+def check_proof(secret: str, credentials: Credentials, offered: object) -> None:
+    """Raise PeerAuthError unless offered is the dialled node's proof for credentials."""
+    if not isinstance(offered, str) or not hmac.compare_digest(
+        offered.encode(), proof(secret, credentials.nonce, credentials.audience).encode()
+    ):
+        raise PeerAuthError(
+            f"{credentials.audience} did not prove it holds BROADCAST_WEBSOCKET_SECRET (an impostor, "
+            "or a node of an older version)"
+        )

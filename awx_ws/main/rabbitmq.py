@@ -23,10 +23,12 @@ import os
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import carehare
 from channels import DEFAULT_CHANNEL_LAYER
+from channels.db import database_sync_to_async
 from channels.layers import channel_layers
 from channels_rabbitmq import core
 from channels_rabbitmq.multiqueue import MultiQueue
@@ -121,6 +123,13 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
         """The broker address for messages (password redacted), naming RABBITMQ_URL."""
         return f"RABBITMQ_URL={redact_url(self.host)}"
 
+    async def remember_nonce(self, nonce: str, ttl: float) -> bool:
+        """Remember a peer's handshake nonce on this node for ttl seconds; False if seen before.
+
+        RabbitMQ has no shared store to keep it in: the database the node's processes share does.
+        """
+        return await database_sync_to_async(_remember_nonce_in_database)(nonce, ttl)
+
     async def connected(self) -> carehare.Connection:
         """The broker connection, waiting connect_wait seconds at most; BrokerUnavailable after."""
         try:
@@ -172,6 +181,23 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
             ) from exc
         if is_client_message(group, message):
             metrics.EMITTED.labels(metrics.group_kind(group)).inc()
+
+
+def _remember_nonce_in_database(nonce: str, ttl: float) -> bool:
+    from django.db import IntegrityError, transaction
+    from django.utils import timezone
+
+    from awx_ws.main.models import PeerNonce
+
+    now = timezone.now()
+    PeerNonce.objects.filter(expires__lte=now).delete()
+    try:
+        # The primary key decides, atomically, between processes racing with the same header.
+        with transaction.atomic():
+            PeerNonce.objects.create(nonce=nonce, expires=now + timedelta(seconds=ttl))
+    except IntegrityError:
+        return False
+    return True
 
 
 class BlockingEmitter:

@@ -17,6 +17,8 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import parse_message_id
 from awx_ws.main.interest import LayerInterestWatcher, watch_redis_interest
 from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.peerauth import peer_url
 from awx_ws.main.protocol import validate_group_name
 from awx_ws.main.retry import RetryPolicy, spawn, supervise
 
@@ -38,13 +41,6 @@ logger = logging.getLogger(__name__)
 # A link that stayed up this long resets its backoff to the first step.
 HEALTHY_AFTER = 30.0
 STATUS_EVERY = 1.0
-
-
-def peer_url(peer: str) -> str:
-    """ws://host:port/websocket/broadcast/ for a `host:port` entry; URLs are taken as they are."""
-    if "://" in peer:
-        return peer
-    return f"ws://{peer}/websocket/broadcast/"
 
 
 def configured_peers() -> list[str]:
@@ -56,11 +52,6 @@ def configured_peers() -> list[str]:
 def forwarding_key(layer: RedisChannelLayer, peer: str) -> str:
     """Redis set of the groups a peer has confirmed it forwards to this node (resumes wait on it)."""
     return f"{layer.prefix}:relay-forwarding:{peer}"
-
-
-def peer_headers(secret: str, node: str) -> dict[str, str]:
-    """What a connection to a peer's /websocket/broadcast/ presents: the HMAC and our node name."""
-    return {peerauth.HEADER: peerauth.sign(secret), "x-awx-ws-node": node}
 
 
 def status_key(layer: RedisChannelLayer, peer: str) -> str:
@@ -142,6 +133,24 @@ def peer_ssl(url: str) -> ssl.SSLContext | None:
     return context
 
 
+@asynccontextmanager
+async def open_peer(peer: str, secret: str, node: str, **options: Any) -> AsyncIterator[ClientConnection]:
+    """A websocket to peer's BroadcastConsumer, once the peer has proved it holds the secret
+    (peerauth.py); PeerAuthError when it does not. options go to websockets' connect."""
+    credentials = peerauth.sign(secret, peer)
+    url = peer_url(peer)
+    options.setdefault("open_timeout", 10)
+    async with connect(url, ssl=peer_ssl(url), additional_headers=credentials.headers(node), **options) as ws:
+        try:
+            async with asyncio.timeout(options["open_timeout"]):
+                first = await ws.recv()
+            offered = json.loads(first).get("proof")
+        except (ValueError, AttributeError, TimeoutError) as exc:
+            raise peerauth.PeerAuthError(f"{peer} sent no proof first ({type(exc).__name__})") from exc
+        peerauth.check_proof(secret, credentials, offered)
+        yield ws
+
+
 def describe(exc: BaseException) -> str:
     """A one-line reason for a failed or lost link."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -151,7 +160,12 @@ def describe(exc: BaseException) -> str:
         )
     if isinstance(exc, InvalidStatus):
         code = exc.response.status_code
-        hint = " (check BROADCAST_WEBSOCKET_SECRET, or whether the peer has started)" if code == 403 else ""
+        hint = (
+            " (check BROADCAST_WEBSOCKET_SECRET, that the peer's BROADCAST_WEBSOCKET_SELF is this entry, "
+            "or whether the peer has started)"
+            if code == 403
+            else ""
+        )
         return f"HTTP {code} at handshake{hint}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
@@ -262,15 +276,13 @@ class PeerLink:
     async def _session(self, failures: int) -> None:
         """One connection to the peer, served until it ends (which is a failure: retried)."""
         self.status.move_to("connecting")
-        headers = peer_headers(self.relay.secret, self.relay.node)
         ping = ws_settings.BROADCAST_WEBSOCKET_PING_INTERVAL
-        async with connect(
-            self.url,
-            ssl=peer_ssl(self.url),
-            additional_headers=headers,
+        async with open_peer(
+            self.peer,
+            self.relay.secret,
+            self.relay.node,
             ping_interval=ping,
             ping_timeout=ping,
-            open_timeout=10,
             max_size=2**24,
         ) as ws:
             redis = self.relay.redis

@@ -26,22 +26,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
-from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
 from awx_ws.main import peerauth
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import GroupPosition, Replay, open_position, parse_message_id, read_local
-from awx_ws.main.relay import (
-    STATUS_EVERY,
-    configured_peers,
-    forwarding_key,
-    peer_headers,
-    peer_ssl,
-    peer_url,
-    status_key,
-)
+from awx_ws.main.relay import STATUS_EVERY, configured_peers, forwarding_key, open_peer, status_key
 
 if TYPE_CHECKING:
     from awx_ws.main.layers import RedisChannelLayer
@@ -230,11 +221,10 @@ async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosi
 async def fetch_from_peer(peer: str, recover: dict[str, GroupPosition]) -> dict[str, Any] | str:
     """{group: (origin, Replay)} from one peer's BroadcastConsumer, or why it failed."""
     request = {"history": [{"group": g, "position": str(p)} for g, p in sorted(recover.items())]}
-    headers = peer_headers(ws_settings.BROADCAST_WEBSOCKET_SECRET, ws_settings.NODE_NAME)
+    secret, node = ws_settings.BROADCAST_WEBSOCKET_SECRET, ws_settings.NODE_NAME
     try:
         async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
-            url = peer_url(peer)
-            async with connect(url, ssl=peer_ssl(url), additional_headers=headers, max_size=2**26) as ws:
+            async with open_peer(peer, secret, node, max_size=2**26) as ws:
                 await ws.send(json.dumps(request))
                 reply = json.loads(await ws.recv())
     except (
