@@ -92,6 +92,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # 429 for /login/ and /admin/login/ past the failed-login budget (awx_ws.main.logins).
+    "awx_ws.main.logins.LoginThrottleMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -159,6 +161,9 @@ REST_FRAMEWORK = {
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
+    # One proxy in front, ours: nginx sets X-Forwarded-For to the address it saw (a client's own
+    # X-Forwarded-For is replaced, not appended to), and throttles identify clients by it.
+    "NUM_PROXIES": 1,
     # Scoped rates; the emit endpoint's rate is AWX_WS["EMIT_RATE"].
     "DEFAULT_THROTTLE_RATES": {
         "tokens": ws_conf.require_rate("AWX_WS_TOKEN_RATE", os.environ.get("AWX_WS_TOKEN_RATE") or "60/min")
@@ -224,6 +229,26 @@ def channel_layer_config(backend: str) -> dict[str, Any]:
 
 CHANNEL_LAYER_BACKEND = os.environ.get("CHANNEL_LAYER_BACKEND", "redis").lower()
 CHANNEL_LAYERS = {"default": channel_layer_config(CHANNEL_LAYER_BACKEND)}
+
+# Throttle and failed-login counts, shared by every API worker and daphne process of the node: in
+# the node's Redis, or, on RabbitMQ (no Redis), in its database (`manage.py createcachetable`).
+if CHANNEL_LAYER_BACKEND == "redis":
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "awx_ws-cache",
+            "OPTIONS": {"socket_connect_timeout": 2.0, "socket_timeout": 5.0},
+        }
+    }
+else:
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "awx_ws_cache"}
+    }
+
+# Password logins through Django's authenticate() (the token endpoint, /login/, /admin/login/)
+# stop checking passwords past AWX_WS_LOGIN_FAILURE_RATE failures per address and per username.
+AUTHENTICATION_BACKENDS = ["awx_ws.main.logins.ThrottledModelBackend"]
 
 # One namespace for the service's own settings: what the environment gives, every other value
 # from the defaults in awx_ws.main.conf.SETTINGS (docs/channels.md has the table). Validated here,

@@ -11,3 +11,7 @@ class MainConfig(AppConfig):
     name = "awx_ws.main"
     label = "main"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        """Connect the failed-login counter to Django's user_login_failed signal."""
+        from awx_ws.main import logins  # noqa: F401 (its @receiver registers on import)

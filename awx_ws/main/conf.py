@@ -188,6 +188,10 @@ SETTINGS: dict[str, Setting] = {
         "AWX_WS_EMIT_RATE", "1200/min", _text, _rate,
         "Per-user rate of POST /api/v2/emit/ (DRF rate syntax).",
     ),
+    "LOGIN_FAILURE_RATE": _s(
+        "AWX_WS_LOGIN_FAILURE_RATE", "10/min", _text, _rate,
+        "Failed password logins allowed per client address and per username (then 429).",
+    ),
     "STARTUP_REDIS_WAIT": _s(
         "AWX_WS_STARTUP_REDIS_WAIT", 60.0, _number, _seconds(zero=True),
         "Seconds a starting server waits for its channel layer (Redis or RabbitMQ).",
