@@ -25,7 +25,7 @@ def forget_failures(redis_server) -> Iterator[None]:
     yield
     client = redis.Redis.from_url(redis_server.url)
     try:
-        for key in client.scan_iter(match="awx_ws-cache:*login-failures:*"):
+        for key in client.scan_iter(match="awx_ws-cache:*login-attempts:*"):
             client.delete(key)
     finally:
         client.close()
@@ -159,3 +159,42 @@ def test_a_node_without_redis_counts_in_its_database(state_dir, database):
 
         with connection.cursor() as cursor:  # the next test's logins from this address start afresh
             cursor.execute("DELETE FROM awx_ws_cache")
+
+
+def test_with_redis_down_logins_are_still_limited_per_process(state_dir, database):
+    """No 500s and no lifted limit while the shared cache is unreachable: the process counts."""
+    api = Gunicorn(state_dir / "logs", {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}).start()
+    try:
+        statuses = token_attempts(
+            api.http_url, fresh_names(), iter(lambda: {"X-Forwarded-For": "192.0.2.99"}, None)
+        )
+        assert statuses == [400] * BUDGET + [429]
+        assert api.wait_for_output("shared cache at REDIS_URL=redis://127.0.0.1:")
+        assert api.output().count("counting per process") == 1  # one line, not one per request
+    finally:
+        api.stop()
+
+
+def test_guesses_sent_at_once_cannot_all_pass_the_check(database):
+    """Each attempt is counted before its password is checked: of 30 concurrent attempts for one
+    username, no more than the budget get to a password check (counted in the node's Redis; an
+    attempt refused meanwhile may hold a slot for an instant, so fewer may)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from awx_ws.main.logins import LoginThrottled, reserve
+
+    username = f"parallel-{secrets.token_hex(4)}"
+
+    def attempt(_: int) -> bool:
+        try:
+            reserve(None, username)
+        except LoginThrottled:
+            return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        checked = list(pool.map(attempt, range(30)))
+    assert 1 <= checked.count(True) <= BUDGET
+    # After the burst the count is exact: the rest of the budget, and not one more.
+    later = [attempt(0) for _ in range(BUDGET + 1)]
+    assert checked.count(True) + later.count(True) == BUDGET

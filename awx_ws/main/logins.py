@@ -1,12 +1,14 @@
 """Failed logins limited per client address and per username, on every password login path.
 
 Django's `authenticate()` is where every password login goes: the API's token endpoint (DRF
-authtoken), `/login/` and `/admin/login/`. `ThrottledModelBackend` refuses to check a password
-once the client address or the username has failed AWX_WS_LOGIN_FAILURE_RATE times within its
-window, raising `LoginThrottled` (DRF's `Throttled`: 429 with Retry-After from DRF views, and
-from Django's views through `LoginThrottleMiddleware`). Failures are counted from Django's
-`user_login_failed` signal. Counts live in Django's default cache, which settings point at the
-node's Redis (or its database on RabbitMQ), so every API worker and node process shares them.
+authtoken), `/login/` and `/admin/login/`. `ThrottledModelBackend` counts each attempt against
+the client address and the username before it checks the password, and takes the count back
+when the login succeeds; past AWX_WS_LOGIN_FAILURE_RATE failures in the rate's period for either,
+it checks no password and raises `LoginThrottled` (DRF's `Throttled`: 429 with Retry-After from
+DRF views, and from Django's views through `LoginThrottleMiddleware`). Counting first means
+guesses sent in parallel cannot all pass the check. Counts live in Django's default cache, which
+settings point at the node's Redis (or its database on RabbitMQ), so every API worker and node
+process shares them.
 
 The client address is DRF's throttle identity: with NUM_PROXIES = 1, the last X-Forwarded-For
 entry, which our nginx sets to the peer address it saw (the client cannot add to it).
@@ -20,10 +22,9 @@ import math
 import time
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import ModelBackend
-from django.contrib.auth.signals import user_login_failed
 from django.core.cache import cache
-from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponse
 from rest_framework.exceptions import Throttled
 from rest_framework.throttling import BaseThrottle
@@ -53,53 +54,62 @@ def client_address(request: Any) -> str:
     return str(BaseThrottle().get_ident(request))
 
 
-def _keys(kind: str, value: str, window: int, now: float) -> tuple[str, str, float]:
-    """(this window's key, the previous window's, how far into this window we are, 0..1)."""
+# Each subject's attempts are counted in BUCKETS buckets spanning the rate's period: a window that
+# slides by a sixtieth of it, and counters Redis increments atomically.
+BUCKETS = 60
+
+
+def _buckets(kind: str, value: str, period: int, now: float) -> tuple[list[str], float]:
+    """(the keys of the buckets within the period ending now, oldest first; a bucket's width)."""
     digest = hashlib.sha256(value.encode()).hexdigest()[:32]
-    index = int(now // window)
-    return (
-        f"login-failures:{kind}:{digest}:{index}",
-        f"login-failures:{kind}:{digest}:{index - 1}",
-        (now - index * window) / window,
-    )
-
-
-def _failures(kind: str, value: str, window: int, now: float) -> float:
-    # A sliding window from two fixed ones: this window's count plus the share of the previous
-    # window's that still falls within the last `window` seconds.
-    current, previous, elapsed = _keys(kind, value, window, now)
-    counts = cache.get_many([current, previous])
-    return float(counts.get(current, 0)) + float(counts.get(previous, 0)) * (1.0 - elapsed)
+    width = period / BUCKETS
+    current = int(now // width)
+    return [f"login-attempts:{kind}:{digest}:{i}" for i in range(current - BUCKETS + 1, current + 1)], width
 
 
 def subjects(request: Any, username: str | None) -> list[tuple[str, str]]:
-    """What failures are counted against: the client address, and the username if given."""
+    """What attempts are counted against: the client address, and the username if given."""
     found = [("address", client_address(request))] if request is not None else []
     if username:
         found.append(("username", username.casefold()))
     return found
 
 
-def check(request: Any, username: str | None) -> None:
-    """Raise LoginThrottled when the address or the username is over its failure budget."""
-    limit, window = parse_rate(ws_settings.LOGIN_FAILURE_RATE)
+def reserve(request: Any, username: str | None) -> list[str]:
+    """Count one login attempt against the address and the username, before the password is
+    checked (so concurrent guesses cannot all pass the check); LoginThrottled, counting nothing,
+    when either is over its budget. Returns the keys to release if the login succeeds."""
+    limit, period = parse_rate(ws_settings.LOGIN_FAILURE_RATE)
     now = time.time()
-    for kind, value in subjects(request, username):
-        if _failures(kind, value, window, now) >= limit:
-            logger.warning("login refused: too many failures for this %s (%s)", kind, _shown(kind, value))
-            wait = math.ceil(window - (now % window)) or 1
-            raise LoginThrottled(wait=wait)
+    taken: list[str] = []
+    try:
+        for kind, value in subjects(request, username):
+            keys, width = _buckets(kind, value, period, now)
+            cache.add(keys[-1], 0, timeout=period + math.ceil(width) + 1)
+            try:
+                cache.incr(keys[-1])
+            except ValueError:  # gone in between (expired, or the cache fell back to this process)
+                cache.set(keys[-1], 1, timeout=period + math.ceil(width) + 1)
+            taken.append(keys[-1])
+            counts = cache.get_many(keys)
+            if sum(int(counts.get(key, 0)) for key in keys) > limit:
+                oldest = next(i for i, key in enumerate(keys) if counts.get(key))
+                wait = max(1, math.ceil((oldest + 1) * width - (now % width)))
+                logger.warning("login refused: too many failures for this %s (%s)", kind, _shown(kind, value))
+                raise LoginThrottled(wait=wait)
+    except LoginThrottled:
+        release(taken)  # a refused attempt checked no password: it does not count
+        raise
+    return taken
 
 
-def record_failure(request: Any, username: str | None) -> None:
-    """Count one failed login against the address and the username."""
-    _, window = parse_rate(ws_settings.LOGIN_FAILURE_RATE)
-    now = time.time()
-    for kind, value in subjects(request, username):
-        current, _, _ = _keys(kind, value, window, now)
-        # Two windows: the sliding count reads the previous one.
-        cache.add(current, 0, timeout=2 * window)
-        cache.incr(current)
+def release(keys: list[str]) -> None:
+    """Take back attempts that were not failures (the login succeeded, or was refused)."""
+    for key in keys:
+        try:
+            cache.decr(key)
+        except ValueError:
+            pass  # expired meanwhile
 
 
 def _shown(kind: str, value: str) -> str:
@@ -107,7 +117,7 @@ def _shown(kind: str, value: str) -> str:
 
 
 class ThrottledModelBackend(ModelBackend):
-    """Django's ModelBackend, refusing to check a password past the failure budget."""
+    """Django's ModelBackend, counting each password check against the address and username."""
 
     def authenticate(
         self,
@@ -116,17 +126,14 @@ class ThrottledModelBackend(ModelBackend):
         password: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        """LoginThrottled when over budget; otherwise ModelBackend's answer."""
+        """LoginThrottled past the budget; otherwise ModelBackend's answer (a success is not counted)."""
         if username is None:
-            username = kwargs.get("username")
-        check(request, username)
-        return super().authenticate(request, username=username, password=password, **kwargs)
-
-
-@receiver(user_login_failed, dispatch_uid="awx_ws.logins.count_failure")
-def count_failure(sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any) -> None:
-    """Django's signal for every failed authenticate(): count it."""
-    record_failure(request, credentials.get("username"))
+            username = kwargs.get(get_user_model().USERNAME_FIELD)
+        attempts = reserve(request, username)
+        user = super().authenticate(request, username=username, password=password, **kwargs)
+        if user is not None:
+            release(attempts)
+        return user
 
 
 class LoginThrottleMiddleware:
