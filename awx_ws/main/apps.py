@@ -13,5 +13,7 @@ class MainConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Connect the failed-login counter to Django's user_login_failed signal."""
-        from awx_ws.main import logins  # noqa: F401 (its @receiver registers on import)
+        """Connect the access-change recorders to their signals."""
+        from awx_ws.main.revocation import connect_signals
+
+        connect_signals()

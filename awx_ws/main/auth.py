@@ -7,6 +7,7 @@ credentials is refused at the handshake (HTTP 403), never accepted and then clos
 from __future__ import annotations
 
 import logging
+from importlib import import_module
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -139,6 +140,36 @@ async def authenticate_scope(scope: dict[str, Any], require_origin: bool) -> tup
         )
         return None, None
     return user, "session"
+
+
+async def still_authenticated(scope: dict[str, Any]) -> Any:
+    """The connection's user, read afresh, if the credential it connected with still holds;
+    None when the token or session is gone, the user inactive, or the session now someone else's.
+    A session that holds replaces scope["session"] (read afresh too)."""
+    user: Any = None
+    if scope.get("auth") == "token":
+        key = token_from_scope(scope)
+        user = await user_for_token(key) if key is not None else None
+    elif scope.get("auth") == "session":
+        # A fresh store: the connection's own cached the session as it was at connect.
+        engine = import_module(settings.SESSION_ENGINE)
+        fresh = engine.SessionStore(scope["session"].session_key)
+        user = await get_user({"session": fresh})
+        if isinstance(user, AnonymousUser) or not user.is_active:
+            user = None
+        else:
+            scope["session"] = fresh  # its expiry date may have moved on since the connect
+    if user is None or user.pk != scope["user"].pk:
+        return None
+    return user
+
+
+async def session_expiry(scope: dict[str, Any]) -> float | None:
+    """When a session-authenticated connection's session expires (epoch seconds); None for tokens."""
+    if scope.get("auth") != "session":
+        return None
+    expires = await database_sync_to_async(scope["session"].get_expiry_date)()
+    return float(expires.timestamp())
 
 
 class PeerAuthMiddleware:

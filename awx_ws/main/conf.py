@@ -192,6 +192,11 @@ SETTINGS: dict[str, Setting] = {
         "AWX_WS_LOGIN_FAILURE_RATE", "10/min", _text, _rate,
         "Failed password logins allowed per client address and per username (then 429).",
     ),
+    "REVOCATION_POLL": _s(
+        "AWX_WS_REVOCATION_POLL", 1.0, _number, _seconds(),
+        "Seconds between a daphne process's reads of access changes (revoked tokens, sessions, "
+        "memberships); open connections learn of one within this time.",
+    ),
     "STARTUP_REDIS_WAIT": _s(
         "AWX_WS_STARTUP_REDIS_WAIT", 60.0, _number, _seconds(zero=True),
         "Seconds a starting server waits for its channel layer (Redis or RabbitMQ).",

@@ -7,6 +7,7 @@ auth.py, the relay in relay.py. Consumers apply plans and pass `internal.message
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -17,8 +18,9 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
-from awx_ws.main import metrics, protocol
+from awx_ws.main import metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
+from awx_ws.main.auth import session_expiry, still_authenticated
 from awx_ws.main.backlog import SLOW_CLIENT_CLOSE_CODE, SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.fanout import keep_joined
@@ -61,11 +63,44 @@ class EventConsumer(AsyncWebsocketConsumer):
             ws_settings.SUBSCRIBE_RATE, ws_settings.SUBSCRIBE_WINDOW, time.monotonic()
         )
         self._refused_since_log = 0
+        # Subscribes and access rechecks (revocation.py) change the groups one at a time.
+        self._changing = asyncio.Lock()
+        self.session_expiry = await session_expiry(self.scope)
         await self.accept()
         self._counted = True
         process_stats.websockets += 1
         metrics.CONNECTIONS.labels("websocket").inc()
+        revocation.watcher.add(self)
         await self.send_json({"accept": True, "user": self.scope["user"].pk})
+
+    @property
+    def user_id(self) -> int:
+        """The connected user's id."""
+        return int(self.scope["user"].pk)
+
+    async def recheck(self) -> None:
+        """Close with 4003 if the credential is gone; leave groups the user may no longer read."""
+        user = await still_authenticated(self.scope)
+        if user is None:
+            logger.info("closing websocket of user %s: its credential was revoked", self.user_id)
+            metrics.ACCESS_REVOKED.labels("websocket", "closed").inc()
+            await self.close(code=revocation.ACCESS_REVOKED_CLOSE_CODE)
+            return
+        self.scope["user"] = user
+        self.session_expiry = await session_expiry(self.scope)
+        async with self._changing:
+            lost = await revocation.async_lost_groups(user, self.subscribed)
+            if not lost:
+                return
+            for group in lost:
+                if self.stream is not None:
+                    self.stream.leave(group)
+                else:
+                    self.fanout.leave(group, self)
+            self.subscribed -= lost
+        logger.info("user %s may no longer read %s: left", self.user_id, ", ".join(sorted(lost)))
+        metrics.ACCESS_REVOKED.labels("websocket", "groups_left").inc(len(lost))
+        await self.send_json(protocol.groups_reply(self.subscribed, lost, set()))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Run the consumer; whichever way it ends (even a crash or a cancel), release its groups."""
@@ -83,6 +118,7 @@ class EventConsumer(AsyncWebsocketConsumer):
 
     def _release(self) -> None:
         # Synchronous: nothing can interrupt it half-way (fanout.py).
+        revocation.watcher.discard(self)
         stream = getattr(self, "stream", None)
         if stream is not None:
             stream.leave_all()
@@ -128,7 +164,8 @@ class EventConsumer(AsyncWebsocketConsumer):
             await self.send_json(exc.reply())
             return
         try:
-            await self.subscribe(request)
+            async with self._changing:
+                await self.subscribe(request)
         except (RedisError, OSError) as exc:
             # The connection stays; what was joined before the failure stays joined.
             metrics.REDIS_ERRORS.labels("subscribe").inc()

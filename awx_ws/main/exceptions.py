@@ -32,6 +32,10 @@ class BrokerUnavailable(EmitError, ConnectionError):
     """
 
 
+class DatabaseUnavailable(AwxWsError, ConnectionError):
+    """The Django database (DATABASE_URL) could not be read from a background loop."""
+
+
 class StartupError(AwxWsError):
     """The server cannot start: its start-up work failed for good."""
 

@@ -41,6 +41,11 @@ DROPPED = Counter("awx_ws_messages_dropped", "Messages dropped, by reason", ["re
 SLOW_CLIENT_CLOSES = Counter(
     "awx_ws_slow_client_closes", "Client connections closed because they stopped reading"
 )
+ACCESS_REVOKED = Counter(
+    "awx_ws_access_revoked",
+    "Connections closed (what=closed), or groups they left (what=groups_left), as access went",
+    ["transport", "what"],
+)
 REPLAYED = Counter("awx_ws_history_replayed", "Missed messages replayed to resuming clients", ["transport"])
 RESETS = Counter("awx_ws_history_resets", "Groups a resume could not replay (stream-reset)", ["transport"])
 REDIS_ERRORS = Counter("awx_ws_redis_errors", "Failed Redis operations, by what failed", ["operation"])

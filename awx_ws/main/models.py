@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from awx_ws.main.exceptions import InvalidTransition
@@ -136,3 +137,18 @@ class PeerNonce(models.Model):
 
     def __str__(self) -> str:
         return self.nonce
+
+
+class AccessChange(models.Model):
+    """A change that may take access away from open connections (revocation.py): a token or
+    session gone, a user changed, an organization membership removed. Written in the transaction
+    of the change; every daphne process sharing the database reads it within seconds."""
+
+    # Set by the database's clock, so processes on other machines compare like with like.
+    created = models.DateTimeField(db_default=Now(), db_index=True)
+    # Whose connections to check again; None: everyone's (an organization deleted).
+    user_id = models.IntegerField(null=True)
+    reason = models.CharField(max_length=100)
+
+    def __str__(self) -> str:
+        return f"{self.reason} (user {self.user_id})"

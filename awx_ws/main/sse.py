@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from asyncio import FIRST_COMPLETED
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -22,9 +23,9 @@ from channels.layers import get_channel_layer
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from redis.exceptions import RedisError
 
-from awx_ws.main import metrics, protocol
+from awx_ws.main import metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
-from awx_ws.main.auth import authenticate_scope, header
+from awx_ws.main.auth import authenticate_scope, header, session_expiry, still_authenticated
 from awx_ws.main.backlog import SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.history import (
@@ -78,7 +79,7 @@ class EventStreamApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Authenticate, check access, replay what was missed, then stream until the client goes."""
         try:
-            user, groups, recover = await self._admit(scope)
+            scope, user, groups, recover = await self._admit(scope)
         except HttpError as exc:
             await _refuse(send, exc)
             return
@@ -109,26 +110,32 @@ class EventStreamApp:
                 slow_reader.transport.abortConnection()
 
         stream = Stream(get_channel_layer(), send_event, transport="sse")
+        access = StreamAccess(scope, stream, groups, send, await session_expiry(scope))
         process_stats.streams += 1
         metrics.CONNECTIONS.labels("sse").inc()
         try:
             await self._start(send, stream, groups, recover)
-            await _until_disconnect(receive, send)
+            revocation.watcher.add(access)  # once started: a recheck never races the joins
+            await _until_disconnect(receive, send, access.revoked)
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.labels("stream").inc()
             logger.warning("stream of user %s ended, channel layer unavailable: %s", user.pk, exc)
         finally:
+            revocation.watcher.discard(access)
             process_stats.streams -= 1
             metrics.CONNECTIONS.labels("sse").dec()
             stream.leave_all()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _admit(self, scope: dict[str, Any]) -> tuple[Any, set[str], dict[str, GroupPosition]]:
+    async def _admit(
+        self, scope: dict[str, Any]
+    ) -> tuple[dict[str, Any], Any, set[str], dict[str, GroupPosition]]:
         if scope["method"] != "GET":
             raise HttpError(405, f'Method "{scope["method"]}" not allowed.')
-        user, _method = await authenticate_scope(scope, require_origin=False)
+        user, method = await authenticate_scope(scope, require_origin=False)
         if user is None:
             raise HttpError(401, "Authentication credentials were not provided or are invalid.")
+        scope = dict(scope, user=user, auth=method)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         request = requested_groups(query, user.pk)
         groups = set(request.groups)
@@ -145,7 +152,7 @@ class EventStreamApp:
             positions = parse_stream_position(last_event_id) if last_event_id else {}
         except PositionError as exc:
             raise HttpError(400, f"Last-Event-ID: {exc}") from exc
-        return user, groups, {g: p for g, p in positions.items() if g in groups}
+        return scope, user, groups, {g: p for g, p in positions.items() if g in groups}
 
     async def _start(
         self, send: Any, stream: Stream, groups: set[str], recover: dict[str, GroupPosition]
@@ -182,20 +189,70 @@ async def _refuse(send: Any, error: HttpError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _until_disconnect(receive: Any, send: Any) -> None:
-    """Wait for the client to go, with a keep-alive comment every SSE_KEEPALIVE seconds."""
+async def _until_disconnect(receive: Any, send: Any, revoked: asyncio.Event) -> None:
+    """Wait for the client to go (or its access to be revoked), with a keep-alive comment every
+    SSE_KEEPALIVE seconds."""
     keepalive = ws_settings.SSE_KEEPALIVE
-    while True:
-        try:
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the cancel daphne
-            # sends a stream whose client is gone, and the stream would never end.
-            async with asyncio.timeout(keepalive):
-                message = await receive()
-        except TimeoutError:
+    disconnected = asyncio.ensure_future(_disconnect(receive))
+    ended = asyncio.ensure_future(revoked.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait(
+                {disconnected, ended}, timeout=keepalive, return_when=FIRST_COMPLETED
+            )
+            if done:
+                return
             await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
-            continue
-        if message["type"] == "http.disconnect":
+    finally:
+        for waiter in (disconnected, ended):
+            waiter.cancel()
+        await asyncio.gather(disconnected, ended, return_exceptions=True)
+
+
+async def _disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class StreamAccess:
+    """One stream as revocation.py sees it: ended when its credential goes, groups left when
+    only they do (told in an `access-changed` event carrying AWX's groups reply)."""
+
+    def __init__(
+        self, scope: dict[str, Any], stream: Stream, groups: set[str], send: Any, expiry: float | None
+    ) -> None:
+        self.scope = scope
+        self.stream = stream
+        self.groups = set(groups)
+        self.send = send
+        self.session_expiry = expiry
+        self.revoked = asyncio.Event()
+
+    @property
+    def user_id(self) -> int:
+        """The streaming user's id."""
+        return int(self.scope["user"].pk)
+
+    async def recheck(self) -> None:
+        """End the stream if the credential is gone; leave groups the user may no longer read."""
+        user = await still_authenticated(self.scope)
+        if user is None:
+            logger.info("ending stream of user %s: its credential was revoked", self.user_id)
+            metrics.ACCESS_REVOKED.labels("sse", "closed").inc()
+            self.revoked.set()
             return
+        self.scope["user"] = user
+        self.session_expiry = await session_expiry(self.scope)
+        lost = await revocation.async_lost_groups(user, self.groups)
+        if not lost:
+            return
+        for group in lost:
+            self.stream.leave(group)
+        self.groups -= lost
+        metrics.ACCESS_REVOKED.labels("sse", "groups_left").inc(len(lost))
+        notice = json.dumps(protocol.groups_reply(self.groups, lost, set()))
+        body = event_block(format_stream_position(self.stream.positions), notice, "access-changed")
+        await self.send({"type": "http.response.body", "body": body, "more_body": True})
 
 
 def EventStreamStack() -> Any:  # noqa: N802 (named like Channels' AuthMiddlewareStack)

@@ -23,7 +23,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
-from awx_ws.main import metrics
+from awx_ws.main import metrics, revocation
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import RedisUnavailable, StartupError
 from awx_ws.main.layers import RedisChannelLayer
@@ -187,6 +187,7 @@ class Startup:
         if not self.done:
             return
         self.done = False
+        await revocation.watcher.stop()
         layer: Any = get_channel_layer()
         await layer.fanout.stop()
         if isinstance(layer, RedisChannelLayer):
