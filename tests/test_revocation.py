@@ -96,7 +96,7 @@ async def test_logging_out_closes_the_sessions_websocket(node, api, member, data
         client = await open_ws(
             node.url,
             headers={"Cookie": f"awx_sessionid={session}; csrftoken={browser.cookies['csrftoken']}"},
-            origin="http://127.0.0.1",
+            origin=f"http://127.0.0.1:{node.port}",
         )
         assert client.hello["user"] == member.pk
         logged_out = await browser.post(
@@ -119,7 +119,9 @@ async def test_a_session_that_expires_closes_its_websocket(node, member):
         session.save()
 
     await adb(expire_soon)
-    client = await open_ws(node.url, headers={"Cookie": f"awx_sessionid={key}"}, origin="http://127.0.0.1")
+    client = await open_ws(
+        node.url, headers={"Cookie": f"awx_sessionid={key}"}, origin=f"http://127.0.0.1:{node.port}"
+    )
     assert client.hello["user"] == member.pk
     started = time.monotonic()
     assert await close_code(client, 3 + DEADLINE) == REVOKED

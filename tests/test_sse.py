@@ -207,11 +207,11 @@ async def test_a_browser_session_may_stream_but_not_for_a_foreign_origin(node, u
     cookie = {"Cookie": f"awx_sessionid={await adb(session_cookie, user)}"}
     async with open_sse(node.http_url, "jobs-status_changed", headers=cookie) as stream:
         await stream.wait_ready()
-    foreign = {**cookie, "Origin": "https://evil.example"}
-    assert (await refused_with(node.http_url, "jobs-status_changed", foreign))[0] == 401
-    async with open_sse(
-        node.http_url, "jobs-status_changed", headers={**cookie, "Origin": "http://127.0.0.1"}
-    ) as stream:
+    for origin in ("https://evil.example", f"http://127.0.0.1:{node.port + 1}"):  # another site, another port
+        foreign = {**cookie, "Origin": origin}
+        assert (await refused_with(node.http_url, "jobs-status_changed", foreign))[0] == 401
+    own = {**cookie, "Origin": f"http://127.0.0.1:{node.port}"}
+    async with open_sse(node.http_url, "jobs-status_changed", headers=own) as stream:
         await stream.wait_ready()
 
 

@@ -104,6 +104,52 @@ async def test_session_from_a_foreign_or_missing_origin_is_refused(node, browser
     assert await refused_status(node.url, headers=headers, origin=origin) == 403
 
 
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://127.0.0.1:{other_port}",  # the same host, another port (another service there)
+        "https://127.0.0.1:{port}",  # the same host and port, another scheme
+        "http://localhost:{port}",  # another name for it: not the origin the browser was on
+    ],
+)
+async def test_a_session_needs_the_same_scheme_host_and_port(node, browser_cookies, origin):
+    headers = {"Cookie": f"awx_sessionid={browser_cookies['session']}"}
+    origin = origin.format(port=node.port, other_port=node.port + 1)
+    assert await refused_status(node.url, headers=headers, origin=origin) == 403
+
+
+async def test_allowed_hosts_star_does_not_admit_a_foreign_origin(daphne_factory, browser_cookies, token):
+    server = daphne_factory({"ALLOWED_HOSTS": "*"})
+    headers = {"Cookie": f"awx_sessionid={browser_cookies['session']}"}
+    assert await refused_status(server.url, headers=headers, origin="http://evil.example") == 403
+    cookie = {"Cookie": f'token="{token}"'}
+    assert await refused_status(server.url, headers=cookie, origin="http://evil.example") == 403
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "http://127.0.0.1:{other_port}", "null"])
+async def test_a_token_cookie_from_a_foreign_origin_is_refused(node, token, origin):
+    """A browser sends AWX's token cookie by itself: another site's page must not use it."""
+    headers = {"Cookie": f'token="{token}"'}
+    origin = origin.format(other_port=node.port + 1)
+    assert await refused_status(node.url, headers=headers, origin=origin) == 403
+
+
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:{port}", "https://127.0.0.1:{port}", None])
+async def test_a_token_cookie_needs_only_the_same_host_and_port(node, user, token, origin):
+    """awxkit sends `Origin: http://host:port` even over wss; clients without a browser send none."""
+    origin = origin.format(port=node.port) if origin else None
+    client = await open_ws(node.url, headers={"Cookie": f'token="{token}"'}, origin=origin)
+    assert client.hello == {"accept": True, "user": user.pk}
+    await client.close()
+
+
+async def test_a_planted_garbage_token_cookie_does_not_lock_out_the_session(node, user, browser_cookies):
+    cookies = f"token=planted-by-a-sibling-domain; awx_sessionid={browser_cookies['session']}"
+    client = await open_ws(node.url, headers={"Cookie": cookies}, origin=f"http://127.0.0.1:{node.port}")
+    assert client.hello == {"accept": True, "user": user.pk}
+    await client.close()
+
+
 @pytest.mark.parametrize("xrftoken", [None, "", "wrong", 12])
 async def test_session_messages_need_the_csrf_token(node, browser_cookies, xrftoken):
     client = await browser_client(node, browser_cookies)

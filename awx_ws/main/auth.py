@@ -50,33 +50,73 @@ def header(scope: dict[str, Any], name: bytes) -> bytes | None:
     return None
 
 
-def token_from_scope(scope: dict[str, Any]) -> str | None:
-    """The API token a client presented: Authorization header, ?token=, or the token cookie."""
+def presented_token(scope: dict[str, Any]) -> tuple[str, str] | None:
+    """(key, where) of the API token a client presented: where is "header" (Authorization),
+    "query" (?token=) or "cookie" (AWX's `token` cookie); None without one."""
     authorization = header(scope, b"authorization")
     if authorization:
         scheme, _, key = authorization.partition(b" ")
         if scheme.lower() in _TOKEN_SCHEMES and key.strip():
-            return key.strip().decode("latin-1")
+            return key.strip().decode("latin-1"), "header"
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     if query.get("token"):
-        return query["token"][0]
+        return query["token"][0], "query"
     cookie = scope.get("cookies", {}).get("token")
     if cookie:
         # awxkit sends token="<key>"; Django's cookie parser usually unquotes, be sure.
-        return cookie.strip('"')
+        return cookie.strip('"'), "cookie"
     return None
 
 
-def origin_allowed(scope: dict[str, Any]) -> bool:
-    """True if the Origin header names one of ALLOWED_HOSTS (cross-site websocket hijacking guard)."""
-    origin = header(scope, b"origin")
-    if not origin:
+def token_from_scope(scope: dict[str, Any]) -> str | None:
+    """The API token a client presented: Authorization header, ?token=, or the token cookie."""
+    presented = presented_token(scope)
+    return presented[0] if presented is not None else None
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def request_scheme(scope: dict[str, Any]) -> str:
+    """http or https: what the client used to reach us (X-Forwarded-Proto from our nginx)."""
+    forwarded = header(scope, b"x-forwarded-proto")
+    scheme = forwarded.decode("latin-1").strip().lower() if forwarded else str(scope.get("scheme", "http"))
+    return "https" if scheme in {"https", "wss"} else "http"
+
+
+def same_origin(scope: dict[str, Any], scheme_too: bool) -> bool:
+    """True if the Origin header names the host and port the client connected to (the Host
+    header, which must be one of ALLOWED_HOSTS), and with scheme_too the same scheme as well.
+
+    awxkit sends `Origin: http://host:port` however it connects (even over wss): a token cookie
+    is checked without the scheme. A port the URL leaves out is its scheme's default.
+    """
+    origin, host = header(scope, b"origin"), header(scope, b"host")
+    if not origin or not host:
         return False
     parts = urlsplit(origin.decode("latin-1"))
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
+    try:
+        origin_port = parts.port
+    except ValueError:
         return False
-    domain, _port = split_domain_port(parts.netloc)
-    return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return False
+    domain, port_text = split_domain_port(host.decode("latin-1"))
+    if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+        return False
+    host_port = int(port_text) if port_text.isdigit() else None
+    if domain.strip("[]") != parts.hostname:
+        return False
+    if scheme_too:
+        scheme = request_scheme(scope)
+        return parts.scheme == scheme and (origin_port or _DEFAULT_PORTS[scheme]) == (
+            host_port or _DEFAULT_PORTS[scheme]
+        )
+    # Host and port only: a default port counts as none (awxkit omits 80 and 443 from both).
+    defaults = set(_DEFAULT_PORTS.values())
+    return (None if origin_port in defaults else origin_port) == (
+        None if host_port in defaults else host_port
+    )
 
 
 @database_sync_to_async
@@ -115,23 +155,42 @@ class WebsocketAuthMiddleware:
 async def authenticate_scope(scope: dict[str, Any], require_origin: bool) -> tuple[Any, str | None]:
     """(user, "token" | "session") for a scope's credentials, else (None, None).
 
-    A session must come with an allowed Origin: always for websockets (browsers let any site open
-    one with our cookies), and for plain HTTP whenever the browser sends one (cross-site reads).
+    A token in the Authorization header or the query is the client's own doing: no Origin rule.
+    Cookies are sent by the browser by itself, so whoever opened the connection (another site
+    may): a `token` cookie with an Origin needs the same host and port; a session needs a
+    same-origin Origin (scheme, host and port): always for websockets, and for plain HTTP
+    whenever the browser sends one (cross-site reads). ALLOWED_HOSTS=* widens neither.
     """
     client = scope.get("client")
-    key = token_from_scope(scope)
-    if key is not None:
-        # A presented but bad token is a refusal, never a fall-back to the session (as DRF).
+    presented = presented_token(scope)
+    if presented is not None:
+        key, where = presented
+        if (
+            where == "cookie"
+            and header(scope, b"origin") is not None
+            and not same_origin(scope, scheme_too=False)
+        ):
+            logger.warning(
+                "%s refused: token cookie with foreign Origin %r from %s",
+                scope["type"],
+                header(scope, b"origin"),
+                client,
+            )
+            return None, None
         user = await user_for_token(key)
-        if user is None:
+        if user is not None:
+            return user, "token"
+        if where != "cookie":
+            # A presented but bad token is a refusal, never a fall-back to the session (as DRF).
             logger.info("%s refused: invalid or inactive token from %s", scope["type"], client)
             return None, None
-        return user, "token"
+        # A cookie planted from a sibling domain must not lock the user's session out.
+        logger.info("%s: ignoring an invalid token cookie from %s", scope["type"], client)
     user = await get_user(scope)
     if isinstance(user, AnonymousUser) or not user.is_active:
         logger.info("%s refused: no credentials from %s", scope["type"], client)
         return None, None
-    if (require_origin or header(scope, b"origin") is not None) and not origin_allowed(scope):
+    if (require_origin or header(scope, b"origin") is not None) and not same_origin(scope, scheme_too=True):
         logger.warning(
             "%s refused: session cookie with foreign or missing Origin %r from %s",
             scope["type"],
