@@ -181,3 +181,20 @@ async def test_switching_to_ids_while_leaving_a_group_leaves_it(client):
 @pytest.fixture
 def auth_headers(token: str) -> dict[str, str]:
     return {"Authorization": f"Token {token}"}
+
+
+async def test_a_redis_error_during_a_resume_is_reset_in_our_words_not_redis(caplog):
+    """Redis's error text (addresses, script hashes, key types) stays in the server's log."""
+    from awx_ws.main.layers import RedisChannelLayer
+    from awx_ws.main.streams import collect_replays
+    from tests.servers import free_port
+
+    dead = RedisChannelLayer(
+        hosts=[{"address": f"redis://127.0.0.1:{free_port()}/0", "socket_connect_timeout": 1}]
+    )
+    group = f"schedules-{topic('unreadable')}"
+    with override_settings(AWX_WS={**settings.AWX_WS, "BROADCAST_WEBSOCKET_PEERS": []}):
+        replays = await collect_replays(dead, {group: GroupPosition.parse(f"{int(time.time() * 1000)}")})
+    await dead.close_pools()
+    assert replays[group].reset == "history unavailable on this node"
+    assert f"history of {group} unreadable for a resume" in caplog.text  # the details, for operators

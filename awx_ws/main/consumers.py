@@ -360,7 +360,8 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
             try:
                 origin, replay = await read_local(self.channel_layer, group, position, margin)
             except (RedisError, OSError) as exc:
-                origin, replay = None, Replay(reset=f"history unavailable on {ws_settings.NODE_NAME}: {exc}")
+                logger.warning("history of %s unreadable for peer %s: %s", group, self.scope.get("peer"), exc)
+                origin, replay = None, Replay(reset="history unavailable on a peer node")
             answers.append(
                 {"group": group, "origin": origin, "entries": replay.entries, "reset": replay.reset}
             )

@@ -197,16 +197,18 @@ async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosi
         try:
             origin, replay = await read_local(layer, group, position)
         except (RedisError, OSError) as exc:
-            origin, replay = None, Replay(reset=f"history unavailable: {exc}")
+            # The client learns that, not Redis's words (addresses, script hashes): those are logged.
+            logger.warning("history of %s unreadable for a resume: %s", group, exc)
+            origin, replay = None, Replay(reset="history unavailable on this node")
         take(group, origin, replay)
     peers = configured_peers()
     results = await asyncio.gather(*(fetch_from_peer(peer, recover) for peer in peers))
-    for peer, result in zip(peers, results, strict=True):
+    for result in results:
         for group in recover:
             if isinstance(result, str):
-                take(group, None, Replay(reset=f"peer {peer} unreachable: {result}"))
+                take(group, None, Replay(reset="a peer node's history is unavailable"))
             else:
-                origin, replay = result.get(group, (None, Replay(reset=f"peer {peer} did not answer")))
+                origin, replay = result.get(group, (None, Replay(reset="a peer node did not answer")))
                 take(group, origin, replay)
     for group, position in recover.items():
         # An origin the client saw that no node answers for: its Redis was replaced, or its node
