@@ -86,6 +86,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Session and CSRF cookies Secure when set over HTTPS (nginx's TLS port), not over its plain one.
+    "awx_ws.main.secure_cookies.SecureCookiesOverHttpsMiddleware",
     # Serves /static/ (the live page's JavaScript) from the apps' static folders, no collectstatic.
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -132,6 +134,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # AWX's names, so awxkit's `awx_sessionid=...; csrftoken=...` cookie works unchanged.
 SESSION_COOKIE_NAME = "awx_sessionid"
 CSRF_COOKIE_NAME = "csrftoken"
+
+# nginx sets X-Forwarded-Proto to the scheme the client used (and replaces any the client sent):
+# responses to HTTPS requests carry HSTS (SecurityMiddleware) and Secure cookies (secure_cookies.py).
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

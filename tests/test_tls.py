@@ -115,3 +115,44 @@ async def test_relays_talk_over_verified_wss_and_refuse_a_wrong_certificate(api,
             node.redis.stop()
         for front in fronts:
             front.stop()
+
+
+def test_cookies_set_over_https_are_secure_and_https_answers_carry_hsts(node, api, state_dir, database):
+    """Over nginx's TLS port the session and CSRF cookies are Secure and HSTS is sent; over its
+    plain port neither (a login there still works)."""
+    import re
+
+    import httpx
+
+    from tests.factories import create_user, set_login_password
+
+    user = create_user()
+    set_login_password(user, "tls-login")
+    certificate, key = write_pair(state_dir / "tls", "cookies")
+    front = Nginx(
+        state_dir / f"nginx-cookies-{time.monotonic_ns()}", node.port, api.port, tls=(certificate, key)
+    ).start()
+    try:
+        for base, secure in ((f"https://127.0.0.1:{front.tls_port}", True), (front.http_url, False)):
+            trusting = ssl.create_default_context(cafile=str(certificate))
+            with httpx.Client(base_url=base, verify=trusting, timeout=30) as browser:
+                form = browser.get("/login/")
+                csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)
+                assert csrf
+                response = browser.post(
+                    "/login/",
+                    data={
+                        "username": user.username,
+                        "password": "tls-login",
+                        "csrfmiddlewaretoken": csrf.group(1),
+                    },
+                    headers={"Referer": f"{base}/login/"},
+                )
+                assert response.status_code == 302
+                cookies = form.headers.get_list("set-cookie") + response.headers.get_list("set-cookie")
+                named = {c.split("=", 1)[0]: c for c in cookies}
+                assert set(named) >= {"csrftoken", "awx_sessionid"}
+                assert all(("; Secure" in c) is secure for c in named.values()), named
+                assert ("strict-transport-security" in response.headers) is secure
+    finally:
+        front.stop()
