@@ -16,7 +16,7 @@ export AWX_WS_TLS_PORT ?= 8443
 # (Not exported: a stack started by the tests gets its own var/, so its own default.)
 AWX_WS_TLS_CERT ?= $(AWX_WS_VAR)/tls/cert.pem
 AWX_WS_TLS_KEY ?= $(AWX_WS_VAR)/tls/key.pem
-export REDIS_URL ?= redis://127.0.0.1:$(AWX_WS_REDIS_PORT)/0
+# REDIS_URL: unset, config/settings.py uses make run's Redis with its generated password (var/).
 export AWX_WS_PYTHON := $(PY)
 export DJANGO_SETTINGS_MODULE := config.settings
 # Debian puts nginx in /usr/sbin, which a non-login shell may not have on PATH.
@@ -27,15 +27,18 @@ export PATH := $(PATH):/usr/sbin:/sbin
 run: bootstrap
 	# Metrics files of an earlier run would add up with this one's (prometheus_client multiprocess).
 	rm -rf $(AWX_WS_VAR)/metrics
-	mkdir -p $(AWX_WS_VAR)/log $(AWX_WS_VAR)/redis
-	$(PY) manage.py migrate --noinput -v0
-	$(PY) manage.py bootstrap_demo
-	@[ -f "$(AWX_WS_TLS_CERT)" ] || $(PY) manage.py tls_cert --dir $(AWX_WS_VAR)/tls >/dev/null
+	# var/ holds the database (API tokens), keys and logs: the service user's only.
+	mkdir -p -m 700 $(AWX_WS_VAR) && chmod 700 $(AWX_WS_VAR)
+	umask 077 && mkdir -p $(AWX_WS_VAR)/log $(AWX_WS_VAR)/redis
+	umask 077 && $(PY) manage.py redis_conf --dir $(AWX_WS_VAR)/redis >/dev/null
+	umask 077 && $(PY) manage.py migrate --noinput -v0
+	umask 077 && $(PY) manage.py bootstrap_demo
+	@[ -f "$(AWX_WS_TLS_CERT)" ] || (umask 077 && $(PY) manage.py tls_cert --dir $(AWX_WS_VAR)/tls >/dev/null)
 	$(PY) manage.py nginx_conf --prefix $(AWX_WS_VAR)/nginx --listen 127.0.0.1:$(AWX_WS_NGINX_PORT) \
 		--daphne 127.0.0.1:$(AWX_WS_DAPHNE_PORT) --api 127.0.0.1:$(AWX_WS_API_PORT) \
 		--tls-listen 127.0.0.1:$(AWX_WS_TLS_PORT) --cert $(AWX_WS_TLS_CERT) --key $(AWX_WS_TLS_KEY) >/dev/null
 	@echo "Starting on http://127.0.0.1:$(AWX_WS_NGINX_PORT)/ and https://127.0.0.1:$(AWX_WS_TLS_PORT)/ (websocket /websocket/); Ctrl-C stops it."
-	exec $(VENV)/bin/supervisord -n -c supervisord.conf
+	umask 077 && exec $(VENV)/bin/supervisord -n -c supervisord.conf
 
 # The whole suite on SQLite (the default), under plain daphne and under awx_ws.server; then on
 # PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database),

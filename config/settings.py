@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def _secret_key() -> str:
     if key:
         return key
     # Generated once per checkout and kept in var/ so every process of the stack shares it.
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    VAR_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = VAR_DIR / "secret_key"
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -177,7 +178,20 @@ REST_FRAMEWORK = {
     },
 }
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6390/0")
+
+
+def _redis_url() -> str:
+    given = os.environ.get("REDIS_URL")
+    if given:
+        return given
+    # `make run`'s own Redis, with the password `manage.py redis_conf` generated in var/.
+    port = os.environ.get("AWX_WS_REDIS_PORT") or "6390"
+    password_file = VAR_DIR / "redis_password"
+    auth = f":{quote(password_file.read_text().strip(), safe='')}@" if password_file.exists() else ""
+    return f"redis://{auth}127.0.0.1:{port}/0"
+
+
+REDIS_URL = _redis_url()
 # Messages a channel may have queued in Redis before channels_redis drops new ones for it.
 CHANNEL_LAYER_CAPACITY = env_int("CHANNEL_LAYER_CAPACITY", 1000)
 if CHANNEL_LAYER_CAPACITY < 1:

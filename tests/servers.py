@@ -292,6 +292,7 @@ class Nginx(Process):
         ports = [daphne_port] if isinstance(daphne_port, int) else daphne_port
         daphnes = [f"127.0.0.1:{port}" for port in ports]
         tls_listen = (f"127.0.0.1:{self.tls_port}", *tls) if tls else None
+        self.prefix_dir = prefix
         conf = render(prefix, f"127.0.0.1:{self.port}", daphnes, f"127.0.0.1:{api_port}", tls_listen)
         argv = [
             find_program("nginx"),

@@ -122,3 +122,38 @@ async def test_the_job_view_keeps_every_line_once_across_a_daphne_restart(job, p
     assert live["refetches"] == 0  # the missed lines came by recovery, not from the API
     TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=TEST_OUTPUT / "live-page.png")
+
+
+async def test_the_bundled_client_with_a_token_keeps_it_out_of_urls_and_logs(browser, front, user):
+    """`new AwxWsClient({ token })` in Chromium: delivered through nginx, the token sent as a
+    cookie of the site, and nowhere in nginx's access log, even for a client that puts it in a URL."""
+    token = await adb(create_token, user)
+    context = await browser.new_context()
+    page = await context.new_page()
+    await page.goto(f"{front.http_url}/static/awx_ws/client.js")  # any page of the site
+    await page.evaluate(
+        """async (token) => {
+            const { AwxWsClient } = await import("/static/awx_ws/client.js");
+            window.received = [];
+            window.client = new AwxWsClient({ token });
+            window.client.on("jobs-status_changed", (data) => window.received.push(data));
+            window.client.subscribe({ jobs: ["status_changed"] });
+        }""",
+        token,
+    )
+    from awx_ws.main.emit import aemit_channel_notification
+
+    deadline = time.monotonic() + 20
+    while not await page.evaluate("window.received.length") and time.monotonic() < deadline:
+        await aemit_channel_notification("jobs-status_changed", {"browser": "token"})
+        await asyncio.sleep(0.2)
+    assert (await page.evaluate("window.received"))[0] == {"browser": "token"}
+    cookies = {c["name"]: c for c in await context.cookies()}
+    assert cookies["token"]["value"] == token and cookies["token"]["sameSite"] == "Strict"
+    await context.close()
+    # A client that still puts the token in the URL: nginx logs the path, not the query.
+    async with httpx.AsyncClient(timeout=10) as http:
+        await http.get(f"{front.http_url}/websocket/?token={token}")
+    log = (front.prefix_dir / "access.log").read_text()
+    assert '"GET /websocket/ HTTP/1.1"' in log
+    assert token not in log

@@ -103,6 +103,21 @@ def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
         assert token, log.read_text()
         # A generated secret, readable by its owner only, never in the repository.
         assert stat.S_IMODE((var / "secret_key").stat().st_mode) == 0o600
+        # var/ (the database with API tokens, keys, logs) is the service user's only.
+        assert stat.S_IMODE(var.stat().st_mode) == 0o700
+        for private in (
+            "db.sqlite3",
+            "redis_password",
+            "redis/redis.conf",
+            "log/daphne.log",
+            "nginx/access.log",
+        ):
+            assert stat.S_IMODE((var / private).stat().st_mode) & 0o077 == 0, private
+        # The stack's Redis wants the generated password: another local user gets nothing.
+        import redis
+
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=ports["REDIS"], socket_timeout=5).ping()
 
         client = subprocess.Popen(
             [
@@ -119,7 +134,8 @@ def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
             hello = read_lines_until(client, r"accept", 30)
             assert json.loads(hello[-1]) == {"accept": True, "user": 1}
             read_lines_until(client, r"groups_current", 30)
-            stack_env = {**env, "REDIS_URL": f"redis://127.0.0.1:{ports['REDIS']}/0"}
+            # As README.md emits from a second terminal: no REDIS_URL, the stack's password from var/.
+            stack_env = dict(env)
             payload = {"group_name": "jobs", "unified_job_id": 1, "status": "running"}
 
             def emit() -> None:

@@ -7,8 +7,8 @@
 //   client.on("job_events-42", (data) => ..., { onReset: (reason) => refetch() });
 //
 // Authentication: the session cookie with the csrftoken cookie as xrftoken (a logged-in page), or
-// a token (`new AwxWsClient({ token })`, sent as ?token= because browsers cannot set headers on a
-// websocket). The client asks for ids, keeps each group's position, and after a reconnect
+// a token (`new AwxWsClient({ token })`), set as AWX's `token` cookie for this site: browsers
+// cannot set headers on a websocket, and a token in the URL would end up in logs and history. The client asks for ids, keeps each group's position, and after a reconnect
 // re-subscribes with `recover`: the server replays what was missed, then live messages follow, so
 // handlers see every message once. When the history cannot reach back the group's onReset is
 // called: the page refetches over the API. Protocol: docs/channels.md.
@@ -33,7 +33,11 @@ function groupNames(groups) {
 
 export class AwxWsClient {
   constructor({ url = defaultUrl(), token = null, minDelay = 500, maxDelay = 10000, onState = () => {}, onError = () => {} } = {}) {
-    this.url = token ? `${url}?token=${encodeURIComponent(token)}` : url;
+    if (token) {
+      const secure = window.location.protocol === "https:" ? "; Secure" : "";
+      document.cookie = `token=${encodeURIComponent(token)}; path=/; SameSite=Strict${secure}`;
+    }
+    this.url = url;
     this.minDelay = minDelay;
     this.maxDelay = maxDelay;
     this.onState = onState;
