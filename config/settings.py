@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -177,7 +177,6 @@ REST_FRAMEWORK = {
         "tokens": ws_conf.require_rate("AWX_WS_TOKEN_RATE", os.environ.get("AWX_WS_TOKEN_RATE") or "60/min")
     },
 }
-
 
 
 def _redis_url() -> str:

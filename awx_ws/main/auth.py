@@ -6,6 +6,7 @@ credentials is refused at the handshake (HTTP 403), never accepted and then clos
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib import import_module
 from typing import Any
@@ -23,7 +24,7 @@ from django.http.request import split_domain_port, validate_host
 from redis.exceptions import RedisError
 from rest_framework.authtoken.models import Token
 
-from awx_ws.main import peerauth
+from awx_ws.main import connlimit, peerauth
 from awx_ws.main.conf import ws_settings
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,19 @@ class WebsocketAuthMiddleware:
             return await deny_websocket(scope, receive, send)
         scope["user"] = user
         scope["auth"] = method
-        return await self.inner(scope, receive, send)
+        layer = get_channel_layer()
+        if not await connlimit.counter.acquire(layer, user.pk):
+            logger.info(
+                "websocket of user %s refused: AWX_WS_MAX_CONNECTIONS_PER_USER (%d) open already",
+                user.pk,
+                ws_settings.MAX_CONNECTIONS_PER_USER,
+            )
+            return await deny_websocket(scope, receive, send)
+        try:
+            return await self.inner(scope, receive, send)
+        finally:
+            # Shielded: daphne cancels a consumer whose client went away, and the count must go.
+            await asyncio.shield(connlimit.counter.release(layer, user.pk))
 
     async def authenticate(self, scope: dict[str, Any]) -> tuple[Any, str | None]:
         """(user, "token" | "session") for valid credentials, else (None, None)."""

@@ -192,6 +192,10 @@ SETTINGS: dict[str, Setting] = {
         "AWX_WS_LOGIN_FAILURE_RATE", "10/min", _text, _rate,
         "Failed password logins allowed per client address and per username (then 429).",
     ),
+    "MAX_CONNECTIONS_PER_USER": _s(
+        "AWX_WS_MAX_CONNECTIONS_PER_USER", 100, _integer, _int_at_least(1),
+        "Open connections (websocket and SSE together) a user may hold on a node; more are refused (403).",
+    ),
     "REVOCATION_POLL": _s(
         "AWX_WS_REVOCATION_POLL", 1.0, _number, _seconds(),
         "Seconds between a daphne process's reads of access changes (revoked tokens, sessions, "

@@ -252,6 +252,15 @@ async def _purge(layer: RedisChannelLayer) -> PurgeReport:
         owner = key[len(interest_prefix) :].decode("utf-8", "replace")
         if _OWNER_RE.match(owner) and await verdicts.dead(owner):
             report.records += await layer.connection(0).delete(key)
+    # Connection counts (connlimit.py) of dead processes would hold their users' slots for good.
+    from awx_ws.main.connlimit import forget_process
+
+    counts_prefix = f"{layer.prefix}:connections:".encode()
+    async for key in layer.connection(0).scan_iter(match=f"{layer.prefix}:connections:*", count=500):
+        owner = key[len(counts_prefix) :].decode("utf-8", "replace")
+        if _OWNER_RE.match(owner) and await verdicts.dead(owner):
+            await forget_process(layer, owner)
+            report.records += 1
     for client_prefix, dead in verdicts.cache.items():
         if dead:
             report.dead_processes.add(client_prefix)

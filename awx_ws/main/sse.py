@@ -23,7 +23,7 @@ from channels.layers import get_channel_layer
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from redis.exceptions import RedisError
 
-from awx_ws.main import metrics, protocol, revocation
+from awx_ws.main import connlimit, metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.auth import authenticate_scope, header, session_expiry, still_authenticated
 from awx_ws.main.backlog import SlowReader, connection_transport
@@ -83,6 +83,29 @@ class EventStreamApp:
         except HttpError as exc:
             await _refuse(send, exc)
             return
+        layer = get_channel_layer()
+        if not await connlimit.counter.acquire(layer, user.pk):
+            limit = ws_settings.MAX_CONNECTIONS_PER_USER
+            logger.info(
+                "stream of user %s refused: AWX_WS_MAX_CONNECTIONS_PER_USER (%d) open", user.pk, limit
+            )
+            await _refuse(send, HttpError(403, f"too many open connections: at most {limit} per user"))
+            return
+        try:
+            await self._serve(scope, user, groups, recover, receive, send)
+        finally:
+            # Shielded: daphne cancels a stream whose client went away, and the count must go.
+            await asyncio.shield(connlimit.counter.release(layer, user.pk))
+
+    async def _serve(
+        self,
+        scope: dict[str, Any],
+        user: Any,
+        groups: set[str],
+        recover: dict[str, GroupPosition],
+        receive: Any,
+        send: Any,
+    ) -> None:
         await send(
             {
                 "type": "http.response.start",

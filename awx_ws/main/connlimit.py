@@ -1,0 +1,116 @@
+"""At most AWX_WS_MAX_CONNECTIONS_PER_USER open connections per user and node (websocket and SSE
+together); past it the handshake is refused with 403.
+
+On the Redis layer the count is the node's, shared by its daphne processes: a hash of totals per
+user (`<prefix>:user-connections`) and one hash per process (`<prefix>:connections:<client
+prefix>`), changed together in one script. A process killed with its connections open leaves its
+hash behind; the start-up purge (liveness.py) takes its counts off the totals. Should Redis
+restart empty, connections open then are no longer counted until they reconnect: the limit can
+be exceeded for a while, never wrongly enforced. On RabbitMQ, which has no shared store, each
+process counts its own (docs/channels.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from awx_ws.main.conf import ws_settings
+from awx_ws.main.layers import RedisChannelLayer
+
+logger = logging.getLogger(__name__)
+
+# KEYS: totals, this process's hash; ARGV: user id, limit. 1 when counted, 0 when at the limit.
+ACQUIRE_LUA = """
+local total = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if total >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+return 1
+"""
+
+# KEYS: totals, this process's hash; ARGV: user id. Takes back one connection, if still counted.
+RELEASE_LUA = """
+local own = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if own <= 0 then return 0 end
+if own == 1 then redis.call('HDEL', KEYS[2], ARGV[1]) else redis.call('HINCRBY', KEYS[2], ARGV[1], -1) end
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# KEYS: totals, a dead process's hash. Takes all its connections off the totals; returns how many.
+FORGET_LUA = """
+local counts = redis.call('HGETALL', KEYS[2])
+local removed = 0
+for i = 1, #counts, 2 do
+    local n = tonumber(counts[i + 1])
+    removed = removed + n
+    if redis.call('HINCRBY', KEYS[1], counts[i], -n) <= 0 then redis.call('HDEL', KEYS[1], counts[i]) end
+end
+redis.call('DEL', KEYS[2])
+return removed
+"""
+
+
+def totals_key(layer: RedisChannelLayer) -> str:
+    """The node's open connections per user."""
+    return f"{layer.prefix}:user-connections"
+
+
+def process_key(layer: RedisChannelLayer, client_prefix: str) -> str:
+    """One process's open connections per user."""
+    return f"{layer.prefix}:connections:{client_prefix}"
+
+
+async def forget_process(layer: RedisChannelLayer, client_prefix: str) -> int:
+    """Take a dead process's connections off the node's totals (the start-up purge)."""
+    keys = [totals_key(layer), process_key(layer, client_prefix)]
+    return int(await layer.connection(0).eval(FORGET_LUA, 2, *keys))
+
+
+class ConnectionCounter:
+    """This process's side of the count."""
+
+    def __init__(self) -> None:
+        self._local: Counter[int] = Counter()
+
+    async def acquire(self, layer: Any, user_id: int) -> bool:
+        """Count one more connection of user_id; False (nothing counted) at the limit."""
+        limit = ws_settings.MAX_CONNECTIONS_PER_USER
+        if not isinstance(layer, RedisChannelLayer):
+            if self._local[user_id] >= limit:
+                return False
+            self._local[user_id] += 1
+            return True
+        keys = [totals_key(layer), process_key(layer, layer.client_prefix)]
+        try:
+            counted = bool(await layer.connection(0).eval(ACQUIRE_LUA, 2, *keys, user_id, limit))
+        except (RedisError, OSError) as exc:
+            # The connection cannot be served without Redis anyway; do not count what may fail.
+            logger.warning("connection of user %s not counted, Redis unavailable: %s", user_id, exc)
+            return True
+        if counted:
+            self._local[user_id] += 1
+        return counted
+
+    async def release(self, layer: Any, user_id: int) -> None:
+        """Take back one connection of user_id (it closed)."""
+        if self._local[user_id] <= 0:
+            return  # never counted (Redis was unavailable at its handshake)
+        self._local[user_id] -= 1
+        if not self._local[user_id]:
+            del self._local[user_id]
+        if not isinstance(layer, RedisChannelLayer):
+            return
+        keys = [totals_key(layer), process_key(layer, layer.client_prefix)]
+        try:
+            await layer.connection(0).eval(RELEASE_LUA, 2, *keys, user_id)
+        except (RedisError, OSError) as exc:
+            # Left counted until this process's next start-up purge by a peer, or Redis restarts.
+            logger.warning("closed connection of user %s not uncounted, Redis unavailable: %s", user_id, exc)
+
+
+counter = ConnectionCounter()

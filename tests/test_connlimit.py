@@ -1,0 +1,95 @@
+"""AWX_WS_MAX_CONNECTIONS_PER_USER: a user's websockets and SSE streams on a node, together, past
+the limit refused with 403; counted across the node's daphne processes; a killed process's count
+taken back by the next start-up purge."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.client import WsClient, open_ws, refused_status
+from tests.factories import adb, create_token, create_user
+from tests.sse import open_sse
+
+pytestmark = pytest.mark.both_runners
+
+LIMIT = 3
+
+
+@pytest.fixture
+def limited(own_redis) -> dict[str, str]:
+    return {"REDIS_URL": own_redis.url, "AWX_WS_MAX_CONNECTIONS_PER_USER": str(LIMIT)}
+
+
+@pytest.fixture
+async def heavy() -> dict[str, str]:
+    """A user's token headers."""
+    key = await adb(create_token, await adb(create_user))
+    return {"Authorization": f"Token {key}"}
+
+
+async def sse_status(base_url: str, headers: dict[str, str]) -> int:
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(
+            f"{base_url}/api/v2/stream/", params={"groups": "jobs-status_changed"}, headers=headers
+        )
+        return response.status_code
+
+
+async def accepted_again(url: str, headers: dict[str, str], timeout: float = 10.0) -> WsClient:
+    """A websocket, once the node has taken back a closed one (bounded retries)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await open_ws(url, headers=headers)
+        except InvalidStatus:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def test_past_the_limit_websockets_and_streams_are_refused(daphne_factory, limited, heavy, token):
+    node = daphne_factory(limited)
+    sockets = [await open_ws(node.url, headers=heavy) for _ in range(LIMIT - 1)]
+    async with open_sse(node.http_url, "jobs-status_changed", headers=heavy) as stream:
+        await stream.wait_ready()  # websockets and streams count together
+        assert await refused_status(node.url, headers=heavy) == 403
+        assert await sse_status(node.http_url, heavy) == 403
+        assert node.wait_for_output("AWX_WS_MAX_CONNECTIONS_PER_USER (3)")
+        # Someone else is not held back.
+        other = await open_ws(node.url, headers={"Authorization": f"Token {token}"})
+        await other.close()
+    # The stream ended: its slot is free again.
+    sockets.append(await accepted_again(node.url, heavy))
+    assert await refused_status(node.url, headers=heavy) == 403
+    await sockets.pop().close()
+    sockets.append(await accepted_again(node.url, heavy))
+    for ws in sockets:
+        await ws.close()
+
+
+async def test_the_limit_is_per_node_across_its_daphne_processes(daphne_factory, limited, heavy):
+    first, second = daphne_factory(limited), daphne_factory(limited)
+    sockets = [await open_ws(first.url, headers=heavy) for _ in range(LIMIT - 1)]
+    sockets.append(await open_ws(second.url, headers=heavy))
+    assert await refused_status(first.url, headers=heavy) == 403
+    assert await refused_status(second.url, headers=heavy) == 403
+    for ws in sockets:
+        await ws.close()
+
+
+async def test_a_killed_process_gives_its_users_slots_back_at_the_next_start(daphne_factory, limited, heavy):
+    doomed = daphne_factory(limited)
+    for _ in range(LIMIT):
+        await open_ws(doomed.url, headers=heavy)  # left open: the process dies under them
+    doomed.kill()  # -9: it takes back nothing itself
+    successor = daphne_factory(limited)  # its start-up purge finds the dead process's counts
+    assert successor.wait_for_output("start-up purge: removed")
+    fresh = [await open_ws(successor.url, headers=heavy) for _ in range(LIMIT)]
+    assert await refused_status(successor.url, headers=heavy) == 403
+    for ws in fresh:
+        await ws.close()
