@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -282,8 +283,9 @@ class Nginx(Process):
         daphne_port: int | list[int],
         api_port: int,
         tls: tuple[Path, Path] | None = None,
+        limits: Any = None,
     ):
-        from awx_ws.main.management.commands.nginx_conf import render
+        from awx_ws.main.management.commands.nginx_conf import AddressLimits, render
 
         self.port = free_port()
         self.http_url = f"http://127.0.0.1:{self.port}"
@@ -293,7 +295,8 @@ class Nginx(Process):
         daphnes = [f"127.0.0.1:{port}" for port in ports]
         tls_listen = (f"127.0.0.1:{self.tls_port}", *tls) if tls else None
         self.prefix_dir = prefix
-        conf = render(prefix, f"127.0.0.1:{self.port}", daphnes, f"127.0.0.1:{api_port}", tls_listen)
+        api = f"127.0.0.1:{api_port}"
+        conf = render(prefix, f"127.0.0.1:{self.port}", daphnes, api, tls_listen, limits or AddressLimits())
         argv = [
             find_program("nginx"),
             "-p",

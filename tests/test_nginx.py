@@ -104,3 +104,43 @@ async def test_peer_relays_reach_the_broadcast_endpoint_through_nginx(nginx, nod
     with pytest.raises(InvalidStatus) as refused:
         await connect(url, additional_headers=peerauth.sign("wrong", node.self_address).headers("tests"))
     assert refused.value.response.status_code == 403
+
+
+async def test_nginx_limits_what_one_address_may_open(node, api, token, state_dir):
+    """Per client address (this machine's too, for the test): open sockets, and handshakes per
+    second; past either nginx answers 429 and daphne never sees the request."""
+    from awx_ws.main.management.commands.nginx_conf import AddressLimits
+    from tests.client import refused_status
+    from tests.servers import Nginx
+
+    headers = {"Authorization": f"Token {token}"}
+    held = Nginx(
+        state_dir / f"nginx-held-{secrets.token_hex(3)}",
+        node.port,
+        api.port,
+        limits=AddressLimits(connections=3, handshake_rate="1000r/s", handshake_burst=1000, unlimited=()),
+    ).start()
+    rated = Nginx(
+        state_dir / f"nginx-rated-{secrets.token_hex(3)}",
+        node.port,
+        api.port,
+        limits=AddressLimits(connections=1000, handshake_rate="1r/m", handshake_burst=2, unlimited=()),
+    ).start()
+    try:
+        sockets = [await open_ws(held.http_url.replace("http", "ws"), headers=headers) for _ in range(3)]
+        assert await refused_status(held.http_url.replace("http", "ws"), headers=headers) == 429
+        for ws in sockets:
+            await ws.close()
+
+        statuses = []
+        for _ in range(6):  # one a minute with a burst of 2: 3 through, whatever the machine's speed
+            try:
+                client = await open_ws(rated.http_url.replace("http", "ws"), headers=headers)
+                statuses.append(101)
+                await client.close()
+            except InvalidStatus as exc:
+                statuses.append(exc.response.status_code)
+        assert statuses == [101] * 3 + [429] * 3
+    finally:
+        held.stop()
+        rated.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -30,12 +31,29 @@ def tls_lines(listen: str, certificate: Path, key: Path) -> str:
     )
 
 
+@dataclass(frozen=True)
+class AddressLimits:
+    """What one client address may open: websockets and streams at once, and new ones per second
+    (with a burst); addresses in `unlimited` (this machine's own clients) are not limited."""
+
+    connections: int = 1024
+    handshake_rate: str = "50r/s"  # nginx's limit_req rate: r/s or r/m
+    handshake_burst: int = 100
+    unlimited: tuple[str, ...] = ("127.0.0.1", "::1")
+
+    def unlimited_lines(self) -> str:
+        """The map entries giving the unlimited addresses an empty key (nginx counts none)."""
+        lines = [f'"{address}" "";' for address in self.unlimited]
+        return "\n        ".join(lines) or "# every address is limited"
+
+
 def render(
     prefix: Path,
     listen: str,
     daphne: str | list[str],
     api: str,
     tls: tuple[str, Path, Path] | None = None,
+    limits: AddressLimits = AddressLimits(),
 ) -> Path:
     """Write prefix/nginx.conf from the template (creating prefix) and return its path.
 
@@ -52,6 +70,10 @@ def render(
         daphne_servers=servers,
         api=api,
         tls=tls_lines(*tls) if tls else "# no TLS listener (nginx_conf --tls-listen)",
+        unlimited_addresses=limits.unlimited_lines(),
+        connections_per_address=str(limits.connections),
+        handshake_rate=limits.handshake_rate,
+        handshake_burst=str(limits.handshake_burst),
     )
     target = prefix / "nginx.conf"
     target.write_text(text)
@@ -71,6 +93,20 @@ class Command(BaseCommand):
         parser.add_argument("--tls-listen", help="also serve HTTPS/WSS here (needs --cert and --key)")
         parser.add_argument("--cert", help="PEM certificate (chain) for --tls-listen")
         parser.add_argument("--key", help="PEM private key for --tls-listen")
+        defaults = AddressLimits()
+        parser.add_argument(
+            "--connections-per-address", type=int, default=defaults.connections,
+            help="websockets and streams one client address may hold at once (then 429)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--handshake-rate", default=defaults.handshake_rate,
+            help="new websockets and streams per client address, as nginx's rate: 50r/s, 600r/m (then 429)",
+        )  # fmt: skip
+        parser.add_argument("--handshake-burst", type=int, default=defaults.handshake_burst)
+        parser.add_argument(
+            "--unlimited", default=",".join(defaults.unlimited),
+            help="client addresses not limited, separated by commas (this machine's by default)",
+        )  # fmt: skip
 
     def handle(self, *args: Any, **options: Any) -> None:
         daphnes = options["daphne"].split(",")
@@ -83,5 +119,13 @@ class Command(BaseCommand):
                 if not path.is_file():
                     raise CommandError(f"TLS file {path} does not exist")
             tls = (options["tls_listen"], certificate, key)
-        path = render(Path(options["prefix"]).resolve(), options["listen"], daphnes, options["api"], tls)
+        limits = AddressLimits(
+            options["connections_per_address"],
+            options["handshake_rate"],
+            options["handshake_burst"],
+            tuple(address for address in options["unlimited"].split(",") if address),
+        )
+        path = render(
+            Path(options["prefix"]).resolve(), options["listen"], daphnes, options["api"], tls, limits
+        )
         self.stdout.write(str(path))
