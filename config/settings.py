@@ -87,6 +87,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # 413 for bodies over AWX_WS_MAX_REQUEST_BYTES: DRF's parsers bypass Django's own limit.
+    "awx_ws.main.request_limits.RequestSizeLimitMiddleware",
     # Session and CSRF cookies Secure when set over HTTPS (nginx's TLS port), not over its plain one.
     "awx_ws.main.secure_cookies.SecureCookiesOverHttpsMiddleware",
     # Serves /static/ (the live page's JavaScript) from the apps' static folders, no collectstatic.

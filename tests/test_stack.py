@@ -118,6 +118,11 @@ def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
 
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=ports["REDIS"], socket_timeout=5).ping()
+        # Its memory is bounded, and a full Redis refuses writes rather than evicting groups.
+        owner = redis.Redis(port=ports["REDIS"], password=(var / "redis_password").read_text().strip())
+        assert owner.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert int(owner.config_get("maxmemory")["maxmemory"]) == 512 * 1024 * 1024
+        owner.close()
 
         client = subprocess.Popen(
             [

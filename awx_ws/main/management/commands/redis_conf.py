@@ -1,4 +1,5 @@
-"""`manage.py redis_conf`: the config file of `make run`'s redis-server, with a password.
+"""`manage.py redis_conf`: the config file of `make run`'s redis-server: a password, and a
+memory limit that never evicts (maxmemory-policy noeviction).
 
 Without one, any local user could read job output from the stack's Redis or write into its
 groups. The password is generated once, kept in var/redis_password (owner-only), and read by
@@ -28,11 +29,12 @@ def write_private(path: Path, text: str) -> None:
 
 
 class Command(BaseCommand):
-    help = "Write redis.conf for make run's redis-server (a generated password, owner-only)."
+    help = "Write redis.conf for make run's redis-server (a generated password, a memory limit; owner-only)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         """--dir: where redis.conf goes (var/redis)."""
         parser.add_argument("--dir", type=Path, default=settings.VAR_DIR / "redis")
+        parser.add_argument("--maxmemory", default="512mb", help="Redis's memory limit (maxmemory)")
 
     def handle(self, *args: Any, **options: Any) -> None:
         """Generate the password once; write the config file that requires it."""
@@ -40,5 +42,8 @@ class Command(BaseCommand):
         if not password_file.exists():
             write_private(password_file, secrets.token_hex(32))
         password = password_file.read_text().strip()
-        write_private(options["dir"] / "redis.conf", f"requirepass {password}\n")
+        # Bounded memory, and never evicting: a full Redis refuses new writes (emits answer 503)
+        # but drops no group membership, queue or history that is already there.
+        conf = f"requirepass {password}\nmaxmemory {options['maxmemory']}\nmaxmemory-policy noeviction\n"
+        write_private(options["dir"] / "redis.conf", conf)
         self.stdout.write(str(options["dir"] / "redis.conf"))
