@@ -203,12 +203,13 @@ async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosi
         take(group, origin, replay)
     peers = configured_peers()
     results = await asyncio.gather(*(fetch_from_peer(peer, recover) for peer in peers))
-    for result in results:
+    for peer, result in zip(peers, results, strict=True):
         for group in recover:
             if isinstance(result, str):
-                take(group, None, Replay(reset="a peer node's history is unavailable"))
+                # The peer as configured, not the error's text (fetch_from_peer logged that).
+                take(group, None, Replay(reset=f"peer {peer} unreachable"))
             else:
-                origin, replay = result.get(group, (None, Replay(reset="a peer node did not answer")))
+                origin, replay = result.get(group, (None, Replay(reset=f"peer {peer} did not answer")))
                 take(group, origin, replay)
     for group, position in recover.items():
         # An origin the client saw that no node answers for: its Redis was replaced, or its node
