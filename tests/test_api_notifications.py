@@ -73,6 +73,32 @@ async def test_events_arrive_in_counter_order_with_awxs_fields(client, user):
         assert message["created"][:19] == stored[message["counter"]]["created"][:19]
 
 
+async def test_long_stdout_is_cut_for_the_websocket_as_awx_cuts_it_and_kept_whole_in_the_api(client, user):
+    job = await adb(create_job, await adb(create_org, user))
+    await client.subscribe({"job_events": [job.pk]})
+    long = "\x1b[0;32m" + " ".join(["ok: [web]"] * 500)  # 5,006 characters, green left open
+    events = [
+        {"counter": 1, "event": "playbook_on_start", "stdout": long},  # playbook_on_*: whole
+        {"counter": 2, "event": "runner_on_ok", "stdout": long},
+    ]
+    await api(user, "post", f"/api/v2/jobs/{job.pk}/job_events/", events)
+    whole, cut = await receive(client, 2)
+    assert whole["stdout"] == long
+    assert cut["stdout"] == long[:1023] + "\u2026" + "\x1b[0m"  # AWX's ellipsis, and the colour reset
+    stored = await api(user, "get", f"/api/v2/jobs/{job.pk}/job_events/")
+    assert [e["stdout"] for e in stored["results"]] == [long, long]
+
+
+def test_truncation_closes_every_colour_left_open_and_leaves_short_output_alone():
+    from awx_ws.main.notifications import truncate_stdout
+
+    assert truncate_stdout("short", 1024) == "short"
+    assert truncate_stdout("abcdef", 4) == "abc\u2026"
+    assert truncate_stdout("\x1b[1m\x1b[31mred bold", 12) == "\x1b[1m\x1b[31mre\u2026\x1b[0m\x1b[0m"
+    assert truncate_stdout("\x1b[31mred\x1b[0m plain text", 16) == "\x1b[31mred\x1b[0m pl\u2026"
+    assert truncate_stdout("anything", 0) == "anything"  # 0: no limit
+
+
 async def test_other_kinds_emit_to_their_own_event_group(client, user):
     command = await adb(create_job, await adb(create_org, user), kind="ad_hoc_command")
     await client.subscribe({"ad_hoc_command_events": [command.pk]})

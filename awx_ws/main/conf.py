@@ -192,6 +192,10 @@ SETTINGS: dict[str, Setting] = {
         "AWX_WS_LOGIN_FAILURE_RATE", "10/min", _text, _rate,
         "Failed password logins allowed per client address and per username (then 429).",
     ),
+    "EVENT_STDOUT_MAX_BYTES_DISPLAY": _s(
+        "AWX_WS_EVENT_STDOUT_MAX_BYTES_DISPLAY", 1024, _integer, _int_at_least(0),
+        "Characters of a job event's stdout in its websocket message (AWX's setting; 0: all).",
+    ),
     "MAX_REQUEST_BYTES": _s(
         "AWX_WS_MAX_REQUEST_BYTES", 4 * 1024 * 1024, _integer, _int_at_least(1024),
         "Largest request body the API reads (413 past it); nginx's client_max_body_size matches.",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from django.db import transaction
 
+from awx_ws.main.conf import ws_settings
 from awx_ws.main.emit import emit_channel_notification
 from awx_ws.main.exceptions import EmitError
 from awx_ws.main.models import Job, JobEvent
@@ -42,8 +44,32 @@ def event_group(job: Job) -> str:
     return f"{EVENT_GROUP_KIND[job.kind]}-{job.pk}"
 
 
+# An ANSI SGR sequence (colour, bold, reset), as Ansible's coloured output carries them.
+_ANSI_SGR = re.compile(r"\x1b\[[0-9;]*m")
+_ANSI_RESET = "\x1b[0m"
+
+
+def truncate_stdout(stdout: str, size: int) -> str:
+    """stdout cut to size characters as AWX cuts it for the websocket: the last one replaced by an
+    ellipsis, and a reset for every colour left open, so the line after it is not coloured."""
+    if size <= 0 or len(stdout) <= size:
+        return stdout
+    cut = stdout[: size - 1] + "\u2026"
+    codes = _ANSI_SGR.findall(cut)
+    still_open = sum(1 for code in codes if code != _ANSI_RESET) - codes.count(_ANSI_RESET)
+    return cut + _ANSI_RESET * max(still_open, 0)
+
+
 def event_payload(job: Job, event: JobEvent) -> dict[str, Any]:
-    """AWX's job event message: the event's fields, its job id under the kind's name, group_name."""
+    """AWX's job event message: the event's fields, its job id under the kind's name, group_name.
+
+    Its stdout is cut to AWX_WS_EVENT_STDOUT_MAX_BYTES_DISPLAY characters (AWX's
+    EVENT_STDOUT_MAX_BYTES_DISPLAY, 1024), except for playbook_on_* events, as AWX does: the
+    REST API keeps the whole of it, the websocket and its history carry a bounded message.
+    """
+    stdout = event.stdout
+    if not event.event.startswith("playbook_on"):
+        stdout = truncate_stdout(stdout, ws_settings.EVENT_STDOUT_MAX_BYTES_DISPLAY)
     return {
         "id": event.pk,
         job.kind: job.pk,
@@ -51,7 +77,7 @@ def event_payload(job: Job, event: JobEvent) -> dict[str, Any]:
         "counter": event.counter,
         "event": event.event,
         "event_data": event.event_data,
-        "stdout": event.stdout,
+        "stdout": stdout,
         "start_line": event.start_line,
         "end_line": event.end_line,
         "uuid": event.uuid,
