@@ -198,3 +198,43 @@ async def test_a_redis_error_during_a_resume_is_reset_in_our_words_not_redis(cap
     await dead.close_pools()
     assert replays[group].reset == "history unavailable on this node"
     assert f"history of {group} unreadable for a resume" in caplog.text  # the details, for operators
+
+
+async def test_history_keeps_at_most_its_bytes_per_group_newest_first(
+    daphne_factory, own_redis, auth_headers
+):
+    """AWX_WS_HISTORY_MAX_BYTES: big messages push the oldest out of a group's history, counted in
+    bytes; a resume within what is kept replays it exactly, one from before says reset."""
+    from tests.client import emit_to, redis_at
+
+    server = daphne_factory(
+        {"REDIS_URL": own_redis.url, "AWX_WS_HISTORY_MAX_BYTES": "3000"}
+    )  # reads trim too
+    item = topic("bytes")
+    group = f"schedules-{item}"
+    client = await open_ws(server.url, headers=auth_headers)
+    await subscribe(client, item, ids=True)
+    payloads = [{"n": n, "stdout": "x" * 1000} for n in range(10)]
+    # The emitter keeps the history (its settings decide): this process, like an API worker.
+    with override_settings(AWX_WS={**settings.AWX_WS, "HISTORY_MAX_BYTES": 3000}):
+        for payload in payloads:
+            await emit_to(own_redis.url, group, payload)
+    ids = [(await client.recv_json())["id"] for _ in payloads]
+    await client.close()
+
+    size = len(json.dumps(payloads[0]))  # the text of one entry, as emit serialises it
+    kept = 3000 // size
+    redis = redis_at(own_redis.url)
+    assert await redis.xlen(f"asgi:history:{group}") == kept
+    assert int(await redis.get(f"asgi:history:{group}:bytes")) == kept * size
+
+    client = await open_ws(server.url, headers=auth_headers)
+    await subscribe(client, item, recover={group: ids[-kept - 1]})
+    replayed, summary = await recovery(client, kept)
+    assert replayed == payloads[-kept:] and summary["reset"] == {}
+    await client.close()
+    client = await open_ws(server.url, headers=auth_headers)
+    await subscribe(client, item, recover={group: ids[-kept - 2]})
+    summary = await client.recv_json()
+    assert summary["recovered"] == {} and summary["reset"] == {group: "trimmed past the position"}
+    await client.close()

@@ -262,6 +262,11 @@ SETTINGS: dict[str, Setting] = {
         "AWX_WS_HISTORY_AGE", 3600.0, _number, _seconds(),
         "Seconds of history kept per group.",
     ),
+    "HISTORY_MAX_BYTES": _s(
+        "AWX_WS_HISTORY_MAX_BYTES", 1024 * 1024, _integer, _int_at_least(0),
+        "Bytes of message text one group's history keeps at most (oldest go first; the newest "
+        "always stays); 0: no byte bound.",
+    ),
     "HISTORY_KINDS": _s(
         "AWX_WS_HISTORY_KINDS", {"control": None}, _json, _history_kinds,
         'Per group kind: {"kind": {"length": n, "age": s}} or {"kind": null} for no history (JSON).',

@@ -42,6 +42,8 @@ class HistoryPolicy:
 
     length: int
     age: float
+    # Bytes of payload text kept per group at most (HISTORY_MAX_BYTES); the newest entry always.
+    max_bytes: int = 0
 
 
 def history_policy(group: str) -> HistoryPolicy | None:
@@ -55,7 +57,7 @@ def history_policy(group: str) -> HistoryPolicy | None:
         return None
     length = chosen.get("length", ws_settings.HISTORY_LENGTH)
     age = chosen.get("age", ws_settings.HISTORY_AGE)
-    return HistoryPolicy(int(length), float(age))
+    return HistoryPolicy(int(length), float(age), int(ws_settings.HISTORY_MAX_BYTES))
 
 
 def stream_key(layer: RedisChannelLayer, group: str) -> str:
@@ -174,24 +176,53 @@ local function id_before(a, b)
     a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
     return a_ms < b_ms or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
 end
-local function trim(key, maxlen, min_ms, last_id)
+-- Bytes of payload text an entry holds (its field values).
+local function size_of(entry)
+    local n = 0
+    for i = 2, #entry[2], 2 do n = n + #entry[2][i] end
+    return n
+end
+local function sum_sizes(entries)
+    local n = 0
+    for _, entry in ipairs(entries) do n = n + size_of(entry) end
+    return n
+end
+-- Trim a group's stream to maxlen entries, none older than min_ms, and at most max_bytes of text
+-- (the newest entry always stays); `<key>:bytes` counts the text held, and expires with the key.
+local function trim(key, maxlen, min_ms, last_id, max_bytes)
     local removed = nil
+    local freed = 0
     local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
     if first and tonumber(string.match(first[1], '^(%d+)')) < min_ms then
+        local bound = string.format('%d-18446744073709551615', min_ms - 1)
+        freed = freed + sum_sizes(redis.call('XRANGE', key, '-', bound))
         redis.call('XTRIM', key, 'MINID', min_ms)
         -- Everything before min_ms is gone: that bound is exact enough for positions.
-        removed = string.format('%d-18446744073709551615', min_ms - 1)
+        removed = bound
         first = nil
     end
     local excess = redis.call('XLEN', key) - maxlen
     if excess > 0 then
-        if excess == 1 and first then
-            removed = first[1]
-        else
-            local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', excess)
-            removed = gone[#gone][1]
-        end
+        local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', excess)
+        freed = freed + sum_sizes(gone)
+        removed = gone[#gone][1]
         redis.call('XTRIM', key, 'MAXLEN', maxlen)
+    end
+    local bytes_key = key .. ':bytes'
+    local bytes = tonumber(redis.call('GET', bytes_key) or '0') - freed
+    while max_bytes > 0 and bytes > max_bytes do
+        local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 2)
+        if #oldest < 2 then break end
+        redis.call('XDEL', key, oldest[1][1])
+        bytes = bytes - size_of(oldest[1])
+        removed = oldest[1][1]
+    end
+    if bytes < 0 or redis.call('EXISTS', key) == 0 then bytes = 0 end
+    local ttl = redis.call('PTTL', key)
+    if ttl > 0 then
+        redis.call('SET', bytes_key, bytes, 'PX', ttl)
+    else
+        redis.call('DEL', bytes_key)
     end
     if removed then
         if id_before(last_id, removed) then removed = last_id end
@@ -225,7 +256,7 @@ local function field(name)
         if info[i] == name then return info[i + 1] end
     end
 end
-trim(KEYS[1], tonumber(ARGV[5]), math.max(now_ms - age_ms, 0), field('last-generated-id'))
+trim(KEYS[1], tonumber(ARGV[5]), math.max(now_ms - age_ms, 0), field('last-generated-id'), tonumber(ARGV[6]))
 local deleted = field('max-deleted-entry-id')
 local d_ms, d_seq = string.match(deleted, '(%d+)-(%d+)')
 if deleted ~= '0-0' then
@@ -274,6 +305,7 @@ async def read_local(
         after_seq,
         policy.age,
         policy.length,
+        policy.max_bytes,
     )
     status = reply[0].decode()
     if status == "origin":  # the tag changed under us (Redis flushed): the old ids are gone

@@ -74,9 +74,13 @@ if #KEYS == 3 then
     local message = cmsgpack.unpack(string.sub(blob, plen + 1))
     local t = redis.call('TIME')
     local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local fresh = redis.call('EXISTS', KEYS[2]) == 0
     local stream_id = redis.call('XADD', KEYS[2], '*', 't', message['text'])
-    trim(KEYS[2], tonumber(ARGV[7]), math.max(now_ms - tonumber(ARGV[8]) * 1000, 0), stream_id)
     redis.call('EXPIRE', KEYS[2], ARGV[9])
+    if fresh then redis.call('DEL', KEYS[2] .. ':bytes') end
+    redis.call('INCRBY', KEYS[2] .. ':bytes', #message['text'])
+    local min_ms = math.max(now_ms - tonumber(ARGV[8]) * 1000, 0)
+    trim(KEYS[2], tonumber(ARGV[7]), min_ms, stream_id, tonumber(ARGV[11]))
     message_id = origin .. ':' .. stream_id
     message['id'] = message_id
     blob = string.sub(blob, 1, plen) .. cmsgpack.pack(message)
@@ -212,7 +216,7 @@ class RedisChannelLayer(core.RedisChannelLayer):
                 )
             keys += [stream_key(self, group), origin_key(self)]
             ttl = max(1, math.ceil(policy.age))
-            args += [policy.length, policy.age, ttl, self._serializer.random_prefix_length]
+            args += [policy.length, policy.age, ttl, self._serializer.random_prefix_length, policy.max_bytes]
         return keys, args
 
     def _after_fanout(self, group: str, message: dict[str, Any], reply: Any) -> list[bytes]:
