@@ -253,7 +253,9 @@ def emitter(kind: str, redis_url: str):
     return send
 
 
-async def emit_paced(send, plan: list[str], rate: float, pad: str = "") -> float:
+async def emit_paced(
+    send, plan: list[str], rate: float, pad: str = "", extra: dict[str, Any] | None = None
+) -> float:
     """Emit one message per group in plan at `rate` per second; returns the start time."""
     start = time.time()
     for index, group in enumerate(plan):
@@ -261,7 +263,7 @@ async def emit_paced(send, plan: list[str], rate: float, pad: str = "") -> float
         delay = due - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        payload: dict[str, Any] = {"t": time.time(), "seq": index}
+        payload: dict[str, Any] = {"t": time.time(), "seq": index, **(extra or {})}
         if pad:
             payload["pad"] = pad
         await send(group, payload)
@@ -344,6 +346,7 @@ def deliveries(
     label: str,
     daphnes: int = 1,
     front: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Connect clients, emit plan at rate, measure what arrives and the server's CPU."""
     server = Server(kind, redis, daphnes, front)
@@ -358,7 +361,7 @@ def deliveries(
         cpu0, parts0, layer_cpu0 = server.cpu(), server.cpu_parts(), cpu_seconds(broker)
         client_cpu0 = sum(psutil.Process(load.proc.pid).cpu_times()[:2])
         started = time.time()
-        asyncio.run(emit_paced(emitter(kind, redis.url), plan, rate))
+        asyncio.run(emit_paced(emitter(kind, redis.url), plan, rate, extra=extra))
         result = load.result(label, expected)
         wall = time.time() - started
         cpu = server.cpu() - cpu0
@@ -565,6 +568,17 @@ def main() -> None:
                         label,
                     )
                 )
+
+        # Job statuses go only to subscribers who may see the job (audience.py): the same fan-out
+        # with that check, beside the unfiltered one above.
+        label = "job status 1 group x 1000 (filtered)"
+        for kind in ("ours", "ours-daphne"):
+            log(f"{label}: {kind}")
+            plan = ["jobs-status_changed"] * (int(50 * scale) or 5)
+            status = {"group_name": "jobs", "unified_job_id": jobs[0], "status": "running"}
+            rows.append(
+                deliveries(kind, redis, token, 1000, ["jobs-status_changed"], plan, 20.0, label, extra=status)
+            )
 
         count = int(1000 * scale) or 100
         groups = [f"job_events-{job}" for job in jobs[:count]]

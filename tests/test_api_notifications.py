@@ -38,8 +38,16 @@ async def receive(client: WsClient, count: int) -> list[dict[str, Any]]:
     return [await client.recv_json(timeout=10) for _ in range(count)]
 
 
-async def test_status_changes_carry_awxs_fields_and_end_with_a_summary(client, user):
+async def member_client(node: Any, user: Any) -> tuple[Any, WsClient]:
+    """A job of the user's organization, and the user's websocket opened once they are a member
+    (statuses reach members only; one who joins later gets them within seconds, test_audience.py)."""
     job = await adb(create_job, await adb(create_org, user))
+    client = await open_ws(node.url, headers={"Authorization": f"Token {await adb(create_token, user)}"})
+    return job, client
+
+
+async def test_status_changes_carry_awxs_fields_and_end_with_a_summary(node, user):
+    job, client = await member_client(node, user)
     await client.subscribe({"jobs": ["status_changed", "summary"]})
     statuses = ["pending", "waiting", "running", "successful"]
     for status in statuses:
@@ -109,8 +117,8 @@ async def test_other_kinds_emit_to_their_own_event_group(client, user):
     assert "job" not in message
 
 
-async def test_summary_reports_the_last_counter(client, user):
-    job = await adb(create_job, await adb(create_org, user))
+async def test_summary_reports_the_last_counter(node, user):
+    job, client = await member_client(node, user)
     await client.subscribe({"jobs": ["summary"]})
     await api(
         user, "post", f"/api/v2/jobs/{job.pk}/job_events/", [{"counter": c, "event": "e"} for c in (1, 2, 7)]

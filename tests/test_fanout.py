@@ -24,6 +24,7 @@ class Subscriber:
 
     frame_protocol: Any = None
     transport: str = "websocket"
+    viewer: Any = None
     received: list[tuple[str, str]] = field(default_factory=list)
 
     async def deliver(self, group: str, text: str, message_id: str | None) -> None:

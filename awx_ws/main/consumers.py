@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main import metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
+from awx_ws.main.audience import Viewer, viewer_of
 from awx_ws.main.auth import session_expiry, still_authenticated
 from awx_ws.main.backlog import SLOW_CLIENT_CLOSE_CODE, SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
@@ -66,6 +67,8 @@ class EventConsumer(AsyncWebsocketConsumer):
         # Subscribes and access rechecks (revocation.py) change the groups one at a time.
         self._changing = asyncio.Lock()
         self.session_expiry = await session_expiry(self.scope)
+        # Job status messages reach it only for jobs its user may see (audience.py).
+        self.viewer: Viewer | None = await viewer_of(self.scope["user"])
         await self.accept()
         self._counted = True
         process_stats.websockets += 1
@@ -88,6 +91,9 @@ class EventConsumer(AsyncWebsocketConsumer):
             return
         self.scope["user"] = user
         self.session_expiry = await session_expiry(self.scope)
+        self.viewer = await viewer_of(user)
+        if self.stream is not None:
+            self.stream.viewer = self.viewer
         async with self._changing:
             lost = await revocation.async_lost_groups(user, self.subscribed)
             if not lost:
@@ -220,7 +226,7 @@ class EventConsumer(AsyncWebsocketConsumer):
 
     async def _use_stream(self, kept: set[str]) -> None:
         """Switch to per-message delivery with ids; the groups kept go on without a gap."""
-        stream = Stream(get_channel_layer(), self._send_message)
+        stream = Stream(get_channel_layer(), self._send_message, viewer=self.viewer)
         try:
             # Join through the stream before leaving as ourselves: a message in between comes once.
             await stream.join(kept)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from channels.exceptions import StopConsumer
 
 from awx_ws.main import metrics
+from awx_ws.main.audience import JobOrganizations, Viewer, allowed
 from awx_ws.main.interest import INTEREST_REQUEST_TYPE, InterestAnnouncer, changes_channel, interest_key
 from awx_ws.main.messages import CLIENT_MESSAGE_TYPE
 from awx_ws.main.retry import FailureLog, spawn
@@ -105,6 +106,8 @@ class Subscriber(Protocol):
     frame_protocol: Any
     # "websocket" or "sse", for the metrics.
     transport: str
+    # What its user may see of jobs (audience.py); None: every job (no user behind it).
+    viewer: Viewer | None
 
     async def deliver(self, group: str, text: str, message_id: str | None) -> None:
         """Send one message of group (payload JSON text; its history id, if it has one)."""
@@ -143,6 +146,7 @@ class Fanout:
         self._delivery_errors = FailureLog("fan-out delivery", 60.0, logger)
         self._skipped = FailureLog("fan-out input", 60.0, logger)
         self._resync_listeners: list[Callable[[], None]] = []
+        self.job_organizations = JobOrganizations()
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -380,6 +384,9 @@ class Fanout:
             return
         members = self.groups.get(group)
         if members:
+            filtered, organization = await allowed(group, text, self.job_organizations)
+            if filtered:  # a job's status: only to those who may see the job (audience.py)
+                members = {m for m in members if m.viewer is None or m.viewer.may_see(organization)}
             message_id = message.get("id")
             await self._deliver(members, group, text, message_id if isinstance(message_id, str) else None)
 

@@ -3,7 +3,8 @@
 Where a change happens (any process using the ORM: the API, the admin, `manage.py shell`), a
 signal writes an `AccessChange` row in the change's own transaction: a token deleted, a session
 ended, a user saved or deleted (deactivated, password or superuser status changed), an
-organization membership removed, an organization deleted. Every daphne process polls the table
+organization membership removed or added (which jobs' statuses it may see, audience.py), an
+organization deleted. Every daphne process polls the table
 every AWX_WS_REVOCATION_POLL seconds (one indexed query) and asks the open connections of the
 users named to check again: a connection whose credential is gone is closed (websocket close code
 4003, an SSE stream ends); one that may no longer read some of its groups leaves them and is told
@@ -95,6 +96,9 @@ def _members_changed(
         record(users, "organization membership removed")
     elif action == "post_remove":
         record([instance.pk] if reverse else pk_set, "organization membership removed")
+    elif action == "post_add":
+        # Nothing is taken away, but the member may now see that organization's job statuses.
+        record([instance.pk] if reverse else pk_set, "organization membership added")
 
 
 def _organization_deleted(sender: Any, instance: Organization, **kwargs: Any) -> None:

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main import connlimit, metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
+from awx_ws.main.audience import viewer_of
 from awx_ws.main.auth import authenticate_scope, header, session_expiry, still_authenticated
 from awx_ws.main.backlog import SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
@@ -132,7 +133,7 @@ class EventStreamApp:
                 # daphne then reports the disconnect as usual.
                 slow_reader.transport.abortConnection()
 
-        stream = Stream(get_channel_layer(), send_event, transport="sse")
+        stream = Stream(get_channel_layer(), send_event, transport="sse", viewer=await viewer_of(user))
         access = StreamAccess(scope, stream, groups, send, await session_expiry(scope))
         process_stats.streams += 1
         metrics.CONNECTIONS.labels("sse").inc()
@@ -266,6 +267,7 @@ class StreamAccess:
             return
         self.scope["user"] = user
         self.session_expiry = await session_expiry(self.scope)
+        self.stream.viewer = await viewer_of(user)
         lost = await revocation.async_lost_groups(user, self.groups)
         if not lost:
             return

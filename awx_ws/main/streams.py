@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from websockets.exceptions import WebSocketException
 
 from awx_ws.main import peerauth
+from awx_ws.main.audience import Viewer, allowed
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import GroupPosition, Replay, open_position, parse_message_id, read_local
@@ -58,6 +59,9 @@ class Stream:
 
     # Subscriber protocol (fanout.py): every message comes through deliver().
     frame_protocol: Any = None
+    # What the client's user may see of jobs (audience.py): live messages are filtered by the
+    # fan-out, replayed ones here.
+    viewer: Viewer | None = None
 
     async def deliver(self, group: str, text: str, message_id: str | None) -> None:
         """A live message from the fan-out: hold it during a replay, drop it if already sent."""
@@ -121,9 +125,17 @@ class Stream:
             for message_id, text in replay.entries:
                 if position.is_new(message_id):
                     position = self.positions[group] = position.advanced(message_id)
+                    if not await self._may_see(group, text):
+                        continue  # another organization's job: passed over, as live
                     await self.send(group, text, message_id, position)
                     sent[group] += 1
         return sent
+
+    async def _may_see(self, group: str, text: str) -> bool:
+        if self.viewer is None:
+            return True
+        filtered, organization = await allowed(group, text, self.layer.fanout.job_organizations)
+        return not filtered or self.viewer.may_see(organization)
 
     async def release(self) -> None:
         """Send what was held back (what the replay did not already cover), then go live."""

@@ -1,0 +1,94 @@
+"""Job status messages reach only the subscribers who may see the job.
+
+AWX sends `jobs-status_changed` (and `jobs-summary`) to every subscriber of the group, so any
+user learns every job's id, status and kind. Here the fan-out reads the job id out of such a
+message once, finds the job's organization (cached per process: a job never changes it), and
+writes the same prepared frame only to the subscribers whose user may see that organization's
+jobs: superusers, and members. Whatever the producer (our emit, Channels' group_send, a peer's
+relay, a replay from history), the check is made where the message meets the client. A message
+naming a job that does not exist reaches superusers only; one naming no job at all (a producer's
+own payload) reaches every subscriber, as in AWX.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from channels.db import database_sync_to_async
+
+logger = logging.getLogger(__name__)
+
+# The groups whose messages name one job (`unified_job_id`).
+JOB_GROUPS = frozenset({"jobs-status_changed", "jobs-summary"})
+# Jobs whose organization a process remembers.
+CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """What one connection's user may see of jobs."""
+
+    superuser: bool
+    organizations: frozenset[int]
+
+    def may_see(self, organization: int | None) -> bool:
+        """True for a superuser, or a member of the job's organization."""
+        return self.superuser or (organization is not None and organization in self.organizations)
+
+
+def _viewer_of(user: Any) -> Viewer:
+    organizations = frozenset(user.awx_organizations.values_list("pk", flat=True))
+    return Viewer(bool(user.is_superuser), organizations)
+
+
+viewer_of = database_sync_to_async(_viewer_of)
+
+
+def job_id_in(text: str) -> int | None:
+    """The job a message names (`unified_job_id`), or None."""
+    try:
+        value = json.loads(text).get("unified_job_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _organization_of(job_id: int) -> int | None:
+    from awx_ws.main.models import Job
+
+    return Job.objects.filter(pk=job_id).values_list("organization_id", flat=True).first()
+
+
+class JobOrganizations:
+    """Job id -> organization id, remembered for the CACHE_SIZE most recent jobs."""
+
+    def __init__(self) -> None:
+        self._known: OrderedDict[int, int | None] = OrderedDict()
+
+    async def of(self, job_id: int | None) -> int | None:
+        """The job's organization (None: no such job)."""
+        if job_id is None:
+            return None
+        if job_id in self._known:
+            self._known.move_to_end(job_id)
+            return self._known[job_id]
+        organization = await database_sync_to_async(_organization_of)(job_id)
+        if organization is not None:  # a job not there yet may be created: ask again next time
+            self._known[job_id] = organization
+            if len(self._known) > CACHE_SIZE:
+                self._known.popitem(last=False)
+        return organization
+
+
+async def allowed(group: str, text: str, organizations: JobOrganizations) -> tuple[bool, int | None]:
+    """(whether this message is filtered by job, the job's organization if so)."""
+    if group not in JOB_GROUPS:
+        return False, None
+    job_id = job_id_in(text)
+    if job_id is None:
+        return False, None  # names no job: a producer's own message, sent as AWX sends it
+    return True, await organizations.of(job_id)
