@@ -91,7 +91,9 @@ class Server:
         self.processes: list[Process] = []
         logs = STATE / "logs"
         if kind in ("ours", "ours-daphne", "ours-rabbitmq"):
-            env = {"LOG_LEVEL": "WARNING", **(rabbitmq_env() if kind == "ours-rabbitmq" else {})}
+            # Every load client is the one bench user: its 1,000 sockets are past the per-user limit.
+            env = {"LOG_LEVEL": "WARNING", "AWX_WS_MAX_CONNECTIONS_PER_USER": "100000"}
+            env.update(rabbitmq_env() if kind == "ours-rabbitmq" else {})
             runner = "daphne" if kind == "ours-daphne" else "awx_ws.server"
             nodes = [DaphneNode(logs, env, runner=runner).start() for _ in range(daphnes)]
             self.processes += nodes

@@ -133,7 +133,11 @@ async def test_1000_clients_closing_at_random_moments_leave_no_membership_or_int
 ):
     # daphne cancels a consumer that is still busy this long after its client left: 0 s makes it
     # cancel mid-join and mid-leave, as it does under load with its default of 10 s.
-    server = daphne_factory({"REDIS_URL": own_redis.url}, options=("--application-close-timeout", "0"))
+    # One user's 1,000 sockets: past the per-user limit (100, test_connlimit.py), raised for this load.
+    limit = {"AWX_WS_MAX_CONNECTIONS_PER_USER": "2000"}
+    server = daphne_factory(
+        {"REDIS_URL": own_redis.url, **limit}, options=("--application-close-timeout", "0")
+    )
     headers = {"Authorization": f"Token {token}"}
     items = [f"rnd{n}x{time.monotonic_ns()}" for n in range(RANDOM_GROUPS)]
     redis = redis_at(own_redis.url)

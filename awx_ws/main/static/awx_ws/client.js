@@ -45,20 +45,34 @@ export class AwxWsClient {
     this.groups = {};
     this.handlers = new Map(); // group -> [{ onMessage, onReset }]
     this.positions = new Map(); // group -> position to recover from
+    // subscribe() promises waiting for the server's groups reply to their frame: subscribe frames
+    // sent and groups replies received on the current socket, in order.
+    this.waiters = [];
+    this.sent = 0;
+    this.acked = 0;
     this.attempt = 0;
     this.closed = false;
     this.state = "idle";
     this.connect();
   }
 
-  // Replace the subscription with these groups ({kind: [items]}).
+  // Replace the subscription with these groups ({kind: [items]}). The promise resolves with the
+  // server's groups reply: from then on the groups' messages arrive, so a page that reads what
+  // is already there over the API after it leaves no gap.
   subscribe(groups) {
     this.groups = groups;
     const wanted = new Set(groupNames(groups));
     for (const group of [...this.positions.keys()]) {
       if (!wanted.has(group)) this.positions.delete(group);
     }
-    if (this.state === "open") this.send({ groups, ids: true });
+    const waiter = { resolve: null, needs: null };
+    const acknowledged = new Promise((resolve) => (waiter.resolve = resolve));
+    this.waiters.push(waiter);
+    if (this.state === "open") {
+      this.send({ groups, ids: true });
+      waiter.needs = this.sent; // the reply to this very frame
+    } // else: the subscribe sent once the socket opens answers it (receive, accept)
+    return acknowledged;
   }
 
   // Call onMessage(data, {group, id}) for each message of group; onReset(reason) when missed
@@ -94,6 +108,7 @@ export class AwxWsClient {
 
   send(frame) {
     this.socket.send(JSON.stringify({ ...frame, xrftoken: cookie("csrftoken") }));
+    if ("groups" in frame) this.sent += 1;
   }
 
   setState(state) {
@@ -109,11 +124,17 @@ export class AwxWsClient {
       for (const group of groupNames(this.groups)) {
         if (this.positions.has(group)) recover[group] = this.positions.get(group);
       }
+      this.sent = this.acked = 0; // a new socket: replies to the old one's frames will not come
       this.send({ groups: this.groups, ids: true, ...(Object.keys(recover).length ? { recover } : {}) });
+      for (const waiter of this.waiters) waiter.needs = this.sent; // this frame holds every group
     } else if ("groups_current" in frame) {
       for (const [group, position] of Object.entries(frame.positions || {})) {
         if (!this.positions.has(group)) this.positions.set(group, position);
       }
+      this.acked += 1;
+      const answered = this.waiters.filter((w) => w.needs !== null && w.needs <= this.acked);
+      this.waiters = this.waiters.filter((w) => !answered.includes(w));
+      for (const waiter of answered) waiter.resolve(frame);
     } else if ("recovered" in frame) {
       for (const [group, position] of Object.entries(frame.positions || {})) {
         this.positions.set(group, position);

@@ -121,14 +121,15 @@ async function openJob(job) {
   jobTitle.textContent = `${job.name} (#${job.id})`;
   jobPane.hidden = false;
   window.location.hash = `job-${job.id}`;
-  // Subscribe first, then read what is already there: nothing falls in between.
+  // Subscribe first and wait until the server has it, then read what is already there: nothing
+  // falls in between (an event emitted before the subscription took effect is in the API's list).
   current.off = client.on(group, addLine, {
     onReset: () => {
       live.refetches += 1;
       fetchEvents(lastCounter()); // the history could not reach back: ask the API
     },
   });
-  client.subscribe({ jobs: ["status_changed"], [kind]: [job.id] });
+  await client.subscribe({ jobs: ["status_changed"], [kind]: [job.id] });
   await fetchEvents(0);
 }
 
