@@ -88,3 +88,36 @@ async def test_session_wsclient_with_csrftoken(nginx, user):
         } in reply
     finally:
         ws.close()
+
+
+# awxkit's websocket-client (0.57, AWX's pin) builds its TLS context with ssl.PROTOCOL_TLS, which
+# Python 3.10+ deprecates; the suite turns warnings into errors, which would kill its thread.
+@pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")
+async def test_token_wsclient_over_nginxs_tls_port(node, api, user, token, state_dir):
+    """awxkit over wss:// (it sends `Origin: http://host:port` there too, and AWX's token cookie):
+    the token cookie's Origin check compares host and port only, so it works unchanged."""
+    from tests.servers import Nginx
+    from tests.test_tls import write_pair
+
+    certificate, key = write_pair(state_dir / "tls", f"awxkit{time.monotonic_ns()}")
+    front = Nginx(
+        state_dir / f"nginx-awxkit-tls-{time.monotonic_ns()}", node.port, api.port, tls=(certificate, key)
+    )
+    front.start()
+    ws = None
+    try:
+        job = await adb(create_job, await adb(create_org, user))
+        ws = await asyncio.to_thread(
+            lambda: WSClient(token=token, hostname="127.0.0.1", port=front.tls_port, secure=True).connect()
+        )
+        hello = await asyncio.to_thread(collect, ws, has(lambda m: m.get("accept") is True))
+        assert {"accept": True, "user": user.pk} in hello
+        ws.job_details(job.pk)
+        await asyncio.to_thread(collect, ws, has(lambda m: "groups_current" in m))
+        status = {"group_name": "jobs", "unified_job_id": job.pk, "status": "running", "type": "job"}
+        await aemit_channel_notification("jobs-status_changed", status)
+        assert status in await asyncio.to_thread(collect, ws, has(lambda m: m == status))
+    finally:
+        if ws is not None:
+            ws.close()
+        front.stop()

@@ -157,3 +157,35 @@ async def test_the_bundled_client_with_a_token_keeps_it_out_of_urls_and_logs(bro
     log = (front.prefix_dir / "access.log").read_text()
     assert '"GET /websocket/ HTTP/1.1"' in log
     assert token not in log
+
+
+async def test_the_live_page_works_over_nginxs_tls_port(browser, daphne, api, job, user, state_dir):
+    """Logged in over HTTPS: the session cookie is Secure, the page's wss:// socket passes the
+    session's same-origin check (scheme https from nginx), and statuses arrive."""
+    from tests.test_tls import write_pair
+
+    certificate, key = write_pair(state_dir / "tls", f"live{time.monotonic_ns()}")
+    front = Nginx(
+        state_dir / f"nginx-live-tls-{time.monotonic_ns()}", daphne.port, api.port, tls=(certificate, key)
+    )
+    front.start()
+    try:
+        await adb(set_login_password, user, "a real password")
+        context = await browser.new_context(ignore_https_errors=True)
+        page = await context.new_page()
+        origin = f"https://127.0.0.1:{front.tls_port}"
+        await page.goto(f"{origin}/")
+        await page.fill("input[name=username]", user.get_username())
+        await page.fill("input[name=password]", "a real password")
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("#connection[data-state=open]")
+        session = {c["name"]: c for c in await context.cookies()}["awx_sessionid"]
+        assert session["secure"] is True
+        token = await adb(create_token, user)
+        await api_call(front, token, "PATCH", f"/api/v2/jobs/{job.pk}/", {"status": "pending"})
+        await page.wait_for_selector(
+            f'tr[data-job-id="{job.pk}"] .status[data-status=pending]', timeout=10000
+        )
+        await context.close()
+    finally:
+        front.stop()
