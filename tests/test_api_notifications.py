@@ -141,8 +141,8 @@ def change_status_then_fail(job: Job, user: Any) -> None:
         pass
 
 
-async def test_a_rolled_back_transaction_emits_nothing(client, user):
-    job = await adb(create_job, await adb(create_org, user))
+async def test_a_rolled_back_transaction_emits_nothing(node, user):
+    job, client = await member_client(node, user)
     await client.subscribe({"jobs": ["status_changed"]})
     await adb(change_status_then_fail, job, user)
     await client.assert_silent(0.5)

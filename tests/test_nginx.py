@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 from awx_ws.main import peerauth
 from awx_ws.main.emit import aemit_channel_notification
 from tests.client import open_peer_socket, open_ws
-from tests.factories import adb, session_cookie
+from tests.factories import adb, create_job, create_org, session_cookie
 from tests.servers import ROOT
 
 pytestmark = pytest.mark.both_runners
@@ -36,6 +36,7 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, byte
 
 @pytest.mark.parametrize("path", ["/websocket/", "/api/websocket/"])
 async def test_token_client_through_nginx_receives_what_manage_py_emit_sends(nginx, token, user, path):
+    job = await adb(create_job, await adb(create_org, user))  # statuses reach the job's members
     client = await open_ws(
         f"ws://127.0.0.1:{nginx.port}", path=path, headers={"Authorization": f"Token {token}"}
     )
@@ -44,7 +45,7 @@ async def test_token_client_through_nginx_receives_what_manage_py_emit_sends(ngi
     assert reply["groups_current"] == ["jobs-status_changed"]
     payload = {
         "group_name": "jobs",
-        "unified_job_id": 7,
+        "unified_job_id": job.pk,
         "status": "successful",
         "finished": "2026-11-23T10:00:00Z",
     }

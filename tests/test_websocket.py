@@ -292,12 +292,15 @@ async def test_more_than_100_groups_is_refused(client):
 # --- delivery -------------------------------------------------------------------------------
 
 
-async def test_emitted_payload_arrives_as_exactly_its_json_text(client):
+async def test_emitted_payload_arrives_as_exactly_its_json_text(node, user, token):
+    job = await adb(create_job, await adb(create_org, user))  # statuses reach the job's members
+    client = await open_ws(node.url, headers={"Authorization": f"Token {token}"})
     await client.subscribe({"jobs": ["status_changed"]})
-    payload = {"group_name": "jobs", "unified_job_id": 3, "status": "running", "type": "job"}
+    payload = {"group_name": "jobs", "unified_job_id": job.pk, "status": "running", "type": "job"}
     await aemit_channel_notification("jobs-status_changed", payload)
-    raw = await client.ws.recv()
+    raw = await asyncio.wait_for(client.ws.recv(), 10)
     assert raw == json.dumps(payload)
+    await client.close()
 
 
 async def test_only_subscribers_of_the_group_receive(node):

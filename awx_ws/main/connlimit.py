@@ -87,7 +87,11 @@ class ConnectionCounter:
             return True
         keys = [totals_key(layer), process_key(layer, layer.client_prefix)]
         try:
-            counted = bool(await layer.connection(0).eval(ACQUIRE_LUA, 2, *keys, user_id, limit))
+            # The fan-out's set-up lock: one client's Redis work at a time, as for streams. 500
+            # clients arriving (or leaving) together would otherwise take as many pooled Redis
+            # connections at once, and keep them.
+            async with layer.fanout.lock:
+                counted = bool(await layer.connection(0).eval(ACQUIRE_LUA, 2, *keys, user_id, limit))
         except (RedisError, OSError) as exc:
             # The connection cannot be served without Redis anyway; do not count what may fail.
             logger.warning("connection of user %s not counted, Redis unavailable: %s", user_id, exc)
@@ -107,7 +111,8 @@ class ConnectionCounter:
             return
         keys = [totals_key(layer), process_key(layer, layer.client_prefix)]
         try:
-            await layer.connection(0).eval(RELEASE_LUA, 2, *keys, user_id)
+            async with layer.fanout.lock:
+                await layer.connection(0).eval(RELEASE_LUA, 2, *keys, user_id)
         except (RedisError, OSError) as exc:
             # Left counted until this process's next start-up purge by a peer, or Redis restarts.
             logger.warning("closed connection of user %s not uncounted, Redis unavailable: %s", user_id, exc)
