@@ -40,12 +40,22 @@ class Viewer:
         return self.superuser or (organization is not None and organization in self.organizations)
 
 
-def _viewer_of(user: Any) -> Viewer:
+def viewer_now(user: Any) -> Viewer:
+    """What user may see of jobs, read now (sync: the ORM)."""
     organizations = frozenset(user.awx_organizations.values_list("pk", flat=True))
     return Viewer(bool(user.is_superuser), organizations)
 
 
-viewer_of = database_sync_to_async(_viewer_of)
+_viewer_of = database_sync_to_async(viewer_now)
+
+
+async def viewer_of(user: Any) -> Viewer:
+    """What user may see of jobs: read with its credential when it came with one (auth.py
+    attaches `awx_viewer` to a token's user), else from the database."""
+    known = getattr(user, "awx_viewer", None)
+    if isinstance(known, Viewer):
+        return known
+    return await _viewer_of(user)
 
 
 def job_id_in(text: str) -> int | None:

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from rest_framework.authtoken.models import Token
 
 from awx_ws.main import connlimit, peerauth
+from awx_ws.main.audience import viewer_now
 from awx_ws.main.conf import ws_settings
 
 logger = logging.getLogger(__name__)
@@ -122,12 +123,16 @@ def same_origin(scope: dict[str, Any], scheme_too: bool) -> bool:
 
 @database_sync_to_async
 def user_for_token(key: str) -> Any:
-    """The active user owning a DRF token, or None."""
+    """The active user owning a DRF token, or None; with its Viewer (audience.py) as
+    `awx_viewer`, read on the same database connection: a handshake costs one, not two."""
     try:
         token = Token.objects.select_related("user").get(key=key)
     except (Token.DoesNotExist, ValueError):
         return None
-    return token.user if token.user.is_active else None
+    if not token.user.is_active:
+        return None
+    token.user.awx_viewer = viewer_now(token.user)
+    return token.user
 
 
 class WebsocketAuthMiddleware:
