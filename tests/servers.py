@@ -185,6 +185,12 @@ class RedisServer(Process):
         return self
 
 
+# Redis connections a daphne process may hold whatever its load: the fan-out's receive loop, its
+# membership sync, the heartbeat, and one client's set-up work at a time under the fan-out's lock
+# (stream positions, connection counts). None per client: 500 streams or 10,000 connect/close
+# cycles must not leave pooled connections behind.
+PROCESS_CONNECTIONS = 4
+
 # The ways to run the service that the suite proves: our runner (daphne with lifespan and direct
 # writes, as supervisord.conf starts it) and plain `daphne`, as the Channels docs and AWX start it.
 RUNNERS = ("awx_ws.server", "daphne")

@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.client import emit_to, open_ws, redis_at
+from tests.servers import PROCESS_CONNECTIONS
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
@@ -69,7 +70,10 @@ async def test_10000_cycles_leave_no_member_connection_or_memory_behind(daphne_f
             break
         await asyncio.sleep(0.1)
     assert await members(redis, items) == 0
-    assert redis_connections(server.pid, redis_server.port) == connections_start
+    # Bounded by the process's fixed connections, not by the cycles: which of them the warm-up
+    # happened to open (3 or 4, as the loops' round trips overlapped) is timing, not a leak.
+    assert connections_start <= PROCESS_CONNECTIONS
+    assert redis_connections(server.pid, redis_server.port) <= PROCESS_CONNECTIONS
     rss_end = daphne.memory_info().rss
     assert rss_end <= rss_start * 1.10, f"RSS {rss_start / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB"
     await redis.aclose()

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.client import emit_to, redis_at
-from tests.servers import DaphneNode
+from tests.servers import PROCESS_CONNECTIONS, DaphneNode
 from tests.sse import SseStream, open_sse
 
 pytestmark = pytest.mark.slow
@@ -31,12 +31,6 @@ async def process_stats(redis: Redis, server: DaphneNode, newer_than: float, tim
                 return stats
         await asyncio.sleep(0.2)
     raise AssertionError(f"no fresh figures from daphne pid {server.pid}")
-
-
-# Redis connections a daphne process may hold whatever its load: the fan-out's receive loop, its
-# membership sync, the heartbeat, and one stream set-up at a time (streams.Stream.join). None per
-# client: 500 streams must not leave 500 pooled connections behind.
-PROCESS_CONNECTIONS = 4
 
 
 async def redis_state(redis: Redis, groups: list[str], server: DaphneNode) -> tuple[int, int, int, int]:
