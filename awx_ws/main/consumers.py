@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from awx_ws.main import metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.audience import Viewer, viewer_of
-from awx_ws.main.auth import session_expiry, still_authenticated
+from awx_ws.main.auth import session_expiry
 from awx_ws.main.backlog import SLOW_CLIENT_CLOSE_CODE, SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.fanout import keep_joined
@@ -83,19 +83,17 @@ class EventConsumer(AsyncWebsocketConsumer):
 
     async def recheck(self) -> None:
         """Close with 4003 if the credential is gone; leave groups the user may no longer read."""
-        user = await still_authenticated(self.scope)
-        if user is None:
+        access = await revocation.reread(self.scope)
+        if access is None:
             logger.info("closing websocket of user %s: its credential was revoked", self.user_id)
             metrics.ACCESS_REVOKED.labels("websocket", "closed").inc()
             await self.close(code=revocation.ACCESS_REVOKED_CLOSE_CODE)
             return
-        self.scope["user"] = user
-        self.session_expiry = await session_expiry(self.scope)
-        self.viewer = await viewer_of(user)
+        self.session_expiry, self.viewer = access.session_expiry, access.viewer
         if self.stream is not None:
             self.stream.viewer = self.viewer
         async with self._changing:
-            lost = await revocation.async_lost_groups(user, self.subscribed)
+            lost = await revocation.async_lost_groups(access.user, self.subscribed)
             if not lost:
                 return
             for group in lost:

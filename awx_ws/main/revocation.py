@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -32,6 +33,8 @@ from rest_framework.authtoken.models import Token
 
 from awx_ws.main import protocol
 from awx_ws.main.access import readable_job_ids
+from awx_ws.main.audience import Viewer, viewer_of
+from awx_ws.main.auth import session_expiry, still_authenticated
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import DatabaseUnavailable
 from awx_ws.main.models import AccessChange, Organization
@@ -151,6 +154,24 @@ def lost_groups(user: Any, groups: Iterable[str]) -> set[str]:
 
 
 async_lost_groups = database_sync_to_async(lost_groups)
+
+
+@dataclass(frozen=True)
+class Access:
+    """What an open connection's credential allows now, read afresh."""
+
+    user: Any
+    viewer: Viewer
+    session_expiry: float | None
+
+
+async def reread(scope: dict[str, Any]) -> Access | None:
+    """A connection's access read afresh (scope["user"] updated), or None if its credential is gone."""
+    user = await still_authenticated(scope)
+    if user is None:
+        return None
+    scope["user"] = user
+    return Access(user, await viewer_of(user), await session_expiry(scope))
 
 
 def _new_changes(seen: set[int]) -> tuple[list[tuple[int, int | None]], set[int]]:

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from awx_ws.main import connlimit, metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.audience import viewer_of
-from awx_ws.main.auth import authenticate_scope, header, session_expiry, still_authenticated
+from awx_ws.main.auth import authenticate_scope, header, session_expiry
 from awx_ws.main.backlog import SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.history import (
@@ -259,16 +259,14 @@ class StreamAccess:
 
     async def recheck(self) -> None:
         """End the stream if the credential is gone; leave groups the user may no longer read."""
-        user = await still_authenticated(self.scope)
-        if user is None:
+        access = await revocation.reread(self.scope)
+        if access is None:
             logger.info("ending stream of user %s: its credential was revoked", self.user_id)
             metrics.ACCESS_REVOKED.labels("sse", "closed").inc()
             self.revoked.set()
             return
-        self.scope["user"] = user
-        self.session_expiry = await session_expiry(self.scope)
-        self.stream.viewer = await viewer_of(user)
-        lost = await revocation.async_lost_groups(user, self.groups)
+        self.session_expiry, self.stream.viewer = access.session_expiry, access.viewer
+        lost = await revocation.async_lost_groups(access.user, self.groups)
         if not lost:
             return
         for group in lost:
