@@ -1,6 +1,6 @@
 """AWX_WS_MAX_CONNECTIONS_PER_USER: a user's websockets and SSE streams on a node, together, past
 the limit refused with 403; counted across the node's daphne processes; a killed process's count
-taken back by the next start-up purge."""
+taken back by the next start-up purge; the count written again after Redis restarts empty."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.client import WsClient, open_ws, refused_status
+from tests.client import WsClient, open_ws, redis_at, refused_status
 from tests.factories import adb, create_token, create_user
 from tests.sse import open_sse
 
@@ -92,4 +92,27 @@ async def test_a_killed_process_gives_its_users_slots_back_at_the_next_start(dap
     fresh = [await open_ws(successor.url, headers=heavy) for _ in range(LIMIT)]
     assert await refused_status(successor.url, headers=heavy) == 403
     for ws in fresh:
+        await ws.close()
+
+
+async def test_after_redis_restarts_empty_open_connections_count_again(
+    daphne_factory, own_redis, limited, heavy
+):
+    first, second = daphne_factory(limited), daphne_factory(limited)
+    sockets = [await open_ws(first.url, headers=heavy) for _ in range(LIMIT - 1)]
+    sockets.append(await open_ws(second.url, headers=heavy))
+    own_redis.kill()
+    own_redis.start()  # empty: the node's count of the user's open connections is gone
+    redis = redis_at(own_redis.url)
+    deadline = time.monotonic() + 20
+    # Both processes write their share again once their fan-outs find Redis back.
+    while [int(n) for n in await redis.hvals("asgi:user-connections")] != [LIMIT]:
+        assert time.monotonic() < deadline, "connection counts not written again after the restart"
+        await asyncio.sleep(0.1)
+    await redis.aclose()
+    assert await refused_status(first.url, headers=heavy) == 403
+    assert await refused_status(second.url, headers=heavy) == 403
+    await sockets.pop().close()  # the one on `second`: a slot is free on the node again
+    sockets.append(await accepted_again(first.url, heavy))
+    for ws in sockets:
         await ws.close()

@@ -4,14 +4,16 @@ together); past it the handshake is refused with 403.
 On the Redis layer the count is the node's, shared by its daphne processes: a hash of totals per
 user (`<prefix>:user-connections`) and one hash per process (`<prefix>:connections:<client
 prefix>`), changed together in one script. A process killed with its connections open leaves its
-hash behind; the start-up purge (liveness.py) takes its counts off the totals. Should Redis
-restart empty, connections open then are no longer counted until they reconnect: the limit can
-be exceeded for a while, never wrongly enforced. On RabbitMQ, which has no shared store, each
-process counts its own (docs/channels.md).
+hash behind; the start-up purge (liveness.py) takes its counts off the totals. Each process also
+keeps its own count in memory, the truth for its open connections: should Redis restart empty
+(or a count be missed while it was away), the fan-out's resync writes the process's hash again
+from it (`keep_counted`), so the node's totals come back without anyone reconnecting. On
+RabbitMQ, which has no shared store, each process counts its own (docs/channels.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from typing import Any
@@ -20,6 +22,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.retry import spawn
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,9 @@ if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS
 return 1
 """
 
-# KEYS: totals, a dead process's hash. Takes all its connections off the totals; returns how many.
-FORGET_LUA = """
+# Takes every connection in a process's hash (KEYS[2]) off the totals (KEYS[1]) and empties it;
+# `removed` says how many.
+_TAKE_BACK_LUA = """
 local counts = redis.call('HGETALL', KEYS[2])
 local removed = 0
 for i = 1, #counts, 2 do
@@ -51,8 +55,23 @@ for i = 1, #counts, 2 do
     if redis.call('HINCRBY', KEYS[1], counts[i], -n) <= 0 then redis.call('HDEL', KEYS[1], counts[i]) end
 end
 redis.call('DEL', KEYS[2])
-return removed
 """
+
+# KEYS: totals, a dead process's hash. Takes all its connections off the totals; returns how many.
+FORGET_LUA = _TAKE_BACK_LUA + "return removed\n"
+
+# KEYS: totals, this process's hash; ARGV: user id, count pairs of its open connections. Makes the
+# node's count of this process what it is, whatever Redis held (nothing, after a restart).
+RESTORE_LUA = (
+    _TAKE_BACK_LUA
+    + """
+for i = 1, #ARGV, 2 do
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[1], ARGV[i], tonumber(ARGV[i + 1]))
+end
+return #ARGV / 2
+"""
+)
 
 
 def totals_key(layer: RedisChannelLayer) -> str:
@@ -72,7 +91,8 @@ async def forget_process(layer: RedisChannelLayer, client_prefix: str) -> int:
 
 
 class ConnectionCounter:
-    """This process's side of the count."""
+    """This process's side of the count: its open connections per user, and their share of the
+    node's totals in Redis."""
 
     def __init__(self) -> None:
         self._local: Counter[int] = Counter()
@@ -93,9 +113,10 @@ class ConnectionCounter:
             async with layer.fanout.lock:
                 counted = bool(await layer.connection(0).eval(ACQUIRE_LUA, 2, *keys, user_id, limit))
         except (RedisError, OSError) as exc:
-            # The connection cannot be served without Redis anyway; do not count what may fail.
-            logger.warning("connection of user %s not counted, Redis unavailable: %s", user_id, exc)
-            return True
+            # The connection cannot be served without Redis anyway; it is counted in memory, and
+            # in Redis again by the restore that follows the fan-out's resync.
+            logger.warning("connection of user %s not counted on the node, no Redis: %s", user_id, exc)
+            counted = True
         if counted:
             self._local[user_id] += 1
         return counted
@@ -103,7 +124,7 @@ class ConnectionCounter:
     async def release(self, layer: Any, user_id: int) -> None:
         """Take back one connection of user_id (it closed)."""
         if self._local[user_id] <= 0:
-            return  # never counted (Redis was unavailable at its handshake)
+            return
         self._local[user_id] -= 1
         if not self._local[user_id]:
             del self._local[user_id]
@@ -114,8 +135,33 @@ class ConnectionCounter:
             async with layer.fanout.lock:
                 await layer.connection(0).eval(RELEASE_LUA, 2, *keys, user_id)
         except (RedisError, OSError) as exc:
-            # Left counted until this process's next start-up purge by a peer, or Redis restarts.
+            # Put right by the restore after the fan-out's resync, or by a peer's start-up purge.
             logger.warning("closed connection of user %s not uncounted, Redis unavailable: %s", user_id, exc)
+
+    async def restore(self, layer: RedisChannelLayer) -> int:
+        """Write this process's open connections into the node's count again; the users counted."""
+        keys = [totals_key(layer), process_key(layer, layer.client_prefix)]
+        async with layer.fanout.lock:
+            pairs = [str(value) for item in sorted(self._local.items()) for value in item]
+            return int(await layer.connection(0).eval(RESTORE_LUA, 2, *keys, *pairs))
 
 
 counter = ConnectionCounter()
+
+
+def keep_counted(layer: RedisChannelLayer) -> asyncio.Task[None]:
+    """Start restoring this process's count after every resync of its fan-out (Redis restarted)."""
+    lost = asyncio.Event()
+    forget = layer.fanout.on_resync(lost.set)
+
+    async def restore(failures: int) -> float:
+        if not failures:
+            await lost.wait()
+        lost.clear()  # before the write: a resync during it asks for another
+        users = await counter.restore(layer)
+        logger.info("connection counts of %d users written again after the channel layer's resync", users)
+        return 0.0
+
+    task = spawn("connection count restore", restore, metric="connection_count_restore")
+    task.add_done_callback(lambda _: forget())
+    return task

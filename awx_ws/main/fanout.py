@@ -176,6 +176,10 @@ class Fanout:
         if self._announcer is not None:
             self._tasks.append(spawn("interest announcer", self._announcer.round, metric="interest_announce"))
 
+    def adopt(self, task: asyncio.Task[None]) -> None:
+        """Stop task (a loop that lives with the fan-out's, started after it) when they stop."""
+        self._tasks.append(task)
+
     async def stop(self) -> None:
         """Stop the loops and withdraw this process's memberships (at shutdown; best effort)."""
         tasks, self._tasks = self._tasks, []

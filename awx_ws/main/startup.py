@@ -23,7 +23,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from redis.exceptions import RedisError
 
-from awx_ws.main import metrics, revocation
+from awx_ws.main import connlimit, metrics, revocation
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import RedisUnavailable, StartupError
 from awx_ws.main.layers import RedisChannelLayer
@@ -111,6 +111,8 @@ async def start_process(wait: float | None) -> None:
         await layer.fanout.start()
     except (RedisError, OSError) as exc:
         raise StartupError(f"the fan-out could not start on {layer.describe_hosts()}: {exc}") from exc
+    if isinstance(layer, RedisChannelLayer):
+        layer.fanout.adopt(connlimit.keep_counted(layer))
 
 
 class Startup:
