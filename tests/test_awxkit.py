@@ -32,6 +32,16 @@ def has(predicate: Callable[[dict[str, Any]], bool]) -> Callable[[list[dict[str,
     return lambda messages: any(predicate(m) for m in messages)
 
 
+async def assert_follows_status_changes(ws: WSClient) -> None:
+    ws.status_changes()
+    reply = await asyncio.to_thread(collect, ws, has(lambda m: "groups_current" in m))
+    assert {
+        "groups_current": ["jobs-status_changed"],
+        "groups_left": [],
+        "groups_joined": ["jobs-status_changed"],
+    } in reply
+
+
 async def connect(**kwargs: Any) -> WSClient:
     return await asyncio.to_thread(lambda: WSClient(hostname="127.0.0.1", secure=False, **kwargs).connect())
 
@@ -79,13 +89,7 @@ async def test_wsclient_subscribes_to_a_pending_jobs_events_by_itself(nginx, use
 async def test_session_wsclient_with_csrftoken(nginx, user):
     ws = await connect(session_id=await adb(session_cookie, user), csrftoken="c" * 32, port=nginx.port)
     try:
-        ws.status_changes()
-        reply = await asyncio.to_thread(collect, ws, has(lambda m: "groups_current" in m))
-        assert {
-            "groups_current": ["jobs-status_changed"],
-            "groups_left": [],
-            "groups_joined": ["jobs-status_changed"],
-        } in reply
+        await assert_follows_status_changes(ws)
     finally:
         ws.close()
 
@@ -121,3 +125,38 @@ async def test_token_wsclient_over_nginxs_tls_port(node, api, user, token, state
         if ws is not None:
             ws.close()
         front.stop()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")
+async def test_session_wsclient_over_nginxs_tls_port_with_its_origin_trusted(api, user, state_dir, runner):
+    """awxkit's session mode over wss sends `Origin: http://host:port`: not the page's scheme, so
+    refused unless the operator lists that origin in CSRF_TRUSTED_ORIGINS (docs/channels.md)."""
+    from tests.servers import DaphneNode, Nginx, free_port
+    from tests.test_tls import write_pair
+
+    certificate, key = write_pair(state_dir / "tls", f"awxkit-session{time.monotonic_ns()}")
+    daphne_port = free_port()
+    front = Nginx(
+        state_dir / f"nginx-awxkit-session-{time.monotonic_ns()}",
+        daphne_port,
+        api.port,
+        tls=(certificate, key),
+    )
+    trusted = {"CSRF_TRUSTED_ORIGINS": f"http://127.0.0.1:{front.tls_port}"}
+    node = DaphneNode(state_dir / "logs", trusted, port=daphne_port, runner=runner)
+    ws = None
+    try:
+        node.start()
+        front.start()
+        session = await adb(session_cookie, user)
+        ws = await asyncio.to_thread(
+            lambda: WSClient(
+                session_id=session, csrftoken="c" * 32, hostname="127.0.0.1", port=front.tls_port, secure=True
+            ).connect()
+        )
+        await assert_follows_status_changes(ws)
+    finally:
+        if ws is not None:
+            ws.close()
+        front.stop()
+        node.stop()

@@ -126,6 +126,20 @@ async def test_allowed_hosts_star_does_not_admit_a_foreign_origin(daphne_factory
     assert await refused_status(server.url, headers=cookie, origin="http://evil.example") == 403
 
 
+async def test_a_session_may_come_from_an_origin_in_csrf_trusted_origins(
+    daphne_factory, user, browser_cookies
+):
+    server = daphne_factory({"CSRF_TRUSTED_ORIGINS": "https://awx.example.com,https://*.example.org"})
+    headers = {"Cookie": f"awx_sessionid={browser_cookies['session']}"}
+    for origin in ("https://awx.example.com", "https://ui.example.org"):  # listed; a listed `*.`'s subdomain
+        client = await open_ws(server.url, headers=headers, origin=origin)
+        assert client.hello == {"accept": True, "user": user.pk}
+        await client.close()
+    # Listed for https only; a name that merely ends like a listed one; one not listed at all.
+    for origin in ("http://awx.example.com", "https://example.org.evil.example", "https://evil.example"):
+        assert await refused_status(server.url, headers=headers, origin=origin) == 403, origin
+
+
 @pytest.mark.parametrize("origin", ["http://evil.example", "http://127.0.0.1:{other_port}", "null"])
 async def test_a_token_cookie_from_a_foreign_origin_is_refused(node, token, origin):
     """A browser sends AWX's token cookie by itself: another site's page must not use it."""

@@ -21,6 +21,7 @@ from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.db import DatabaseError
 from django.http.request import split_domain_port, validate_host
+from django.utils.http import is_same_domain
 from redis.exceptions import RedisError
 from rest_framework.authtoken.models import Token
 
@@ -86,16 +87,41 @@ def request_scheme(scope: dict[str, Any]) -> str:
     return "https" if scheme in {"https", "wss"} else "http"
 
 
+def trusted_origin(origin: str) -> bool:
+    """True if origin is one of CSRF_TRUSTED_ORIGINS (`https://*.example.com` covers subdomains).
+
+    Django's CSRF check accepts these for a POST from another origin; an operator lists here too
+    what a session websocket may come from, such as awxkit's `http://host:port` over wss.
+    """
+    parts = urlsplit(origin.lower())
+    try:
+        netloc = parts.netloc if parts.port is None else f"{parts.hostname}:{parts.port}"
+    except ValueError:
+        return False
+    for trusted in settings.CSRF_TRUSTED_ORIGINS:
+        allowed = urlsplit(trusted.lower())
+        if allowed.scheme != parts.scheme:
+            continue
+        if allowed.netloc == netloc or (
+            allowed.netloc.startswith("*") and is_same_domain(netloc, allowed.netloc[1:])
+        ):
+            return True
+    return False
+
+
 def same_origin(scope: dict[str, Any], scheme_too: bool) -> bool:
     """True if the Origin header names the host and port the client connected to (the Host
     header, which must be one of ALLOWED_HOSTS), and with scheme_too the same scheme as well.
 
     awxkit sends `Origin: http://host:port` however it connects (even over wss): a token cookie
-    is checked without the scheme. A port the URL leaves out is its scheme's default.
+    is checked without the scheme. A port the URL leaves out is its scheme's default. An Origin
+    listed in Django's CSRF_TRUSTED_ORIGINS is accepted as it is for a form post.
     """
     origin, host = header(scope, b"origin"), header(scope, b"host")
     if not origin or not host:
         return False
+    if trusted_origin(origin.decode("latin-1")):
+        return True
     parts = urlsplit(origin.decode("latin-1"))
     try:
         origin_port = parts.port
