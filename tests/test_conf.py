@@ -77,6 +77,10 @@ def test_unreadable_text_is_refused_naming_the_variable_and_the_text(variable, t
             {"RETRY_DELAY": 2, "RETRY_MAX_DELAY": 1},
             "AWX_WS_RETRY_DELAY=2 must not exceed AWX_WS_RETRY_MAX_DELAY=1",
         ),
+        (
+            {"HISTORY_MAX_BYTES": 4096, "HISTORY_TOTAL_BYTES": 1024},
+            "AWX_WS_HISTORY_TOTAL_BYTES=1024 must be 0 or at least AWX_WS_HISTORY_MAX_BYTES=4096",
+        ),
         ({"EMIT_TIMEUOT": 1}, "AWX_WS has unknown setting(s) EMIT_TIMEUOT"),
     ],
 )

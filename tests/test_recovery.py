@@ -238,3 +238,70 @@ async def test_history_keeps_at_most_its_bytes_per_group_newest_first(
     summary = await client.recv_json()
     assert summary["recovered"] == {} and summary["reset"] == {group: "trimmed past the position"}
     await client.close()
+
+
+async def test_history_keeps_at_most_its_total_bytes_per_node_emptying_the_soonest_to_expire(
+    daphne_factory, own_redis, auth_headers
+):
+    """AWX_WS_HISTORY_TOTAL_BYTES: past the node's total, the group whose history expires soonest
+    is emptied; a client that had all of it resumes with nothing lost, one that had not is told."""
+    from tests.client import emit_to, redis_at
+
+    bounds = {"HISTORY_MAX_BYTES": 3000, "HISTORY_TOTAL_BYTES": 5000}
+    server = daphne_factory(
+        {"REDIS_URL": own_redis.url, **{f"AWX_WS_{k}": str(v) for k, v in bounds.items()}}
+    )
+    older, newer = topic("total-older"), topic("total-newer")
+    client = await open_ws(server.url, headers=auth_headers)
+    errors, _ = await client.subscribe({"schedules": [older, newer]}, ids=True)
+    assert errors == []
+    payloads = [{"n": n, "stdout": "x" * 900} for n in range(3)]
+    size = len(json.dumps(payloads[0]))
+    with override_settings(AWX_WS={**settings.AWX_WS, **bounds}):
+        for group in (f"schedules-{older}", f"schedules-{newer}"):
+            for payload in payloads:
+                await emit_to(own_redis.url, group, payload)
+    ids = [(await client.recv_json())["id"] for _ in range(6)]
+    await client.close()
+
+    redis = redis_at(own_redis.url)
+    # Both groups together would hold 6 entries, over 5,000 bytes: the older one was emptied.
+    assert await redis.xlen(f"asgi:history:schedules-{older}") == 0
+    assert await redis.xlen(f"asgi:history:schedules-{newer}") == 3
+    sizes = {k.decode(): int(v) for k, v in (await redis.hgetall("asgi:history-sizes")).items()}
+    assert sizes == {f"asgi:history:schedules-{newer}": 3 * size}
+    assert int(await redis.get("asgi:history-total")) == 3 * size
+    await redis.aclose()
+
+    client = await open_ws(server.url, headers=auth_headers)
+    await subscribe(client, older, recover={f"schedules-{older}": ids[2]})  # had all of it
+    summary = await client.recv_json()
+    assert summary["recovered"] == {f"schedules-{older}": 0} and summary["reset"] == {}
+    await client.close()
+    client = await open_ws(server.url, headers=auth_headers)
+    await subscribe(client, older, recover={f"schedules-{older}": ids[0]})
+    summary = await client.recv_json()
+    assert summary["recovered"] == {} and summary["reset"] == {
+        f"schedules-{older}": "trimmed past the position"
+    }
+    await client.close()
+
+
+async def test_the_node_total_forgets_history_that_expired(own_redis):
+    from tests.client import emit_to, redis_at
+
+    redis = redis_at(own_redis.url)
+    short = {"HISTORY_TOTAL_BYTES": 1 << 20, "HISTORY_KINDS": {"control": None, "schedules": {"age": 1}}}
+    with override_settings(AWX_WS={**settings.AWX_WS, **short}):
+        await emit_to(own_redis.url, "schedules-expiring", {"stdout": "x" * 100})
+        deadline = time.monotonic() + 10
+        while await redis.exists("asgi:history:schedules-expiring"):  # Redis expires it after 1 s
+            assert time.monotonic() < deadline, "the stream never expired"
+            await asyncio.sleep(0.1)
+        assert int(await redis.get("asgi:history-total")) > 0  # still counted: nothing looked yet
+        await emit_to(own_redis.url, "schedules-kept", {"stdout": "y"})
+    sizes = {k.decode(): int(v) for k, v in (await redis.hgetall("asgi:history-sizes")).items()}
+    assert sizes == {"asgi:history:schedules-kept": len(json.dumps({"stdout": "y"}))}
+    assert int(await redis.get("asgi:history-total")) == sizes["asgi:history:schedules-kept"]
+    assert await redis.zrange("asgi:history-expiry", 0, -1) == [b"asgi:history:schedules-kept"]
+    await redis.aclose()

@@ -267,6 +267,11 @@ SETTINGS: dict[str, Setting] = {
         "Bytes of message text one group's history keeps at most (oldest go first; the newest "
         "always stays); 0: no byte bound.",
     ),
+    "HISTORY_TOTAL_BYTES": _s(
+        "AWX_WS_HISTORY_TOTAL_BYTES", 256 * 1024 * 1024, _integer, _int_at_least(0),
+        "Bytes of message text all groups' history keeps at most on a node: past it, whole groups' "
+        "history goes, those to expire soonest first; 0: no total bound.",
+    ),
     "HISTORY_KINDS": _s(
         "AWX_WS_HISTORY_KINDS", {"control": None}, _json, _history_kinds,
         'Per group kind: {"kind": {"length": n, "age": s}} or {"kind": null} for no history (JSON).',
@@ -368,6 +373,11 @@ def validate(values: Mapping[str, Any], environ: Mapping[str, str] = os.environ)
         raise SettingError(
             f"AWX_WS_LIVENESS_INTERVAL={merged['LIVENESS_INTERVAL']:g} must be at most half of "
             f"AWX_WS_LIVENESS_TTL={merged['LIVENESS_TTL']:g}"
+        )
+    if 0 < merged["HISTORY_TOTAL_BYTES"] < merged["HISTORY_MAX_BYTES"]:
+        raise SettingError(
+            f"AWX_WS_HISTORY_TOTAL_BYTES={merged['HISTORY_TOTAL_BYTES']} must be 0 or at least "
+            f"AWX_WS_HISTORY_MAX_BYTES={merged['HISTORY_MAX_BYTES']}"
         )
     if merged["RETRY_DELAY"] > merged["RETRY_MAX_DELAY"]:
         raise SettingError(

@@ -44,6 +44,8 @@ class HistoryPolicy:
     age: float
     # Bytes of payload text kept per group at most (HISTORY_MAX_BYTES); the newest entry always.
     max_bytes: int = 0
+    # Bytes kept by all groups of the node together (HISTORY_TOTAL_BYTES); 0: no bound.
+    total_bytes: int = 0
 
 
 def history_policy(group: str) -> HistoryPolicy | None:
@@ -57,7 +59,9 @@ def history_policy(group: str) -> HistoryPolicy | None:
         return None
     length = chosen.get("length", ws_settings.HISTORY_LENGTH)
     age = chosen.get("age", ws_settings.HISTORY_AGE)
-    return HistoryPolicy(int(length), float(age), int(ws_settings.HISTORY_MAX_BYTES))
+    return HistoryPolicy(
+        int(length), float(age), int(ws_settings.HISTORY_MAX_BYTES), int(ws_settings.HISTORY_TOTAL_BYTES)
+    )
 
 
 def stream_key(layer: RedisChannelLayer, group: str) -> str:
@@ -75,6 +79,18 @@ async def ensure_origin(layer: RedisChannelLayer) -> str:
     connection = layer.connection(0)
     await connection.set(origin_key(layer), secrets.token_hex(4), nx=True)
     return (await connection.get(origin_key(layer))).decode()
+
+
+def total_keys(layer: RedisChannelLayer) -> list[str]:
+    """The keys of the node's history total (HISTORY_TOTAL_BYTES): each stream's bytes, their sum,
+    when each stream expires; none when no total is kept."""
+    if not ws_settings.HISTORY_TOTAL_BYTES:
+        return []
+    return [
+        f"{layer.prefix}:history-sizes",
+        f"{layer.prefix}:history-total",
+        f"{layer.prefix}:history-expiry",
+    ]
 
 
 def _stream_id(text: str) -> tuple[int, int]:
@@ -176,6 +192,12 @@ local function id_before(a, b)
     a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
     return a_ms < b_ms or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
 end
+local function stream_field(key, name)
+    local info = redis.call('XINFO', 'STREAM', key)
+    for i = 1, #info, 2 do
+        if info[i] == name then return info[i + 1] end
+    end
+end
 -- Bytes of payload text an entry holds (its field values).
 local function size_of(entry)
     local n = 0
@@ -187,9 +209,21 @@ local function sum_sizes(entries)
     for _, entry in ipairs(entries) do n = n + size_of(entry) end
     return n
 end
+-- The node's total (HISTORY_TOTAL_BYTES): acct names a hash of each stream's bytes, their sum,
+-- and a sorted set of when each stream expires; `max` is the bound (nil acct: not kept).
+local function accounts(first, max)
+    if not KEYS[first] then return nil end
+    return {sizes = KEYS[first], total = KEYS[first + 1], expiry = KEYS[first + 2], max = max}
+end
+local function account(acct, key, bytes)
+    if not acct then return end
+    local old = tonumber(redis.call('HGET', acct.sizes, key) or '0')
+    if bytes > 0 then redis.call('HSET', acct.sizes, key, bytes) else redis.call('HDEL', acct.sizes, key) end
+    redis.call('INCRBY', acct.total, bytes - old)
+end
 -- Trim a group's stream to maxlen entries, none older than min_ms, and at most max_bytes of text
 -- (the newest entry always stays); `<key>:bytes` counts the text held, and expires with the key.
-local function trim(key, maxlen, min_ms, last_id, max_bytes)
+local function trim(key, maxlen, min_ms, last_id, max_bytes, acct)
     local removed = nil
     local freed = 0
     local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
@@ -224,9 +258,43 @@ local function trim(key, maxlen, min_ms, last_id, max_bytes)
     else
         redis.call('DEL', bytes_key)
     end
+    account(acct, key, bytes)
     if removed then
         if id_before(last_id, removed) then removed = last_id end
         redis.call('XSETID', key, last_id, 'MAXDELETEDID', removed)
+    end
+end
+-- Streams whose time is up are gone (the key expired): take them off the total, a few per call.
+local function forget_expired(acct, now_ms)
+    for _, key in ipairs(redis.call('ZRANGEBYSCORE', acct.expiry, '-inf', now_ms, 'LIMIT', 0, 16)) do
+        local ttl = redis.call('PTTL', key)
+        if ttl > 0 then
+            redis.call('ZADD', acct.expiry, now_ms + ttl, key)
+        else
+            account(acct, key, 0)
+            redis.call('ZREM', acct.expiry, key)
+        end
+    end
+end
+-- Past the node's total, empty whole streams, those to expire soonest first, never `keep` (the one
+-- just written to). An emptied stream keeps its ids: its last one becomes its max-deleted id, so a
+-- resume from before it is told what it missed is gone.
+local function evict(acct, keep)
+    local total = tonumber(redis.call('GET', acct.total) or '0')
+    while total > acct.max do
+        local soonest = redis.call('ZRANGE', acct.expiry, 0, 1)
+        local victim = soonest[1]
+        if victim == keep then victim = soonest[2] end
+        if not victim then break end
+        if redis.call('EXISTS', victim) == 1 and redis.call('XLEN', victim) > 0 then
+            local last = stream_field(victim, 'last-generated-id')
+            redis.call('XTRIM', victim, 'MAXLEN', 0)
+            redis.call('XSETID', victim, last, 'MAXDELETEDID', last)
+        end
+        redis.call('DEL', victim .. ':bytes')
+        total = total - tonumber(redis.call('HGET', acct.sizes, victim) or '0')
+        account(acct, victim, 0)
+        redis.call('ZREM', acct.expiry, victim)
     end
 end
 """
@@ -250,13 +318,9 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
     if after_ms < now_ms - age_ms then return {'reset', 'older than the history age'} end
     return {'ok', {}}
 end
-local function field(name)
-    local info = redis.call('XINFO', 'STREAM', KEYS[1])
-    for i = 1, #info, 2 do
-        if info[i] == name then return info[i + 1] end
-    end
-end
-trim(KEYS[1], tonumber(ARGV[5]), math.max(now_ms - age_ms, 0), field('last-generated-id'), tonumber(ARGV[6]))
+local function field(name) return stream_field(KEYS[1], name) end
+local last_id = field('last-generated-id')
+trim(KEYS[1], tonumber(ARGV[5]), math.max(now_ms - age_ms, 0), last_id, tonumber(ARGV[6]), accounts(3, 0))
 local deleted = field('max-deleted-entry-id')
 local d_ms, d_seq = string.match(deleted, '(%d+)-(%d+)')
 if deleted ~= '0-0' then
@@ -295,11 +359,13 @@ async def read_local(
     after_ms, after_seq = position.after(origin)
     if origin not in position.seen:
         after_ms = max(after_ms - margin_ms, 0)
+    totals = total_keys(layer)
     reply = await connection.eval(
         READ_HISTORY_LUA,
-        2,
+        2 + len(totals),
         stream_key(layer, group),
         origin_key(layer),
+        *totals,
         origin,
         after_ms,
         after_seq,

@@ -25,7 +25,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from awx_ws.main import metrics
 from awx_ws.main.exceptions import redact_url
 from awx_ws.main.fanout import RedisFanout
-from awx_ws.main.history import TRIM_LUA, ensure_origin, history_policy, origin_key, stream_key
+from awx_ws.main.history import TRIM_LUA, ensure_origin, history_policy, origin_key, stream_key, total_keys
 from awx_ws.main.liveness import Liveness
 from awx_ws.main.messages import is_client_message, with_group
 
@@ -65,7 +65,7 @@ GROUP_SEND_FANOUT_LUA = (
     + """
 local blob = ARGV[1]
 local message_id = ''
-if #KEYS == 3 then
+if #KEYS >= 3 then
     -- History (history.py): append to the group's stream in the same script as the delivery, so
     -- stream order is delivery order, and put the message id into the message itself.
     local origin = redis.call('GET', KEYS[3])
@@ -80,7 +80,14 @@ if #KEYS == 3 then
     if fresh then redis.call('DEL', KEYS[2] .. ':bytes') end
     redis.call('INCRBY', KEYS[2] .. ':bytes', #message['text'])
     local min_ms = math.max(now_ms - tonumber(ARGV[8]) * 1000, 0)
-    trim(KEYS[2], tonumber(ARGV[7]), min_ms, stream_id, tonumber(ARGV[11]))
+    local acct = accounts(4, tonumber(ARGV[12]))
+    trim(KEYS[2], tonumber(ARGV[7]), min_ms, stream_id, tonumber(ARGV[11]), acct)
+    if acct then
+        -- The node's total (HISTORY_TOTAL_BYTES): past it, the streams to expire soonest go.
+        redis.call('ZADD', acct.expiry, now_ms + tonumber(ARGV[9]) * 1000, KEYS[2])
+        forget_expired(acct, now_ms)
+        evict(acct, KEYS[2])
+    end
     message_id = origin .. ':' .. stream_id
     message['id'] = message_id
     blob = string.sub(blob, 1, plen) .. cmsgpack.pack(message)
@@ -214,9 +221,10 @@ class RedisChannelLayer(core.RedisChannelLayer):
                     "history needs the msgpack serializer without symmetric_encryption_keys "
                     "(CHANNEL_LAYERS); or set AWX_WS['HISTORY_KINDS'] entries to None"
                 )
-            keys += [stream_key(self, group), origin_key(self)]
+            keys += [stream_key(self, group), origin_key(self), *total_keys(self)]
             ttl = max(1, math.ceil(policy.age))
             args += [policy.length, policy.age, ttl, self._serializer.random_prefix_length, policy.max_bytes]
+            args.append(policy.total_bytes)
         return keys, args
 
     def _after_fanout(self, group: str, message: dict[str, Any], reply: Any) -> list[bytes]:
