@@ -1,6 +1,7 @@
 """AWX_WS_MAX_CONNECTIONS_PER_USER: a user's websockets and SSE streams on a node, together, past
-the limit refused with 403; counted across the node's daphne processes; a killed process's count
-taken back by the next start-up purge; the count written again after Redis restarts empty."""
+the limit refused with 403; counted across the node's daphne processes, on Redis and on RabbitMQ;
+a killed process's count taken back (Redis: by the next start-up purge; RabbitMQ: once its
+heartbeat is stale); the count written again after Redis restarts empty."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.client import WsClient, open_ws, redis_at, refused_status
+from tests.conftest import rabbitmq_env
 from tests.factories import adb, create_token, create_user
 from tests.sse import open_sse
 
@@ -115,4 +117,48 @@ async def test_after_redis_restarts_empty_open_connections_count_again(
     await sockets.pop().close()  # the one on `second`: a slot is free on the node again
     sockets.append(await accepted_again(first.url, heavy))
     for ws in sockets:
+        await ws.close()
+
+
+@pytest.fixture
+def rabbitmq_limited(rabbitmq_server) -> dict[str, str]:
+    """Processes of one node on RabbitMQ (a name of their own), which count in the database."""
+    return {
+        **rabbitmq_env(rabbitmq_server),
+        "AWX_WS_MAX_CONNECTIONS_PER_USER": str(LIMIT),
+        "AWX_WS_NODE_NAME": f"rabbit{time.monotonic_ns()}",
+        "AWX_WS_LIVENESS_TTL": "2",
+        "AWX_WS_LIVENESS_INTERVAL": "1",
+    }
+
+
+async def test_on_rabbitmq_the_limit_is_per_node_across_its_daphne_processes(
+    daphne_factory, rabbitmq_limited, heavy
+):
+    first, second = daphne_factory(rabbitmq_limited), daphne_factory(rabbitmq_limited)
+    sockets = [await open_ws(first.url, headers=heavy) for _ in range(LIMIT - 1)]
+    async with open_sse(second.http_url, "jobs-status_changed", headers=heavy) as stream:
+        await stream.wait_ready()
+        assert await refused_status(first.url, headers=heavy) == 403
+        assert await refused_status(second.url, headers=heavy) == 403
+        assert await sse_status(first.http_url, heavy) == 403
+    sockets.append(await accepted_again(first.url, heavy))  # the stream's slot, back on the node
+    assert await refused_status(second.url, headers=heavy) == 403
+    for ws in sockets:
+        await ws.close()
+
+
+async def test_on_rabbitmq_a_killed_process_stops_counting_once_its_heartbeat_is_stale(
+    daphne_factory, rabbitmq_limited, heavy
+):
+    doomed, survivor = daphne_factory(rabbitmq_limited), daphne_factory(rabbitmq_limited)
+    for _ in range(LIMIT):
+        await open_ws(doomed.url, headers=heavy)  # left open: the process dies under them
+    assert await refused_status(survivor.url, headers=heavy) == 403
+    doomed.kill()  # -9: it takes back nothing itself
+    # Within AWX_WS_LIVENESS_TTL (2 s) of its last heartbeat, its count is no longer the node's.
+    fresh = [await accepted_again(survivor.url, heavy, timeout=15)]
+    fresh += [await open_ws(survivor.url, headers=heavy) for _ in range(LIMIT - 1)]
+    assert await refused_status(survivor.url, headers=heavy) == 403
+    for ws in fresh:
         await ws.close()

@@ -215,7 +215,8 @@ SETTINGS: dict[str, Setting] = {
     ),
     "LIVENESS_TTL": _s(
         "AWX_WS_LIVENESS_TTL", 30.0, _number, _seconds(),
-        "A process's liveness record expires this many seconds after its last heartbeat.",
+        "A process's liveness record (in Redis; its connection count's heartbeat in the database "
+        "on RabbitMQ) expires this many seconds after its last heartbeat.",
     ),
     "LIVENESS_INTERVAL": _s(
         "AWX_WS_LIVENESS_INTERVAL", 10.0, _number, _seconds(),

@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 from collections import Counter
 from typing import Any
 
+from channels.db import database_sync_to_async
+from django.db import DatabaseError
 from redis.exceptions import RedisError
 
+from awx_ws.main import connlimit_database
 from awx_ws.main.conf import ws_settings
+from awx_ws.main.exceptions import DatabaseUnavailable
 from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.rabbitmq import RabbitmqChannelLayer
 from awx_ws.main.retry import spawn
 
 logger = logging.getLogger(__name__)
@@ -92,34 +99,44 @@ async def forget_process(layer: RedisChannelLayer, client_prefix: str) -> int:
 
 class ConnectionCounter:
     """This process's side of the count: its open connections per user, and their share of the
-    node's totals in Redis."""
+    node's count (in Redis, or in the database on RabbitMQ)."""
 
     def __init__(self) -> None:
         self._local: Counter[int] = Counter()
+        # This process's name in the database count (RabbitMQ); its row there says it is alive.
+        self.process = f"{os.getpid()}-{secrets.token_hex(8)}"
+        # A database count was missed (it was unreachable): the next heartbeat writes them all.
+        self._unsynced = False
 
     async def acquire(self, layer: Any, user_id: int) -> bool:
         """Count one more connection of user_id; False (nothing counted) at the limit."""
         limit = ws_settings.MAX_CONNECTIONS_PER_USER
-        if not isinstance(layer, RedisChannelLayer):
-            if self._local[user_id] >= limit:
-                return False
-            self._local[user_id] += 1
-            return True
-        keys = [totals_key(layer), process_key(layer, layer.client_prefix)]
         try:
-            # The fan-out's set-up lock: one client's Redis work at a time, as for streams. 500
-            # clients arriving (or leaving) together would otherwise take as many pooled Redis
-            # connections at once, and keep them.
-            async with layer.fanout.lock:
-                counted = bool(await layer.connection(0).eval(ACQUIRE_LUA, 2, *keys, user_id, limit))
-        except (RedisError, OSError) as exc:
-            # The connection cannot be served without Redis anyway; it is counted in memory, and
-            # in Redis again by the restore that follows the fan-out's resync.
-            logger.warning("connection of user %s not counted on the node, no Redis: %s", user_id, exc)
+            if isinstance(layer, RedisChannelLayer):
+                counted = await self._acquire_in_redis(layer, user_id, limit)
+            elif isinstance(layer, RabbitmqChannelLayer):
+                counted = await database_sync_to_async(connlimit_database.acquire)(
+                    self.process, ws_settings.NODE_NAME, user_id, limit, ws_settings.LIVENESS_TTL
+                )
+            else:
+                counted = self._local[user_id] < limit
+        except (RedisError, OSError, DatabaseError) as exc:
+            # The connection cannot be served without its layer anyway; it is counted in memory,
+            # and in the node's count again once the store is back (keep_counted, the heartbeat).
+            logger.warning("connection of user %s not counted on the node: %s", user_id, exc)
+            self._unsynced = True
             counted = True
         if counted:
             self._local[user_id] += 1
         return counted
+
+    async def _acquire_in_redis(self, layer: RedisChannelLayer, user_id: int, limit: int) -> bool:
+        keys = [totals_key(layer), process_key(layer, layer.client_prefix)]
+        # The fan-out's set-up lock: one client's Redis work at a time, as for streams. 500
+        # clients arriving (or leaving) together would otherwise take as many pooled Redis
+        # connections at once, and keep them.
+        async with layer.fanout.lock:
+            return bool(await layer.connection(0).eval(ACQUIRE_LUA, 2, *keys, user_id, limit))
 
     async def release(self, layer: Any, user_id: int) -> None:
         """Take back one connection of user_id (it closed)."""
@@ -128,15 +145,17 @@ class ConnectionCounter:
         self._local[user_id] -= 1
         if not self._local[user_id]:
             del self._local[user_id]
-        if not isinstance(layer, RedisChannelLayer):
-            return
-        keys = [totals_key(layer), process_key(layer, layer.client_prefix)]
         try:
-            async with layer.fanout.lock:
-                await layer.connection(0).eval(RELEASE_LUA, 2, *keys, user_id)
-        except (RedisError, OSError) as exc:
-            # Put right by the restore after the fan-out's resync, or by a peer's start-up purge.
-            logger.warning("closed connection of user %s not uncounted, Redis unavailable: %s", user_id, exc)
+            if isinstance(layer, RedisChannelLayer):
+                keys = [totals_key(layer), process_key(layer, layer.client_prefix)]
+                async with layer.fanout.lock:
+                    await layer.connection(0).eval(RELEASE_LUA, 2, *keys, user_id)
+            elif isinstance(layer, RabbitmqChannelLayer):
+                await database_sync_to_async(connlimit_database.release)(self.process, user_id)
+        except (RedisError, OSError, DatabaseError) as exc:
+            # Put right by the restore after the fan-out's resync or the next heartbeat.
+            logger.warning("closed connection of user %s not uncounted on the node: %s", user_id, exc)
+            self._unsynced = True
 
     async def restore(self, layer: RedisChannelLayer) -> int:
         """Write this process's open connections into the node's count again; the users counted."""
@@ -144,6 +163,28 @@ class ConnectionCounter:
         async with layer.fanout.lock:
             pairs = [str(value) for item in sorted(self._local.items()) for value in item]
             return int(await layer.connection(0).eval(RESTORE_LUA, 2, *keys, *pairs))
+
+    async def beat(self) -> None:
+        """Mark this process alive in the database count (and rewrite its counts if one was missed)."""
+        counts, unsynced = dict(self._local), self._unsynced
+        self._unsynced = False
+        try:
+            await database_sync_to_async(connlimit_database.beat)(
+                self.process, ws_settings.NODE_NAME, ws_settings.LIVENESS_TTL, counts if unsynced else None
+            )
+        except DatabaseError as exc:
+            self._unsynced = self._unsynced or unsynced
+            raise DatabaseUnavailable(f"cannot write connection counts (DATABASE_URL): {exc}") from exc
+        except BaseException:
+            self._unsynced = self._unsynced or unsynced
+            raise
+
+    async def withdraw(self) -> None:
+        """Take this process out of the database count (it stops; best effort)."""
+        try:
+            await database_sync_to_async(connlimit_database.withdraw)(self.process)
+        except DatabaseError as exc:  # its heartbeat goes stale within the TTL: the count follows
+            logger.warning("process %s could not take back its connection counts: %s", self.process, exc)
 
 
 counter = ConnectionCounter()
@@ -165,3 +206,13 @@ def keep_counted(layer: RedisChannelLayer) -> asyncio.Task[None]:
     task = spawn("connection count restore", restore, metric="connection_count_restore")
     task.add_done_callback(lambda _: forget())
     return task
+
+
+def keep_alive_in_database() -> asyncio.Task[None]:
+    """Start this process's heartbeat in the database count (RabbitMQ)."""
+
+    async def heartbeat(failures: int) -> float:
+        await counter.beat()
+        return float(ws_settings.LIVENESS_INTERVAL)
+
+    return spawn("connection count heartbeat", heartbeat, metric="connection_count_heartbeat")

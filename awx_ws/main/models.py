@@ -152,3 +152,32 @@ class AccessChange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.reason} (user {self.user_id})"
+
+
+class ServingProcess(models.Model):
+    """A daphne process of a node whose channel layer keeps no shared state (RabbitMQ), alive
+    while its heartbeat is fresh (AWX_WS_LIVENESS_TTL); its open connections are counted below."""
+
+    name = models.CharField(max_length=64, primary_key=True)
+    node = models.CharField(max_length=255, db_index=True)
+    heartbeat = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.node}/{self.name}"
+
+
+class OpenConnections(models.Model):
+    """How many connections one user holds open on one process (AWX_WS_MAX_CONNECTIONS_PER_USER:
+    the node's count is the sum over its live processes)."""
+
+    process = models.ForeignKey(ServingProcess, on_delete=models.CASCADE, related_name="connections")
+    user_id = models.IntegerField()
+    count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["process", "user_id"], name="one_count_per_process_and_user"),
+        ]
+
+    def __str__(self) -> str:
+        return f"user {self.user_id}: {self.count} on {self.process_id}"

@@ -113,6 +113,8 @@ async def start_process(wait: float | None) -> None:
         raise StartupError(f"the fan-out could not start on {layer.describe_hosts()}: {exc}") from exc
     if isinstance(layer, RedisChannelLayer):
         layer.fanout.adopt(connlimit.keep_counted(layer))
+    else:
+        layer.fanout.adopt(connlimit.keep_alive_in_database())
 
 
 class Startup:
@@ -195,4 +197,5 @@ class Startup:
         if isinstance(layer, RedisChannelLayer):
             await layer.liveness.stop()
         elif isinstance(layer, RabbitmqChannelLayer):
+            await connlimit.counter.withdraw()
             await layer.close()
