@@ -162,3 +162,24 @@ async def test_on_rabbitmq_a_killed_process_stops_counting_once_its_heartbeat_is
     assert await refused_status(survivor.url, headers=heavy) == 403
     for ws in fresh:
         await ws.close()
+
+
+async def test_on_rabbitmq_processes_racing_for_the_last_slot_admit_one(
+    daphne_factory, rabbitmq_limited, heavy
+):
+    """Counting is serialised per node and user (SQLite's write lock, PostgreSQL's advisory lock):
+    handshakes arriving together at two processes cannot all read "one slot left"."""
+    env = {**rabbitmq_limited, "AWX_WS_MAX_CONNECTIONS_PER_USER": "1"}
+    first, second = daphne_factory(env), daphne_factory(env)
+
+    async def attempt(url: str) -> WsClient | None:
+        try:
+            return await open_ws(url, headers=heavy)
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 403
+            return None
+
+    outcomes = await asyncio.gather(*(attempt(node.url) for node in (first, second) for _ in range(8)))
+    admitted = [ws for ws in outcomes if ws is not None]
+    assert len(admitted) == 1
+    await admitted[0].close()

@@ -305,3 +305,23 @@ async def test_the_node_total_forgets_history_that_expired(own_redis):
     assert int(await redis.get("asgi:history-total")) == sizes["asgi:history:schedules-kept"]
     assert await redis.zrange("asgi:history-expiry", 0, -1) == [b"asgi:history:schedules-kept"]
     await redis.aclose()
+
+
+async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_oldest_written(own_redis):
+    from tests.client import emit_to, redis_at
+
+    bounds = {
+        "HISTORY_MAX_BYTES": 3000,
+        "HISTORY_TOTAL_BYTES": 4000,
+        "HISTORY_KINDS": {"control": None, "schedules": {"age": 3600}, "inventory_updates": {"age": 60}},
+    }
+    payload = {"stdout": "x" * 900}
+    with override_settings(AWX_WS={**settings.AWX_WS, **bounds}):
+        await emit_to(own_redis.url, "schedules-long", payload)  # written first, kept an hour
+        await emit_to(own_redis.url, "inventory_updates-short", payload)  # kept a minute
+        for _ in range(3):
+            await emit_to(own_redis.url, "schedules-newest", payload)  # 5 x 915 bytes: past 4,000 on the node
+    redis = redis_at(own_redis.url)
+    lengths = [await redis.xlen(f"asgi:history:{g}") for g in ("schedules-long", "inventory_updates-short")]
+    assert lengths == [1, 0]
+    await redis.aclose()

@@ -88,23 +88,25 @@ def request_scheme(scope: dict[str, Any]) -> str:
 
 
 def trusted_origin(origin: str) -> bool:
-    """True if origin is one of CSRF_TRUSTED_ORIGINS (`https://*.example.com` covers subdomains).
+    """True if origin is one of CSRF_TRUSTED_ORIGINS (`https://*.example.com` covers subdomains),
+    matched as Django's CsrfViewMiddleware matches it for a POST from another origin.
 
-    Django's CSRF check accepts these for a POST from another origin; an operator lists here too
-    what a session websocket may come from, such as awxkit's `http://host:port` over wss.
+    An operator lists here too what a session websocket may come from, such as awxkit's
+    `http://host:port` over wss. An origin without a scheme and host (`null`) never matches.
     """
-    parts = urlsplit(origin.lower())
     try:
-        netloc = parts.netloc if parts.port is None else f"{parts.hostname}:{parts.port}"
+        parts = urlsplit(origin)
     except ValueError:
         return False
+    if not parts.scheme or not parts.netloc:
+        return False
     for trusted in settings.CSRF_TRUSTED_ORIGINS:
-        allowed = urlsplit(trusted.lower())
-        if allowed.scheme != parts.scheme:
+        if "*" not in trusted:
+            if origin == trusted:
+                return True
             continue
-        if allowed.netloc == netloc or (
-            allowed.netloc.startswith("*") and is_same_domain(netloc, allowed.netloc[1:])
-        ):
+        allowed = urlsplit(trusted)
+        if allowed.scheme == parts.scheme and is_same_domain(parts.netloc, allowed.netloc.lstrip("*")):
             return True
     return False
 

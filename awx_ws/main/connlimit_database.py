@@ -64,13 +64,15 @@ def release(process: str, user_id: int) -> None:
         rows.filter(count=0).delete()
 
 
-def beat(process: str, node: str, ttl: float, counts: Mapping[int, int] | None) -> None:
-    """Mark process alive; with counts, make its rows say exactly that (after a missed write).
-    Also deletes the rows of processes dead for FORGET_AFTER_TTLS TTLs."""
+def beat(process: str, node: str, ttl: float, counts: Mapping[int, int], rewrite: bool) -> None:
+    """Mark process alive; its rows are made to say counts when rewrite is asked for or its row
+    was gone. Also deletes the rows of processes dead for FORGET_AFTER_TTLS TTLs."""
     now = timezone.now()
     with transaction.atomic():
-        ServingProcess.objects.update_or_create(name=process, defaults={"node": node, "heartbeat": now})
-        if counts is not None:
+        _, created = ServingProcess.objects.update_or_create(
+            name=process, defaults={"node": node, "heartbeat": now}
+        )
+        if rewrite or created:
             OpenConnections.objects.filter(process_id=process).delete()
             OpenConnections.objects.bulk_create(
                 OpenConnections(process_id=process, user_id=user, count=n) for user, n in counts.items() if n

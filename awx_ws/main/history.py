@@ -211,14 +211,23 @@ local function sum_sizes(entries)
 end
 -- The node's total (HISTORY_TOTAL_BYTES): acct names a hash of each stream's bytes, their sum,
 -- and a sorted set of when each stream expires; `max` is the bound (nil acct: not kept).
-local function accounts(first, max)
+local function accounts(first, max, now_ms)
     if not KEYS[first] then return nil end
-    return {sizes = KEYS[first], total = KEYS[first + 1], expiry = KEYS[first + 2], max = max}
+    return {sizes = KEYS[first], total = KEYS[first + 1], expiry = KEYS[first + 2], max = max, now = now_ms}
 end
+-- Record that key holds bytes; a stream counted is always in the expiry set too (at its real
+-- expiry), so its bytes leave the total when it goes, whoever wrote or read it last.
 local function account(acct, key, bytes)
     if not acct then return end
     local old = tonumber(redis.call('HGET', acct.sizes, key) or '0')
-    if bytes > 0 then redis.call('HSET', acct.sizes, key, bytes) else redis.call('HDEL', acct.sizes, key) end
+    local ttl = redis.call('PTTL', key)
+    if bytes > 0 and ttl > 0 then
+        redis.call('HSET', acct.sizes, key, bytes)
+        redis.call('ZADD', acct.expiry, acct.now + ttl, key)
+    else
+        bytes = 0
+        redis.call('HDEL', acct.sizes, key)
+    end
     redis.call('INCRBY', acct.total, bytes - old)
 end
 -- Trim a group's stream to maxlen entries, none older than min_ms, and at most max_bytes of text
@@ -320,7 +329,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local function field(name) return stream_field(KEYS[1], name) end
 local last_id = field('last-generated-id')
-trim(KEYS[1], tonumber(ARGV[5]), math.max(now_ms - age_ms, 0), last_id, tonumber(ARGV[6]), accounts(3, 0))
+trim(KEYS[1], tonumber(ARGV[5]), math.max(now_ms - age_ms, 0), last_id, tonumber(ARGV[6]), accounts(3, 0, now_ms))
 local deleted = field('max-deleted-entry-id')
 local d_ms, d_seq = string.match(deleted, '(%d+)-(%d+)')
 if deleted ~= '0-0' then

@@ -80,11 +80,10 @@ if #KEYS >= 3 then
     if fresh then redis.call('DEL', KEYS[2] .. ':bytes') end
     redis.call('INCRBY', KEYS[2] .. ':bytes', #message['text'])
     local min_ms = math.max(now_ms - tonumber(ARGV[8]) * 1000, 0)
-    local acct = accounts(4, tonumber(ARGV[12]))
+    local acct = accounts(4, tonumber(ARGV[12]), now_ms)
     trim(KEYS[2], tonumber(ARGV[7]), min_ms, stream_id, tonumber(ARGV[11]), acct)
     if acct then
         -- The node's total (HISTORY_TOTAL_BYTES): past it, the streams to expire soonest go.
-        redis.call('ZADD', acct.expiry, now_ms + tonumber(ARGV[9]) * 1000, KEYS[2])
         forget_expired(acct, now_ms)
         evict(acct, KEYS[2])
     end
