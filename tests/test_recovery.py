@@ -325,3 +325,31 @@ async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_ol
     lengths = [await redis.xlen(f"asgi:history:{g}") for g in ("schedules-long", "inventory_updates-short")]
     assert lengths == [1, 0]
     await redis.aclose()
+
+
+async def test_a_stream_first_counted_by_a_read_leaves_the_total_when_it_expires(own_redis):
+    """A stream written while no total was kept (an emitter of an older release, or the total
+    off) is counted by the first read that trims it; it must leave the total when it expires."""
+    from awx_ws.main.history import read_local
+    from awx_ws.main.layers import RedisChannelLayer
+    from tests.client import emit_to, redis_at
+
+    kinds = {"control": None, "schedules": {"age": 1}}
+    with override_settings(AWX_WS={**settings.AWX_WS, "HISTORY_TOTAL_BYTES": 0, "HISTORY_KINDS": kinds}):
+        await emit_to(own_redis.url, "schedules-uncounted", {"stdout": "x" * 100})
+    redis = redis_at(own_redis.url)
+    assert await redis.exists("asgi:history-total") == 0
+    layer = RedisChannelLayer(hosts=[{"address": own_redis.url}])
+    on = {"HISTORY_TOTAL_BYTES": 1 << 20, "HISTORY_KINDS": kinds}
+    with override_settings(AWX_WS={**settings.AWX_WS, **on}):
+        await read_local(layer, "schedules-uncounted", GroupPosition(0))
+        assert int(await redis.get("asgi:history-total")) > 0
+        assert await redis.zrange("asgi:history-expiry", 0, -1) == [b"asgi:history:schedules-uncounted"]
+        deadline = time.monotonic() + 10
+        while await redis.exists("asgi:history:schedules-uncounted"):
+            assert time.monotonic() < deadline, "the stream never expired"
+            await asyncio.sleep(0.1)
+        await emit_to(own_redis.url, "schedules-next", {"stdout": "y"})
+    assert int(await redis.get("asgi:history-total")) == len(json.dumps({"stdout": "y"}))
+    await layer.close_pools()
+    await redis.aclose()
