@@ -222,7 +222,7 @@ def emitter(kind: str, redis_url: str):
 
     if kind == "ours-rabbitmq":
         # Made on first use: a RabbitMQ layer belongs to the loop that creates it.
-        from awx_ws.main.rabbitmq import RabbitmqChannelLayer
+        from awx_ws.main.layers.rabbitmq import RabbitmqChannelLayer
         from config.settings import channel_layer_config
 
         config = channel_layer_config("rabbitmq")["CONFIG"]

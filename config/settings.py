@@ -235,7 +235,7 @@ def channel_layer_config(backend: str) -> dict[str, Any]:
             )
         # channels_rabbitmq: one exclusive queue per process, groups bound on one direct exchange.
         return {
-            "BACKEND": "awx_ws.main.rabbitmq.RabbitmqChannelLayer",
+            "BACKEND": "awx_ws.main.layers.RabbitmqChannelLayer",
             "CONFIG": {
                 "host": os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672"),
                 # Messages a process holds in memory, received but not yet taken by its fan-out...

@@ -260,7 +260,7 @@ async def close_in_process_layer() -> None:
     """Close this process's RabbitMQ layer, if it made one (Channels' own reset drops it unclosed)."""
     from channels.layers import channel_layers
 
-    from awx_ws.main.rabbitmq import RabbitmqChannelLayer
+    from awx_ws.main.layers.rabbitmq import RabbitmqChannelLayer
 
     layer = channel_layers.backends.get("default")
     if isinstance(layer, RabbitmqChannelLayer):

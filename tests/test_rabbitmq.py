@@ -198,7 +198,7 @@ async def test_a_full_queue_drops_for_itself_only_with_a_log_line_and_a_metric(
     rabbitmq_node, rabbitmq_server, on_rabbitmq, auth, caplog
 ):
     """remote_capacity: RabbitMQ refuses messages for a full queue; everyone else gets them."""
-    from awx_ws.main.rabbitmq import RabbitmqChannelLayer
+    from awx_ws.main.layers.rabbitmq import RabbitmqChannelLayer
 
     client = await open_ws(rabbitmq_node.url, headers=auth)
     await client.subscribe({"schedules": ["full"]})
@@ -207,7 +207,7 @@ async def test_a_full_queue_drops_for_itself_only_with_a_log_line_and_a_metric(
     await stuck.group_add("schedules-full", await stuck.new_channel())
     dropped = metrics.DROPPED.labels("channel_full")
     before = dropped._value.get()
-    logger = logging.getLogger("awx_ws.main.rabbitmq")  # does not propagate to caplog's root handler
+    logger = logging.getLogger("awx_ws.main.layers.rabbitmq")  # does not propagate to caplog's root handler
     logger.addHandler(caplog.handler)
     try:
         await aemit_channel_notification("schedules-full", {"n": 0})

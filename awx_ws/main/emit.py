@@ -13,15 +13,12 @@ from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.module_loading import import_string
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import BrokerUnavailable, EmitError, RedisUnavailable
-from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.exceptions import EmitError, LayerUnavailable
+from awx_ws.main.layers import ServiceLayer
 from awx_ws.main.protocol import validate_group_name
-from awx_ws.main.rabbitmq import RabbitmqChannelLayer, blocking_emitter
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +33,16 @@ def build_message(group: str, payload: Any) -> dict[str, str]:
     return {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder)}
 
 
-def _unavailable(exc: BaseException, group: str, layer: Any, timeout: float) -> EmitError:
+def _emit_error(exc: LayerUnavailable, group: str, timeout: float) -> LayerUnavailable:
     """Our error for a failed emit, naming the setting or the address at fault."""
-    service = getattr(layer, "service", "Redis")
-    error = BrokerUnavailable if service == "RabbitMQ" else RedisUnavailable
-    where = layer.describe_hosts() if hasattr(layer, "describe_hosts") else type(layer).__name__
-    if isinstance(exc, TimeoutError | RedisTimeoutError):
-        return error(
+    if exc.timed_out:
+        message = (
             f"emit to {group!r} took longer than {timeout:g}s (AWX_WS_EMIT_TIMEOUT); "
-            f"is {service} up at {where}?"
+            f"is {exc.service} up at {exc.where}?"
         )
-    return error(f"emit to {group!r} failed, {service} at {where}: {exc}")
+    else:
+        message = f"emit to {group!r} failed, {exc.service} at {exc.where}: {exc}"
+    return type(exc)(message, where=exc.where, timed_out=exc.timed_out)
 
 
 async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, str]) -> None:
@@ -54,9 +50,11 @@ async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, st
     try:
         async with asyncio.timeout(timeout):
             await layer.group_send(group, message)
-    except (TimeoutError, RedisError, OSError) as exc:
+    except (TimeoutError, OSError) as exc:  # LayerUnavailable is an OSError
         metrics.REDIS_ERRORS.labels("emit").inc()
-        raise _unavailable(exc, group, layer, timeout) from exc
+        if not isinstance(layer, ServiceLayer):
+            raise EmitError(f"emit to {group!r} failed on {type(layer).__name__}: {exc!r}") from exc
+        raise _emit_error(layer.unavailable(exc), group, timeout) from exc
 
 
 async def aemit_channel_notification(group: str, payload: Any) -> None:
@@ -64,15 +62,16 @@ async def aemit_channel_notification(group: str, payload: Any) -> None:
     await _group_send(get_channel_layer(), group, build_message(group, payload))
 
 
-def uses_rabbitmq() -> bool:
-    """True when CHANNEL_LAYERS names the RabbitMQ layer (which sync code must not instantiate)."""
-    return _is_rabbitmq(settings.CHANNEL_LAYERS[DEFAULT_CHANNEL_LAYER]["BACKEND"])
+def layer_class() -> type[ServiceLayer] | None:
+    """The class CHANNEL_LAYERS names for the default layer, if it is one of ours (sync code must
+    not make the RabbitMQ layer, so the class is asked, not an instance)."""
+    return _service_layer(settings.CHANNEL_LAYERS[DEFAULT_CHANNEL_LAYER]["BACKEND"])
 
 
 @functools.cache  # asked on every sync emit: resolve each backend path once
-def _is_rabbitmq(backend_path: str) -> bool:
+def _service_layer(backend_path: str) -> type[ServiceLayer] | None:
     backend = import_string(backend_path)
-    return isinstance(backend, type) and issubclass(backend, RabbitmqChannelLayer)
+    return backend if isinstance(backend, type) and issubclass(backend, ServiceLayer) else None
 
 
 def emit_channel_notification(group: str, payload: Any) -> None:
@@ -95,20 +94,13 @@ def emit_channel_notification(group: str, payload: Any) -> None:
             "aemit_channel_notification() instead"
         )
     timeout = ws_settings.EMIT_TIMEOUT
-    if uses_rabbitmq():
-        try:
-            blocking_emitter.call(lambda rabbitmq: rabbitmq.group_send(group, message), timeout)
-        except (TimeoutError, OSError) as exc:
-            metrics.REDIS_ERRORS.labels("emit").inc()
-            raise _unavailable(exc, group, blocking_emitter, timeout) from exc
-        return
-    layer = get_channel_layer()
-    if not isinstance(layer, RedisChannelLayer):
+    backend = layer_class()
+    if backend is None:
         raise EmitError(
             "emit_channel_notification() needs one of awx_ws's channel layers (CHANNEL_LAYER_BACKEND)"
         )
     try:
-        layer.group_send_blocking(group, message, timeout)
-    except (RedisError, OSError) as exc:
+        backend.send_blocking(group, message, timeout)
+    except LayerUnavailable as exc:
         metrics.REDIS_ERRORS.labels("emit").inc()
-        raise _unavailable(exc, group, layer, timeout) from exc
+        raise _emit_error(exc, group, timeout) from exc

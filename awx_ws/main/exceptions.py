@@ -21,15 +21,33 @@ class EmitError(AwxWsError):
     """A notification could not be handed to the channel layer."""
 
 
-class RedisUnavailable(EmitError):
+class LayerUnavailable(EmitError, ConnectionError):
+    """The channel layer could not be reached (or did not answer) within the configured time.
+
+    Every backend raises it (a subclass naming its service) in place of its library's errors. An
+    EmitError, as emit has always raised, and a ConnectionError (an OSError), as a lost socket is.
+    `where` names the setting and address at fault; `timed_out` says the layer did not answer in
+    time (rather than refusing or failing).
+    """
+
+    service = "the channel layer"
+
+    def __init__(self, message: str, *, where: str = "", timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.where = where
+        self.timed_out = timed_out
+
+
+class RedisUnavailable(LayerUnavailable):
     """Redis could not be reached (or did not answer) within the configured time."""
 
+    service = "Redis"
 
-class BrokerUnavailable(EmitError, ConnectionError):
-    """RabbitMQ could not be reached (or the connection was lost) within the configured time.
 
-    A ConnectionError too, so code that handles a lost Redis connection handles this the same way.
-    """
+class BrokerUnavailable(LayerUnavailable):
+    """RabbitMQ could not be reached (or the connection was lost) within the configured time."""
+
+    service = "RabbitMQ"
 
 
 class DatabaseUnavailable(AwxWsError, ConnectionError):

@@ -329,7 +329,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local function field(name) return stream_field(KEYS[1], name) end
 local last_id = field('last-generated-id')
-trim(KEYS[1], tonumber(ARGV[5]), math.max(now_ms - age_ms, 0), last_id, tonumber(ARGV[6]), accounts(3, 0, now_ms))
+local min_ms = math.max(now_ms - age_ms, 0)
+trim(KEYS[1], tonumber(ARGV[5]), min_ms, last_id, tonumber(ARGV[6]), accounts(3, 0, now_ms))
 local deleted = field('max-deleted-entry-id')
 local d_ms, d_seq = string.match(deleted, '(%d+)-(%d+)')
 if deleted ~= '0-0' then

@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from redis.exceptions import RedisError
 
+from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import RedisUnavailable
-from awx_ws.main.retry import RetryPolicy, spawn
+from awx_ws.main.exceptions import RedisUnavailable, StartupError
+from awx_ws.main.retry import Backoff, RetryPolicy, spawn
 from awx_ws.main.stats import process_stats, stats_key
 
 if TYPE_CHECKING:
@@ -211,6 +212,44 @@ class LivenessJudge:
         return not record.runs_here()
 
 
+async def start_process(layer: RedisChannelLayer, wait: float | None) -> None:
+    """Mark this process live, then purge state of dead ones; wait up to `wait` s for Redis
+    (None: one attempt, RedisUnavailable if it fails)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (wait or 0.0)
+    backoff = Backoff(0.25, 5.0)
+    while True:
+        try:
+            try:
+                await layer.liveness.start()
+            except (RedisError, OSError) as exc:
+                raise RedisUnavailable(f"{layer.describe_hosts()}: {exc}") from exc
+            report = await purge_stale_state(layer)
+            break
+        except RedisUnavailable as exc:
+            if wait is None:
+                raise
+            delay = backoff.next_delay()
+            if loop.time() + delay > deadline:
+                raise StartupError(
+                    f"Redis unreachable for {wait:g}s (AWX_WS_STARTUP_REDIS_WAIT), "
+                    f"{backoff.failures} attempts: {exc}"
+                ) from exc
+            if backoff.failures == 1:
+                logger.warning("waiting up to %gs for Redis: %s", wait, exc)
+            await asyncio.sleep(delay)
+    metrics.PURGED.labels("memberships").inc(report.memberships)
+    metrics.PURGED.labels("queues").inc(report.queues)
+    metrics.PURGED.labels("records").inc(report.records)
+    logger.info(
+        "start-up purge: removed %d group memberships, %d message queues, %d records of %d dead processes",
+        report.memberships,
+        report.queues,
+        report.records,
+        len(report.dead_processes),
+    )
+
+
 async def purge_stale_state(layer: RedisChannelLayer) -> PurgeReport:
     """Remove group memberships, queued messages and records of dead processes; never of live ones."""
     try:
@@ -252,8 +291,8 @@ async def _purge(layer: RedisChannelLayer) -> PurgeReport:
         owner = key[len(interest_prefix) :].decode("utf-8", "replace")
         if _OWNER_RE.match(owner) and await verdicts.dead(owner):
             report.records += await layer.connection(0).delete(key)
-    # Connection counts (connlimit.py) of dead processes would hold their users' slots for good.
-    from awx_ws.main.connlimit import forget_process
+    # Connection counts (layers/redis_counts.py) of dead processes would hold their users' slots for good.
+    from awx_ws.main.layers.redis_counts import forget_process
 
     counts_prefix = f"{layer.prefix}:connections:".encode()
     async for key in layer.connection(0).scan_iter(match=f"{layer.prefix}:connections:*", count=500):

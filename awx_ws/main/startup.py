@@ -1,7 +1,8 @@
 """A server process's start-up and shutdown work, run once under any ASGI server.
 
-Start-up: the process marks itself live, removes channel-layer state of dead processes (the
-purge, liveness.py), and starts its fan-out with its loops. It waits a bounded time for the layer
+Start-up: the layer's own work (`ServiceLayer.start_process`: on Redis the process marks itself
+live and removes state of dead processes, liveness.py), then its fan-out with its loops, and the
+loop keeping the node's connection counts (connlimit.py). It waits a bounded time for the layer
 (AWX_WS_STARTUP_REDIS_WAIT) with one warning when the wait starts, never a crash loop (AWX #8696).
 
 Who runs it:
@@ -21,100 +22,28 @@ import os
 from typing import Any
 
 from channels.layers import get_channel_layer
-from redis.exceptions import RedisError
 
-from awx_ws.main import connlimit, metrics, revocation
+from awx_ws.main import connlimit, revocation
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import RedisUnavailable, StartupError
-from awx_ws.main.layers import RedisChannelLayer
-from awx_ws.main.liveness import purge_stale_state
-from awx_ws.main.rabbitmq import RabbitmqChannelLayer, SyncProducerLayer
-from awx_ws.main.retry import Backoff, spawn
+from awx_ws.main.exceptions import StartupError
+from awx_ws.main.layers import ServiceLayer
+from awx_ws.main.retry import spawn
 
 logger = logging.getLogger(__name__)
-
-
-async def _start_redis(layer: RedisChannelLayer, wait: float | None) -> None:
-    """Mark this process live, then purge state of dead ones; wait up to `wait` s for Redis
-    (None: one attempt, RedisUnavailable if it fails)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + (wait or 0.0)
-    backoff = Backoff(0.25, 5.0)
-    while True:
-        try:
-            try:
-                await layer.liveness.start()
-            except (RedisError, OSError) as exc:
-                raise RedisUnavailable(f"{layer.describe_hosts()}: {exc}") from exc
-            report = await purge_stale_state(layer)
-            break
-        except RedisUnavailable as exc:
-            if wait is None:
-                raise
-            delay = backoff.next_delay()
-            if loop.time() + delay > deadline:
-                raise StartupError(
-                    f"Redis unreachable for {wait:g}s (AWX_WS_STARTUP_REDIS_WAIT), "
-                    f"{backoff.failures} attempts: {exc}"
-                ) from exc
-            if backoff.failures == 1:
-                logger.warning("waiting up to %gs for Redis: %s", wait, exc)
-            await asyncio.sleep(delay)
-    metrics.PURGED.labels("memberships").inc(report.memberships)
-    metrics.PURGED.labels("queues").inc(report.queues)
-    metrics.PURGED.labels("records").inc(report.records)
-    logger.info(
-        "start-up purge: removed %d group memberships, %d message queues, %d records of %d dead processes",
-        report.memberships,
-        report.queues,
-        report.records,
-        len(report.dead_processes),
-    )
-
-
-async def _start_rabbitmq(layer: RabbitmqChannelLayer, wait: float | None) -> None:
-    """Wait (bounded) for the broker; there is nothing to purge, which is logged and counted."""
-    wait = layer.connect_wait if wait is None else wait
-    try:
-        async with asyncio.timeout(wait):
-            await asyncio.shield(layer.carehare_connection)
-    except TimeoutError as exc:
-        setting = "AWX_WS_STARTUP_REDIS_WAIT" if wait == ws_settings.STARTUP_REDIS_WAIT else "one attempt"
-        raise StartupError(
-            f"RabbitMQ unreachable for {wait:g}s ({setting}) at {layer.describe_hosts()}"
-        ) from exc
-    metrics.PURGE_SKIPPED.inc()
-    # Each process's queue is exclusive: RabbitMQ deletes it, and its bindings, when the
-    # process's connection goes, so a killed daphne leaves nothing behind to remove.
-    logger.info(
-        "start-up purge skipped: the RabbitMQ layer keeps no state outside live connections (%s)",
-        layer.describe_hosts(),
-    )
 
 
 async def start_process(wait: float | None) -> None:
     """The start-up work on this process's channel layer; StartupError when it cannot be done
     within `wait` seconds (None: one attempt)."""
     layer: Any = get_channel_layer()
-    if isinstance(layer, SyncProducerLayer):
-        raise StartupError(
-            "this process's RabbitMQ layer was made by sync code before the server started it, "
-            "and can only send: call get_channel_layer() from async code in a server process"
-        )
-    if isinstance(layer, RabbitmqChannelLayer):
-        await _start_rabbitmq(layer, wait)
-    elif isinstance(layer, RedisChannelLayer):
-        await _start_redis(layer, wait)
-    else:
-        raise StartupError(f"CHANNEL_LAYERS names {type(layer).__name__}: use CHANNEL_LAYER_BACKEND")
-    try:
-        await layer.fanout.start()
-    except (RedisError, OSError) as exc:
-        raise StartupError(f"the fan-out could not start on {layer.describe_hosts()}: {exc}") from exc
-    if isinstance(layer, RedisChannelLayer):
-        layer.fanout.adopt(connlimit.keep_counted(layer))
-    else:
-        layer.fanout.adopt(connlimit.keep_alive_in_database())
+    if not isinstance(layer, ServiceLayer):
+        # channels_rabbitmq's layer made by sync code first is a send-only stand-in here.
+        hint = getattr(layer, "startup_hint", None) or "use CHANNEL_LAYER_BACKEND"
+        raise StartupError(f"CHANNEL_LAYERS names {type(layer).__name__}: {hint}")
+    await layer.start_process(wait)
+    keeper = layer.connection_counts.keep_synced(connlimit.counter)
+    if keeper is not None:
+        layer.fanout.adopt(keeper)
 
 
 class Startup:
@@ -193,9 +122,4 @@ class Startup:
         self.done = False
         await revocation.watcher.stop()
         layer: Any = get_channel_layer()
-        await layer.fanout.stop()
-        if isinstance(layer, RedisChannelLayer):
-            await layer.liveness.stop()
-        elif isinstance(layer, RabbitmqChannelLayer):
-            await connlimit.counter.withdraw()
-            await layer.close()
+        await layer.stop_process()

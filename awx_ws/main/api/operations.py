@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from channels.layers import get_channel_layer
 from django.db import DatabaseError, connection
 from django.http import HttpResponse
-from redis.exceptions import RedisError
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -16,9 +14,8 @@ from rest_framework.views import APIView
 from awx_ws.main import metrics
 from awx_ws.main.api.permissions import IsSuperuserOrLoopback
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.emit import uses_rabbitmq
-from awx_ws.main.layers import RedisChannelLayer
-from awx_ws.main.rabbitmq import blocking_emitter
+from awx_ws.main.emit import layer_class
+from awx_ws.main.exceptions import LayerUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +32,13 @@ class PingView(APIView):
 
 
 def _layer_problem() -> str | None:
-    if uses_rabbitmq():
-        try:
-            blocking_emitter.ping(ws_settings.EMIT_TIMEOUT)
-        except (TimeoutError, OSError) as exc:
-            return f"unreachable at {blocking_emitter.describe_hosts()}: {exc}"
-        return None
-    layer = get_channel_layer()
-    if not isinstance(layer, RedisChannelLayer):
+    backend = layer_class()
+    if backend is None:
         return None
     try:
-        layer.ping_blocking(ws_settings.EMIT_TIMEOUT)
-    except (RedisError, OSError) as exc:
-        return f"unreachable at {layer.describe_hosts()}: {exc}"
+        backend.ping_blocking(ws_settings.EMIT_TIMEOUT)
+    except LayerUnavailable as exc:
+        return f"unreachable at {exc.where}: {exc}"
     return None
 
 
@@ -68,7 +59,8 @@ class ReadyView(APIView):
 
     def get(self, request: Request) -> Response:
         """200 when both answer, else 503 with the reason for each."""
-        layer = "rabbitmq" if uses_rabbitmq() else "redis"
+        backend = layer_class()
+        layer = backend.service.lower() if backend is not None else "channel layer"
         problems = {layer: _layer_problem(), "database": _database_problem()}
         body = {name: problem or "ok" for name, problem in problems.items()}
         if any(problems.values()):

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from redis.exceptions import RedisError
 
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.emit import uses_rabbitmq
+from awx_ws.main.emit import layer_class
 from awx_ws.main.interest import interest_key
 from awx_ws.main.layers import RedisChannelLayer
 from awx_ws.main.liveness import LivenessJudge
@@ -26,14 +26,14 @@ class Command(BaseCommand):
         parser.add_argument("--groups", action="store_true", help="also list each group and its processes")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if uses_rabbitmq():
+        backend = layer_class()
+        if backend is None or not backend.keeps_records:
+            service = backend.service if backend is not None else "this"
             raise CommandError(
-                "connections reads what each process writes to Redis; the RabbitMQ layer keeps no such "
+                f"connections reads what each process writes to Redis; the {service} layer keeps no such "
                 "record: see GET /api/v2/metrics (awx_ws_connections) and `rabbitmqctl list_queues`"
             )
         layer = get_channel_layer()
-        if not isinstance(layer, RedisChannelLayer):
-            raise CommandError("connections needs awx_ws.main.layers.RedisChannelLayer as the default layer")
         try:
             report = asyncio.run(connections_report(layer, options["groups"]))
         except (RedisError, OSError) as exc:

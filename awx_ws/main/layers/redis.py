@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from channels.layers import get_channel_layer
 from channels_redis import core
 from channels_redis.serializers import MsgPackSerializer
 from django.core.exceptions import ImproperlyConfigured
@@ -20,12 +21,15 @@ from django.core.exceptions import ImproperlyConfigured
 from redis import BlockingConnectionPool as SyncBlockingPool
 from redis import Redis as BlockingRedis
 from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from awx_ws.main import metrics
-from awx_ws.main.exceptions import redact_url
+from awx_ws.main import liveness, metrics
+from awx_ws.main.exceptions import RedisUnavailable, StartupError, redact_url
 from awx_ws.main.fanout import RedisFanout
 from awx_ws.main.history import TRIM_LUA, ensure_origin, history_policy, origin_key, stream_key, total_keys
+from awx_ws.main.layers.base import ServiceLayer
+from awx_ws.main.layers.redis_counts import RedisConnectionStore
 from awx_ws.main.liveness import Liveness
 from awx_ws.main.messages import is_client_message, with_group
 
@@ -118,7 +122,7 @@ return {over, others, message_id}
 _FANOUT_SHA = hashlib.sha1(GROUP_SEND_FANOUT_LUA.encode()).hexdigest()
 
 
-class RedisChannelLayer(core.RedisChannelLayer):
+class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
     """channels_redis core layer, storing the same keys and messages, with three additions.
 
     - Its process is marked alive in Redis while it owns channels; the start-up purge
@@ -133,8 +137,10 @@ class RedisChannelLayer(core.RedisChannelLayer):
     # What clients and operators are told is unreachable; whether resumes can replay (they can).
     service = "Redis"
     keeps_history = True
+    keeps_records = True
     _liveness: Liveness | None = None
     _fanout: RedisFanout | None = None
+    _counts: RedisConnectionStore | None = None
     _blocking: dict[int, BlockingRedis] | None = None
     _blocking_pid: int = 0
     _blocking_lock = threading.Lock()
@@ -152,6 +158,26 @@ class RedisChannelLayer(core.RedisChannelLayer):
         if self._fanout is None:
             self._fanout = RedisFanout(self)
         return self._fanout
+
+    @property
+    def connection_counts(self) -> RedisConnectionStore:
+        """The node's open connections per user, in this Redis (redis_counts.py)."""
+        if self._counts is None:
+            self._counts = RedisConnectionStore(self)
+        return self._counts
+
+    async def start_process(self, wait: float | None) -> None:
+        """Mark this process live, purge what dead ones left (liveness.py), start the fan-out."""
+        await liveness.start_process(self, wait)
+        try:
+            await self.fanout.start()
+        except (RedisError, OSError) as exc:
+            raise StartupError(f"the fan-out could not start on {self.describe_hosts()}: {exc}") from exc
+
+    async def stop_process(self) -> None:
+        """Stop the fan-out (withdrawing its memberships) and this process's liveness record."""
+        await self.fanout.stop()
+        await self.liveness.stop()
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel; the process is marked alive before the name is used."""
@@ -237,7 +263,14 @@ class RedisChannelLayer(core.RedisChannelLayer):
         return others
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
-        """Send message to every member of group (see GROUP_SEND_FANOUT_LUA)."""
+        """Send message to every member of group (see GROUP_SEND_FANOUT_LUA); RedisUnavailable
+        when Redis fails."""
+        try:
+            await self._group_send(group, message)
+        except (RedisError, OSError) as exc:
+            raise self.unavailable(exc) from exc
+
+    async def _group_send(self, group: str, message: dict[str, Any]) -> None:
         if not self.require_valid_group_name(group):
             raise TypeError(f"invalid group name {group!r}")
         message = with_group(group, message)
@@ -278,9 +311,38 @@ class RedisChannelLayer(core.RedisChannelLayer):
                 self._blocking[index] = BlockingRedis(connection_pool=pool)
             return self._blocking[index]
 
-    def ping_blocking(self, timeout: float) -> None:
-        """PING the first Redis host from sync code (readiness); raises RedisError when it fails."""
-        self._blocking_client(0, timeout).ping()
+    @classmethod
+    def _default(cls) -> RedisChannelLayer:
+        """This process's default layer (sync code may make it: it opens nothing until used)."""
+        layer = get_channel_layer()
+        if not isinstance(layer, cls):
+            raise ImproperlyConfigured(f"CHANNEL_LAYERS names {type(layer).__name__}, not {cls.__name__}")
+        return layer
+
+    def unavailable(self, exc: BaseException) -> RedisUnavailable:
+        """exc (redis-py's, or a timeout) as RedisUnavailable naming REDIS_URL."""
+        if isinstance(exc, RedisUnavailable) and exc.where:
+            return exc
+        timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
+        return RedisUnavailable(str(exc), where=self.describe_hosts(), timed_out=timed_out)
+
+    @classmethod
+    def ping_blocking(cls, timeout: float) -> None:
+        """PING the first Redis host from sync code (readiness); RedisUnavailable when it fails."""
+        layer = cls._default()
+        try:
+            layer._blocking_client(0, timeout).ping()
+        except (RedisError, OSError) as exc:
+            raise layer.unavailable(exc) from exc
+
+    @classmethod
+    def send_blocking(cls, group: str, message: dict[str, Any], timeout: float) -> None:
+        """group_send from sync code (group_send_blocking); RedisUnavailable when it fails."""
+        layer = cls._default()
+        try:
+            layer.group_send_blocking(group, message, timeout)
+        except (RedisError, OSError) as exc:
+            raise layer.unavailable(exc) from exc
 
     @staticmethod
     def _eval_fanout_blocking(connection: BlockingRedis, keys: list[str], args: list[Any]) -> Any:

@@ -24,7 +24,7 @@ import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import carehare
 from channels import DEFAULT_CHANNEL_LAYER
@@ -38,9 +38,13 @@ from django.core.signals import setting_changed
 
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import BrokerUnavailable, redact_url
+from awx_ws.main.exceptions import BrokerUnavailable, StartupError, redact_url
 from awx_ws.main.fanout import Fanout
+from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.messages import is_client_message, with_group
+
+if TYPE_CHECKING:
+    from awx_ws.main.layers.database_counts import DatabaseConnectionStore
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +55,13 @@ T = TypeVar("T")
 CONNECT_WAIT = 5.0
 
 
-class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
+class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
     """channels_rabbitmq's layer with our fan-out, bounded connection waits and counted drops."""
 
     # What clients and operators are told is unreachable; whether resumes can replay (they cannot).
     service = "RabbitMQ"
     keeps_history = False
+    keeps_records = False
 
     def __new__(cls, *args: Any, **config: Any) -> Any:
         """The layer; from sync code (no running event loop) a SyncProducerLayer instead."""
@@ -101,6 +106,7 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
         self.prefetch_count = prefetch
         self.connect_wait = connect_wait
         self._fanout: Fanout | None = None
+        self._counts: DatabaseConnectionStore | None = None
 
     # channels 4.2 deprecated valid_*_name (a DeprecationWarning per call) for require_valid_*_name,
     # which channels_rabbitmq 4.0.1 still calls in group_add, group_discard, send and receive.
@@ -118,6 +124,73 @@ class RabbitmqChannelLayer(core.RabbitmqChannelLayer):
         if self._fanout is None:
             self._fanout = Fanout(self)
         return self._fanout
+
+    @property
+    def connection_counts(self) -> DatabaseConnectionStore:
+        """The node's open connections per user: in the database its processes share."""
+        if self._counts is None:
+            from awx_ws.main.layers.database_counts import DatabaseConnectionStore
+
+            self._counts = DatabaseConnectionStore()
+        return self._counts
+
+    async def start_process(self, wait: float | None) -> None:
+        """Wait (bounded) for the broker, then start the fan-out; there is nothing to purge, which
+        is logged and counted."""
+        wait = self.connect_wait if wait is None else wait
+        try:
+            async with asyncio.timeout(wait):
+                await asyncio.shield(self.carehare_connection)
+        except TimeoutError as exc:
+            setting = "AWX_WS_STARTUP_REDIS_WAIT" if wait == ws_settings.STARTUP_REDIS_WAIT else "one attempt"
+            raise StartupError(
+                f"RabbitMQ unreachable for {wait:g}s ({setting}) at {self.describe_hosts()}"
+            ) from exc
+        metrics.PURGE_SKIPPED.inc()
+        # Each process's queue is exclusive: RabbitMQ deletes it, and its bindings, when the
+        # process's connection goes, so a killed daphne leaves nothing behind to remove.
+        logger.info(
+            "start-up purge skipped: the RabbitMQ layer keeps no state outside live connections (%s)",
+            self.describe_hosts(),
+        )
+        try:
+            await self.fanout.start()
+        except OSError as exc:  # BrokerUnavailable too
+            raise StartupError(f"the fan-out could not start on {self.describe_hosts()}: {exc}") from exc
+
+    async def stop_process(self) -> None:
+        """Stop the fan-out, take this process's connection counts back, close the connection."""
+        await self.fanout.stop()
+        await self.connection_counts.withdraw()
+        await self.close()
+
+    def unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        """exc (a lost or refused connection, or a timeout) as BrokerUnavailable naming RABBITMQ_URL."""
+        if isinstance(exc, BrokerUnavailable) and exc.where:
+            return exc
+        return BrokerUnavailable(
+            str(exc), where=self.describe_hosts(), timed_out=isinstance(exc, TimeoutError)
+        )
+
+    @classmethod
+    def send_blocking(cls, group: str, message: dict[str, Any], timeout: float) -> None:
+        """group_send from sync code, on the process's one emit loop thread (BlockingEmitter)."""
+        try:
+            blocking_emitter.call(lambda rabbitmq: rabbitmq.group_send(group, message), timeout)
+        except (TimeoutError, OSError) as exc:
+            raise BrokerUnavailable(
+                str(exc), where=blocking_emitter.describe_hosts(), timed_out=isinstance(exc, TimeoutError)
+            ) from exc
+
+    @classmethod
+    def ping_blocking(cls, timeout: float) -> None:
+        """Wait until the emit loop's connection is up (readiness)."""
+        try:
+            blocking_emitter.ping(timeout)
+        except (TimeoutError, OSError) as exc:
+            raise BrokerUnavailable(
+                str(exc), where=blocking_emitter.describe_hosts(), timed_out=isinstance(exc, TimeoutError)
+            ) from exc
 
     def describe_hosts(self) -> str:
         """The broker address for messages (password redacted), naming RABBITMQ_URL."""
@@ -293,6 +366,11 @@ class SyncProducerLayer:
     service = "RabbitMQ"
     keeps_history = False
     extensions = ["groups"]
+    # Why a server process must not have this layer (startup.py says so).
+    startup_hint = (
+        "this process's RabbitMQ layer was made by sync code before the server started it, "
+        "and can only send: call get_channel_layer() from async code in a server process"
+    )
 
     def __init__(self, **config: Any) -> None:
         self.config = config

@@ -1,0 +1,115 @@
+"""The contract between awx_ws and a channel layer backend: what the service needs beyond
+Channels' own layer API (`group_send`, `group_add`, `receive`...), declared once.
+
+A backend subclasses its Channels layer and `ServiceLayer`, and implements every abstract member;
+code outside `awx_ws.main.layers` asks the layer through these and never checks which backend it
+has. Library errors stay inside the backend: a layer that cannot be reached raises
+`LayerUnavailable` (exceptions.py) naming the setting at fault.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from awx_ws.main.exceptions import LayerUnavailable
+    from awx_ws.main.fanout import Fanout
+
+
+class CountKeeper(Protocol):
+    """A process's own count of its open connections (connlimit.ConnectionCounter), as a store's
+    sync loop sees it."""
+
+    def counts(self) -> dict[int, int]:
+        """Open connections per user."""
+        ...
+
+    def on_missed(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call listener when a change could not be written; returns its unregistering function."""
+        ...
+
+    async def restore(self, store: ConnectionStore) -> int:
+        """Write the whole count to store (under its lock); the users written."""
+        ...
+
+
+class ConnectionStore(Protocol):
+    """Where a node keeps its open connections per user (AWX_WS_MAX_CONNECTIONS_PER_USER), shared
+    by its processes; each process's share is written under `lock` together with its memory count."""
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while this process's share and its memory count change together."""
+        ...
+
+    async def acquire(self, user_id: int, limit: int) -> bool:
+        """Count one more connection of user_id on this process; False at the node's limit."""
+        ...
+
+    async def release(self, user_id: int) -> None:
+        """Take back one connection of user_id on this process."""
+        ...
+
+    async def restore(self, counts: dict[int, int]) -> int:
+        """Make this process's share exactly counts (after a missed write); the users written."""
+        ...
+
+    def keep_synced(self, counter: CountKeeper) -> asyncio.Task[None] | None:
+        """Start the loop that writes counter's counts again when a change was missed, or the
+        store may have lost them; None when it needs none."""
+        ...
+
+
+class ServiceLayer(abc.ABC):
+    """What awx_ws needs of a channel layer besides Channels' API."""
+
+    # Named to operators and clients ("Redis is unreachable"); whether resumes can replay;
+    # whether each process writes its records (liveness, stats, relay status) to the layer's
+    # store, where `manage.py connections` and `run_wsbroadcast --status` read them.
+    service: ClassVar[str]
+    keeps_history: ClassVar[bool]
+    keeps_records: ClassVar[bool]
+
+    @property
+    @abc.abstractmethod
+    def fanout(self) -> Fanout:
+        """This process's fan-out of group messages to its client sockets."""
+
+    @property
+    @abc.abstractmethod
+    def connection_counts(self) -> ConnectionStore:
+        """The node's open connections per user."""
+
+    @abc.abstractmethod
+    def describe_hosts(self) -> str:
+        """Where the layer connects, passwords redacted, naming the setting (for messages)."""
+
+    @abc.abstractmethod
+    def unavailable(self, exc: BaseException) -> LayerUnavailable:
+        """exc, this layer failing or not answering in time, as our error naming where."""
+
+    @abc.abstractmethod
+    async def start_process(self, wait: float | None) -> None:
+        """This process's start-up work: wait up to `wait` s for the layer (None: one attempt),
+        remove what dead processes left, start the fan-out; StartupError when it cannot."""
+
+    @abc.abstractmethod
+    async def stop_process(self) -> None:
+        """Stop this process's loops and withdraw what it wrote (best effort, bounded)."""
+
+    @abc.abstractmethod
+    async def remember_nonce(self, nonce: str, ttl: float) -> bool:
+        """Remember a peer handshake's nonce on this node for ttl s; False if it was seen before."""
+
+    @classmethod
+    @abc.abstractmethod
+    def send_blocking(cls, group: str, message: dict[str, Any], timeout: float) -> None:
+        """group_send from sync code (no running event loop); LayerUnavailable when it fails."""
+
+    @classmethod
+    @abc.abstractmethod
+    def ping_blocking(cls, timeout: float) -> None:
+        """Check the layer answers, from sync code (readiness); LayerUnavailable when it does not."""
