@@ -330,8 +330,8 @@ async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_ol
 async def test_a_stream_first_counted_by_a_read_leaves_the_total_when_it_expires(own_redis):
     """A stream written while no total was kept (an emitter of an older release, or the total
     off) is counted by the first read that trims it; it must leave the total when it expires."""
-    from awx_ws.main.history import read_local
     from awx_ws.main.layers import RedisChannelLayer
+    from awx_ws.main.layers.redis_history import read_local
     from tests.client import emit_to, redis_at
 
     kinds = {"control": None, "schedules": {"age": 1}}

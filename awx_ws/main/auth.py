@@ -22,12 +22,12 @@ from django.contrib.auth.models import AnonymousUser
 from django.db import DatabaseError
 from django.http.request import split_domain_port, validate_host
 from django.utils.http import is_same_domain
-from redis.exceptions import RedisError
 from rest_framework.authtoken.models import Token
 
 from awx_ws.main import connlimit, peerauth
 from awx_ws.main.audience import viewer_now
 from awx_ws.main.conf import ws_settings
+from awx_ws.main.layers import ServiceLayer
 
 logger = logging.getLogger(__name__)
 
@@ -314,14 +314,13 @@ class PeerAuthMiddleware:
 
     async def _refuse_replay(self, nonce: str) -> None:
         layer = get_channel_layer()
-        remember = getattr(layer, "remember_nonce", None)
-        if remember is None:
+        if not isinstance(layer, ServiceLayer):
             raise peerauth.PeerAuthError(f"{type(layer).__name__} keeps no nonces: peers need our layers")
         # Past the window the header is refused for its time anyway.
         ttl = ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW * 2 + 1
         try:
-            fresh = await remember(nonce, ttl)
-        except (RedisError, DatabaseError, OSError) as exc:
+            fresh = await layer.remember_nonce(nonce, ttl)
+        except (DatabaseError, OSError) as exc:  # LayerUnavailable is an OSError
             raise peerauth.PeerAuthError(f"cannot check the nonce: {exc}") from exc
         if not fresh:
             raise peerauth.PeerAuthError("nonce already used on this node (a replayed header)")

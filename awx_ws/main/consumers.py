@@ -16,7 +16,6 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
-from redis.exceptions import RedisError
 
 from awx_ws.main import metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
@@ -25,7 +24,7 @@ from awx_ws.main.auth import session_expiry
 from awx_ws.main.backlog import SLOW_CLIENT_CLOSE_CODE, SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.fanout import keep_joined
-from awx_ws.main.history import GroupPosition, Replay, read_local
+from awx_ws.main.history import GroupPosition, Replay
 from awx_ws.main.stats import process_stats
 from awx_ws.main.streams import Stream
 
@@ -170,7 +169,7 @@ class EventConsumer(AsyncWebsocketConsumer):
         try:
             async with self._changing:
                 await self.subscribe(request)
-        except (RedisError, OSError) as exc:
+        except OSError as exc:  # LayerUnavailable
             # The connection stays; what was joined before the failure stays joined.
             metrics.REDIS_ERRORS.labels("subscribe").inc()
             service = getattr(self.fanout.layer, "service", "its channel layer")
@@ -323,7 +322,7 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
             for group in sorted(held):
                 await self.channel_layer.group_discard(group, self.channel_name)
                 held.discard(group)
-        except (RedisError, OSError) as exc:
+        except OSError as exc:  # LayerUnavailable
             # Redis lost them already (a restart), or drops them at group_expiry.
             logger.info("peer relay %s: could not leave its groups: %s", self.scope.get("peer"), exc)
 
@@ -362,8 +361,8 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
                 answers.append({"group": group, "origin": None, "entries": [], "reset": reset})
                 continue
             try:
-                origin, replay = await read_local(self.channel_layer, group, position, margin)
-            except (RedisError, OSError) as exc:
+                origin, replay = await self.channel_layer.read_history(group, position, margin)
+            except OSError as exc:  # LayerUnavailable
                 logger.warning("history of %s unreadable for peer %s: %s", group, self.scope.get("peer"), exc)
                 origin, replay = None, Replay(reset="history unavailable on a peer node")
             answers.append(

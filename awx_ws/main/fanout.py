@@ -18,37 +18,31 @@ may cancel a consumer mid-join). `join` waits until the membership is in place, 
 reply means delivery. A failed sync is retried, with the groups' layer state taken as unknown.
 
 `Fanout` works on any channel layer with groups (the RabbitMQ one): one channel from
-new_channel(), one receive loop. `RedisFanout` is the Redis layer's: a queue key of its own that
-it pops in batches, memberships written in one pipeline, and its groups mirrored into
-`<prefix>:interest:<client prefix>` for the relay (interest.py).
+new_channel(), one receive loop. `RedisFanout` (layers/redis_fanout.py) is the Redis layer's: a
+queue key of its own that it pops in batches, memberships written in one pipeline, and its groups
+mirrored into `<prefix>:interest:<client prefix>` for the relay (interest.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from channels.exceptions import StopConsumer
 
 from awx_ws.main import metrics
 from awx_ws.main.audience import JobOrganizations, Viewer, allowed
-from awx_ws.main.interest import INTEREST_REQUEST_TYPE, InterestAnnouncer, changes_channel, interest_key
+from awx_ws.main.interest import INTEREST_REQUEST_TYPE, InterestAnnouncer
 from awx_ws.main.messages import CLIENT_MESSAGE_TYPE
 from awx_ws.main.retry import FailureLog, spawn
-
-if TYPE_CHECKING:
-    from awx_ws.main.layers import RedisChannelLayer
 
 logger = logging.getLogger(__name__)
 
 # autobahn's WebSocketProtocol.STATE_OPEN
 _STATE_OPEN = 3
-# Messages taken from Redis per round trip while the queue is busy.
-BATCH = 256
 
 
 def fanout_channel(client_prefix: str) -> str:
@@ -119,7 +113,8 @@ class Fanout:
 
     This base works on any channel layer with groups: a channel from new_channel(), group_add
     and group_discard, one receive() per message; it announces its groups on the layer for the
-    relay (interest.InterestAnnouncer). RedisFanout below is the Redis layer's faster variant.
+    relay (interest.InterestAnnouncer). RedisFanout (layers/redis_fanout.py) is the Redis layer's
+    faster variant.
     """
 
     def __init__(self, layer: Any) -> None:
@@ -428,98 +423,3 @@ class Fanout:
             metrics.DROPPED.labels("connection_closing").inc(dropped)
         for transport, count in delivered.items():
             metrics.DELIVERED.labels(transport).inc(count)
-
-
-class RedisFanout(Fanout):
-    """The Redis layer's fan-out: its own queue key popped in batches, memberships and interest
-    written in one pipeline."""
-
-    layer: RedisChannelLayer
-
-    def __init__(self, layer: RedisChannelLayer) -> None:
-        super().__init__(layer)
-        self._interest_key = interest_key(layer.prefix, layer.client_prefix)
-        # After a resync the interest set is rewritten whole (a restarted Redis lost it).
-        self._rewrite_interest = False
-
-    def resync(self) -> None:
-        """Take every membership as unknown; rewrite them and the interest set."""
-        super().resync()
-        self._rewrite_interest = True
-
-    async def _open(self) -> str:
-        # Mark the process live before its name is in any group (liveness.py).
-        await self.layer.liveness.start()
-        # A plain (not process-specific) name gets a Redis key of its own, which only this loop
-        # reads: it can pop many messages per round trip (see _receive).
-        return fanout_channel(self.layer.client_prefix)
-
-    async def _apply(self, adds: list[str], discards: list[str]) -> None:
-        """One pipeline: the group memberships (as channels_redis's group_add/discard write
-        them), this process's interest set, and the change notice for the relay."""
-        layer, channel = self.layer, str(self.channel)
-        rewrite, self._rewrite_interest = self._rewrite_interest, False
-        try:
-            if layer.ring_size > 1:  # group keys live on several shards: channels_redis's own calls
-                await super()._apply(adds, discards)
-            async with layer.connection(0).pipeline(transaction=False) as pipe:
-                if rewrite:
-                    # A restarted Redis lost our liveness record too: write it before anything that
-                    # names this process (liveness.Liveness.write_into).
-                    layer.liveness.write_into(pipe)
-                if layer.ring_size == 1:
-                    now = time.time()
-                    for group in adds:
-                        key = layer.group_key(group)
-                        pipe.zadd(key, {channel: now})
-                        pipe.expire(key, layer.group_expiry)
-                    for group in discards:
-                        pipe.zrem(layer.group_key(group), channel)
-                if rewrite:
-                    pipe.delete(self._interest_key)
-                    if self.groups:
-                        pipe.sadd(self._interest_key, *sorted(self.groups))
-                else:
-                    if adds:
-                        pipe.sadd(self._interest_key, *adds)
-                    if discards:
-                        pipe.srem(self._interest_key, *discards)
-                pipe.publish(changes_channel(layer.prefix), layer.client_prefix)
-                await pipe.execute()
-        except BaseException:
-            self._rewrite_interest = self._rewrite_interest or rewrite
-            raise
-        if rewrite:
-            logger.info("fan-out %s rejoined %d groups in Redis", channel, len(self.groups))
-
-    async def _withdraw(self) -> None:
-        """One pipeline: our memberships, interest set and queue key, then the change notice."""
-        if self.channel is None or self.layer.ring_size > 1:
-            return  # sharded: the next start-up purge removes them
-        layer, channel = self.layer, self.channel
-        async with layer.connection(0).pipeline(transaction=False) as pipe:
-            for group in sorted(self._applied | self._uncertain):
-                pipe.zrem(layer.group_key(group), channel)
-            pipe.delete(self._interest_key, layer.prefix + channel)
-            pipe.publish(changes_channel(layer.prefix), layer.client_prefix)
-            await pipe.execute()
-        self._applied.clear()
-
-    async def _receive(self, channel: str) -> list[dict[str, Any]]:
-        """Up to BATCH queued messages: one round trip while busy, a blocking wait when idle."""
-        key = self.layer.prefix + channel
-        connection = self.layer.connection(self.layer.consistent_hash(channel))
-        popped = await connection.zpopmin(key, BATCH)
-        if popped:
-            raw = [member for member, _score in popped]
-        else:
-            waited = await connection.bzpopmin(key, timeout=5)
-            raw = [waited[1]] if waited else []
-        messages = []
-        for blob in raw:
-            try:
-                messages.append(self.layer.deserialize(blob))
-            except Exception as exc:  # one bad message must not stop delivery of the rest
-                metrics.DROPPED.labels("undeliverable").inc()
-                self._delivery_errors.occurred(exc)
-        return messages

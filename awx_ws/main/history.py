@@ -1,4 +1,5 @@
-"""Per-group message history in Redis, and the ids and positions that resume a stream.
+"""Per-group message history: what each group kind keeps, and the ids and positions that resume
+a stream (pure rules; the Redis layer stores it, layers/redis_history.py).
 
 Design (docs/channels.md, "Resumable streams"):
 
@@ -19,14 +20,10 @@ Design (docs/channels.md, "Resumable streams"):
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from awx_ws.main.conf import ws_settings
-
-if TYPE_CHECKING:
-    from awx_ws.main.layers import RedisChannelLayer
 
 # Largest sequence number of a Redis stream id: "<ms>-<this>" sorts after every id of that ms.
 MAX_SEQ = 2**64 - 1
@@ -64,36 +61,8 @@ def history_policy(group: str) -> HistoryPolicy | None:
     )
 
 
-def stream_key(layer: RedisChannelLayer, group: str) -> str:
-    """The Redis stream holding group's history on this node."""
-    return f"{layer.prefix}:history:{group}"
-
-
-def origin_key(layer: RedisChannelLayer) -> str:
-    """The Redis string naming this Redis's origin tag."""
-    return f"{layer.prefix}:history-origin"
-
-
-async def ensure_origin(layer: RedisChannelLayer) -> str:
-    """This Redis's origin tag, created on first use (SET NX: every process agrees on one)."""
-    connection = layer.connection(0)
-    await connection.set(origin_key(layer), secrets.token_hex(4), nx=True)
-    return (await connection.get(origin_key(layer))).decode()
-
-
-def total_keys(layer: RedisChannelLayer) -> list[str]:
-    """The keys of the node's history total (HISTORY_TOTAL_BYTES): each stream's bytes, their sum,
-    when each stream expires; none when no total is kept."""
-    if not ws_settings.HISTORY_TOTAL_BYTES:
-        return []
-    return [
-        f"{layer.prefix}:history-sizes",
-        f"{layer.prefix}:history-total",
-        f"{layer.prefix}:history-expiry",
-    ]
-
-
-def _stream_id(text: str) -> tuple[int, int]:
+def parse_stream_id(text: str) -> tuple[int, int]:
+    """(ms, seq) of a Redis stream id `<ms>-<seq>`; PositionError if it is not one."""
     ms, sep, seq = text.partition("-")
     if not sep or not ms.isdigit() or not seq.isdigit() or len(ms) > 15 or len(seq) > 20:
         raise PositionError(f"invalid stream id {text!r}: expected <ms>-<seq>")
@@ -105,7 +74,7 @@ def parse_message_id(text: str) -> tuple[str, tuple[int, int]]:
     origin, sep, stream_id = text.partition(":")
     if not sep or not origin.isalnum() or len(origin) > 16:
         raise PositionError(f"invalid message id {text!r}: expected <origin>:<ms>-<seq>")
-    return origin, _stream_id(stream_id)
+    return origin, parse_stream_id(stream_id)
 
 
 @dataclass(frozen=True)
@@ -179,233 +148,3 @@ class Replay:
     entries: list[tuple[str, str]] = field(default_factory=list)
     # Why the history cannot reach back to the position (None when it can).
     reset: str | None = None
-
-
-# Trims a stream from its head by age and length and records (an upper bound of) the last removed
-# id as the stream's max-deleted-entry-id: Redis sets that for XDEL but leaves it at 0-0 when
-# trimming, and reads need it to tell "nothing was missed" from "the missed part is gone". Cheap on
-# purpose (it runs in every emit): one XRANGE of the head, no reverse scan.
-TRIM_LUA = """
-local function id_before(a, b)
-    local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
-    local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
-    a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
-    return a_ms < b_ms or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
-end
-local function stream_field(key, name)
-    local info = redis.call('XINFO', 'STREAM', key)
-    for i = 1, #info, 2 do
-        if info[i] == name then return info[i + 1] end
-    end
-end
--- Bytes of payload text an entry holds (its field values).
-local function size_of(entry)
-    local n = 0
-    for i = 2, #entry[2], 2 do n = n + #entry[2][i] end
-    return n
-end
-local function sum_sizes(entries)
-    local n = 0
-    for _, entry in ipairs(entries) do n = n + size_of(entry) end
-    return n
-end
--- The node's total (HISTORY_TOTAL_BYTES): acct names a hash of each stream's bytes, their sum,
--- and a sorted set of when each stream expires; `max` is the bound (nil acct: not kept).
-local function accounts(first, max, now_ms)
-    if not KEYS[first] then return nil end
-    return {sizes = KEYS[first], total = KEYS[first + 1], expiry = KEYS[first + 2], max = max, now = now_ms}
-end
--- Record that key holds bytes; a stream counted is always in the expiry set too (at its real
--- expiry), so its bytes leave the total when it goes, whoever wrote or read it last.
-local function account(acct, key, bytes)
-    if not acct then return end
-    local old = tonumber(redis.call('HGET', acct.sizes, key) or '0')
-    local ttl = redis.call('PTTL', key)
-    if bytes > 0 and ttl > 0 then
-        redis.call('HSET', acct.sizes, key, bytes)
-        redis.call('ZADD', acct.expiry, acct.now + ttl, key)
-    else
-        bytes = 0
-        redis.call('HDEL', acct.sizes, key)
-    end
-    redis.call('INCRBY', acct.total, bytes - old)
-end
--- Trim a group's stream to maxlen entries, none older than min_ms, and at most max_bytes of text
--- (the newest entry always stays); `<key>:bytes` counts the text held, and expires with the key.
-local function trim(key, maxlen, min_ms, last_id, max_bytes, acct)
-    local removed = nil
-    local freed = 0
-    local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
-    if first and tonumber(string.match(first[1], '^(%d+)')) < min_ms then
-        local bound = string.format('%d-18446744073709551615', min_ms - 1)
-        freed = freed + sum_sizes(redis.call('XRANGE', key, '-', bound))
-        redis.call('XTRIM', key, 'MINID', min_ms)
-        -- Everything before min_ms is gone: that bound is exact enough for positions.
-        removed = bound
-        first = nil
-    end
-    local excess = redis.call('XLEN', key) - maxlen
-    if excess > 0 then
-        local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', excess)
-        freed = freed + sum_sizes(gone)
-        removed = gone[#gone][1]
-        redis.call('XTRIM', key, 'MAXLEN', maxlen)
-    end
-    local bytes_key = key .. ':bytes'
-    local bytes = tonumber(redis.call('GET', bytes_key) or '0') - freed
-    while max_bytes > 0 and bytes > max_bytes do
-        local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 2)
-        if #oldest < 2 then break end
-        redis.call('XDEL', key, oldest[1][1])
-        bytes = bytes - size_of(oldest[1])
-        removed = oldest[1][1]
-    end
-    if bytes < 0 or redis.call('EXISTS', key) == 0 then bytes = 0 end
-    local ttl = redis.call('PTTL', key)
-    if ttl > 0 then
-        redis.call('SET', bytes_key, bytes, 'PX', ttl)
-    else
-        redis.call('DEL', bytes_key)
-    end
-    account(acct, key, bytes)
-    if removed then
-        if id_before(last_id, removed) then removed = last_id end
-        redis.call('XSETID', key, last_id, 'MAXDELETEDID', removed)
-    end
-end
--- Streams whose time is up are gone (the key expired): take them off the total, a few per call.
-local function forget_expired(acct, now_ms)
-    for _, key in ipairs(redis.call('ZRANGEBYSCORE', acct.expiry, '-inf', now_ms, 'LIMIT', 0, 16)) do
-        local ttl = redis.call('PTTL', key)
-        if ttl > 0 then
-            redis.call('ZADD', acct.expiry, now_ms + ttl, key)
-        else
-            account(acct, key, 0)
-            redis.call('ZREM', acct.expiry, key)
-        end
-    end
-end
--- Past the node's total, empty whole streams, those to expire soonest first, never `keep` (the one
--- just written to). An emptied stream keeps its ids: its last one becomes its max-deleted id, so a
--- resume from before it is told what it missed is gone.
-local function evict(acct, keep)
-    local total = tonumber(redis.call('GET', acct.total) or '0')
-    while total > acct.max do
-        local soonest = redis.call('ZRANGE', acct.expiry, 0, 1)
-        local victim = soonest[1]
-        if victim == keep then victim = soonest[2] end
-        if not victim then break end
-        if redis.call('EXISTS', victim) == 1 and redis.call('XLEN', victim) > 0 then
-            local last = stream_field(victim, 'last-generated-id')
-            redis.call('XTRIM', victim, 'MAXLEN', 0)
-            redis.call('XSETID', victim, last, 'MAXDELETEDID', last)
-        end
-        redis.call('DEL', victim .. ':bytes')
-        total = total - tonumber(redis.call('HGET', acct.sizes, victim) or '0')
-        account(acct, victim, 0)
-        redis.call('ZREM', acct.expiry, victim)
-    end
-end
-"""
-
-
-# Reads one group's history after a position, or says it no longer reaches back. The stream key
-# expires `age` after its last entry, so a missing key means nothing was emitted within `age`.
-# Otherwise entries are gone when the largest deleted id (trimmed by length or age) is past the
-# position, or when the key was recreated after expiring and the position is older than that.
-READ_HISTORY_LUA = (
-    TRIM_LUA
-    + """
-local origin = redis.call('GET', KEYS[2])
-if origin ~= ARGV[1] then return {'origin', origin or ''} end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local age_ms = tonumber(ARGV[4]) * 1000
-local after_ms, after_seq = tonumber(ARGV[2]), tonumber(ARGV[3])
-local function before(ms, seq) return after_ms < ms or (after_ms == ms and after_seq < seq) end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-    if after_ms < now_ms - age_ms then return {'reset', 'older than the history age'} end
-    return {'ok', {}}
-end
-local function field(name) return stream_field(KEYS[1], name) end
-local last_id = field('last-generated-id')
-local min_ms = math.max(now_ms - age_ms, 0)
-trim(KEYS[1], tonumber(ARGV[5]), min_ms, last_id, tonumber(ARGV[6]), accounts(3, 0, now_ms))
-local deleted = field('max-deleted-entry-id')
-local d_ms, d_seq = string.match(deleted, '(%d+)-(%d+)')
-if deleted ~= '0-0' then
-    if before(tonumber(d_ms), tonumber(d_seq)) then return {'reset', 'trimmed past the position'} end
-else
-    local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
-    if first then
-        local f_ms = tonumber(string.match(first[1], '(%d+)-'))
-        if after_ms < f_ms - age_ms and before(f_ms, 0) then
-            return {'reset', 'older than the history age'}
-        end
-    end
-end
-return {'ok', redis.call('XRANGE', KEYS[1], '(' .. ARGV[2] .. '-' .. ARGV[3], '+', 'COUNT', ARGV[5])}
-"""
-)
-
-
-async def read_local(
-    layer: RedisChannelLayer, group: str, position: GroupPosition, margin_ms: int = 0
-) -> tuple[str | None, Replay]:
-    """(this Redis's origin tag or None, what it holds of group after position).
-
-    margin_ms moves the floor back for origins the client has seen nothing of: their clocks may
-    lag the clock that set the floor (HISTORY_CLOCK_SKEW). Used for peers' requests.
-    """
-    policy = history_policy(group)
-    if policy is None:
-        kind = group.split("-", 1)[0]
-        return None, Replay(reset=f"no history is kept for {kind} groups (AWX_WS['HISTORY_KINDS'])")
-    connection = layer.connection(0)
-    raw_origin = await connection.get(origin_key(layer))
-    if raw_origin is None:
-        return None, Replay()  # this Redis never recorded a message
-    origin = raw_origin.decode()
-    after_ms, after_seq = position.after(origin)
-    if origin not in position.seen:
-        after_ms = max(after_ms - margin_ms, 0)
-    totals = total_keys(layer)
-    reply = await connection.eval(
-        READ_HISTORY_LUA,
-        2 + len(totals),
-        stream_key(layer, group),
-        origin_key(layer),
-        *totals,
-        origin,
-        after_ms,
-        after_seq,
-        policy.age,
-        policy.length,
-        policy.max_bytes,
-    )
-    status = reply[0].decode()
-    if status == "origin":  # the tag changed under us (Redis flushed): the old ids are gone
-        return None, Replay(reset="this node's history was reset")
-    if status == "reset":
-        return origin, Replay(reset=reply[1].decode())
-    entries = []
-    for stream_id, fields in reply[1]:
-        values = dict(zip(fields[::2], fields[1::2], strict=True))
-        entries.append((f"{origin}:{stream_id.decode()}", values[b"t"].decode()))
-    return origin, Replay(entries)
-
-
-async def open_position(layer: RedisChannelLayer, group: str) -> GroupPosition:
-    """The position of a client subscribing to group now: Redis's clock, this origin's last id.
-
-    Call it after joining the group, so nothing between the two is lost to the client.
-    """
-    async with layer.connection(0).pipeline(transaction=False) as pipe:
-        pipe.time()
-        pipe.get(origin_key(layer))
-        pipe.xrevrange(stream_key(layer, group), count=1)
-        (seconds, micros), raw_origin, last = await pipe.execute()
-    floor = seconds * 1000 + micros // 1000
-    if raw_origin is None or not last or history_policy(group) is None:
-        return GroupPosition(floor)
-    return GroupPosition(floor, {raw_origin.decode(): _stream_id(last[0][0].decode())})

@@ -21,7 +21,6 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.sessions import CookieMiddleware, SessionMiddleware
-from redis.exceptions import RedisError
 
 from awx_ws.main import connlimit, metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
@@ -141,7 +140,7 @@ class EventStreamApp:
             await self._start(send, stream, groups, recover)
             revocation.watcher.add(access)  # once started: a recheck never races the joins
             await _until_disconnect(receive, send, access.revoked)
-        except (RedisError, OSError) as exc:
+        except OSError as exc:  # LayerUnavailable
             metrics.REDIS_ERRORS.labels("stream").inc()
             logger.warning("stream of user %s ended, channel layer unavailable: %s", user.pk, exc)
         finally:

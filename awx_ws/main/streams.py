@@ -32,7 +32,7 @@ from awx_ws.main import peerauth
 from awx_ws.main.audience import Viewer, allowed
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
-from awx_ws.main.history import GroupPosition, Replay, open_position, parse_message_id, read_local
+from awx_ws.main.history import GroupPosition, Replay, parse_message_id
 from awx_ws.main.relay import STATUS_EVERY, configured_peers, forwarding_key, open_peer, status_key
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class Stream:
         async with fanout.lock:
             for group in sorted(groups):
                 # Taken after joining, so nothing between the two is lost to the client.
-                self.positions[group] = await open_position(self.layer, group)
+                self.positions[group] = await self.layer.open_position(group)
 
     async def fetch(self, recover: dict[str, GroupPosition]) -> dict[str, Replay]:
         """What the cluster holds after each position (a Replay with `reset` where it cannot)."""
@@ -163,6 +163,15 @@ class Stream:
 
 
 async def wait_until_forwarded(layer: RedisChannelLayer, groups: set[str]) -> dict[str, str]:
+    """In a cluster, wait until every peer forwards groups here; {peer: why not} for those that
+    do not (see _wait_until_forwarded); RedisUnavailable when Redis fails."""
+    try:
+        return await _wait_until_forwarded(layer, groups)
+    except RedisError as exc:
+        raise layer.unavailable(exc) from exc
+
+
+async def _wait_until_forwarded(layer: RedisChannelLayer, groups: set[str]) -> dict[str, str]:
     """In a cluster, wait (RECOVER_TIMEOUT at most) until every peer forwards groups here.
 
     A peer starts forwarding a group when this node's relay tells it the group is wanted; until
@@ -207,8 +216,8 @@ async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosi
 
     for group, position in recover.items():
         try:
-            origin, replay = await read_local(layer, group, position)
-        except (RedisError, OSError) as exc:
+            origin, replay = await layer.read_history(group, position)
+        except OSError as exc:  # LayerUnavailable
             # The client learns that, not Redis's words (addresses, script hashes): those are logged.
             logger.warning("history of %s unreadable for a resume: %s", group, exc)
             origin, replay = None, Replay(reset="history unavailable on this node")

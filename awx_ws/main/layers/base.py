@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 if TYPE_CHECKING:
     from awx_ws.main.exceptions import LayerUnavailable
     from awx_ws.main.fanout import Fanout
+    from awx_ws.main.history import GroupPosition, Replay
 
 
 class CountKeeper(Protocol):
@@ -99,6 +100,17 @@ class ServiceLayer(abc.ABC):
     @abc.abstractmethod
     async def stop_process(self) -> None:
         """Stop this process's loops and withdraw what it wrote (best effort, bounded)."""
+
+    @abc.abstractmethod
+    async def open_position(self, group: str) -> GroupPosition:
+        """The stream position of a client subscribing to group now (after joining it)."""
+
+    @abc.abstractmethod
+    async def read_history(
+        self, group: str, position: GroupPosition, margin_ms: int = 0
+    ) -> tuple[str | None, Replay]:
+        """(this node's origin tag or None, what it holds of group after position); a layer
+        keeping no history answers a Replay with its reset reason."""
 
     @abc.abstractmethod
     async def remember_nonce(self, nonce: str, ttl: float) -> bool:

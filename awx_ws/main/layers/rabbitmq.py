@@ -22,6 +22,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -40,6 +41,7 @@ from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import BrokerUnavailable, StartupError, redact_url
 from awx_ws.main.fanout import Fanout
+from awx_ws.main.history import GroupPosition, Replay
 from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.messages import is_client_message, with_group
 
@@ -195,6 +197,16 @@ class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
     def describe_hosts(self) -> str:
         """The broker address for messages (password redacted), naming RABBITMQ_URL."""
         return f"RABBITMQ_URL={redact_url(self.host)}"
+
+    async def open_position(self, group: str) -> GroupPosition:
+        """Nothing to resume from later but the time: every recovery will report a reset."""
+        return GroupPosition(int(time.time() * 1000))
+
+    async def read_history(
+        self, group: str, position: GroupPosition, margin_ms: int = 0
+    ) -> tuple[str | None, Replay]:
+        """No history is kept on RabbitMQ: a reset saying so."""
+        return None, Replay(reset=f"no history is kept with the {self.service} channel layer")
 
     async def remember_nonce(self, nonce: str, ttl: float) -> bool:
         """Remember a peer's handshake nonce on this node for ttl seconds; False if seen before.

@@ -26,10 +26,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from awx_ws.main import liveness, metrics
 from awx_ws.main.exceptions import RedisUnavailable, StartupError, redact_url
-from awx_ws.main.fanout import RedisFanout
-from awx_ws.main.history import TRIM_LUA, ensure_origin, history_policy, origin_key, stream_key, total_keys
+from awx_ws.main.history import GroupPosition, Replay, history_policy
+from awx_ws.main.layers import redis_history
 from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.layers.redis_counts import RedisConnectionStore
+from awx_ws.main.layers.redis_fanout import RedisFanout
+from awx_ws.main.layers.redis_history import APPEND_LUA, ensure_origin, origin_key, stream_key, total_keys
 from awx_ws.main.liveness import Liveness
 from awx_ws.main.messages import is_client_message, with_group
 
@@ -65,35 +67,15 @@ return over_capacity
 # member (fanout.py reads `fanout.<prefix>` keys itself and needs no __asgi_channel__ list); other
 # members (process-specific channels such as relay consumers) are returned for the standard path.
 GROUP_SEND_FANOUT_LUA = (
-    TRIM_LUA
+    APPEND_LUA
     + """
 local blob = ARGV[1]
 local message_id = ''
 if #KEYS >= 3 then
-    -- History (history.py): append to the group's stream in the same script as the delivery, so
-    -- stream order is delivery order, and put the message id into the message itself.
-    local origin = redis.call('GET', KEYS[3])
-    if not origin then return redis.error_reply('NOORIGIN history origin tag missing') end
-    local plen = tonumber(ARGV[10])
-    local message = cmsgpack.unpack(string.sub(blob, plen + 1))
-    local t = redis.call('TIME')
-    local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    local fresh = redis.call('EXISTS', KEYS[2]) == 0
-    local stream_id = redis.call('XADD', KEYS[2], '*', 't', message['text'])
-    redis.call('EXPIRE', KEYS[2], ARGV[9])
-    if fresh then redis.call('DEL', KEYS[2] .. ':bytes') end
-    redis.call('INCRBY', KEYS[2] .. ':bytes', #message['text'])
-    local min_ms = math.max(now_ms - tonumber(ARGV[8]) * 1000, 0)
-    local acct = accounts(4, tonumber(ARGV[12]), now_ms)
-    trim(KEYS[2], tonumber(ARGV[7]), min_ms, stream_id, tonumber(ARGV[11]), acct)
-    if acct then
-        -- The node's total (HISTORY_TOTAL_BYTES): past it, the streams to expire soonest go.
-        forget_expired(acct, now_ms)
-        evict(acct, KEYS[2])
-    end
-    message_id = origin .. ':' .. stream_id
-    message['id'] = message_id
-    blob = string.sub(blob, 1, plen) .. cmsgpack.pack(message)
+    -- History (redis_history.py): KEYS[2] the stream, KEYS[3] the origin tag, KEYS[4..6] the total.
+    message_id, blob = append_history(KEYS[2], KEYS[3], blob, tonumber(ARGV[10]), tonumber(ARGV[7]),
+        tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[11]), tonumber(ARGV[12]))
+    if not message_id then return redis.error_reply('NOORIGIN history origin tag missing') end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[4])
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
@@ -181,8 +163,42 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel; the process is marked alive before the name is used."""
-        await self.liveness.start()
-        return await super().new_channel(prefix)
+        try:
+            await self.liveness.start()
+            return await super().new_channel(prefix)
+        except RedisError as exc:
+            raise self.unavailable(exc) from exc
+
+    # channels_redis's API, with Redis's errors as RedisUnavailable (naming REDIS_URL): code
+    # beyond the layers knows nothing of redis-py.
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """channels_redis's group_add; RedisUnavailable when Redis fails."""
+        try:
+            await super().group_add(group, channel)
+        except RedisError as exc:
+            raise self.unavailable(exc) from exc
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """channels_redis's group_discard; RedisUnavailable when Redis fails."""
+        try:
+            await super().group_discard(group, channel)
+        except RedisError as exc:
+            raise self.unavailable(exc) from exc
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """channels_redis's send; RedisUnavailable when Redis fails."""
+        try:
+            await super().send(channel, message)
+        except RedisError as exc:
+            raise self.unavailable(exc) from exc
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """channels_redis's receive; RedisUnavailable when Redis fails."""
+        try:
+            return await super().receive(channel)
+        except RedisError as exc:
+            raise self.unavailable(exc) from exc
 
     def create_pool(self, index: int) -> Any:
         """A bounded pool per Redis host: at the limit callers wait for a free connection.
@@ -212,10 +228,23 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         addresses = [redact_url(str(host.get("address", host))) for host in self.hosts]
         return "REDIS_URL=" + ",".join(addresses)
 
+    async def open_position(self, group: str) -> GroupPosition:
+        """The position of a client subscribing to group now (redis_history.py)."""
+        return await redis_history.open_position(self, group)
+
+    async def read_history(
+        self, group: str, position: GroupPosition, margin_ms: int = 0
+    ) -> tuple[str | None, Replay]:
+        """This Redis's origin tag and what it holds of group after position (redis_history.py)."""
+        return await redis_history.read_local(self, group, position, margin_ms)
+
     async def remember_nonce(self, nonce: str, ttl: float) -> bool:
         """Remember a peer's handshake nonce on this node for ttl seconds; False if seen before."""
         key = f"{self.prefix}:peer-nonce:{nonce}"
-        return bool(await self.connection(0).set(key, 1, nx=True, ex=max(1, math.ceil(ttl))))
+        try:
+            return bool(await self.connection(0).set(key, 1, nx=True, ex=max(1, math.ceil(ttl))))
+        except RedisError as exc:
+            raise self.unavailable(exc) from exc
 
     def _group_send_plan(self, others: list[bytes], message: dict[str, Any]) -> Any:
         """(keys, args) of GROUP_SEND_LUA for the members the fan-out script handed back."""
@@ -366,7 +395,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         except ResponseError as exc:
             if not str(exc).startswith("NOORIGIN"):
                 raise
-            # First message this Redis keeps history for (see history.ensure_origin).
+            # First message this Redis keeps history for (see redis_history.ensure_origin).
             connection.set(origin_key(self), secrets.token_hex(4), nx=True)
             reply = self._eval_fanout_blocking(connection, keys, args)
         others = self._after_fanout(group, message, reply)

@@ -1,0 +1,132 @@
+"""The Redis layer's fan-out (fanout.py): its own queue key popped in batches, memberships and the
+relay's interest set written in one pipeline; Redis's errors raised as RedisUnavailable."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from awx_ws.main import metrics
+from awx_ws.main.fanout import Fanout, fanout_channel
+from awx_ws.main.interest import changes_channel, interest_key
+
+if TYPE_CHECKING:
+    from awx_ws.main.layers.redis import RedisChannelLayer
+
+logger = logging.getLogger(__name__)
+
+# Messages taken from Redis per round trip while the queue is busy.
+BATCH = 256
+
+
+class RedisFanout(Fanout):
+    """The Redis layer's fan-out: its own queue key popped in batches, memberships and interest
+    written in one pipeline."""
+
+    layer: RedisChannelLayer
+
+    def __init__(self, layer: RedisChannelLayer) -> None:
+        super().__init__(layer)
+        self._interest_key = interest_key(layer.prefix, layer.client_prefix)
+        # After a resync the interest set is rewritten whole (a restarted Redis lost it).
+        self._rewrite_interest = False
+
+    def resync(self) -> None:
+        """Take every membership as unknown; rewrite them and the interest set."""
+        super().resync()
+        self._rewrite_interest = True
+
+    async def _open(self) -> str:
+        # Mark the process live before its name is in any group (liveness.py).
+        await self.layer.liveness.start()
+        # A plain (not process-specific) name gets a Redis key of its own, which only this loop
+        # reads: it can pop many messages per round trip (see _receive).
+        return fanout_channel(self.layer.client_prefix)
+
+    async def _apply(self, adds: list[str], discards: list[str]) -> None:
+        """One pipeline: the group memberships (as channels_redis's group_add/discard write
+        them), this process's interest set, and the change notice for the relay."""
+        try:
+            await self._apply_pipeline(adds, discards)
+        except RedisError as exc:
+            raise self.layer.unavailable(exc) from exc
+
+    async def _apply_pipeline(self, adds: list[str], discards: list[str]) -> None:
+        layer, channel = self.layer, str(self.channel)
+        rewrite, self._rewrite_interest = self._rewrite_interest, False
+        try:
+            if layer.ring_size > 1:  # group keys live on several shards: channels_redis's own calls
+                await super()._apply(adds, discards)
+            async with layer.connection(0).pipeline(transaction=False) as pipe:
+                if rewrite:
+                    # A restarted Redis lost our liveness record too: write it before anything that
+                    # names this process (liveness.Liveness.write_into).
+                    layer.liveness.write_into(pipe)
+                if layer.ring_size == 1:
+                    now = time.time()
+                    for group in adds:
+                        key = layer.group_key(group)
+                        pipe.zadd(key, {channel: now})
+                        pipe.expire(key, layer.group_expiry)
+                    for group in discards:
+                        pipe.zrem(layer.group_key(group), channel)
+                if rewrite:
+                    pipe.delete(self._interest_key)
+                    if self.groups:
+                        pipe.sadd(self._interest_key, *sorted(self.groups))
+                else:
+                    if adds:
+                        pipe.sadd(self._interest_key, *adds)
+                    if discards:
+                        pipe.srem(self._interest_key, *discards)
+                pipe.publish(changes_channel(layer.prefix), layer.client_prefix)
+                await pipe.execute()
+        except BaseException:
+            self._rewrite_interest = self._rewrite_interest or rewrite
+            raise
+        if rewrite:
+            logger.info("fan-out %s rejoined %d groups in Redis", channel, len(self.groups))
+
+    async def _withdraw(self) -> None:
+        """One pipeline: our memberships, interest set and queue key, then the change notice."""
+        try:
+            await self._withdraw_pipeline()
+        except RedisError as exc:
+            raise self.layer.unavailable(exc) from exc
+
+    async def _withdraw_pipeline(self) -> None:
+        if self.channel is None or self.layer.ring_size > 1:
+            return  # sharded: the next start-up purge removes them
+        layer, channel = self.layer, self.channel
+        async with layer.connection(0).pipeline(transaction=False) as pipe:
+            for group in sorted(self._applied | self._uncertain):
+                pipe.zrem(layer.group_key(group), channel)
+            pipe.delete(self._interest_key, layer.prefix + channel)
+            pipe.publish(changes_channel(layer.prefix), layer.client_prefix)
+            await pipe.execute()
+        self._applied.clear()
+
+    async def _receive(self, channel: str) -> list[dict[str, Any]]:
+        """Up to BATCH queued messages: one round trip while busy, a blocking wait when idle."""
+        key = self.layer.prefix + channel
+        connection = self.layer.connection(self.layer.consistent_hash(channel))
+        try:
+            popped = await connection.zpopmin(key, BATCH)
+            if popped:
+                raw = [member for member, _score in popped]
+            else:
+                waited = await connection.bzpopmin(key, timeout=5)
+                raw = [waited[1]] if waited else []
+        except RedisError as exc:
+            raise self.layer.unavailable(exc) from exc
+        messages = []
+        for blob in raw:
+            try:
+                messages.append(self.layer.deserialize(blob))
+            except Exception as exc:  # one bad message must not stop delivery of the rest
+                metrics.DROPPED.labels("undeliverable").inc()
+                self._delivery_errors.occurred(exc)
+        return messages
