@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from awx_ws.main.liveness import ProcessRecord, node_id
+from awx_ws.main.layers.redis_presence import ProcessRecord, node_id
 from tests.client import emit_to, open_ws, redis_at
 
 pytestmark = pytest.mark.both_runners

@@ -30,8 +30,9 @@ from awx_ws.main import metrics, peerauth
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import parse_message_id
-from awx_ws.main.interest import LayerInterestWatcher, watch_redis_interest
+from awx_ws.main.interest import LayerInterestWatcher
 from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.layers.redis_interest import watch_redis_interest
 from awx_ws.main.peerauth import peer_url
 from awx_ws.main.protocol import validate_group_name
 from awx_ws.main.retry import RetryPolicy, spawn, supervise

@@ -24,8 +24,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from redis.exceptions import RedisError
-
 from awx_ws.main.exceptions import AwxWsError
 
 logger = logging.getLogger(__name__)
@@ -35,8 +33,16 @@ logger = logging.getLogger(__name__)
 Round = Callable[[int], Awaitable[float | None]]
 
 # Failures that are part of life (the channel layer or a peer unreachable): logged in one line.
-# Anything else is a bug and gets its traceback.
-EXPECTED = (RedisError, OSError, TimeoutError, AwxWsError)
+# Anything else is a bug and gets its traceback. A backend whose library has errors of its own
+# (redis-py's are not OSErrors) declares them with `expect`.
+EXPECTED: tuple[type[BaseException], ...] = (OSError, TimeoutError, AwxWsError)
+
+
+def expect(*errors: type[BaseException]) -> None:
+    """Count errors among the expected failures of background loops (a backend's library errors)."""
+    global EXPECTED
+    EXPECTED = (*EXPECTED, *(error for error in errors if error not in EXPECTED))
+
 
 # The exponent stops growing here: 2.0**40 times any sane base is far past every cap, and float
 # arithmetic on it cannot overflow however long an outage lasts.

@@ -58,7 +58,8 @@ class AWXProtocolTypeRouter(ProtocolTypeRouter):
     It clears channel-layer state of dead processes and starts the fan-out: on the ASGI lifespan
     startup event (awx_ws.server, uvicorn), or when daphne's reactor starts (`start_with_server`,
     for plain `daphne`, which sends no lifespan), and at the latest before the first websocket or
-    stream is accepted. Never at import, and never touching state of live processes (liveness.py).
+    stream is accepted. Never at import, and never touching state of live processes
+    (layers/redis_presence.py).
     """
 
     def __init__(self, application_mapping: dict[str, Any]) -> None:

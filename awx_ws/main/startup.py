@@ -1,7 +1,7 @@
 """A server process's start-up and shutdown work, run once under any ASGI server.
 
 Start-up: the layer's own work (`ServiceLayer.start_process`: on Redis the process marks itself
-live and removes state of dead processes, liveness.py), then its fan-out with its loops, and the
+live and removes state of dead processes, layers/redis_presence.py), then its fan-out with its loops, and the
 loop keeping the node's connection counts (connlimit.py). It waits a bounded time for the layer
 (AWX_WS_STARTUP_REDIS_WAIT) with one warning when the wait starts, never a crash loop (AWX #8696).
 

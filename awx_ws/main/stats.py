@@ -1,7 +1,7 @@
 """What a server process holds right now, published beside its liveness record.
 
 Each daphne process writes these figures to `<prefix>:process-stats:<client prefix>` with every
-liveness heartbeat (liveness.py), so operators and tests can see per process how many sockets,
+liveness heartbeat (layers/redis_presence.py), so operators and tests can see per process how many sockets,
 streams, groups and asyncio tasks it holds, without attaching to it.
 """
 

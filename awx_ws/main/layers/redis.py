@@ -24,18 +24,22 @@ from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from awx_ws.main import liveness, metrics
+from awx_ws.main import metrics, retry
 from awx_ws.main.exceptions import RedisUnavailable, StartupError, redact_url
 from awx_ws.main.history import GroupPosition, Replay, history_policy
-from awx_ws.main.layers import redis_history
+from awx_ws.main.layers import redis_history, redis_presence
 from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.layers.redis_counts import RedisConnectionStore
 from awx_ws.main.layers.redis_fanout import RedisFanout
 from awx_ws.main.layers.redis_history import APPEND_LUA, ensure_origin, origin_key, stream_key, total_keys
-from awx_ws.main.liveness import Liveness
+from awx_ws.main.layers.redis_presence import Liveness
 from awx_ws.main.messages import is_client_message, with_group
 
 logger = logging.getLogger(__name__)
+
+# Loops that talk to Redis directly (presence, interest, the relay's records) may meet redis-py's
+# errors, which are not OSErrors: a lost Redis is still an outage, not a bug, to retry.py.
+retry.expect(RedisError)
 
 # Connections per Redis host and process, unless the host says "max_connections" (REDIS_MAX_CONNECTIONS).
 DEFAULT_MAX_CONNECTIONS = 50
@@ -149,8 +153,8 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         return self._counts
 
     async def start_process(self, wait: float | None) -> None:
-        """Mark this process live, purge what dead ones left (liveness.py), start the fan-out."""
-        await liveness.start_process(self, wait)
+        """Mark this process live, purge what dead ones left (redis_presence.py), start the fan-out."""
+        await redis_presence.start_process(self, wait)
         try:
             await self.fanout.start()
         except (RedisError, OSError) as exc:

@@ -3,7 +3,7 @@ its daphne processes: the Redis layer's ConnectionStore.
 
 A hash of totals per user (`<prefix>:user-connections`) and one hash per process (`<prefix>:
 connections:<client prefix>`), changed together in one script. A process killed with its
-connections open leaves its hash behind; the start-up purge (liveness.py) takes its counts off the
+connections open leaves its hash behind; the start-up purge (redis_presence.py) takes its counts off the
 totals (`forget_process`). Should Redis restart empty, or a write fail, the process's share is
 written again whole from its memory count after the fan-out's resync (`keep_synced`).
 """

@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main import metrics
 from awx_ws.main.fanout import Fanout, fanout_channel
-from awx_ws.main.interest import changes_channel, interest_key
+from awx_ws.main.layers.redis_interest import changes_channel, interest_key
 
 if TYPE_CHECKING:
     from awx_ws.main.layers.redis import RedisChannelLayer
@@ -40,7 +40,7 @@ class RedisFanout(Fanout):
         self._rewrite_interest = True
 
     async def _open(self) -> str:
-        # Mark the process live before its name is in any group (liveness.py).
+        # Mark the process live before its name is in any group (layers/redis_presence.py).
         await self.layer.liveness.start()
         # A plain (not process-specific) name gets a Redis key of its own, which only this loop
         # reads: it can pop many messages per round trip (see _receive).

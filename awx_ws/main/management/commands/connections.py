@@ -12,9 +12,9 @@ from redis.exceptions import RedisError
 
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.emit import layer_class
-from awx_ws.main.interest import interest_key
 from awx_ws.main.layers import RedisChannelLayer
-from awx_ws.main.liveness import LivenessJudge
+from awx_ws.main.layers.redis_interest import interest_key
+from awx_ws.main.layers.redis_presence import LivenessJudge
 from awx_ws.main.management.tables import ago, format_table
 from awx_ws.main.stats import stats_key
 

@@ -1,0 +1,65 @@
+"""Which groups this node's clients hold, on Redis: what the relay asks peers to forward.
+
+Each daphne process's fan-out (redis_fanout.py) mirrors the groups its client connections hold
+into a Redis set `<prefix>:interest:<client prefix>`, announcing changes on the pub/sub channel
+`<prefix>:interest-changed`. The relay takes the union over live processes (redis_presence.py
+decides which are live).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from awx_ws.main.layers.redis_presence import LivenessJudge
+from awx_ws.main.retry import Round
+
+if TYPE_CHECKING:
+    from awx_ws.main.layers.redis import RedisChannelLayer
+
+# The relay recomputes interest at every change notice, and at least this often (missed notices).
+INTEREST_RESYNC = 5.0
+
+
+def interest_key(layer_prefix: str, client_prefix: str) -> str:
+    """Redis set of one process's client-held groups."""
+    return f"{layer_prefix}:interest:{client_prefix}"
+
+
+def changes_channel(layer_prefix: str) -> str:
+    """Pub/sub channel announcing that some process's interest set changed."""
+    return f"{layer_prefix}:interest-changed"
+
+
+async def node_interest(layer: RedisChannelLayer) -> set[str]:
+    """Every group some live process of this node's Redis holds for a client."""
+    judge = LivenessJudge(layer)
+    connection = layer.connection(0)
+    groups: set[str] = set()
+    prefix = f"{layer.prefix}:interest:"
+    async for key in connection.scan_iter(match=prefix + "*", count=500):
+        owner = key.decode()[len(prefix) :]
+        if await judge.dead(owner):
+            continue
+        groups.update(member.decode() for member in await connection.smembers(key))
+    return groups
+
+
+def watch_redis_interest(layer: RedisChannelLayer, publish: Callable[[frozenset[str]], None]) -> Round:
+    """A round (retry.supervise) that publishes the node's interest from Redis at every change
+    notice and every INTEREST_RESYNC, until its pub/sub connection fails."""
+
+    async def watch(failures: int) -> None:
+        pubsub = layer.connection(0).pubsub()
+        try:
+            await pubsub.subscribe(changes_channel(layer.prefix))
+            while True:
+                publish(frozenset(await node_interest(layer)))
+                # Wait for a change notice (or the periodic resync), then drain the burst.
+                await pubsub.get_message(ignore_subscribe_messages=True, timeout=INTEREST_RESYNC)
+                while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01):
+                    pass
+        finally:
+            await pubsub.aclose()
+
+    return watch
