@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from awx_ws.main.fanout import keep_joined
 from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.membership import keep_joined
 from tests.client import redis_at
 
 

@@ -23,8 +23,8 @@ from awx_ws.main.audience import Viewer, viewer_of
 from awx_ws.main.auth import session_expiry
 from awx_ws.main.backlog import SLOW_CLIENT_CLOSE_CODE, SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.fanout import keep_joined
 from awx_ws.main.history import GroupPosition, Replay
+from awx_ws.main.membership import keep_joined
 from awx_ws.main.stats import process_stats
 from awx_ws.main.streams import Stream
 

@@ -81,7 +81,7 @@ def emit_channel_notification(group: str, payload: Any) -> None:
     within AWX_WS_EMIT_TIMEOUT per round trip when the layer cannot take the message. On Redis it
     runs in the calling thread on a pooled blocking connection: no event loop, no thread hop, no
     new connection per call (AWX created an event loop per call). On RabbitMQ it hands the publish
-    to the process's one emit loop thread (rabbitmq.BlockingEmitter).
+    to the process's one emit loop thread (layers/rabbitmq_sync.BlockingEmitter).
     """
     message = build_message(group, payload)
     try:
