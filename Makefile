@@ -22,7 +22,7 @@ export DJANGO_SETTINGS_MODULE := config.settings
 # Debian puts nginx in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: run test test-postgres bench bootstrap sysdeps testdeps rabbitmq postgresql lint clean
+.PHONY: test-unit run test test-postgres bench bootstrap sysdeps testdeps rabbitmq postgresql lint clean
 
 run: bootstrap
 	# Metrics files of an earlier run would add up with this one's (prometheus_client multiprocess).
@@ -48,6 +48,10 @@ run: bootstrap
 test: bootstrap testdeps
 	$(PYTEST)
 	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"
+
+# Pure rules only (tests marked unit): no server is started; seconds, not minutes.
+test-unit: bootstrap
+	$(VENV)/bin/pytest -m unit
 
 # Only the PostgreSQL pass (a throwaway cluster started by the test fixtures on a free port).
 test-postgres: bootstrap testdeps

@@ -129,10 +129,15 @@ def own_redis(state_dir: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def database(redis_server: RedisServer) -> None:
-    """Migrated database shared with the server processes."""
+def database(request: pytest.FixtureRequest) -> None:
+    """Migrated database shared with the server processes, and the session's Redis: set up before
+    any test (and any module's servers) of a session that has tests needing servers. A session of
+    tests marked `unit` only (pure rules: `pytest -m unit`) starts no server at all."""
+    if all(item.get_closest_marker("unit") is not None for item in request.session.items):
+        return
     from django.core.management import call_command
 
+    request.getfixturevalue("redis_server")
     call_command("migrate", verbosity=0, interactive=False)
 
 

@@ -10,6 +10,8 @@ from django.test import override_settings
 
 from awx_ws.main.conf import SETTINGS, SettingError, from_environment, validate, ws_settings
 
+pytestmark = pytest.mark.unit
+
 
 def test_every_default_is_valid():
     validate({}, environ={})

@@ -11,6 +11,8 @@ import pytest
 from awx_ws.main.exceptions import BrokerUnavailable, EmitError, LayerUnavailable, RedisUnavailable
 from awx_ws.main.layers import RabbitmqChannelLayer, RedisChannelLayer, ServiceLayer
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -8,6 +8,8 @@ from django.test import override_settings
 
 from awx_ws.main.auth import trusted_origin
 
+pytestmark = pytest.mark.unit
+
 TRUSTED = ["https://awx.example.com", "http://[::1]:8443", "https://*.example.org"]
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from awx_ws.main import peerauth
 
+pytestmark = pytest.mark.unit
+
 SECRET = "peerauth-tests-secret"
 NODE_B = "10.0.0.2:8051"
 B = peerauth.audience_of(NODE_B)

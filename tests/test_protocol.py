@@ -10,6 +10,8 @@ from awx_ws.main import protocol
 from awx_ws.main.exceptions import InvalidGroupName
 from awx_ws.main.protocol import ProtocolError, decode_frame, parse_subscribe
 
+pytestmark = pytest.mark.unit
+
 MAX = 100
 
 

@@ -10,6 +10,8 @@ import pytest
 from awx_ws.main.exceptions import RedisUnavailable
 from awx_ws.main.retry import Backoff, FailureLog, RetryPolicy, spawn
 
+pytestmark = pytest.mark.unit
+
 FAST = RetryPolicy(base=0.001, cap=0.002, log_every=60.0)
 
 
