@@ -99,3 +99,18 @@ def test_the_redis_backend_declares_its_library_errors_expected_in_background_lo
     from awx_ws.main import retry
 
     assert isinstance(RedisConnectionError("gone"), retry.EXPECTED)
+
+
+def test_the_send_only_rabbitmq_layer_of_sync_code_names_where_it_failed():
+    """AWX-style workers get this layer from get_channel_layer(); an async emit through it that
+    fails says BrokerUnavailable with the broker's address, as the server-side layer does."""
+    from awx_ws.main.emit import _emit_error
+    from awx_ws.main.layers.rabbitmq_sync import SyncProducerLayer
+
+    layer = SyncProducerLayer(host="amqp://guest:secret@127.0.0.1:1")
+    error = _emit_error(layer.unavailable(TimeoutError()), "jobs-status_changed", 2.0)
+    assert isinstance(error, BrokerUnavailable) and error.timed_out
+    assert str(error) == (
+        "emit to 'jobs-status_changed' took longer than 2s (AWX_WS_EMIT_TIMEOUT); "
+        "is RabbitMQ up at RABBITMQ_URL=amqp://guest:***@127.0.0.1:1?"
+    )

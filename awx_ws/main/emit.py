@@ -52,9 +52,11 @@ async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, st
             await layer.group_send(group, message)
     except (TimeoutError, OSError) as exc:  # LayerUnavailable is an OSError
         metrics.REDIS_ERRORS.labels("emit").inc()
-        if not isinstance(layer, ServiceLayer):
+        # Our layers, and the send-only RabbitMQ layer sync code gets, say where they failed.
+        unavailable = getattr(layer, "unavailable", None)
+        if unavailable is None:
             raise EmitError(f"emit to {group!r} failed on {type(layer).__name__}: {exc!r}") from exc
-        raise _emit_error(layer.unavailable(exc), group, timeout) from exc
+        raise _emit_error(unavailable(exc), group, timeout) from exc
 
 
 async def aemit_channel_notification(group: str, payload: Any) -> None:

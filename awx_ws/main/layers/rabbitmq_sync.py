@@ -19,7 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import redact_url
+from awx_ws.main.exceptions import BrokerUnavailable, redact_url
 
 if TYPE_CHECKING:
     from awx_ws.main.layers.rabbitmq import RabbitmqChannelLayer
@@ -146,6 +146,13 @@ class SyncProducerLayer:
     def describe_hosts(self) -> str:
         """The broker address (password redacted), naming RABBITMQ_URL."""
         return f"RABBITMQ_URL={redact_url(str(self.config.get('host', '')))}"
+
+    def unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        """exc (a lost or refused connection, or a timeout) as BrokerUnavailable naming RABBITMQ_URL."""
+        if isinstance(exc, BrokerUnavailable) and exc.where:
+            return exc
+        timed_out = isinstance(exc, TimeoutError)
+        return BrokerUnavailable(str(exc), where=self.describe_hosts(), timed_out=timed_out)
 
     def _consumer_only(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(

@@ -41,7 +41,10 @@ class RedisFanout(Fanout):
 
     async def _open(self) -> str:
         # Mark the process live before its name is in any group (layers/redis_presence.py).
-        await self.layer.liveness.start()
+        try:
+            await self.layer.liveness.start()
+        except RedisError as exc:
+            raise self.layer.unavailable(exc) from exc
         # A plain (not process-specific) name gets a Redis key of its own, which only this loop
         # reads: it can pop many messages per round trip (see _receive).
         return fanout_channel(self.layer.client_prefix)

@@ -27,11 +27,12 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         backend = layer_class()
-        if backend is None or not backend.keeps_records:
-            service = backend.service if backend is not None else "this"
+        if backend is None:
+            raise CommandError("connections needs awx_ws.main.layers.RedisChannelLayer as the default layer")
+        if not backend.keeps_records:
             raise CommandError(
-                f"connections reads what each process writes to Redis; the {service} layer keeps no such "
-                "record: see GET /api/v2/metrics (awx_ws_connections) and `rabbitmqctl list_queues`"
+                f"connections reads what each process writes to Redis; the {backend.service} layer keeps no "
+                "such record: see GET /api/v2/metrics (awx_ws_connections) and `rabbitmqctl list_queues`"
             )
         layer = get_channel_layer()
         try:
