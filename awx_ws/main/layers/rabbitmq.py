@@ -36,7 +36,7 @@ from awx_ws.main.exceptions import BrokerUnavailable, StartupError, redact_url
 from awx_ws.main.fanout import Fanout
 from awx_ws.main.history import GroupPosition, Replay
 from awx_ws.main.layers.base import ServiceLayer
-from awx_ws.main.layers.rabbitmq_sync import SyncProducerLayer, blocking_emitter
+from awx_ws.main.layers.rabbitmq_sync import SyncProducerLayer, blocking_emitter, broker_unavailable
 from awx_ws.main.messages import is_client_message, with_group
 
 if TYPE_CHECKING:
@@ -162,11 +162,7 @@ class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
 
     def unavailable(self, exc: BaseException) -> BrokerUnavailable:
         """exc (a lost or refused connection, or a timeout) as BrokerUnavailable naming RABBITMQ_URL."""
-        if isinstance(exc, BrokerUnavailable) and exc.where:
-            return exc
-        return BrokerUnavailable(
-            str(exc), where=self.describe_hosts(), timed_out=isinstance(exc, TimeoutError)
-        )
+        return broker_unavailable(exc, self.describe_hosts)
 
     @classmethod
     def send_blocking(cls, group: str, message: dict[str, Any], timeout: float) -> None:
@@ -174,9 +170,7 @@ class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
         try:
             blocking_emitter.call(lambda rabbitmq: rabbitmq.group_send(group, message), timeout)
         except (TimeoutError, OSError) as exc:
-            raise BrokerUnavailable(
-                str(exc), where=blocking_emitter.describe_hosts(), timed_out=isinstance(exc, TimeoutError)
-            ) from exc
+            raise broker_unavailable(exc, blocking_emitter.describe_hosts) from exc
 
     @classmethod
     def ping_blocking(cls, timeout: float) -> None:
@@ -184,9 +178,7 @@ class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
         try:
             blocking_emitter.ping(timeout)
         except (TimeoutError, OSError) as exc:
-            raise BrokerUnavailable(
-                str(exc), where=blocking_emitter.describe_hosts(), timed_out=isinstance(exc, TimeoutError)
-            ) from exc
+            raise broker_unavailable(exc, blocking_emitter.describe_hosts) from exc
 
     def describe_hosts(self) -> str:
         """The broker address for messages (password redacted), naming RABBITMQ_URL."""

@@ -29,6 +29,14 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def broker_unavailable(exc: BaseException, where: Callable[[], str]) -> BrokerUnavailable:
+    """exc (a lost or refused connection, or a timeout) as BrokerUnavailable naming where (the
+    RABBITMQ_URL the failing layer uses); one that already says where is kept."""
+    if isinstance(exc, BrokerUnavailable) and exc.where:
+        return exc
+    return BrokerUnavailable(str(exc), where=where(), timed_out=isinstance(exc, TimeoutError))
+
+
 class BlockingEmitter:
     """Sync callers' way to a RabbitMQ layer: one event-loop thread per process, one layer on it.
 
@@ -149,10 +157,7 @@ class SyncProducerLayer:
 
     def unavailable(self, exc: BaseException) -> BrokerUnavailable:
         """exc (a lost or refused connection, or a timeout) as BrokerUnavailable naming RABBITMQ_URL."""
-        if isinstance(exc, BrokerUnavailable) and exc.where:
-            return exc
-        timed_out = isinstance(exc, TimeoutError)
-        return BrokerUnavailable(str(exc), where=self.describe_hosts(), timed_out=timed_out)
+        return broker_unavailable(exc, self.describe_hosts)
 
     def _consumer_only(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(
