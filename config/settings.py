@@ -260,8 +260,8 @@ CHANNEL_LAYERS = {"default": channel_layer_config(CHANNEL_LAYER_BACKEND)}
 if CHANNEL_LAYER_BACKEND == "redis":
     CACHES = {
         "default": {
-            # Django's RedisCache, counting per process while Redis is down (awx_ws/main/cache.py).
-            "BACKEND": "awx_ws.main.cache.FallbackRedisCache",
+            # Django's RedisCache, counting per process while Redis is down (layers/redis_cache.py).
+            "BACKEND": "awx_ws.main.layers.redis_cache.FallbackRedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": "awx_ws-cache",
             "OPTIONS": {"socket_connect_timeout": 2.0, "socket_timeout": 5.0},

@@ -49,6 +49,11 @@ CONTRACT_ONLY = [
     "history.py",
     "interest.py",
     "retry.py",
+    "relay.py",
+    "streams.py",
+    "peer_protocol.py",
+    "management/commands/connections.py",
+    "management/commands/run_wsbroadcast.py",
 ]
 
 
@@ -63,34 +68,59 @@ def test_modules_beyond_the_layers_ask_the_contract_not_the_backend(module):
     assert not any(m and (m == "redis" or m.startswith("redis.")) for m in imported_modules)
 
 
-# Modules beyond awx_ws/main/layers/ that still speak to Redis or RabbitMQ's client libraries
-# themselves: two backends for other things (Django's cache on Redis, a log filter for the
-# RabbitMQ client) and the relay's records in Redis, read by two commands and by streams.
-# A new module must not join them; the relay's part is to move behind the contract.
-LIBRARY_USERS = {
-    "cache.py",
-    "logfilters.py",
-    "management/commands/connections.py",
-    "management/commands/run_wsbroadcast.py",
-    "relay.py",
-    "streams.py",
-}
-
-
-def test_no_other_module_imports_a_backend_library():
+def _modules_beyond_the_layers():
     main = ROOT / "awx_ws" / "main"
-    users = set()
-    for path in main.rglob("*.py"):
+    for path in sorted(main.rglob("*.py")):
         relative = path.relative_to(main).as_posix()
-        if relative.startswith(("layers/", "migrations/")):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        if not relative.startswith(("layers/", "migrations/")):
+            yield relative, ast.parse(path.read_text())
+
+
+def test_only_the_backends_import_redis_or_the_rabbitmq_client():
+    users = set()
+    for relative, tree in _modules_beyond_the_layers():
+        for node in ast.walk(tree):
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             if any(name.split(".")[0] in {"redis", "carehare"} for name in names):
                 users.add(relative)
-    assert users == LIBRARY_USERS
+    assert users == set()
+
+
+def test_no_module_beyond_the_layers_checks_a_layer_type():
+    """`service_layer()` (layers/base.py) is the one place that tells our layers from others."""
+    checks = set()
+    for relative, tree in _modules_beyond_the_layers():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in {"isinstance", "issubclass"}:
+                if "Layer" in ast.unparse(node.args[1]):
+                    checks.add(f"{relative}:{node.lineno}")
+    assert checks == set()
+
+
+def test_redis_key_formats_are_those_deployed_nodes_already_use():
+    """A node upgraded in place reads what the previous version wrote: key names do not move."""
+    from awx_ws.main.layers import redis_keys as keys
+
+    assert keys.alive_key("asgi", "abc") == "asgi:alive:abc"
+    assert keys.stats_key("asgi", "abc") == "asgi:process-stats:abc"
+    assert keys.interest_key("asgi", "abc") == "asgi:interest:abc"
+    assert keys.interest_changed("asgi") == "asgi:interest-changed"
+    assert keys.user_counts_key("asgi") == "asgi:user-connections"
+    assert keys.process_counts_key("asgi", "abc") == "asgi:connections:abc"
+    assert keys.stream_key("asgi", "jobs-status_changed") == "asgi:history:jobs-status_changed"
+    assert keys.origin_key("asgi") == "asgi:history-origin"
+    assert keys.history_total_keys("asgi") == [
+        "asgi:history-sizes",
+        "asgi:history-total",
+        "asgi:history-expiry",
+    ]
+    assert keys.link_status_key("asgi", "b:8051") == "asgi:relay-status:b:8051"
+    assert keys.forwarding_key("asgi", "b:8051") == "asgi:relay-forwarding:b:8051"
+    assert keys.nonce_key("asgi", "n1") == "asgi:peer-nonce:n1"
+    assert keys.group_pattern("asgi") == "asgi:group:*"
+    assert keys.queue_key("asgi", "fanout.x!y") == "asgifanout.x!y"
 
 
 def test_the_redis_backend_declares_its_library_errors_expected_in_background_loops():

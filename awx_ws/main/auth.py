@@ -27,7 +27,7 @@ from rest_framework.authtoken.models import Token
 from awx_ws.main import connlimit, peerauth
 from awx_ws.main.audience import viewer_now
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.layers import ServiceLayer
+from awx_ws.main.layers import service_layer
 
 logger = logging.getLogger(__name__)
 
@@ -313,9 +313,10 @@ class PeerAuthMiddleware:
         return await self.inner(scope, receive, send)
 
     async def _refuse_replay(self, nonce: str) -> None:
-        layer = get_channel_layer()
-        if not isinstance(layer, ServiceLayer):
-            raise peerauth.PeerAuthError(f"{type(layer).__name__} keeps no nonces: peers need our layers")
+        given = get_channel_layer()
+        layer = service_layer(given)
+        if layer is None:
+            raise peerauth.PeerAuthError(f"{type(given).__name__} keeps no nonces: peers need our layers")
         # Past the window the header is refused for its time anyway.
         ttl = ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW * 2 + 1
         try:

@@ -20,14 +20,15 @@ from typing import Any
 
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import DatabaseUnavailable, LayerUnavailable
-from awx_ws.main.layers import ConnectionStore, ServiceLayer
+from awx_ws.main.layers import ConnectionStore, service_layer
 
 logger = logging.getLogger(__name__)
 
 
 def store_of(layer: Any) -> ConnectionStore | None:
     """The layer's connection store; None for a layer of another package (counted per process)."""
-    return layer.connection_counts if isinstance(layer, ServiceLayer) else None
+    service = service_layer(layer)
+    return service.connection_counts if service is not None else None
 
 
 class ConnectionCounter:

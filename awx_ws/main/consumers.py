@@ -17,7 +17,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 
-from awx_ws.main import metrics, protocol, revocation
+from awx_ws.main import metrics, peer_protocol, protocol, revocation
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.audience import Viewer, viewer_of
 from awx_ws.main.auth import session_expiry
@@ -296,7 +296,7 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
         self._refresher = keep_joined(self.channel_layer, self.channel_name, lambda: self.joined)
         await self.accept()
         # First frame: proof that this node holds the secret, for this handshake (peerauth.py).
-        await self.send(text_data=json.dumps({"proof": self.scope["peer_proof"]}))
+        await self.send(text_data=peer_protocol.proof_frame(self.scope["peer_proof"]))
         logger.info("peer relay %s connected from %s", self.scope.get("peer"), self.scope.get("client"))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -327,18 +327,16 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
             logger.info("peer relay %s: could not leave its groups: %s", self.scope.get("peer"), exc)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        """Apply a `{"join": [...], "leave": [...]}` update, or answer a `{"history": [...]}` request."""
+        """Apply an interest update, or answer a history request (peer_protocol.py)."""
         try:
-            update = json.loads(text_data or "")
-            if "history" in update:
-                await self._answer_history(update["history"])
-                return
-            join, leave = update.get("join", []), update.get("leave", [])
-            for group in [*join, *leave]:
-                protocol.validate_group_name(group)
+            request = peer_protocol.read_request(text_data)
         except (ValueError, AttributeError, TypeError, KeyError) as exc:
             logger.warning("peer relay %s sent a bad update: %s", self.scope.get("peer"), exc)
             return
+        if isinstance(request, peer_protocol.HistoryRequest):
+            await self._answer_history(request.positions)
+            return
+        join, leave = request.join, request.leave
         for group in set(leave) & self.joined:
             await self.channel_layer.group_discard(group, self.channel_name)
             self.joined.discard(group)
@@ -346,35 +344,29 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_add(group, self.channel_name)
             self.joined.add(group)
         # The peer's resuming clients wait for this: from here on, these groups are forwarded.
-        await self.send(text_data=json.dumps({"forwarding": sorted(join), "dropped": sorted(leave)}))
+        await self.send(text_data=peer_protocol.forwarding_frame(join, leave))
         logger.debug("peer relay %s now holds %d groups", self.scope.get("peer"), len(self.joined))
 
-    async def _answer_history(self, requests: list[dict[str, Any]]) -> None:
+    async def _answer_history(self, positions: dict[str, GroupPosition]) -> None:
         """This node's part of a peer's recovery: its own history after each position."""
         margin = int(ws_settings.HISTORY_CLOCK_SKEW * 1000)
-        answers: list[dict[str, Any]] = []
-        for request in requests:
-            group = protocol.validate_group_name(request["group"])
-            position = GroupPosition.parse(request["position"])
-            if not getattr(self.channel_layer, "keeps_history", False):
-                reset = f"{ws_settings.NODE_NAME}'s channel layer keeps no history"
-                answers.append({"group": group, "origin": None, "entries": [], "reset": reset})
+        answers: dict[str, tuple[str | None, Replay]] = {}
+        for group, position in positions.items():
+            if not self.channel_layer.keeps_history:
+                answers[group] = (
+                    None,
+                    Replay(reset=f"{ws_settings.NODE_NAME}'s channel layer keeps no history"),
+                )
                 continue
             try:
-                origin, replay = await self.channel_layer.read_history(group, position, margin)
+                answers[group] = await self.channel_layer.read_history(group, position, margin)
             except OSError as exc:  # LayerUnavailable
                 logger.warning("history of %s unreadable for peer %s: %s", group, self.scope.get("peer"), exc)
-                origin, replay = None, Replay(reset="history unavailable on a peer node")
-            answers.append(
-                {"group": group, "origin": origin, "entries": replay.entries, "reset": replay.reset}
-            )
-        await self.send(text_data=json.dumps({"history": answers}))
+                answers[group] = (None, Replay(reset="history unavailable on a peer node"))
+        await self.send(text_data=peer_protocol.history_frame(answers))
 
     async def internal_message(self, event: dict[str, Any]) -> None:
         """Forward a message emitted on this node to the peer; drop ones that came from a peer."""
         if event.get("relayed") or "group" not in event:
             return
-        forwarded = {"group": event["group"], "text": event["text"]}
-        if "id" in event:
-            forwarded["id"] = event["id"]
-        await self.send(text_data=json.dumps(forwarded))
+        await self.send(text_data=peer_protocol.message_frame(event))

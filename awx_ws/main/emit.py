@@ -17,7 +17,7 @@ from django.utils.module_loading import import_string
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import EmitError, LayerUnavailable
-from awx_ws.main.layers import ServiceLayer
+from awx_ws.main.layers import ServiceLayer, service_layer_class
 from awx_ws.main.protocol import validate_group_name
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def layer_class() -> type[ServiceLayer] | None:
 
 @functools.cache  # asked on every sync emit: resolve each backend path once
 def _service_layer(backend_path: str) -> type[ServiceLayer] | None:
-    backend = import_string(backend_path)
-    return backend if isinstance(backend, type) and issubclass(backend, ServiceLayer) else None
+    return service_layer_class(import_string(backend_path))
 
 
 def emit_channel_notification(group: str, payload: Any) -> None:

@@ -5,16 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-import carehare
-
-# What an unreachable or restarting broker raises; anything else keeps its traceback.
-_RECONNECT_ERRORS = (
-    OSError,
-    TimeoutError,
-    carehare.ConnectionClosedByServer,
-    carehare.ConnectionClosedByHeartbeatMonitor,
-)
-
 
 class BrokerReconnects(logging.Filter):
     """channels_rabbitmq logs every failed reconnect (once a second) at ERROR with a traceback.
@@ -32,7 +22,11 @@ class BrokerReconnects(logging.Filter):
         """Let the record through, shortened, or drop a repeat."""
         if not record.name.startswith("channels_rabbitmq") or not record.exc_info:
             return True
-        if not isinstance(record.exc_info[1], _RECONNECT_ERRORS):
+        # Imported here: dictConfig imports this module before the apps load. A record from
+        # channels_rabbitmq means its layer, and so this, is loaded already.
+        from awx_ws.main.layers.rabbitmq import RECONNECT_ERRORS
+
+        if not isinstance(record.exc_info[1], RECONNECT_ERRORS):
             return True
         now = time.monotonic()
         if now - self._last < self.every:

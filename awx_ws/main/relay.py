@@ -4,60 +4,48 @@ For every peer it keeps one websocket to the peer's BroadcastConsumer (/websocke
 tells it which groups this node's clients hold (interest.py) and injects what the peer forwards
 into the local channel layer, marked `relayed` so no BroadcastConsumer here sends it on again.
 Links reconnect with exponential backoff and jitter, log once per state change (AWX #7266 logged
-every attempt), and keep their figures in the local Redis for `run_wsbroadcast --status`. On a
-layer without Redis (RabbitMQ) interest comes from the fan-outs' announcements on the layer, and
-the figures are in the metrics only.
+every attempt), and keep their figures in the layer's node records (Redis) for
+`run_wsbroadcast --status`. On a layer without records (RabbitMQ) interest comes from the
+fan-outs' announcements on the layer, and the figures are in the metrics only. What a link
+says is peer_protocol.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
-from awx_ws.main import metrics, peerauth
+from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import StartupError
-from awx_ws.main.history import parse_message_id
+from awx_ws.main.exceptions import LayerUnavailable, StartupError
 from awx_ws.main.interest import LayerInterestWatcher
-from awx_ws.main.layers import RedisChannelLayer
-from awx_ws.main.layers.redis_interest import watch_redis_interest
+from awx_ws.main.layers import NodeRecords, ServiceLayer, service_layer
+from awx_ws.main.peer_protocol import (
+    LINK_MAX_SIZE,
+    ForwardingAck,
+    configured_peers,
+    interest_frame,
+    open_peer,
+    peer_ssl,
+    read_frame,
+)
 from awx_ws.main.peerauth import peer_url
-from awx_ws.main.protocol import validate_group_name
 from awx_ws.main.retry import RetryPolicy, spawn, supervise
 
 logger = logging.getLogger(__name__)
 
 # A link that stayed up this long resets its backoff to the first step.
 HEALTHY_AFTER = 30.0
+# The links' figures are rewritten this often; resumes judge a relay stopped by their age.
 STATUS_EVERY = 1.0
-
-
-def configured_peers() -> list[str]:
-    """BROADCAST_WEBSOCKET_PEERS without this node's own entry (BROADCAST_WEBSOCKET_SELF)."""
-    own = ws_settings.BROADCAST_WEBSOCKET_SELF
-    return [peer for peer in ws_settings.BROADCAST_WEBSOCKET_PEERS if peer != own]
-
-
-def forwarding_key(layer: RedisChannelLayer, peer: str) -> str:
-    """Redis set of the groups a peer has confirmed it forwards to this node (resumes wait on it)."""
-    return f"{layer.prefix}:relay-forwarding:{peer}"
-
-
-def status_key(layer: RedisChannelLayer, peer: str) -> str:
-    """Redis hash holding one link's figures."""
-    return f"{layer.prefix}:relay-status:{peer}"
 
 
 @dataclass
@@ -117,41 +105,6 @@ class LinkStatus:
         }
 
 
-def peer_ssl(url: str) -> ssl.SSLContext | None:
-    """The TLS context for a wss:// peer: verified against BROADCAST_WEBSOCKET_CA_BUNDLE (or the
-    system's CAs) unless BROADCAST_WEBSOCKET_VERIFY_CERT is off; None for ws://."""
-    if not url.startswith("wss://"):
-        return None
-    bundle = ws_settings.BROADCAST_WEBSOCKET_CA_BUNDLE or None
-    try:
-        context = ssl.create_default_context(cafile=bundle)
-    except (OSError, ssl.SSLError) as exc:
-        raise StartupError(f"BROADCAST_WEBSOCKET_CA_BUNDLE={bundle!r} cannot be read: {exc}") from exc
-    if not ws_settings.BROADCAST_WEBSOCKET_VERIFY_CERT:
-        # AWX's default; ours is to verify. Only for peers reached over a network one trusts.
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-@asynccontextmanager
-async def open_peer(peer: str, secret: str, node: str, **options: Any) -> AsyncIterator[ClientConnection]:
-    """A websocket to peer's BroadcastConsumer, once the peer has proved it holds the secret
-    (peerauth.py); PeerAuthError when it does not. options go to websockets' connect."""
-    credentials = peerauth.sign(secret, peer)
-    url = peer_url(peer)
-    options.setdefault("open_timeout", 10)
-    async with connect(url, ssl=peer_ssl(url), additional_headers=credentials.headers(node), **options) as ws:
-        try:
-            async with asyncio.timeout(options["open_timeout"]):
-                first = await ws.recv()
-            offered = json.loads(first).get("proof")
-        except (ValueError, AttributeError, TimeoutError) as exc:
-            raise peerauth.PeerAuthError(f"{peer} sent no proof first ({type(exc).__name__})") from exc
-        peerauth.check_proof(secret, credentials, offered)
-        yield ws
-
-
 def describe(exc: BaseException) -> str:
     """A one-line reason for a failed or lost link."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -174,10 +127,11 @@ def describe(exc: BaseException) -> str:
 class Relay:
     """All links of this node, and the interest they keep their peers informed of."""
 
-    def __init__(self, layer: Any, peers: list[str], secret: str, node: str) -> None:
+    def __init__(self, layer: ServiceLayer, peers: list[str], secret: str, node: str) -> None:
         self.layer = layer
-        # Redis keeps the node's interest, the links' figures and the peers' acks; other layers don't.
-        self.redis: RedisChannelLayer | None = layer if isinstance(layer, RedisChannelLayer) else None
+        # Where the node's interest, the links' figures and the peers' acks are kept (Redis);
+        # None on a layer with no store (RabbitMQ): interest then comes over the layer itself.
+        self.records: NodeRecords | None = layer.records
         self.peers = peers
         self.secret = secret
         self.node = node
@@ -186,12 +140,13 @@ class Relay:
         self.links = [PeerLink(self, peer) for peer in peers]
 
     @classmethod
-    def from_settings(cls, layer: Any) -> Relay:
+    def from_settings(cls, given: Any) -> Relay:
         """Build from AWX_WS settings; StartupError with a clear message when they cannot work."""
-        if not hasattr(layer, "fanout"):
+        layer = service_layer(given)
+        if layer is None:
             raise StartupError(
                 "the relay needs one of awx_ws's channel layers (CHANNEL_LAYER_BACKEND), "
-                f"not {type(layer).__name__}"
+                f"not {type(given).__name__}"
             )
         peers = configured_peers()
         secret = ws_settings.BROADCAST_WEBSOCKET_SECRET
@@ -220,16 +175,16 @@ class Relay:
             logger.info("no peers in BROADCAST_WEBSOCKET_PEERS besides this node: nothing to relay")
             await asyncio.Event().wait()
         logger.info("relay of node %s to %s", self.node, ", ".join(self.peers))
-        if self.redis is not None:
-            watch = watch_redis_interest(self.redis, self._publish)
+        records = self.records
+        if records is not None:
+            watch = records.watch_interest(self._publish)
         else:
             watch = LayerInterestWatcher(self.layer, self._publish).round
         tasks = [spawn("relay interest", watch, metric="relay_interest")]
         tasks += [link.start() for link in self.links]
-        if self.redis is not None:
-            redis = self.redis
+        if records is not None:
             tasks.append(
-                spawn("relay status", lambda failures: self._write_status(redis), metric="relay_status")
+                spawn("relay status", lambda failures: self._write_status(records), metric="relay_status")
             )
         try:
             await asyncio.gather(*tasks)
@@ -238,11 +193,9 @@ class Relay:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _write_status(self, redis: RedisChannelLayer) -> float:
+    async def _write_status(self, records: NodeRecords) -> float:
         for link in self.links:
-            key = status_key(redis, link.peer)
-            await redis.connection(0).hset(key, mapping=link.status.as_mapping())
-            await redis.connection(0).expire(key, 3600)
+            await records.write_link_status(link.peer, link.status.as_mapping())
         return STATUS_EVERY
 
 
@@ -284,12 +237,11 @@ class PeerLink:
             self.relay.node,
             ping_interval=ping,
             ping_timeout=ping,
-            max_size=2**24,
+            max_size=LINK_MAX_SIZE,
         ) as ws:
-            redis = self.relay.redis
-            if redis is not None:
+            if self.relay.records is not None:
                 # A new link starts with nothing forwarded; the interest sent next rebuilds it.
-                await redis.connection(0).delete(forwarding_key(redis, self.peer))
+                await self.relay.records.reset_forwarding(self.peer)
             if self._connected_once:
                 self.status.reconnects += 1
                 metrics.RELAY_RECONNECTS.labels(self.peer).inc()
@@ -333,40 +285,34 @@ class PeerLink:
             current = self.relay.interest
             join, leave = current - sent, sent - current
             if join or leave:
-                await ws.send(json.dumps({"join": sorted(join), "leave": sorted(leave)}))
+                await ws.send(interest_frame(join, leave))
                 sent = current
             await changed.wait()
 
     async def _inject(self, frame: str | bytes) -> None:
         try:
-            data = json.loads(frame)
-            if "forwarding" in data:
-                await self._confirmed(data["forwarding"], data.get("dropped", []))
-                return
-            group, text = validate_group_name(data["group"]), data["text"]
-            if not isinstance(text, str):
-                raise TypeError("text is not a string")
-            message_id = data.get("id")
-            if message_id is not None:
-                parse_message_id(message_id)
+            read = read_frame(frame)
         except (ValueError, KeyError, TypeError) as exc:
             self.status.dropped_total += 1
             metrics.DROPPED.labels("relay_malformed").inc()
             logger.warning("relay link to %s sent a malformed message: %s", self.peer, exc)
             return
-        message = {"type": "internal.message", "text": text, "group": group, "relayed": True}
-        if message_id is not None:
-            message["id"] = message_id  # the origin's history id, kept for resuming clients here
+        if isinstance(read, ForwardingAck):
+            await self._confirmed(read.forwarding, read.dropped)
+            return
+        message = {"type": "internal.message", "text": read.text, "group": read.group, "relayed": True}
+        if read.message_id is not None:
+            message["id"] = read.message_id  # the origin's history id, kept for resuming clients here
         try:
-            await self.relay.layer.group_send(group, message)
-        except (RedisError, OSError) as exc:
+            await self.relay.layer.group_send(read.group, message)
+        except (LayerUnavailable, OSError) as exc:
             self.status.dropped_total += 1
             metrics.DROPPED.labels("relay_inject_failed").inc()
             metrics.REDIS_ERRORS.labels("relay_inject").inc()
             if self.status.dropped_total == 1 or self.status.dropped_total % 1000 == 0:
                 logger.error(
                     "relay could not inject into the local %s (%d dropped): %s",
-                    getattr(self.relay.layer, "service", "channel layer"),
+                    self.relay.layer.service,
                     self.status.dropped_total,
                     exc,
                 )
@@ -375,16 +321,10 @@ class PeerLink:
 
     async def _confirmed(self, forwarding: list[str], dropped: list[str]) -> None:
         """Record which groups the peer now forwards here (streams.wait_until_forwarded reads it)."""
-        redis = self.relay.redis
-        if redis is None:
+        if self.relay.records is None:
             return  # no history on this layer: no resume waits for it
-        key = forwarding_key(redis, self.peer)
-        connection = redis.connection(0)
         try:
-            if dropped:
-                await connection.srem(key, *dropped)
-            if forwarding:
-                await connection.sadd(key, *forwarding)
-        except (RedisError, OSError) as exc:
+            await self.relay.records.record_forwarding(self.peer, forwarding, dropped)
+        except LayerUnavailable as exc:
             # Resuming clients then wait for it in vain and report a reset: nothing is lost.
             logger.warning("relay could not record what %s forwards: %s", self.peer, exc)

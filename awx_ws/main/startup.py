@@ -26,7 +26,7 @@ from channels.layers import get_channel_layer
 from awx_ws.main import connlimit, revocation
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
-from awx_ws.main.layers import ServiceLayer
+from awx_ws.main.layers import service_layer
 from awx_ws.main.retry import spawn
 
 logger = logging.getLogger(__name__)
@@ -35,11 +35,12 @@ logger = logging.getLogger(__name__)
 async def start_process(wait: float | None) -> None:
     """The start-up work on this process's channel layer; StartupError when it cannot be done
     within `wait` seconds (None: one attempt)."""
-    layer: Any = get_channel_layer()
-    if not isinstance(layer, ServiceLayer):
+    given: Any = get_channel_layer()
+    layer = service_layer(given)
+    if layer is None:
         # channels_rabbitmq's layer made by sync code first is a send-only stand-in here.
-        hint = getattr(layer, "startup_hint", None) or "use CHANNEL_LAYER_BACKEND"
-        raise StartupError(f"CHANNEL_LAYERS names {type(layer).__name__}: {hint}")
+        hint = getattr(given, "startup_hint", None) or "use CHANNEL_LAYER_BACKEND"
+        raise StartupError(f"CHANNEL_LAYERS names {type(given).__name__}: {hint}")
     await layer.start_process(wait)
     keeper = layer.connection_counts.keep_synced(connlimit.counter)
     if keeper is not None:

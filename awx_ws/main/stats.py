@@ -17,11 +17,6 @@ if TYPE_CHECKING:
     from awx_ws.main.layers import RedisChannelLayer
 
 
-def stats_key(layer_prefix: str, client_prefix: str) -> str:
-    """Redis hash of one process's figures."""
-    return f"{layer_prefix}:process-stats:{client_prefix}"
-
-
 @dataclass
 class ProcessStats:
     """Counters of open client connections in this process."""

@@ -18,25 +18,23 @@ them (the SSE `stream-reset` event, the websocket's acknowledgements).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-from websockets.exceptions import WebSocketException
-
-from awx_ws.main import peerauth
 from awx_ws.main.audience import Viewer, allowed
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import StartupError
 from awx_ws.main.history import GroupPosition, Replay, parse_message_id
-from awx_ws.main.relay import STATUS_EVERY, configured_peers, forwarding_key, open_peer, status_key
+from awx_ws.main.peer_protocol import configured_peers, fetch_history
 
 if TYPE_CHECKING:
-    from awx_ws.main.layers import RedisChannelLayer
+    from awx_ws.main.layers import NodeRecords, ServiceLayer
+
+# The relay rewrites its links' figures every second; older than this, it is not running.
+RELAY_STALE_AFTER = 5.0
+LINK_DOWN = "relay link is down"
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +103,8 @@ class Stream:
         if not self.layer.keeps_history:
             reason = f"no history is kept with the {self.layer.service} channel layer (CHANNEL_LAYER_BACKEND)"
             return {group: Replay(reset=reason) for group in recover}
-        unforwarded = await wait_until_forwarded(self.layer, set(recover))
+        records = self.layer.records
+        unforwarded = await wait_until_forwarded(records, set(recover)) if records is not None else {}
         replays = await collect_replays(self.layer, recover)
         for peer, reason in sorted(unforwarded.items()):
             for replay in replays.values():
@@ -162,47 +161,48 @@ class Stream:
         self.layer.fanout.leave(group, self)
 
 
-async def wait_until_forwarded(layer: RedisChannelLayer, groups: set[str]) -> dict[str, str]:
-    """In a cluster, wait until every peer forwards groups here; {peer: why not} for those that
-    do not (see _wait_until_forwarded); RedisUnavailable when Redis fails."""
-    try:
-        return await _wait_until_forwarded(layer, groups)
-    except RedisError as exc:
-        raise layer.unavailable(exc) from exc
-
-
-async def _wait_until_forwarded(layer: RedisChannelLayer, groups: set[str]) -> dict[str, str]:
+async def wait_until_forwarded(records: NodeRecords, groups: set[str]) -> dict[str, str]:
     """In a cluster, wait (RECOVER_TIMEOUT at most) until every peer forwards groups here.
 
     A peer starts forwarding a group when this node's relay tells it the group is wanted; until
     then a message emitted there reaches neither the live stream nor the history read before
     it. Returns {peer: why not} for peers that do not forward: a replay cannot be complete.
+    LayerUnavailable when the records cannot be read.
     """
-    connection = layer.connection(0)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ws_settings.RECOVER_TIMEOUT
     waiting = {peer: "this node's relay has no link to it" for peer in configured_peers()}
     failed: dict[str, str] = {}
     while waiting:
         for peer in list(waiting):
-            state, updated = await connection.hmget(status_key(layer, peer), ["state", "updated"])
-            if state is None or time.time() - float(updated or 0) > 5 * STATUS_EVERY:
-                waiting[peer] = "this node's relay is not running"
-            elif state == b"disconnected":  # down now: no point waiting for it
-                failed[peer] = "relay link is down"
+            verdict = await _forwarding_verdict(records, peer, groups)
+            if verdict is None:
                 del waiting[peer]
-            elif state == b"connected" and all(
-                await connection.smismember(forwarding_key(layer, peer), sorted(groups))
-            ):
+            elif verdict == LINK_DOWN:  # down now: no point waiting for it
+                failed[peer] = verdict
                 del waiting[peer]
+            elif verdict:
+                waiting[peer] = verdict
         if not waiting or loop.time() >= deadline:
             break
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # polling the peer's ack in Redis, no notification exists
     failed.update(waiting)
     return failed
 
 
-async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosition]) -> dict[str, Replay]:
+async def _forwarding_verdict(records: NodeRecords, peer: str, groups: set[str]) -> str | None:
+    """None when peer forwards every group here, else why not: "" while its ack is awaited."""
+    status = await records.link_status(peer)
+    if not status or time.time() - float(status.get("updated") or 0) > RELAY_STALE_AFTER:
+        return "this node's relay is not running"
+    if status.get("state") == "disconnected":
+        return LINK_DOWN
+    if status.get("state") == "connected" and await records.forwards(peer, groups):
+        return None
+    return ""
+
+
+async def collect_replays(layer: ServiceLayer, recover: dict[str, GroupPosition]) -> dict[str, Replay]:
     """What every node of the cluster holds after each position, merged in time order."""
     merged = {group: Replay() for group in recover}
     answered: dict[str, set[str]] = {group: set() for group in recover}
@@ -215,23 +215,12 @@ async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosi
             answered[group].add(origin)
 
     for group, position in recover.items():
-        try:
-            origin, replay = await layer.read_history(group, position)
-        except OSError as exc:  # LayerUnavailable
-            # The client learns that, not Redis's words (addresses, script hashes): those are logged.
-            logger.warning("history of %s unreadable for a resume: %s", group, exc)
-            origin, replay = None, Replay(reset="history unavailable on this node")
-        take(group, origin, replay)
+        take(group, *await _local_history(layer, group, position))
     peers = configured_peers()
-    results = await asyncio.gather(*(fetch_from_peer(peer, recover) for peer in peers))
+    results = await asyncio.gather(*(fetch_history(peer, recover) for peer in peers))
     for peer, result in zip(peers, results, strict=True):
         for group in recover:
-            if isinstance(result, str):
-                # The peer as configured, not the error's text (fetch_from_peer logged that).
-                take(group, None, Replay(reset=f"peer {peer} unreachable"))
-            else:
-                origin, replay = result.get(group, (None, Replay(reset=f"peer {peer} did not answer")))
-                take(group, origin, replay)
+            take(group, *_peer_answer(peer, group, result))
     for group, position in recover.items():
         # An origin the client saw that no node answers for: its Redis was replaced, or its node
         # left the cluster; what came after the position there cannot be known.
@@ -242,27 +231,22 @@ async def collect_replays(layer: RedisChannelLayer, recover: dict[str, GroupPosi
     return merged
 
 
-async def fetch_from_peer(peer: str, recover: dict[str, GroupPosition]) -> dict[str, Any] | str:
-    """{group: (origin, Replay)} from one peer's BroadcastConsumer, or why it failed."""
-    request = {"history": [{"group": g, "position": str(p)} for g, p in sorted(recover.items())]}
-    secret, node = ws_settings.BROADCAST_WEBSOCKET_SECRET, ws_settings.NODE_NAME
+async def _local_history(
+    layer: ServiceLayer, group: str, position: GroupPosition
+) -> tuple[str | None, Replay]:
+    """This node's history of group after position; a reset when it cannot be read."""
     try:
-        async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
-            async with open_peer(peer, secret, node, max_size=2**26) as ws:
-                await ws.send(json.dumps(request))
-                reply = json.loads(await ws.recv())
-    except (
-        OSError,
-        TimeoutError,
-        WebSocketException,
-        peerauth.PeerAuthError,
-        ValueError,
-        StartupError,
-    ) as exc:
-        logger.info("history of peer %s unavailable: %s", peer, exc)
-        return str(exc) or type(exc).__name__
-    results: dict[str, Any] = {}
-    for item in reply.get("history", []):
-        entries = [(str(message_id), str(text)) for message_id, text in item.get("entries", [])]
-        results[item["group"]] = (item.get("origin"), Replay(entries, item.get("reset")))
-    return results
+        return await layer.read_history(group, position)
+    except OSError as exc:  # LayerUnavailable
+        # The client learns that, not Redis's words (addresses, script hashes): those are logged.
+        logger.warning("history of %s unreadable for a resume: %s", group, exc)
+        return None, Replay(reset="history unavailable on this node")
+
+
+def _peer_answer(peer: str, group: str, result: dict[str, Any] | str) -> tuple[str | None, Replay]:
+    """One peer's part of group's replay: its answer, or a reset naming the peer."""
+    if isinstance(result, str):
+        # The peer as configured, not the error's text (fetch_history logged that).
+        return None, Replay(reset=f"peer {peer} unreachable")
+    origin, replay = result.get(group, (None, Replay(reset=f"peer {peer} did not answer")))
+    return origin, replay

@@ -6,8 +6,24 @@
 
 from __future__ import annotations
 
-from awx_ws.main.layers.base import ConnectionStore, ServiceLayer
+from awx_ws.main.layers.base import (
+    ConnectionStore,
+    NodeRecords,
+    ProcessFigures,
+    ServiceLayer,
+    service_layer,
+    service_layer_class,
+)
 from awx_ws.main.layers.rabbitmq import RabbitmqChannelLayer
 from awx_ws.main.layers.redis import RedisChannelLayer
 
-__all__ = ["ConnectionStore", "RabbitmqChannelLayer", "RedisChannelLayer", "ServiceLayer"]
+__all__ = [
+    "ConnectionStore",
+    "NodeRecords",
+    "ProcessFigures",
+    "RabbitmqChannelLayer",
+    "RedisChannelLayer",
+    "ServiceLayer",
+    "service_layer",
+    "service_layer_class",
+]

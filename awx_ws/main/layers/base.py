@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from awx_ws.main.exceptions import LayerUnavailable
     from awx_ws.main.fanout import Fanout
     from awx_ws.main.history import GroupPosition, Replay
+    from awx_ws.main.retry import Round
 
 
 class CountKeeper(Protocol):
@@ -64,6 +66,59 @@ class ConnectionStore(Protocol):
         ...
 
 
+@dataclass
+class ProcessFigures:
+    """What one live server process last wrote of itself: its figures and the groups it holds."""
+
+    figures: dict[str, str]
+    groups: set[str] = field(default_factory=set)
+
+
+class NodeRecords(Protocol):
+    """Records a layer with a store of its own (`keeps_records`) keeps for the node: what each
+    process holds (`manage.py connections`), the relay's links (`run_wsbroadcast --status`) and
+    which groups peers forward here (resumes wait on it). Failures raise LayerUnavailable."""
+
+    async def processes(self) -> list[ProcessFigures]:
+        """Every live process's figures and groups."""
+        ...
+
+    async def write_link_status(self, peer: str, figures: Mapping[str, str]) -> None:
+        """Store one relay link's figures (kept an hour after the relay stops writing them)."""
+        ...
+
+    async def link_status(self, peer: str) -> dict[str, str]:
+        """One relay link's last figures; empty when none were written."""
+        ...
+
+    async def reset_forwarding(self, peer: str) -> None:
+        """Forget which groups peer forwards here (its link is new)."""
+        ...
+
+    async def record_forwarding(self, peer: str, forwarding: list[str], dropped: list[str]) -> None:
+        """Record the groups peer has confirmed it now forwards, and those it stopped forwarding."""
+        ...
+
+    async def forwards(self, peer: str, groups: Iterable[str]) -> bool:
+        """Whether peer has confirmed it forwards every one of groups here."""
+        ...
+
+    def watch_interest(self, publish: Callable[[frozenset[str]], None]) -> Round:
+        """A round (retry.supervise) publishing the groups this node's clients hold, at every change."""
+        ...
+
+
+def service_layer(layer: object) -> ServiceLayer | None:
+    """layer as awx_ws's contract; None for a layer of another package (Channels' in-memory
+    one, channels_redis's own), which the service can use only as Channels can."""
+    return layer if isinstance(layer, ServiceLayer) else None
+
+
+def service_layer_class(backend: object) -> type[ServiceLayer] | None:
+    """backend (CHANNEL_LAYERS' BACKEND, imported) if it is one of awx_ws's layer classes."""
+    return backend if isinstance(backend, type) and issubclass(backend, ServiceLayer) else None
+
+
 class ServiceLayer(abc.ABC):
     """What awx_ws needs of a channel layer besides Channels' API."""
 
@@ -74,6 +129,15 @@ class ServiceLayer(abc.ABC):
     keeps_history: ClassVar[bool]
     keeps_records: ClassVar[bool]
 
+    if TYPE_CHECKING:
+        # Channels' layer API, which every backend has from its Channels base class.
+
+        async def group_send(self, group: str, message: dict[str, Any]) -> None: ...
+
+        async def group_add(self, group: str, channel: str) -> None: ...
+
+        async def group_discard(self, group: str, channel: str) -> None: ...
+
     @property
     @abc.abstractmethod
     def fanout(self) -> Fanout:
@@ -83,6 +147,11 @@ class ServiceLayer(abc.ABC):
     @abc.abstractmethod
     def connection_counts(self) -> ConnectionStore:
         """The node's open connections per user."""
+
+    @property
+    @abc.abstractmethod
+    def records(self) -> NodeRecords | None:
+        """The node's records in the layer's store; None when it keeps none (`keeps_records`)."""
 
     @abc.abstractmethod
     def describe_hosts(self) -> str:

@@ -50,6 +50,15 @@ T = TypeVar("T")
 # waits forever: a subscribe during an outage would hang the client instead of answering it).
 CONNECT_WAIT = 5.0
 
+# What an unreachable or restarting broker raises (logfilters.BrokerReconnects shortens these);
+# anything else keeps its traceback.
+RECONNECT_ERRORS = (
+    OSError,
+    TimeoutError,
+    carehare.ConnectionClosedByServer,
+    carehare.ConnectionClosedByHeartbeatMonitor,
+)
+
 
 class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
     """channels_rabbitmq's layer with our fan-out, bounded connection waits and counted drops."""
@@ -120,6 +129,11 @@ class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
         if self._fanout is None:
             self._fanout = Fanout(self)
         return self._fanout
+
+    @property
+    def records(self) -> None:
+        """None: RabbitMQ is no store; links and processes show in the metrics instead."""
+        return None
 
     @property
     def connection_counts(self) -> DatabaseConnectionStore:

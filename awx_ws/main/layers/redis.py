@@ -26,12 +26,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from awx_ws.main import metrics, retry
 from awx_ws.main.exceptions import RedisUnavailable, StartupError, redact_url
 from awx_ws.main.history import GroupPosition, Replay, history_policy
-from awx_ws.main.layers import redis_history, redis_presence
+from awx_ws.main.layers import redis_history, redis_keys, redis_presence
 from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.layers.redis_counts import RedisConnectionStore
 from awx_ws.main.layers.redis_fanout import RedisFanout
-from awx_ws.main.layers.redis_history import ensure_origin, origin_key, stream_key, total_keys
+from awx_ws.main.layers.redis_history import ensure_origin, total_keys
 from awx_ws.main.layers.redis_presence import Liveness
+from awx_ws.main.layers.redis_records import RedisRecords
 from awx_ws.main.layers.redis_scripts import FANOUT_SHA, GROUP_SEND_FANOUT_LUA, GROUP_SEND_LUA
 from awx_ws.main.messages import is_client_message, with_group
 
@@ -85,6 +86,11 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         if self._fanout is None:
             self._fanout = RedisFanout(self)
         return self._fanout
+
+    @property
+    def records(self) -> RedisRecords:
+        """The node's records in this Redis: process figures, relay links, peer acks."""
+        return RedisRecords(self)
 
     @property
     def connection_counts(self) -> RedisConnectionStore:
@@ -185,7 +191,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
 
     async def remember_nonce(self, nonce: str, ttl: float) -> bool:
         """Remember a peer's handshake nonce on this node for ttl seconds; False if seen before."""
-        key = f"{self.prefix}:peer-nonce:{nonce}"
+        key = redis_keys.nonce_key(self.prefix, nonce)
         try:
             return bool(await self.connection(0).set(key, 1, nx=True, ex=max(1, math.ceil(ttl))))
         except RedisError as exc:
@@ -220,7 +226,11 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
                     "history needs the msgpack serializer without symmetric_encryption_keys "
                     "(CHANNEL_LAYERS); or set AWX_WS['HISTORY_KINDS'] entries to None"
                 )
-            keys += [stream_key(self, group), origin_key(self), *total_keys(self)]
+            keys += [
+                redis_keys.stream_key(self.prefix, group),
+                redis_keys.origin_key(self.prefix),
+                *total_keys(self),
+            ]
             ttl = max(1, math.ceil(policy.age))
             args += [policy.length, policy.age, ttl, self._serializer.random_prefix_length, policy.max_bytes]
             args.append(policy.total_bytes)
@@ -341,7 +351,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
             if not str(exc).startswith("NOORIGIN"):
                 raise
             # First message this Redis keeps history for (see redis_history.ensure_origin).
-            connection.set(origin_key(self), secrets.token_hex(4), nx=True)
+            connection.set(redis_keys.origin_key(self.prefix), secrets.token_hex(4), nx=True)
             reply = self._eval_fanout_blocking(connection, keys, args)
         others = self._after_fanout(group, message, reply)
         if others:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from awx_ws.main.exceptions import RedisUnavailable
+from awx_ws.main.layers.redis_keys import process_counts_key, user_counts_key
 from awx_ws.main.retry import spawn
 
 if TYPE_CHECKING:
@@ -73,19 +74,9 @@ return #ARGV / 2
 )
 
 
-def totals_key(layer: RedisChannelLayer) -> str:
-    """The node's open connections per user."""
-    return f"{layer.prefix}:user-connections"
-
-
-def process_key(layer: RedisChannelLayer, client_prefix: str) -> str:
-    """One process's open connections per user."""
-    return f"{layer.prefix}:connections:{client_prefix}"
-
-
 async def forget_process(layer: RedisChannelLayer, client_prefix: str) -> int:
     """Take a dead process's connections off the node's totals (the start-up purge)."""
-    keys = [totals_key(layer), process_key(layer, client_prefix)]
+    keys = [user_counts_key(layer.prefix), process_counts_key(layer.prefix, client_prefix)]
     return int(await layer.connection(0).eval(FORGET_LUA, 2, *keys))
 
 
@@ -103,7 +94,10 @@ class RedisConnectionStore:
         return self.layer.fanout.lock
 
     async def _eval(self, script: str, *args: Any) -> int:
-        keys = [totals_key(self.layer), process_key(self.layer, self.layer.client_prefix)]
+        keys = [
+            user_counts_key(self.layer.prefix),
+            process_counts_key(self.layer.prefix, self.layer.client_prefix),
+        ]
         try:
             return int(await self.layer.connection(0).eval(script, 2, *keys, *args))
         except (RedisError, OSError) as exc:

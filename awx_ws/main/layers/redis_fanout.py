@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main import metrics
 from awx_ws.main.fanout import Fanout, fanout_channel
-from awx_ws.main.layers.redis_interest import changes_channel, interest_key
+from awx_ws.main.layers.redis_keys import interest_changed, interest_key, queue_key
 
 if TYPE_CHECKING:
     from awx_ws.main.layers.redis import RedisChannelLayer
@@ -85,7 +85,7 @@ class RedisFanout(Fanout):
                         pipe.sadd(self._interest_key, *adds)
                     if discards:
                         pipe.srem(self._interest_key, *discards)
-                pipe.publish(changes_channel(layer.prefix), layer.client_prefix)
+                pipe.publish(interest_changed(layer.prefix), layer.client_prefix)
                 await pipe.execute()
         except BaseException:
             self._rewrite_interest = self._rewrite_interest or rewrite
@@ -107,14 +107,14 @@ class RedisFanout(Fanout):
         async with layer.connection(0).pipeline(transaction=False) as pipe:
             for group in sorted(self._applied | self._uncertain):
                 pipe.zrem(layer.group_key(group), channel)
-            pipe.delete(self._interest_key, layer.prefix + channel)
-            pipe.publish(changes_channel(layer.prefix), layer.client_prefix)
+            pipe.delete(self._interest_key, queue_key(layer.prefix, channel))
+            pipe.publish(interest_changed(layer.prefix), layer.client_prefix)
             await pipe.execute()
         self._applied.clear()
 
     async def _receive(self, channel: str) -> list[dict[str, Any]]:
         """Up to BATCH queued messages: one round trip while busy, a blocking wait when idle."""
-        key = self.layer.prefix + channel
+        key = queue_key(self.layer.prefix, channel)
         connection = self.layer.connection(self.layer.consistent_hash(channel))
         try:
             popped = await connection.zpopmin(key, BATCH)

@@ -12,26 +12,17 @@ from redis.exceptions import RedisError
 
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.history import GroupPosition, Replay, history_policy, parse_stream_id
+from awx_ws.main.layers import redis_keys as keys
 
 if TYPE_CHECKING:
     from awx_ws.main.layers.redis import RedisChannelLayer
 
 
-def stream_key(layer: RedisChannelLayer, group: str) -> str:
-    """The Redis stream holding group's history on this node."""
-    return f"{layer.prefix}:history:{group}"
-
-
-def origin_key(layer: RedisChannelLayer) -> str:
-    """The Redis string naming this Redis's origin tag."""
-    return f"{layer.prefix}:history-origin"
-
-
 async def ensure_origin(layer: RedisChannelLayer) -> str:
     """This Redis's origin tag, created on first use (SET NX: every process agrees on one)."""
     connection = layer.connection(0)
-    await connection.set(origin_key(layer), secrets.token_hex(4), nx=True)
-    return (await connection.get(origin_key(layer))).decode()
+    await connection.set(keys.origin_key(layer.prefix), secrets.token_hex(4), nx=True)
+    return (await connection.get(keys.origin_key(layer.prefix))).decode()
 
 
 def total_keys(layer: RedisChannelLayer) -> list[str]:
@@ -39,11 +30,7 @@ def total_keys(layer: RedisChannelLayer) -> list[str]:
     when each stream expires; none when no total is kept."""
     if not ws_settings.HISTORY_TOTAL_BYTES:
         return []
-    return [
-        f"{layer.prefix}:history-sizes",
-        f"{layer.prefix}:history-total",
-        f"{layer.prefix}:history-expiry",
-    ]
+    return keys.history_total_keys(layer.prefix)
 
 
 # Trims a stream from its head by age and length and records (an upper bound of) the last removed
@@ -271,7 +258,7 @@ async def _read_local(
         kind = group.split("-", 1)[0]
         return None, Replay(reset=f"no history is kept for {kind} groups (AWX_WS['HISTORY_KINDS'])")
     connection = layer.connection(0)
-    raw_origin = await connection.get(origin_key(layer))
+    raw_origin = await connection.get(keys.origin_key(layer.prefix))
     if raw_origin is None:
         return None, Replay()  # this Redis never recorded a message
     origin = raw_origin.decode()
@@ -282,8 +269,8 @@ async def _read_local(
     reply = await connection.eval(
         READ_HISTORY_LUA,
         2 + len(totals),
-        stream_key(layer, group),
-        origin_key(layer),
+        keys.stream_key(layer.prefix, group),
+        keys.origin_key(layer.prefix),
         *totals,
         origin,
         after_ms,
@@ -319,8 +306,8 @@ async def _open_position(layer: RedisChannelLayer, group: str) -> GroupPosition:
     """
     async with layer.connection(0).pipeline(transaction=False) as pipe:
         pipe.time()
-        pipe.get(origin_key(layer))
-        pipe.xrevrange(stream_key(layer, group), count=1)
+        pipe.get(keys.origin_key(layer.prefix))
+        pipe.xrevrange(keys.stream_key(layer.prefix, group), count=1)
         (seconds, micros), raw_origin, last = await pipe.execute()
     floor = seconds * 1000 + micros // 1000
     if raw_origin is None or not last or history_policy(group) is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from awx_ws.main.layers.redis_keys import interest_changed, interest_key
 from awx_ws.main.layers.redis_presence import LivenessJudge
 from awx_ws.main.retry import Round
 
@@ -21,22 +22,12 @@ if TYPE_CHECKING:
 INTEREST_RESYNC = 5.0
 
 
-def interest_key(layer_prefix: str, client_prefix: str) -> str:
-    """Redis set of one process's client-held groups."""
-    return f"{layer_prefix}:interest:{client_prefix}"
-
-
-def changes_channel(layer_prefix: str) -> str:
-    """Pub/sub channel announcing that some process's interest set changed."""
-    return f"{layer_prefix}:interest-changed"
-
-
 async def node_interest(layer: RedisChannelLayer) -> set[str]:
     """Every group some live process of this node's Redis holds for a client."""
     judge = LivenessJudge(layer)
     connection = layer.connection(0)
     groups: set[str] = set()
-    prefix = f"{layer.prefix}:interest:"
+    prefix = interest_key(layer.prefix, "")
     async for key in connection.scan_iter(match=prefix + "*", count=500):
         owner = key.decode()[len(prefix) :]
         if await judge.dead(owner):
@@ -52,7 +43,7 @@ def watch_redis_interest(layer: RedisChannelLayer, publish: Callable[[frozenset[
     async def watch(failures: int) -> None:
         pubsub = layer.connection(0).pubsub()
         try:
-            await pubsub.subscribe(changes_channel(layer.prefix))
+            await pubsub.subscribe(interest_changed(layer.prefix))
             while True:
                 publish(frozenset(await node_interest(layer)))
                 # Wait for a change notice (or the periodic resync), then drain the burst.

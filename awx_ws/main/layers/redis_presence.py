@@ -33,8 +33,16 @@ from redis.exceptions import RedisError
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import RedisUnavailable, StartupError
+from awx_ws.main.layers.redis_keys import (
+    alive_key,
+    group_pattern,
+    interest_key,
+    process_counts_key,
+    queue_patterns,
+    stats_key,
+)
 from awx_ws.main.retry import Backoff, RetryPolicy, spawn
-from awx_ws.main.stats import process_stats, stats_key
+from awx_ws.main.stats import process_stats
 
 if TYPE_CHECKING:
     from awx_ws.main.layers import RedisChannelLayer
@@ -98,11 +106,6 @@ def channel_owner(channel: str) -> str | None:
     """The client prefix of the process owning a process-specific channel name, else None."""
     match = _CHANNEL_RE.match(channel)
     return (match.group(1) or match.group(2)) if match else None
-
-
-def alive_key(layer_prefix: str, client_prefix: str) -> str:
-    """Redis key of one process's liveness record."""
-    return f"{layer_prefix}:alive:{client_prefix}"
 
 
 class Liveness:
@@ -266,7 +269,7 @@ async def _purge(layer: RedisChannelLayer) -> PurgeReport:
     for index in range(layer.ring_size):
         connection = layer.connection(index)
         # SCAN, not KEYS: KEYS blocks Redis for every other client while it walks the keyspace.
-        async for key in connection.scan_iter(match=f"{layer.prefix}:group:*", count=500):
+        async for key in connection.scan_iter(match=group_pattern(layer.prefix), count=500):
             members = await connection.zrange(key, 0, -1)
             stale = []
             for member in members:
@@ -277,7 +280,7 @@ async def _purge(layer: RedisChannelLayer) -> PurgeReport:
                 await connection.zrem(key, *stale)
                 report.memberships += len(stale)
         queue_prefix = layer.prefix.encode()
-        for pattern in (f"{layer.prefix}*!*", f"{layer.prefix}fanout.*"):
+        for pattern in queue_patterns(layer.prefix):
             async for key in connection.scan_iter(match=pattern, count=500):
                 if not key.startswith(queue_prefix):
                     continue
@@ -286,16 +289,16 @@ async def _purge(layer: RedisChannelLayer) -> PurgeReport:
                     await connection.delete(key)
                     report.queues += 1
     # Interest sets (interest.py) of dead processes would make the relay ask for dead groups.
-    interest_prefix = f"{layer.prefix}:interest:".encode()
-    async for key in layer.connection(0).scan_iter(match=f"{layer.prefix}:interest:*", count=500):
+    interest_prefix = interest_key(layer.prefix, "").encode()
+    async for key in layer.connection(0).scan_iter(match=interest_key(layer.prefix, "*"), count=500):
         owner = key[len(interest_prefix) :].decode("utf-8", "replace")
         if _OWNER_RE.match(owner) and await verdicts.dead(owner):
             report.records += await layer.connection(0).delete(key)
     # Connection counts (layers/redis_counts.py) of dead processes would hold their users' slots for good.
     from awx_ws.main.layers.redis_counts import forget_process
 
-    counts_prefix = f"{layer.prefix}:connections:".encode()
-    async for key in layer.connection(0).scan_iter(match=f"{layer.prefix}:connections:*", count=500):
+    counts_prefix = process_counts_key(layer.prefix, "").encode()
+    async for key in layer.connection(0).scan_iter(match=process_counts_key(layer.prefix, "*"), count=500):
         owner = key[len(counts_prefix) :].decode("utf-8", "replace")
         if _OWNER_RE.match(owner) and await verdicts.dead(owner):
             await forget_process(layer, owner)

@@ -8,15 +8,12 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from redis.exceptions import RedisError
 
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.emit import layer_class
-from awx_ws.main.layers import RedisChannelLayer
-from awx_ws.main.layers.redis_interest import interest_key
-from awx_ws.main.layers.redis_presence import LivenessJudge
+from awx_ws.main.exceptions import LayerUnavailable
+from awx_ws.main.layers import NodeRecords, ServiceLayer, service_layer
 from awx_ws.main.management.tables import ago, format_table
-from awx_ws.main.stats import stats_key
 
 
 class Command(BaseCommand):
@@ -34,32 +31,26 @@ class Command(BaseCommand):
                 f"connections reads what each process writes to Redis; the {backend.service} layer keeps no "
                 "such record: see GET /api/v2/metrics (awx_ws_connections) and `rabbitmqctl list_queues`"
             )
-        layer = get_channel_layer()
+        layer = service_layer(get_channel_layer())
+        records = layer.records if layer is not None else None
+        if layer is None or records is None:
+            raise CommandError("connections needs one of awx_ws's channel layers (CHANNEL_LAYER_BACKEND)")
         try:
-            report = asyncio.run(connections_report(layer, options["groups"]))
-        except (RedisError, OSError) as exc:
-            raise CommandError(f"cannot read from Redis ({layer.describe_hosts()}): {exc}") from exc
+            report = asyncio.run(connections_report(layer, records, options["groups"]))
+        except LayerUnavailable as exc:
+            raise CommandError(f"cannot read from {layer.service} ({exc.where}): {exc}") from exc
         self.stdout.write(report)
 
 
-async def connections_report(layer: RedisChannelLayer, with_groups: bool) -> str:
+async def connections_report(layer: ServiceLayer, records: NodeRecords, with_groups: bool) -> str:
     """Per live process (as each wrote with its last heartbeat): sockets, streams, groups, tasks."""
-    connection = layer.connection(0)
-    judge = LivenessJudge(layer)
-    prefix = stats_key(layer.prefix, "")
     now = time.time()
     rows = []
     held: dict[str, list[str]] = {}
-    async for raw_key in connection.scan_iter(match=prefix + "*", count=500):
-        client_prefix = raw_key.decode()[len(prefix) :]
-        if await judge.dead(client_prefix):
-            continue
-        stats = {k.decode(): v.decode() for k, v in (await connection.hgetall(raw_key)).items()}
-        if not stats:
-            continue
-        rows.append(stats)
-        for group in await connection.smembers(interest_key(layer.prefix, client_prefix)):
-            held.setdefault(group.decode(), []).append(stats["pid"])
+    for process in await records.processes():
+        rows.append(process.figures)
+        for group in process.groups:
+            held.setdefault(group, []).append(process.figures["pid"])
     rows.sort(key=lambda stats: int(stats["pid"]))
     header = ("PID", "WEBSOCKETS", "STREAMS", "GROUPS", "TASKS", "UPDATED")
     lines = [header] + [

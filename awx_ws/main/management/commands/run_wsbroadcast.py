@@ -9,12 +9,12 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from redis.exceptions import RedisError
 
-from awx_ws.main.exceptions import StartupError
-from awx_ws.main.layers import RedisChannelLayer
+from awx_ws.main.exceptions import LayerUnavailable, StartupError
+from awx_ws.main.layers import service_layer
 from awx_ws.main.management.tables import ago, format_table
-from awx_ws.main.relay import Relay, configured_peers, status_key
+from awx_ws.main.peer_protocol import configured_peers
+from awx_ws.main.relay import Relay
 
 # A status older than this means the relay is not running (it rewrites it every second).
 STALE_AFTER = 10.0
@@ -50,9 +50,10 @@ async def _run_until_signalled() -> None:
 
 
 async def status_table() -> str:
-    """The relay's links as a table, read from this node's Redis."""
-    layer = get_channel_layer()
-    if not isinstance(layer, RedisChannelLayer):
+    """The relay's links as a table, read from this node's records (in Redis)."""
+    layer = service_layer(get_channel_layer())
+    records = layer.records if layer is not None else None
+    if layer is None or records is None:
         raise CommandError(
             "--status reads the figures the relay writes to Redis; with the RabbitMQ layer see "
             "GET /api/v2/metrics (awx_ws_relay_link_up, awx_ws_relay_received)"
@@ -61,14 +62,13 @@ async def status_table() -> str:
     if not peers:
         return "no peers configured (BROADCAST_WEBSOCKET_PEERS)"
     try:
-        rows = [await layer.connection(0).hgetall(status_key(layer, peer)) for peer in peers]
-    except (RedisError, OSError) as exc:
-        raise CommandError(f"cannot read relay status from Redis ({layer.describe_hosts()}): {exc}") from exc
+        rows = [await records.link_status(peer) for peer in peers]
+    except LayerUnavailable as exc:
+        raise CommandError(f"cannot read relay status from {layer.service} ({exc.where}): {exc}") from exc
     now = time.time()
     header = ("PEER", "STATE", "SINCE", "RECEIVED", "LAST MIN", "RECONNECTS", "LAST ERROR")
     lines = [header]
-    for peer, raw in zip(peers, rows, strict=True):
-        row = {key.decode(): value.decode() for key, value in raw.items()}
+    for peer, row in zip(peers, rows, strict=True):
         if not row:
             lines.append((peer, "unknown", "-", "-", "-", "-", "no status: is run_wsbroadcast running?"))
             continue

@@ -1,5 +1,7 @@
 """Django's Redis cache backend, kept answering while Redis is unreachable.
 
+It lives with the other Redis backends: every module that speaks redis-py is in this package.
+
 The API's throttles and the failed-login counts (logins.py) live in the node's Redis so that every
 API worker shares them. A Redis outage must not turn every throttled request into a 500 (an emit
 must still answer 503 naming REDIS_URL, a REST read must still work), nor lift the limits: while

@@ -1,0 +1,212 @@
+"""The peer protocol: what both ends of a relay link say, and how a node dials a peer.
+
+A link is a websocket from one node's relay (relay.py) to a peer's BroadcastConsumer
+(/websocket/broadcast/), authenticated both ways (peerauth.py). Frames, all JSON text:
+
+- peer → dialer, first: `{"proof": ...}`, the peer holds the secret too;
+- dialer → peer: `{"join": [groups], "leave": [groups]}`, what this node's clients now hold;
+- peer → dialer: `{"forwarding": [groups], "dropped": [groups]}`, the update is applied;
+- peer → dialer: `{"group": g, "text": payload, "id": message id or absent}`, a message emitted
+  on the peer;
+- dialer → peer: `{"history": [{"group", "position"}]}`, a resume's request, answered by
+  `{"history": [{"group", "origin", "entries": [[id, text]], "reset"}]}` on a short-lived link.
+
+Both ends build and read frames only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
+
+from awx_ws.main import peerauth
+from awx_ws.main.conf import ws_settings
+from awx_ws.main.exceptions import StartupError
+from awx_ws.main.history import GroupPosition, Replay, parse_message_id
+from awx_ws.main.peerauth import peer_url
+from awx_ws.main.protocol import validate_group_name
+
+logger = logging.getLogger(__name__)
+
+# A frame larger than this closes a link (a history reply may carry a whole window of a group).
+LINK_MAX_SIZE = 2**24
+HISTORY_MAX_SIZE = 2**26
+
+
+def configured_peers() -> list[str]:
+    """BROADCAST_WEBSOCKET_PEERS without this node's own entry (BROADCAST_WEBSOCKET_SELF)."""
+    own = ws_settings.BROADCAST_WEBSOCKET_SELF
+    return [peer for peer in ws_settings.BROADCAST_WEBSOCKET_PEERS if peer != own]
+
+
+# --- frames a peer (BroadcastConsumer) reads and writes ---------------------------------------
+
+
+@dataclass
+class InterestUpdate:
+    """The dialer's groups to join and leave."""
+
+    join: list[str]
+    leave: list[str]
+
+
+@dataclass
+class HistoryRequest:
+    """The dialer's resume: positions per group."""
+
+    positions: dict[str, GroupPosition]
+
+
+def read_request(text: str | None) -> InterestUpdate | HistoryRequest:
+    """A frame from the dialer; ValueError (or KeyError, TypeError) when it is malformed."""
+    frame = json.loads(text or "")
+    if "history" in frame:
+        items = frame["history"]
+        return HistoryRequest(
+            {validate_group_name(item["group"]): GroupPosition.parse(item["position"]) for item in items}
+        )
+    join, leave = list(frame.get("join", [])), list(frame.get("leave", []))
+    for group in [*join, *leave]:
+        validate_group_name(group)
+    return InterestUpdate(join, leave)
+
+
+def proof_frame(proof: str) -> str:
+    """The peer's first frame."""
+    return json.dumps({"proof": proof})
+
+
+def forwarding_frame(join: list[str], leave: list[str]) -> str:
+    """The peer's acknowledgement of an interest update."""
+    return json.dumps({"forwarding": sorted(join), "dropped": sorted(leave)})
+
+
+def message_frame(event: dict[str, Any]) -> str:
+    """A group message (an `internal.message` event) forwarded to the dialer."""
+    forwarded = {"group": event["group"], "text": event["text"]}
+    if "id" in event:
+        forwarded["id"] = event["id"]
+    return json.dumps(forwarded)
+
+
+def history_frame(answers: dict[str, tuple[str | None, Replay]]) -> str:
+    """The peer's answer to a HistoryRequest: {group: (origin, replay)}."""
+    items = [
+        {"group": group, "origin": origin, "entries": replay.entries, "reset": replay.reset}
+        for group, (origin, replay) in answers.items()
+    ]
+    return json.dumps({"history": items})
+
+
+# --- frames the dialer (relay.py, streams.py) reads and writes --------------------------------
+
+
+@dataclass
+class ForwardingAck:
+    """The peer now forwards `forwarding` here and no longer `dropped`."""
+
+    forwarding: list[str]
+    dropped: list[str]
+
+
+@dataclass
+class RelayedMessage:
+    """A message emitted on the peer, its origin's history id kept."""
+
+    group: str
+    text: str
+    message_id: str | None
+
+
+def read_frame(frame: str | bytes) -> ForwardingAck | RelayedMessage:
+    """A frame from the peer on a relay link; ValueError (or KeyError, TypeError) when malformed."""
+    data = json.loads(frame)
+    if "forwarding" in data:
+        return ForwardingAck(list(data["forwarding"]), list(data.get("dropped", [])))
+    group, text = validate_group_name(data["group"]), data["text"]
+    if not isinstance(text, str):
+        raise TypeError("text is not a string")
+    message_id = data.get("id")
+    if message_id is not None:
+        parse_message_id(message_id)
+    return RelayedMessage(group, text, message_id)
+
+
+def interest_frame(join: AbstractSet[str], leave: AbstractSet[str]) -> str:
+    """An interest update for the peer."""
+    return json.dumps({"join": sorted(join), "leave": sorted(leave)})
+
+
+def peer_ssl(url: str) -> ssl.SSLContext | None:
+    """The TLS context for a wss:// peer: verified against BROADCAST_WEBSOCKET_CA_BUNDLE (or the
+    system's CAs) unless BROADCAST_WEBSOCKET_VERIFY_CERT is off; None for ws://."""
+    if not url.startswith("wss://"):
+        return None
+    bundle = ws_settings.BROADCAST_WEBSOCKET_CA_BUNDLE or None
+    try:
+        context = ssl.create_default_context(cafile=bundle)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"BROADCAST_WEBSOCKET_CA_BUNDLE={bundle!r} cannot be read: {exc}") from exc
+    if not ws_settings.BROADCAST_WEBSOCKET_VERIFY_CERT:
+        # AWX's default; ours is to verify. Only for peers reached over a network one trusts.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@asynccontextmanager
+async def open_peer(peer: str, secret: str, node: str, **options: Any) -> AsyncIterator[ClientConnection]:
+    """A websocket to peer's BroadcastConsumer, once the peer has proved it holds the secret
+    (peerauth.py); PeerAuthError when it does not. options go to websockets' connect."""
+    credentials = peerauth.sign(secret, peer)
+    url = peer_url(peer)
+    options.setdefault("open_timeout", 10)
+    async with connect(url, ssl=peer_ssl(url), additional_headers=credentials.headers(node), **options) as ws:
+        try:
+            async with asyncio.timeout(options["open_timeout"]):
+                first = await ws.recv()
+            offered = json.loads(first).get("proof")
+        except (ValueError, AttributeError, TimeoutError) as exc:
+            raise peerauth.PeerAuthError(f"{peer} sent no proof first ({type(exc).__name__})") from exc
+        peerauth.check_proof(secret, credentials, offered)
+        yield ws
+
+
+async def fetch_history(peer: str, positions: dict[str, GroupPosition]) -> dict[str, Any] | str:
+    """{group: (origin, Replay)} from one peer, or why it failed (logged at INFO)."""
+    request = {"history": [{"group": g, "position": str(p)} for g, p in sorted(positions.items())]}
+    secret, node = ws_settings.BROADCAST_WEBSOCKET_SECRET, ws_settings.NODE_NAME
+    try:
+        async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
+            async with open_peer(peer, secret, node, max_size=HISTORY_MAX_SIZE) as ws:
+                await ws.send(json.dumps(request))
+                reply = json.loads(await ws.recv())
+    except (
+        OSError,
+        TimeoutError,
+        WebSocketException,
+        peerauth.PeerAuthError,
+        ValueError,
+        StartupError,
+    ) as exc:
+        logger.info("history of peer %s unavailable: %s", peer, exc)
+        return str(exc) or type(exc).__name__
+    results: dict[str, Any] = {}
+    try:
+        for item in reply.get("history", []):
+            entries = [(str(message_id), str(text)) for message_id, text in item.get("entries", [])]
+            results[item["group"]] = (item.get("origin"), Replay(entries, item.get("reset")))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        logger.warning("peer %s answered a history request with a malformed reply: %s", peer, exc)
+        return f"malformed reply ({type(exc).__name__})"
+    return results
