@@ -45,7 +45,7 @@ run: bootstrap
 # under awx_ws.server only: the database is that pass's point.
 # Two pytest-xdist workers, a test file each at a time, each with servers of its own (and ports of
 # its own: tests/servers.py): the suite mostly waits, on servers, timers and round trips.
-test: bootstrap testdeps
+test: bootstrap testdeps lint
 	$(PYTEST)
 	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"
 
@@ -61,8 +61,10 @@ test-postgres: bootstrap testdeps
 bench: bootstrap rabbitmq postgresql
 	$(PY) -m bench.run
 
+# ruff (C90 at 10), the formatting, mypy strict (pyproject.toml); make test runs it first.
 lint: bootstrap
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 bootstrap: sysdeps $(VENV)/.installed

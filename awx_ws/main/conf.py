@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,121 +22,26 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
-Check = Callable[[Any], str | None]
+from awx_ws.main.setting_rules import (
+    Check,
+    boolean,
+    comma_list,
+    flag,
+    history_kinds,
+    int_at_least,
+    integer,
+    json_value,
+    number,
+    peers,
+    rate,
+    seconds,
+    string,
+    text,
+)
 
 
 class SettingError(ImproperlyConfigured):
     """One AWX_WS setting is malformed; the message names its environment variable and value."""
-
-
-# --- readers of environment text -------------------------------------------------------------
-
-
-def _integer(text: str) -> int:
-    return int(text.strip())
-
-
-def _number(text: str) -> float:
-    value = float(text.strip())
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError("not a finite number")
-    return value
-
-
-def _text(text: str) -> str:
-    return text
-
-
-def _comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"expected one of {', '.join(sorted(_TRUE | _FALSE))}")
-
-
-def _json(text: str) -> Any:
-    return json.loads(text)
-
-
-# --- checks of values (None when valid, else what is wrong) ----------------------------------
-
-
-def _int_at_least(low: int) -> Check:
-    def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return "must be an integer"
-        return None if value >= low else f"must be at least {low}"
-
-    return check
-
-
-def _seconds(*, zero: bool = False) -> Check:
-    def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-            return "must be a number of seconds"
-        if value < 0 or (value == 0 and not zero):
-            return "must be at least 0" if zero else "must be greater than 0"
-        return None
-
-    return check
-
-
-def _string(*, empty: bool = True) -> Check:
-    def check(value: Any) -> str | None:
-        if not isinstance(value, str):
-            return "must be a string"
-        return None if empty or value.strip() else "must not be empty"
-
-    return check
-
-
-def _flag(value: Any) -> str | None:
-    return None if isinstance(value, bool) else "must be true or false"
-
-
-_RATE_RE = re.compile(r"^\d+/(s|m|h|d)[a-z]*$")
-
-
-def _rate(value: Any) -> str | None:
-    if isinstance(value, str) and _RATE_RE.match(value):
-        return None
-    return "must be a DRF rate such as 1200/min (a count, '/', then s, m, h or d)"
-
-
-_PEER_RE = re.compile(r"^(wss?://\S+|[A-Za-z0-9_.\-\[\]:]+:\d{1,5})$")
-
-
-def _peers(value: Any) -> str | None:
-    if not isinstance(value, list) or not all(isinstance(peer, str) for peer in value):
-        return "must be a list of host:port entries or ws:// / wss:// URLs"
-    bad = [peer for peer in value if not _PEER_RE.match(peer)]
-    return f"{bad[0]!r} is neither host:port nor a ws:// or wss:// URL" if bad else None
-
-
-def _history_kinds(value: Any) -> str | None:
-    if not isinstance(value, dict):
-        return 'must be a JSON object such as {"control": null, "jobs": {"length": 100, "age": 600}}'
-    for kind, policy in value.items():
-        if not isinstance(kind, str) or not kind:
-            return f"{kind!r} is not a group kind"
-        if policy is None:
-            continue
-        if not isinstance(policy, dict) or not set(policy) <= {"length", "age"}:
-            return f'{kind!r}: expected null or {{"length": n, "age": seconds}}'
-        if "length" in policy and (problem := _int_at_least(1)(policy["length"])):
-            return f"{kind!r}: length {problem}"
-        if "age" in policy and (problem := _seconds()(policy["age"])):
-            return f"{kind!r}: age {problem}"
-    return None
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -173,156 +77,156 @@ def _s(env: str, default: Any, read: Callable[[str], Any], check: Check, help: s
 
 SETTINGS: dict[str, Setting] = {
     "MAX_GROUPS_PER_CONNECTION": _s(
-        "AWX_WS_MAX_GROUPS_PER_CONNECTION", 100, _integer, _int_at_least(1),
+        "AWX_WS_MAX_GROUPS_PER_CONNECTION", 100, integer, int_at_least(1),
         "Groups one websocket connection may hold at once.",
     ),
     "MAX_FRAME_BYTES": _s(
-        "AWX_WS_MAX_FRAME_BYTES", 64 * 1024, _integer, _int_at_least(64),
+        "AWX_WS_MAX_FRAME_BYTES", 64 * 1024, integer, int_at_least(64),
         "Largest inbound text frame parsed; larger frames get an error reply.",
     ),
     "EMIT_TIMEOUT": _s(
-        "AWX_WS_EMIT_TIMEOUT", 5.0, _number, _seconds(),
+        "AWX_WS_EMIT_TIMEOUT", 5.0, number, seconds(),
         "Seconds an emit may take before EmitError (the channel layer down or unreachable).",
     ),
     "EMIT_RATE": _s(
-        "AWX_WS_EMIT_RATE", "1200/min", _text, _rate,
+        "AWX_WS_EMIT_RATE", "1200/min", text, rate,
         "Per-user rate of POST /api/v2/emit/ (DRF rate syntax).",
     ),
     "LOGIN_FAILURE_RATE": _s(
-        "AWX_WS_LOGIN_FAILURE_RATE", "10/min", _text, _rate,
+        "AWX_WS_LOGIN_FAILURE_RATE", "10/min", text, rate,
         "Failed password logins allowed per client address and per username (then 429).",
     ),
     "EVENT_STDOUT_MAX_BYTES_DISPLAY": _s(
-        "AWX_WS_EVENT_STDOUT_MAX_BYTES_DISPLAY", 1024, _integer, _int_at_least(0),
+        "AWX_WS_EVENT_STDOUT_MAX_BYTES_DISPLAY", 1024, integer, int_at_least(0),
         "Characters of a job event's stdout in its websocket message (AWX's setting; 0: all).",
     ),
     "MAX_REQUEST_BYTES": _s(
-        "AWX_WS_MAX_REQUEST_BYTES", 4 * 1024 * 1024, _integer, _int_at_least(1024),
+        "AWX_WS_MAX_REQUEST_BYTES", 4 * 1024 * 1024, integer, int_at_least(1024),
         "Largest request body the API reads (413 past it); nginx's client_max_body_size matches.",
     ),
     "MAX_CONNECTIONS_PER_USER": _s(
-        "AWX_WS_MAX_CONNECTIONS_PER_USER", 100, _integer, _int_at_least(1),
+        "AWX_WS_MAX_CONNECTIONS_PER_USER", 100, integer, int_at_least(1),
         "Open connections (websocket and SSE together) a user may hold on a node; more are refused (403).",
     ),
     "REVOCATION_POLL": _s(
-        "AWX_WS_REVOCATION_POLL", 1.0, _number, _seconds(),
+        "AWX_WS_REVOCATION_POLL", 1.0, number, seconds(),
         "Seconds between a daphne process's reads of access changes (revoked tokens, sessions, "
         "memberships); open connections learn of one within this time.",
     ),
     "STARTUP_REDIS_WAIT": _s(
-        "AWX_WS_STARTUP_REDIS_WAIT", 60.0, _number, _seconds(zero=True),
+        "AWX_WS_STARTUP_REDIS_WAIT", 60.0, number, seconds(zero=True),
         "Seconds a starting server waits for its channel layer (Redis or RabbitMQ).",
     ),
     "LIVENESS_TTL": _s(
-        "AWX_WS_LIVENESS_TTL", 30.0, _number, _seconds(),
+        "AWX_WS_LIVENESS_TTL", 30.0, number, seconds(),
         "A process's liveness record (in Redis; its connection count's heartbeat in the database "
         "on RabbitMQ) expires this many seconds after its last heartbeat.",
     ),
     "LIVENESS_INTERVAL": _s(
-        "AWX_WS_LIVENESS_INTERVAL", 10.0, _number, _seconds(),
+        "AWX_WS_LIVENESS_INTERVAL", 10.0, number, seconds(),
         "Seconds between liveness heartbeats (at most half of AWX_WS_LIVENESS_TTL).",
     ),
     "BROADCAST_WEBSOCKET_PEERS": _s(
-        "BROADCAST_WEBSOCKET_PEERS", [], _comma_list, _peers,
+        "BROADCAST_WEBSOCKET_PEERS", [], comma_list, peers,
         "Peer nodes the relay dials: host:port (ws://host:port/websocket/broadcast/) or full URLs.",
     ),
     "BROADCAST_WEBSOCKET_SECRET": _s(
-        "BROADCAST_WEBSOCKET_SECRET", "", _text, _string(),
+        "BROADCAST_WEBSOCKET_SECRET", "", text, string(),
         "Shared HMAC key of the cluster; empty refuses every peer.",
     ),
     "BROADCAST_WEBSOCKET_SELF": _s(
-        "BROADCAST_WEBSOCKET_SELF", _own_relay_address, _text, _string(),
+        "BROADCAST_WEBSOCKET_SELF", _own_relay_address, text, string(),
         "This node's entry in BROADCAST_WEBSOCKET_PEERS as other nodes write it: never dialled; "
         "peers sign their relay headers for it.",
     ),
     "BROADCAST_WEBSOCKET_VERIFY_CERT": _s(
-        "BROADCAST_WEBSOCKET_VERIFY_CERT", True, _boolean, _flag,
+        "BROADCAST_WEBSOCKET_VERIFY_CERT", True, boolean, flag,
         "Verify peers' TLS certificates on wss:// links (AWX does not by default; we do).",
     ),
     "BROADCAST_WEBSOCKET_CA_BUNDLE": _s(
-        "BROADCAST_WEBSOCKET_CA_BUNDLE", "", _text, _string(),
+        "BROADCAST_WEBSOCKET_CA_BUNDLE", "", text, string(),
         "CA bundle (PEM) for wss:// peers; the system's CAs when empty.",
     ),
     "BROADCAST_WEBSOCKET_NONCE_WINDOW": _s(
-        "BROADCAST_WEBSOCKET_NONCE_WINDOW", 300.0, _number, _seconds(),
+        "BROADCAST_WEBSOCKET_NONCE_WINDOW", 300.0, number, seconds(),
         "Seconds a peer's nonce may be away from our clock.",
     ),
     "BROADCAST_WEBSOCKET_BACKOFF_MAX": _s(
-        "BROADCAST_WEBSOCKET_BACKOFF_MAX", 16.0, _number, _seconds(),
+        "BROADCAST_WEBSOCKET_BACKOFF_MAX", 16.0, number, seconds(),
         "Relay reconnect back-off: 1 s doubling to this many seconds, with jitter.",
     ),
     "BROADCAST_WEBSOCKET_PING_INTERVAL": _s(
-        "BROADCAST_WEBSOCKET_PING_INTERVAL", 10.0, _number, _seconds(),
+        "BROADCAST_WEBSOCKET_PING_INTERVAL", 10.0, number, seconds(),
         "Seconds between pings on a relay link; a peer silent for twice this is dropped.",
     ),
     "HISTORY_LENGTH": _s(
-        "AWX_WS_HISTORY_LENGTH", 1000, _integer, _int_at_least(1),
+        "AWX_WS_HISTORY_LENGTH", 1000, integer, int_at_least(1),
         "Messages of history kept per group for resuming streams.",
     ),
     "HISTORY_AGE": _s(
-        "AWX_WS_HISTORY_AGE", 3600.0, _number, _seconds(),
+        "AWX_WS_HISTORY_AGE", 3600.0, number, seconds(),
         "Seconds of history kept per group.",
     ),
     "HISTORY_MAX_BYTES": _s(
-        "AWX_WS_HISTORY_MAX_BYTES", 1024 * 1024, _integer, _int_at_least(0),
+        "AWX_WS_HISTORY_MAX_BYTES", 1024 * 1024, integer, int_at_least(0),
         "Bytes of message text one group's history keeps at most (oldest go first; the newest "
         "always stays); 0: no byte bound.",
     ),
     "HISTORY_TOTAL_BYTES": _s(
-        "AWX_WS_HISTORY_TOTAL_BYTES", 256 * 1024 * 1024, _integer, _int_at_least(0),
+        "AWX_WS_HISTORY_TOTAL_BYTES", 256 * 1024 * 1024, integer, int_at_least(0),
         "Bytes of message text all groups' history keeps at most on a node: past it, whole groups' "
         "history goes, those to expire soonest first; 0: no total bound.",
     ),
     "HISTORY_KINDS": _s(
-        "AWX_WS_HISTORY_KINDS", {"control": None}, _json, _history_kinds,
+        "AWX_WS_HISTORY_KINDS", {"control": None}, json_value, history_kinds,
         'Per group kind: {"kind": {"length": n, "age": s}} or {"kind": null} for no history (JSON).',
     ),
     "HISTORY_CLOCK_SKEW": _s(
-        "AWX_WS_HISTORY_CLOCK_SKEW", 1.0, _number, _seconds(zero=True),
+        "AWX_WS_HISTORY_CLOCK_SKEW", 1.0, number, seconds(zero=True),
         "Seconds a peer node's clock may lag ours; resuming replays that much earlier from it.",
     ),
     "RECOVER_TIMEOUT": _s(
-        "AWX_WS_RECOVER_TIMEOUT", 5.0, _number, _seconds(),
+        "AWX_WS_RECOVER_TIMEOUT", 5.0, number, seconds(),
         "Seconds a resume may wait for peers (their history, their relay forwarding the group).",
     ),
     "SSE_KEEPALIVE": _s(
-        "AWX_WS_SSE_KEEPALIVE", 15.0, _number, _seconds(),
+        "AWX_WS_SSE_KEEPALIVE", 15.0, number, seconds(),
         "Seconds between keep-alive comments on an idle SSE stream.",
     ),
     "SSE_RETRY": _s(
-        "AWX_WS_SSE_RETRY", 1.0, _number, _seconds(zero=True),
+        "AWX_WS_SSE_RETRY", 1.0, number, seconds(zero=True),
         "Seconds a browser's EventSource waits before reconnecting (the stream's retry:).",
     ),
     "SLOW_CLIENT_MAX_BYTES": _s(
-        "AWX_WS_SLOW_CLIENT_MAX_BYTES", 8 * 1024 * 1024, _integer, _int_at_least(1),
+        "AWX_WS_SLOW_CLIENT_MAX_BYTES", 8 * 1024 * 1024, integer, int_at_least(1),
         "A client with more unread bytes than this is cut off (websocket close 4008, SSE ends).",
     ),
     "SLOW_CLIENT_MAX_MESSAGES": _s(
-        "AWX_WS_SLOW_CLIENT_MAX_MESSAGES", 10_000, _integer, _int_at_least(1),
+        "AWX_WS_SLOW_CLIENT_MAX_MESSAGES", 10_000, integer, int_at_least(1),
         "A websocket with more unread messages than this is closed with 4008.",
     ),
     "SUBSCRIBE_RATE": _s(
-        "AWX_WS_SUBSCRIBE_RATE", 20, _integer, _int_at_least(1),
+        "AWX_WS_SUBSCRIBE_RATE", 20, integer, int_at_least(1),
         "Subscribe frames one websocket may send per AWX_WS_SUBSCRIBE_WINDOW seconds.",
     ),
     "SUBSCRIBE_WINDOW": _s(
-        "AWX_WS_SUBSCRIBE_WINDOW", 10.0, _number, _seconds(),
+        "AWX_WS_SUBSCRIBE_WINDOW", 10.0, number, seconds(),
         "The window of AWX_WS_SUBSCRIBE_RATE, in seconds.",
     ),
     "NODE_NAME": _s(
-        "AWX_WS_NODE_NAME", _hostname, _text, _string(empty=False),
+        "AWX_WS_NODE_NAME", _hostname, text, string(empty=False),
         "This node's name in logs and peer headers (the hostname by default).",
     ),
     "RETRY_DELAY": _s(
-        "AWX_WS_RETRY_DELAY", 0.1, _number, _seconds(),
+        "AWX_WS_RETRY_DELAY", 0.1, number, seconds(),
         "First back-off step of background loops after a failure (retry.py), in seconds.",
     ),
     "RETRY_MAX_DELAY": _s(
-        "AWX_WS_RETRY_MAX_DELAY", 5.0, _number, _seconds(),
+        "AWX_WS_RETRY_MAX_DELAY", 5.0, number, seconds(),
         "Largest back-off step of background loops, in seconds.",
     ),
     "RETRY_LOG_EVERY": _s(
-        "AWX_WS_RETRY_LOG_EVERY", 60.0, _number, _seconds(),
+        "AWX_WS_RETRY_LOG_EVERY", 60.0, number, seconds(),
         "While a background loop keeps failing, one log line per this many seconds.",
     ),
 }  # fmt: skip
@@ -336,7 +240,7 @@ def _describe(name: str, value: Any) -> str:
 
 def require_rate(env: str, value: str) -> str:
     """value if it is a DRF rate; SettingError naming env otherwise (rates outside AWX_WS)."""
-    problem = _rate(value)
+    problem = rate(value)
     if problem:
         raise SettingError(f"{env}={value!r}: {problem}")
     return value
@@ -347,7 +251,7 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, setting in SETTINGS.items():
         raw = environ.get(setting.env)
-        if raw is None or (raw == "" and setting.read is not _text):
+        if raw is None or (raw == "" and setting.read is not text):
             continue
         try:
             values[name] = setting.read(raw)

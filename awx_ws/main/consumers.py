@@ -183,25 +183,9 @@ class EventConsumer(AsyncWebsocketConsumer):
 
     async def subscribe(self, request: protocol.SubscribeRequest) -> None:
         """Replace the connection's groups with what the request names and the user may read."""
-        wanted = set(request.groups)
         errors = list(request.errors)
-        for kind, ids in request.objects.items():
-            allowed = await database_sync_to_async(readable_job_ids)(
-                self.scope["user"], protocol.EVENT_KINDS[kind], ids
-            )
-            for object_id in sorted(ids):
-                if object_id in allowed:
-                    wanted.add(f"{kind}-{object_id}")
-                else:
-                    errors.append(protocol.denied_object_error(kind, object_id))
-        recover = {}
-        for group, position in request.recover.items():
-            if group not in wanted:
-                errors.append(f"recover: {group} is not a group this request subscribes to")
-            elif group in self.subscribed:
-                errors.append(f"recover: already subscribed to {group}, nothing was missed")
-            else:
-                recover[group] = position
+        wanted = set(request.groups) | await self._readable_objects(request.objects, errors)
+        recover = self._recoverable(request.recover, wanted, errors)
         for error in errors:
             await self.send_json({"error": error})
         left = self.subscribed - wanted
@@ -209,17 +193,49 @@ class EventConsumer(AsyncWebsocketConsumer):
         if request.ids and self.stream is None:
             await self._use_stream(self.subscribed - left)
         if self.stream is None:
-            for group in left:
-                self.fanout.leave(group, self)
-                self.subscribed.discard(group)
-            # One group at a time, so a failure half-way leaves `subscribed` true to the fan-out
-            # (a join that fails or is cancelled leaves nothing held).
-            for group in sorted(joined):
-                await self.fanout.join(group, self)
-                self.subscribed.add(group)
-            await self.send_json(protocol.groups_reply(self.subscribed, left, joined))
+            await self._subscribe_shared(left, joined)
             return
         await self._subscribe_stream(self.stream, left, joined, recover)
+
+    async def _readable_objects(self, objects: dict[str, frozenset[int]], errors: list[str]) -> set[str]:
+        """The groups of the objects asked for that the user may read; an error for each other."""
+        groups = set()
+        for kind, ids in objects.items():
+            allowed = await database_sync_to_async(readable_job_ids)(
+                self.scope["user"], protocol.EVENT_KINDS[kind], ids
+            )
+            for object_id in sorted(ids):
+                if object_id in allowed:
+                    groups.add(f"{kind}-{object_id}")
+                else:
+                    errors.append(protocol.denied_object_error(kind, object_id))
+        return groups
+
+    def _recoverable(
+        self, asked: dict[str, GroupPosition], wanted: set[str], errors: list[str]
+    ) -> dict[str, GroupPosition]:
+        """The recoveries asked for that can be made; an error for each other."""
+        recover = {}
+        for group, position in asked.items():
+            if group not in wanted:
+                errors.append(f"recover: {group} is not a group this request subscribes to")
+            elif group in self.subscribed:
+                errors.append(f"recover: already subscribed to {group}, nothing was missed")
+            else:
+                recover[group] = position
+        return recover
+
+    async def _subscribe_shared(self, left: set[str], joined: set[str]) -> None:
+        """Leave and join on the shared prepared frame (no ids), then acknowledge."""
+        for group in left:
+            self.fanout.leave(group, self)
+            self.subscribed.discard(group)
+        # One group at a time, so a failure half-way leaves `subscribed` true to the fan-out
+        # (a join that fails or is cancelled leaves nothing held).
+        for group in sorted(joined):
+            await self.fanout.join(group, self)
+            self.subscribed.add(group)
+        await self.send_json(protocol.groups_reply(self.subscribed, left, joined))
 
     async def _use_stream(self, kept: set[str]) -> None:
         """Switch to per-message delivery with ids; the groups kept go on without a gap."""

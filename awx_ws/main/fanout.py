@@ -234,25 +234,7 @@ class Fanout:
 
     async def _sync_round(self, failures: int) -> None:
         """Wait for changes (or the refresh time), then make the layer's memberships match."""
-        loop = asyncio.get_running_loop()
-        interval = refresh_interval(self.layer)
-        if self._next_refresh is None and interval is not None:
-            self._next_refresh = loop.time() + interval
-        if not self._dirty:
-            try:
-                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
-                # that arrives as the event is set, and the task would never stop.
-                async with asyncio.timeout_at(self._next_refresh):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-        if interval is not None and self._next_refresh is not None and loop.time() >= self._next_refresh:
-            # Refresh the join time of every membership (channels_redis's group_expiry), on time
-            # however busy the process is: a wake-up for each change does not postpone it.
-            self._uncertain |= self._applied
-            self._dirty |= self._applied
-            self._next_refresh = loop.time() + interval
-        self._wake.clear()
+        await self._wait_for_changes()
         batch, self._dirty = self._dirty, set()
         unsure = self._uncertain
         adds = sorted(g for g in batch if g in self.groups and (g not in self._applied or g in unsure))
@@ -275,6 +257,32 @@ class Fanout:
         self._applied.difference_update(discards)
         self._uncertain.difference_update(adds)
         self._uncertain.difference_update(discards)
+        self._release_waiters(batch)
+
+    async def _wait_for_changes(self) -> None:
+        """Until a group is dirty, or the memberships are due a refresh (then all are dirty)."""
+        loop = asyncio.get_running_loop()
+        interval = refresh_interval(self.layer)
+        if self._next_refresh is None and interval is not None:
+            self._next_refresh = loop.time() + interval
+        if not self._dirty:
+            try:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
+                # that arrives as the event is set, and the task would never stop.
+                async with asyncio.timeout_at(self._next_refresh):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+        if interval is not None and self._next_refresh is not None and loop.time() >= self._next_refresh:
+            # Refresh the join time of every membership (channels_redis's group_expiry), on time
+            # however busy the process is: a wake-up for each change does not postpone it.
+            self._uncertain |= self._applied
+            self._dirty |= self._applied
+            self._next_refresh = loop.time() + interval
+        self._wake.clear()
+
+    def _release_waiters(self, batch: set[str]) -> None:
+        """Wake the joins and leaves of batch that the layer now matches."""
         for group in batch & set(self._waiters):
             # A group held again while its removal was being applied is dirty again: its waiters
             # wait for the next round.
@@ -349,11 +357,29 @@ class Fanout:
             await self._deliver(members, group, text, message_id if isinstance(message_id, str) else None)
 
     async def _deliver(self, members: set[Subscriber], group: str, text: str, message_id: str | None) -> None:
-        prepared = None
-        fallback = []
         # Deliveries per transport, counted once per message: a metrics write per socket would
         # cost a locked file write each (prometheus_client's multiprocess mode).
         delivered: Counter[str] = Counter()
+        fallback = self._write_prepared(members, text, delivered)
+        for subscriber in fallback:
+            try:
+                await subscriber.deliver(group, text, message_id)
+            except Exception as exc:  # one broken connection must not stop the others
+                delivered["dropped"] += 1
+                logger.info("delivery to a closing connection failed: %s", exc)
+            else:
+                delivered[subscriber.transport] += 1
+        dropped = delivered.pop("dropped", 0)
+        if dropped:
+            metrics.DROPPED.labels("connection_closing").inc(dropped)
+        for transport, count in delivered.items():
+            metrics.DELIVERED.labels(transport).inc(count)
+
+    @staticmethod
+    def _write_prepared(members: set[Subscriber], text: str, delivered: Counter[str]) -> list[Subscriber]:
+        """Write text to every member with a frame protocol (daphne's sockets); the others."""
+        prepared = None
+        fallback = []
         for subscriber in tuple(members):
             protocol = subscriber.frame_protocol
             if protocol is None:
@@ -369,16 +395,4 @@ class Fanout:
                     logger.warning("writing to %s failed: %r", getattr(protocol, "peer", "?"), exc)
                     continue
                 delivered["websocket"] += 1
-        for subscriber in fallback:
-            try:
-                await subscriber.deliver(group, text, message_id)
-            except Exception as exc:  # one broken connection must not stop the others
-                delivered["dropped"] += 1
-                logger.info("delivery to a closing connection failed: %s", exc)
-            else:
-                delivered[subscriber.transport] += 1
-        dropped = delivered.pop("dropped", 0)
-        if dropped:
-            metrics.DROPPED.labels("connection_closing").inc(dropped)
-        for transport, count in delivered.items():
-            metrics.DELIVERED.labels(transport).inc(count)
+        return fallback

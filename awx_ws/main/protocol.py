@@ -151,6 +151,16 @@ def _recover_positions(recover: Any) -> dict[str, GroupPosition]:
     return positions
 
 
+def _check_kind(kind: str, items: Any) -> None:
+    """ProtocolError unless kind is a group kind a client may ask for, with a list of items."""
+    if kind in RESERVED_KINDS:
+        raise ProtocolError(f"group kind {kind!r} is reserved")
+    if kind not in OPEN_KINDS and kind not in EVENT_KINDS and kind != CONTROL_KIND:
+        raise ProtocolError(f"unknown group kind {kind!r}")
+    if not isinstance(items, list):
+        raise ProtocolError(f"groups.{kind} must be a list")
+
+
 def parse_subscribe(message: dict[str, Any], user_id: int, max_groups: int) -> SubscribeRequest:
     """Turn a `{"groups": {...}}` frame into a SubscribeRequest, or raise ProtocolError."""
     if "groups" not in message:
@@ -162,12 +172,7 @@ def parse_subscribe(message: dict[str, Any], user_id: int, max_groups: int) -> S
     objects: dict[str, set[int]] = {}
     errors: list[str] = []
     for kind, items in requested.items():
-        if kind in RESERVED_KINDS:
-            raise ProtocolError(f"group kind {kind!r} is reserved")
-        if kind not in OPEN_KINDS and kind not in EVENT_KINDS and kind != CONTROL_KIND:
-            raise ProtocolError(f"unknown group kind {kind!r}")
-        if not isinstance(items, list):
-            raise ProtocolError(f"groups.{kind} must be a list")
+        _check_kind(kind, items)
         for item in items:
             if kind in EVENT_KINDS:
                 objects.setdefault(kind, set()).add(_object_id(kind, item))

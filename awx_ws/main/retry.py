@@ -193,11 +193,7 @@ async def supervise(
             failed_rounds.inc()
             delay = backoff.next_delay()
             reports.failed(backoff.failures, exc)
-            if on_failure is not None:
-                try:
-                    on_failure(exc)
-                except Exception:  # its bug must not end the loop it reports on
-                    (log or logger).exception("%s: reporting a failure failed", name)
+            _tell(on_failure, exc, name, log or logger)
             await asyncio.sleep(delay)
             continue
         if backoff.failures:
@@ -209,6 +205,18 @@ async def supervise(
             # Yield even when a round needs no pause, so a round that never awaits cannot starve
             # the loop.
             await asyncio.sleep(0)
+
+
+def _tell(
+    on_failure: Callable[[BaseException], None] | None, exc: BaseException, name: str, log: logging.Logger
+) -> None:
+    """Tell on_failure of exc; its own bug is logged and must not end the loop it reports on."""
+    if on_failure is None:
+        return
+    try:
+        on_failure(exc)
+    except Exception:
+        log.exception("%s: reporting a failure failed", name)
 
 
 def spawn(

@@ -39,6 +39,13 @@ from awx_ws.main.streams import Stream
 
 logger = logging.getLogger(__name__)
 
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    # Tell nginx not to buffer this response (the location says so too).
+    (b"x-accel-buffering", b"no"),
+]
+
 
 class HttpError(Exception):
     """A refusal before the stream starts: status and DRF-style detail."""
@@ -106,19 +113,7 @@ class EventStreamApp:
         receive: Any,
         send: Any,
     ) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    # Tell nginx not to buffer this response (the location says so too).
-                    (b"x-accel-buffering", b"no"),
-                ],
-            }
-        )
-
+        await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
         slow_reader = SlowReader(connection_transport(scope), f"cutting off slow stream of user {user.pk} at")
 
         async def send_event(group: str, text: str, message_id: str | None, position: Any) -> None:

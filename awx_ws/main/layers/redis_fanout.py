@@ -69,22 +69,8 @@ class RedisFanout(Fanout):
                     # names this process (liveness.Liveness.write_into).
                     layer.liveness.write_into(pipe)
                 if layer.ring_size == 1:
-                    now = time.time()
-                    for group in adds:
-                        key = layer.group_key(group)
-                        pipe.zadd(key, {channel: now})
-                        pipe.expire(key, layer.group_expiry)
-                    for group in discards:
-                        pipe.zrem(layer.group_key(group), channel)
-                if rewrite:
-                    pipe.delete(self._interest_key)
-                    if self.groups:
-                        pipe.sadd(self._interest_key, *sorted(self.groups))
-                else:
-                    if adds:
-                        pipe.sadd(self._interest_key, *adds)
-                    if discards:
-                        pipe.srem(self._interest_key, *discards)
+                    self._memberships_into(pipe, adds, discards)
+                self._interest_into(pipe, adds, discards, rewrite)
                 pipe.publish(interest_changed(layer.prefix), layer.client_prefix)
                 await pipe.execute()
         except BaseException:
@@ -92,6 +78,28 @@ class RedisFanout(Fanout):
             raise
         if rewrite:
             logger.info("fan-out %s rejoined %d groups in Redis", channel, len(self.groups))
+
+    def _memberships_into(self, pipe: Any, adds: list[str], discards: list[str]) -> None:
+        """Our channel joins adds and leaves discards (channels_redis's group sets, one shard)."""
+        layer, channel, now = self.layer, str(self.channel), time.time()
+        for group in adds:
+            key = layer.group_key(group)
+            pipe.zadd(key, {channel: now})
+            pipe.expire(key, layer.group_expiry)
+        for group in discards:
+            pipe.zrem(layer.group_key(group), channel)
+
+    def _interest_into(self, pipe: Any, adds: list[str], discards: list[str], rewrite: bool) -> None:
+        """The process's interest set (redis_interest.py) follows: changed, or rewritten whole."""
+        if rewrite:
+            pipe.delete(self._interest_key)
+            if self.groups:
+                pipe.sadd(self._interest_key, *sorted(self.groups))
+            return
+        if adds:
+            pipe.sadd(self._interest_key, *adds)
+        if discards:
+            pipe.srem(self._interest_key, *discards)
 
     async def _withdraw(self) -> None:
         """One pipeline: our memberships, interest set and queue key, then the change notice."""

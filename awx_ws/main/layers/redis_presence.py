@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import RedisUnavailable, StartupError
+from awx_ws.main.layers.redis_counts import forget_process
 from awx_ws.main.layers.redis_keys import (
     alive_key,
     group_pattern,
@@ -268,44 +269,63 @@ async def _purge(layer: RedisChannelLayer) -> PurgeReport:
     verdicts = LivenessJudge(layer)
     for index in range(layer.ring_size):
         connection = layer.connection(index)
-        # SCAN, not KEYS: KEYS blocks Redis for every other client while it walks the keyspace.
-        async for key in connection.scan_iter(match=group_pattern(layer.prefix), count=500):
-            members = await connection.zrange(key, 0, -1)
-            stale = []
-            for member in members:
-                owner = channel_owner(member.decode("utf-8", "replace"))
-                if owner is not None and await verdicts.dead(owner):
-                    stale.append(member)
-            if stale:
-                await connection.zrem(key, *stale)
-                report.memberships += len(stale)
-        queue_prefix = layer.prefix.encode()
-        for pattern in queue_patterns(layer.prefix):
-            async for key in connection.scan_iter(match=pattern, count=500):
-                if not key.startswith(queue_prefix):
-                    continue
-                match = _QUEUE_RE.match(key[len(queue_prefix) :].decode("utf-8", "replace"))
-                if match and await verdicts.dead(match.group(1) or match.group(2)):
-                    await connection.delete(key)
-                    report.queues += 1
-    # Interest sets (interest.py) of dead processes would make the relay ask for dead groups.
-    interest_prefix = interest_key(layer.prefix, "").encode()
-    async for key in layer.connection(0).scan_iter(match=interest_key(layer.prefix, "*"), count=500):
-        owner = key[len(interest_prefix) :].decode("utf-8", "replace")
-        if _OWNER_RE.match(owner) and await verdicts.dead(owner):
-            report.records += await layer.connection(0).delete(key)
-    # Connection counts (layers/redis_counts.py) of dead processes would hold their users' slots for good.
-    from awx_ws.main.layers.redis_counts import forget_process
-
-    counts_prefix = process_counts_key(layer.prefix, "").encode()
-    async for key in layer.connection(0).scan_iter(match=process_counts_key(layer.prefix, "*"), count=500):
-        owner = key[len(counts_prefix) :].decode("utf-8", "replace")
-        if _OWNER_RE.match(owner) and await verdicts.dead(owner):
-            await forget_process(layer, owner)
-            report.records += 1
+        report.memberships += await _purge_memberships(layer, connection, verdicts)
+        report.queues += await _purge_queues(layer, connection, verdicts)
+    report.records += await _purge_records(layer, verdicts)
     for client_prefix, dead in verdicts.cache.items():
         if dead:
             report.dead_processes.add(client_prefix)
             # A same-node record of a dead pid may still be there; drop it now.
             report.records += await layer.connection(0).delete(alive_key(layer.prefix, client_prefix))
     return report
+
+
+async def _purge_memberships(layer: RedisChannelLayer, connection: Any, verdicts: LivenessJudge) -> int:
+    """Remove dead processes' channels from the group sets of one shard; how many."""
+    removed = 0
+    # SCAN, not KEYS: KEYS blocks Redis for every other client while it walks the keyspace.
+    async for key in connection.scan_iter(match=group_pattern(layer.prefix), count=500):
+        stale = []
+        for member in await connection.zrange(key, 0, -1):
+            owner = channel_owner(member.decode("utf-8", "replace"))
+            if owner is not None and await verdicts.dead(owner):
+                stale.append(member)
+        if stale:
+            await connection.zrem(key, *stale)
+            removed += len(stale)
+    return removed
+
+
+async def _purge_queues(layer: RedisChannelLayer, connection: Any, verdicts: LivenessJudge) -> int:
+    """Delete dead processes' channel queues on one shard; how many."""
+    removed = 0
+    queue_prefix = layer.prefix.encode()
+    for pattern in queue_patterns(layer.prefix):
+        async for key in connection.scan_iter(match=pattern, count=500):
+            if not key.startswith(queue_prefix):
+                continue
+            match = _QUEUE_RE.match(key[len(queue_prefix) :].decode("utf-8", "replace"))
+            if match and await verdicts.dead(match.group(1) or match.group(2)):
+                await connection.delete(key)
+                removed += 1
+    return removed
+
+
+async def _purge_records(layer: RedisChannelLayer, verdicts: LivenessJudge) -> int:
+    """Drop dead processes' interest sets and connection counts; how many."""
+    removed = 0
+    connection = layer.connection(0)
+    # Interest sets (redis_interest.py) of dead processes would make the relay ask for dead groups.
+    interest_prefix = interest_key(layer.prefix, "").encode()
+    async for key in connection.scan_iter(match=interest_key(layer.prefix, "*"), count=500):
+        owner = key[len(interest_prefix) :].decode("utf-8", "replace")
+        if _OWNER_RE.match(owner) and await verdicts.dead(owner):
+            removed += await connection.delete(key)
+    # Connection counts (redis_counts.py) of dead processes would hold their users' slots for good.
+    counts_prefix = process_counts_key(layer.prefix, "").encode()
+    async for key in connection.scan_iter(match=process_counts_key(layer.prefix, "*"), count=500):
+        owner = key[len(counts_prefix) :].decode("utf-8", "replace")
+        if _OWNER_RE.match(owner) and await verdicts.dead(owner):
+            await forget_process(layer, owner)
+            removed += 1
+    return removed
