@@ -31,7 +31,8 @@ async def ensure_origin(layer: RedisChannelLayer) -> str:
     """This Redis's origin tag, created on first use (SET NX: every process agrees on one)."""
     connection = layer.connection(0)
     await connection.set(origin_key(layer), secrets.token_hex(4), nx=True)
-    return (await connection.get(origin_key(layer))).decode()
+    origin: bytes = await connection.get(origin_key(layer))
+    return origin.decode()
 
 
 def total_keys(layer: RedisChannelLayer) -> list[str]:
