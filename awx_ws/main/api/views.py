@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
@@ -83,8 +84,9 @@ class MeView(APIView):
 
     def get(self, request: Request) -> Response:
         """Who am I."""
-        body = dict(UserSerializer(request.user).data)
-        body["organizations"] = list(request.user.awx_organizations.values_list("pk", flat=True))
+        user = cast(User, request.user)  # IsAuthenticated (the default permission) let it in
+        body = dict(UserSerializer(user).data)
+        body["organizations"] = list(user.awx_organizations.values_list("pk", flat=True))
         return Response(body)
 
 
@@ -99,7 +101,7 @@ class OrganizationViewSet(viewsets.ModelViewSet):
         queryset = Organization.objects.prefetch_related("members").order_by("pk")
         if self.request.user.is_superuser:
             return queryset
-        return queryset.filter(members=self.request.user)
+        return queryset.filter(members=cast(User, self.request.user))  # IsAuthenticated let it in
 
     @action(detail=True, methods=["get", "post"])
     def members(self, request: Request, pk: str | None = None) -> Response:
