@@ -118,14 +118,16 @@ class WebSocketProtocol(DaphneWebSocketProtocol):
     def _send(self, data: bytes, sync: bool, chopsize: int | None) -> None:
         transport = self.transport
         if sync or chopsize or self.send_queue or not _idle_plain_transport(transport):
-            return super().sendData(data, sync, chopsize)
+            super().sendData(data, sync, chopsize)
+            return
         try:
             sent = transport.socket.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
             # Let Twisted meet the error and close the connection its usual way.
-            return super().sendData(data, sync, chopsize)
+            super().sendData(data, sync, chopsize)
+            return
         if sent < len(data):
             transport.write(data[sent:])
         if self.state == self.STATE_OPEN:

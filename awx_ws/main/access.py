@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from django.contrib.auth.base_user import AbstractBaseUser
-from django.contrib.auth.models import AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import QuerySet
 
 from awx_ws.main.models import Job
 
 
-def jobs_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Job]:
+def jobs_visible_to(user: User | AnonymousUser) -> QuerySet[Job]:
     """Jobs the user may read: all for superusers, their organizations' for members."""
     if not user.is_authenticated or not user.is_active:
         return Job.objects.none()
@@ -20,7 +19,7 @@ def jobs_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Job]:
     return Job.objects.filter(organization__members=user).distinct()
 
 
-def readable_job_ids(user: AbstractBaseUser | AnonymousUser, kind: str, ids: Iterable[int]) -> set[int]:
+def readable_job_ids(user: User | AnonymousUser, kind: str, ids: Iterable[int]) -> set[int]:
     """The subset of ids that name jobs of this kind the user may read (one query)."""
     wanted = set(ids)
     if not wanted:

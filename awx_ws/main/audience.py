@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,7 @@ def viewer_now(user: Any) -> Viewer:
     return Viewer(bool(user.is_superuser), organizations)
 
 
-_viewer_of = database_sync_to_async(viewer_now)
+_viewer_of: Callable[[Any], Awaitable[Viewer]] = database_sync_to_async(viewer_now)
 
 
 async def viewer_of(user: Any) -> Viewer:
@@ -86,7 +87,7 @@ class JobOrganizations:
         if job_id in self._known:
             self._known.move_to_end(job_id)
             return self._known[job_id]
-        organization = await database_sync_to_async(_organization_of)(job_id)
+        organization: int | None = await database_sync_to_async(_organization_of)(job_id)
         if organization is not None:  # a job not there yet may be created: ask again next time
             self._known[job_id] = organization
             if len(self._known) > CACHE_SIZE:

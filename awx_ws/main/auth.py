@@ -149,7 +149,7 @@ def same_origin(scope: dict[str, Any], scheme_too: bool) -> bool:
     )
 
 
-@database_sync_to_async
+@database_sync_to_async  # type: ignore[untyped-decorator]  # channels ships no types
 def user_for_token(key: str) -> Any:
     """The active user owning a DRF token, or None; with its Viewer (audience.py) as
     `awx_viewer`, read on the same database connection: a handshake costs one, not two."""

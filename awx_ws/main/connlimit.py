@@ -79,7 +79,7 @@ class ConnectionCounter:
         task.add_done_callback(self._pending.discard)
 
     async def _acquire(self, store: ConnectionStore | None, user_id: int) -> bool:
-        limit = ws_settings.MAX_CONNECTIONS_PER_USER
+        limit: int = ws_settings.MAX_CONNECTIONS_PER_USER
         if store is None:
             counted = self._local[user_id] < limit
         else:

@@ -41,6 +41,8 @@ class LoginThrottled(Throttled):
 
     default_detail = "Too many failed logins; try again later."
     default_code = "login_throttled"
+    # Set by Throttled.__init__ (seconds, rounded up), which the DRF stubs leave undeclared.
+    wait: int | None
 
 
 def parse_rate(rate: str) -> tuple[int, int]:

@@ -120,7 +120,7 @@ def xrftoken_matches(message: dict[str, Any], csrf_cookie: str | None) -> bool:
     return hmac.compare_digest(token.encode(), csrf_cookie.encode())
 
 
-def _object_id(kind: str, item: Any) -> int:
+def _object_id(kind: str, item: object) -> int:
     # Accept AWX UI's numbers and their decimal strings; bool is an int subclass, refuse it.
     if isinstance(item, str) and item.isascii() and item.isdigit() and len(item) <= 19:
         item = int(item)

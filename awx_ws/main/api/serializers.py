@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
 from rest_framework import serializers
 
 from awx_ws.main import notifications
@@ -15,7 +16,7 @@ from awx_ws.main.protocol import RESERVED_KINDS, validate_group_name
 MAX_EVENTS_PER_REQUEST = 1000
 
 
-class UserSerializer(serializers.ModelSerializer):
+class UserSerializer(serializers.ModelSerializer[User]):
     """A user as /me/ and member lists show it."""
 
     class Meta:
@@ -24,23 +25,25 @@ class UserSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class OrganizationSerializer(serializers.ModelSerializer):
+class OrganizationSerializer(serializers.ModelSerializer[Organization]):
     """An organization; membership is changed through its members endpoint."""
 
-    members = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    members: serializers.PrimaryKeyRelatedField[User] = serializers.PrimaryKeyRelatedField(
+        many=True, read_only=True
+    )
 
     class Meta:
         model = Organization
         fields = ["id", "name", "members"]
 
 
-class MembershipSerializer(serializers.Serializer):
+class MembershipSerializer(serializers.Serializer[None]):
     """A user to add to an organization."""
 
     user = serializers.PrimaryKeyRelatedField(queryset=get_user_model().objects.filter(is_active=True))
 
 
-class JobSerializer(serializers.ModelSerializer):
+class JobSerializer(serializers.ModelSerializer[Job]):
     """A unified job. Status starts at `new` and changes only along Job.TRANSITIONS."""
 
     class Meta:
@@ -94,7 +97,7 @@ class JobSerializer(serializers.ModelSerializer):
         return instance
 
 
-class JobEventSerializer(serializers.ModelSerializer):
+class JobEventSerializer(serializers.ModelSerializer[JobEvent]):
     """One job event; `counter` orders a job's events and is unique within the job."""
 
     counter = serializers.IntegerField(min_value=1, max_value=2**31 - 1)
@@ -114,7 +117,7 @@ class JobEventSerializer(serializers.ModelSerializer):
         return value
 
 
-class JobEventBatchSerializer(serializers.ListSerializer):
+class JobEventBatchSerializer(serializers.ListSerializer[list[JobEvent]]):
     """A list of events for one job: counters distinct within the batch and new to the job."""
 
     child = JobEventSerializer()
@@ -143,7 +146,7 @@ class JobEventBatchSerializer(serializers.ListSerializer):
         return events
 
 
-class EmitSerializer(serializers.Serializer):
+class EmitSerializer(serializers.Serializer[None]):
     """An HTTP publish: a valid, non-reserved group and any JSON payload."""
 
     group = serializers.CharField()

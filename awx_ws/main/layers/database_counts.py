@@ -107,7 +107,7 @@ def withdraw(process: str) -> None:
 
 def _in_database(work: Callable[P, T]) -> Callable[P, Awaitable[T]]:
     """work on Channels' database thread; Django's errors as DatabaseUnavailable naming the setting."""
-    run = database_sync_to_async(work)
+    run: Callable[P, Awaitable[T]] = database_sync_to_async(work)
 
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:

@@ -213,7 +213,8 @@ class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
 
         RabbitMQ has no shared store to keep it in: the database the node's processes share does.
         """
-        return await database_sync_to_async(_remember_nonce_in_database)(nonce, ttl)
+        remembered: bool = await database_sync_to_async(_remember_nonce_in_database)(nonce, ttl)
+        return remembered
 
     async def connected(self) -> carehare.Connection:
         """The broker connection, waiting connect_wait seconds at most; BrokerUnavailable after."""

@@ -116,7 +116,8 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         """A new process-specific channel; the process is marked alive before the name is used."""
         try:
             await self.liveness.start()
-            return await super().new_channel(prefix)
+            channel: str = await super().new_channel(prefix)
+            return channel
         except RedisError as exc:
             raise self.unavailable(exc) from exc
 
@@ -147,7 +148,8 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
     async def receive(self, channel: str) -> dict[str, Any]:
         """channels_redis's receive; RedisUnavailable when Redis fails."""
         try:
-            return await super().receive(channel)
+            message: dict[str, Any] = await super().receive(channel)
+            return message
         except RedisError as exc:
             raise self.unavailable(exc) from exc
 
@@ -238,6 +240,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
 
     def _after_fanout(self, group: str, message: dict[str, Any], reply: Any) -> list[bytes]:
         """Report drops, put the history id into message; the members still to be sent to."""
+        others: list[bytes]  # the Lua script's second reply: the members' channel names
         over, others, message_id = reply
         self._report_over_capacity(int(over), group)
         if message_id:

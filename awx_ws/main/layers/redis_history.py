@@ -22,7 +22,8 @@ async def ensure_origin(layer: RedisChannelLayer) -> str:
     """This Redis's origin tag, created on first use (SET NX: every process agrees on one)."""
     connection = layer.connection(0)
     await connection.set(keys.origin_key(layer.prefix), secrets.token_hex(4), nx=True)
-    return (await connection.get(keys.origin_key(layer.prefix))).decode()
+    origin: bytes = await connection.get(keys.origin_key(layer.prefix))
+    return origin.decode()
 
 
 def total_keys(layer: RedisChannelLayer) -> list[str]:
