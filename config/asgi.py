@@ -6,7 +6,10 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from config import var
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+var.prepare()
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 

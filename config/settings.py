@@ -1,15 +1,13 @@
 """Settings for awx_ws.
 
-Every value can be overridden from the environment; docs/channels.md has the table. Nothing here
-touches the network or Redis: the only side effect is creating the var/ directory and, when
-SECRET_KEY is unset, a generated key file inside it (never committed).
+Every value can be overridden from the environment; docs/channels.md has the table. Importing
+this touches no network and writes no file: var/ and the generated secret key are made by the
+entry points at start (config/var.py), and only read here.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -17,9 +15,9 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from awx_ws.main import conf as ws_conf
+from config.var import secret_key_file, var_dir
 
-BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = Path(os.environ.get("AWX_WS_VAR", BASE_DIR / "var")).resolve()
+VAR_DIR = var_dir()
 
 
 def env_int(name: str, default: int) -> int:
@@ -56,14 +54,15 @@ def _secret_key() -> str:
     key = os.environ.get("SECRET_KEY")
     if key:
         return key
-    # Generated once per checkout and kept in var/ so every process of the stack shares it.
-    VAR_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = VAR_DIR / "secret_key"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(50))
-    return path.read_text().strip()
+    # Generated once per checkout by the first process to start (config/var.py), shared by all.
+    path = secret_key_file()
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise ImproperlyConfigured(
+            f"SECRET_KEY is not set and {path} does not exist: set SECRET_KEY, or start through "
+            "manage.py, config.asgi or config.wsgi, which generate it there"
+        ) from None
 
 
 SECRET_KEY = _secret_key()
@@ -151,8 +150,7 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing one
+STATIC_ROOT = VAR_DIR / "static"  # made at start (config/var.py): WhiteNoise warns about a missing one
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 LOGIN_URL = "login"
@@ -161,9 +159,9 @@ LOGOUT_REDIRECT_URL = "login"
 
 # Prometheus metrics of every process of this node (daphne, gunicorn workers, relay) are written
 # to files here and summed by GET /api/v2/metrics (prometheus_client's multiprocess mode). It
-# must be in the environment before prometheus_client is imported: settings come first.
+# must be in the environment before prometheus_client is imported: settings come first. The
+# directory is made when the app is ready (awx_ws/main/apps.py), before any metric is written.
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(VAR_DIR / "metrics"))
-Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -6,5 +6,8 @@ import os
 
 from django.core.wsgi import get_wsgi_application
 
+from config import var
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+var.prepare()
 application = get_wsgi_application()

@@ -77,6 +77,9 @@ def pytest_configure(config: pytest.Config) -> None:
             "BROADCAST_WEBSOCKET_SECRET": "session-tests-secret",
         }
     )
+    from config import var
+
+    var.prepare()  # as every entry point does before Django loads the settings
     django.setup()
     from django.conf import settings
 

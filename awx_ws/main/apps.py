@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from django.apps import AppConfig
 
 
@@ -13,7 +16,12 @@ class MainConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Connect the access-change recorders to their signals."""
+        """Make the metrics directory; connect the access-change recorders to their signals."""
+        # prometheus_client's multiprocess mode writes a file per process there (settings set it),
+        # from the moment awx_ws.main.metrics is imported: made before the imports below.
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if metrics_dir:
+            Path(metrics_dir).mkdir(parents=True, exist_ok=True)
         from awx_ws.main.revocation import connect_signals
 
         connect_signals()
