@@ -15,9 +15,10 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from awx_ws.main import conf as ws_conf
-from config.var import secret_key_file, var_dir
+from config import var
 
-VAR_DIR = var_dir()
+BASE_DIR = var.BASE_DIR
+VAR_DIR = var.var_dir()
 
 
 def env_int(name: str, default: int) -> int:
@@ -55,7 +56,7 @@ def _secret_key() -> str:
     if key:
         return key
     # Generated once per checkout by the first process to start (config/var.py), shared by all.
-    path = secret_key_file()
+    path = var.secret_key_file()
     try:
         return path.read_text().strip()
     except FileNotFoundError:
