@@ -8,6 +8,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
+from awx_ws.main import conf
 from awx_ws.main.conf import SETTINGS, SettingError, from_environment, validate, ws_settings
 
 pytestmark = pytest.mark.unit
@@ -107,3 +108,16 @@ def test_overrides_are_read_and_held_to_the_same_rules():
     with pytest.raises(SettingError, match="AWX_WS_SUBSCRIBE_RATE=-3: must be at least 1"):
         with override_settings(AWX_WS={"SUBSCRIBE_RATE": -3}):
             pass
+
+
+def test_a_renamed_variable_is_still_read_under_its_former_name_and_said_to_be_deprecated():
+    assert conf.from_environment({"AWX_WS_STARTUP_REDIS_WAIT": "7"}) == {"STARTUP_LAYER_WAIT": 7.0}
+    both = {"AWX_WS_STARTUP_LAYER_WAIT": "3", "AWX_WS_STARTUP_REDIS_WAIT": "7"}
+    assert conf.from_environment(both) == {"STARTUP_LAYER_WAIT": 3.0}  # the new name wins
+    assert conf.deprecated_in_use({"AWX_WS_STARTUP_LAYER_WAIT": "3"}) == []
+    assert conf.deprecated_in_use(both) == [
+        "AWX_WS_STARTUP_REDIS_WAIT is deprecated and will be ignored in the next release: "
+        "use AWX_WS_STARTUP_LAYER_WAIT"
+    ]
+    with pytest.raises(conf.SettingError, match=r"^AWX_WS_STARTUP_REDIS_WAIT='soon' cannot be read"):
+        conf.from_environment({"AWX_WS_STARTUP_REDIS_WAIT": "soon"})

@@ -36,13 +36,13 @@ def lines(log: str, level: str) -> list[str]:
 def test_awx_ws_server_stops_with_one_clear_message_when_redis_stays_unreachable(daphne_factory):
     port = free_port()
     server = daphne_factory(
-        {"REDIS_URL": f"redis://127.0.0.1:{port}/0", "AWX_WS_STARTUP_REDIS_WAIT": "2"}, wait=False
+        {"REDIS_URL": f"redis://127.0.0.1:{port}/0", "AWX_WS_STARTUP_LAYER_WAIT": "2"}, wait=False
     )
     assert wait_exit(server) == 1
     log = server.output()
     critical = lines(log, "CRITICAL")
     assert len(critical) == 1
-    assert "cannot start: Redis unreachable for 2s (AWX_WS_STARTUP_REDIS_WAIT)" in critical[0]
+    assert "cannot start: Redis unreachable for 2s (AWX_WS_STARTUP_LAYER_WAIT)" in critical[0]
     assert f"REDIS_URL=redis://127.0.0.1:{port}/0" in critical[0]
     # One warning when the wait starts, not one per attempt (AWX #7266 logged attempt 2644).
     assert len(lines(log, "WARNING")) == 1
@@ -54,6 +54,7 @@ async def test_plain_daphne_refuses_clients_while_redis_is_unreachable_then_serv
     daphne_factory, state_dir, token
 ):
     port = free_port()
+    # The wait's former name, still honoured for one release (with a warning).
     env = {"REDIS_URL": f"redis://127.0.0.1:{port}/0", "AWX_WS_STARTUP_REDIS_WAIT": "2"}
     server = daphne_factory(env, wait=False)
     await asyncio.to_thread(server.wait_for_port, server.port)
@@ -66,8 +67,13 @@ async def test_plain_daphne_refuses_clients_while_redis_is_unreachable_then_serv
     assert status == 503 and "Redis unreachable for 2s" in body["detail"]
     error = lines(server.output(), "ERROR")
     assert len(error) == 1
-    assert "cannot start: Redis unreachable for 2s (AWX_WS_STARTUP_REDIS_WAIT)" in error[0]
+    assert "cannot start: Redis unreachable for 2s (AWX_WS_STARTUP_LAYER_WAIT)" in error[0]
     assert f"REDIS_URL=redis://127.0.0.1:{port}/0" in error[0]
+    deprecated = [line for line in lines(server.output(), "WARNING") if "is deprecated" in line]
+    assert len(deprecated) == 1
+    assert (
+        "AWX_WS_STARTUP_REDIS_WAIT is deprecated and will be ignored in the next release: " in deprecated[0]
+    )
 
     # Redis comes up: the same process completes its start-up and serves.
     late_redis = RedisServer(port, state_dir / f"late-redis-{port}").start()

@@ -57,6 +57,8 @@ class Setting:
     read: Callable[[str], Any]
     check: Check
     help: str
+    # The variable's former name, still read when the new one is unset (for one release).
+    deprecated_env: str = ""
 
     def default_for(self, environ: Mapping[str, str]) -> Any:
         """The default value (computed from the environment where it depends on it)."""
@@ -71,8 +73,10 @@ def _hostname(environ: Mapping[str, str]) -> str:
     return socket.gethostname()
 
 
-def _s(env: str, default: Any, read: Callable[[str], Any], check: Check, help: str) -> Setting:
-    return Setting(env, default, read, check, help)
+def _s(
+    env: str, default: Any, read: Callable[[str], Any], check: Check, help: str, deprecated_env: str = ""
+) -> Setting:
+    return Setting(env, default, read, check, help, deprecated_env)
 
 
 SETTINGS: dict[str, Setting] = {
@@ -113,9 +117,10 @@ SETTINGS: dict[str, Setting] = {
         "Seconds between a daphne process's reads of access changes (revoked tokens, sessions, "
         "memberships); open connections learn of one within this time.",
     ),
-    "STARTUP_REDIS_WAIT": _s(
-        "AWX_WS_STARTUP_REDIS_WAIT", 60.0, number, seconds(zero=True),
+    "STARTUP_LAYER_WAIT": _s(
+        "AWX_WS_STARTUP_LAYER_WAIT", 60.0, number, seconds(zero=True),
         "Seconds a starting server waits for its channel layer (Redis or RabbitMQ).",
+        deprecated_env="AWX_WS_STARTUP_REDIS_WAIT",
     ),
     "LIVENESS_TTL": _s(
         "AWX_WS_LIVENESS_TTL", 30.0, number, seconds(),
@@ -250,14 +255,26 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """The AWX_WS values the environment gives (unset or empty variables are left out)."""
     values: dict[str, Any] = {}
     for name, setting in SETTINGS.items():
-        raw = environ.get(setting.env)
+        env = setting.env
+        if env not in environ and setting.deprecated_env in environ:
+            env = setting.deprecated_env
+        raw = environ.get(env)
         if raw is None or (raw == "" and setting.read is not text):
             continue
         try:
             values[name] = setting.read(raw)
         except ValueError as exc:
-            raise SettingError(f"{setting.env}={raw!r} cannot be read: {exc}") from exc
+            raise SettingError(f"{env}={raw!r} cannot be read: {exc}") from exc
     return values
+
+
+def deprecated_in_use(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One line per former variable name the environment still uses (logged once at start)."""
+    return [
+        f"{s.deprecated_env} is deprecated and will be ignored in the next release: use {s.env}"
+        for s in SETTINGS.values()
+        if s.deprecated_env and s.deprecated_env in environ
+    ]
 
 
 def validate(values: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> None:

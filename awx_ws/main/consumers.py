@@ -171,7 +171,7 @@ class EventConsumer(AsyncWebsocketConsumer):
                 await self.subscribe(request)
         except OSError as exc:  # LayerUnavailable
             # The connection stays; what was joined before the failure stays joined.
-            metrics.REDIS_ERRORS.labels("subscribe").inc()
+            metrics.layer_error("subscribe")
             service = getattr(self.fanout.layer, "service", "its channel layer")
             logger.warning(
                 "subscribe of user %s failed, %s unavailable: %s", self.scope["user"].pk, service, exc

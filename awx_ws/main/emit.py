@@ -51,7 +51,7 @@ async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, st
         async with asyncio.timeout(timeout):
             await layer.group_send(group, message)
     except (TimeoutError, OSError) as exc:  # LayerUnavailable is an OSError
-        metrics.REDIS_ERRORS.labels("emit").inc()
+        metrics.layer_error("emit")
         # Our layers, and the send-only RabbitMQ layer sync code gets, say where they failed.
         unavailable = getattr(layer, "unavailable", None)
         if unavailable is None:
@@ -103,5 +103,5 @@ def emit_channel_notification(group: str, payload: Any) -> None:
     try:
         backend.send_blocking(group, message, timeout)
     except LayerUnavailable as exc:
-        metrics.REDIS_ERRORS.labels("emit").inc()
+        metrics.layer_error("emit")
         raise _emit_error(exc, group, timeout) from exc

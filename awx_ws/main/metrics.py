@@ -48,7 +48,15 @@ ACCESS_REVOKED = Counter(
 )
 REPLAYED = Counter("awx_ws_history_replayed", "Missed messages replayed to resuming clients", ["transport"])
 RESETS = Counter("awx_ws_history_resets", "Groups a resume could not replay (stream-reset)", ["transport"])
-REDIS_ERRORS = Counter("awx_ws_redis_errors", "Failed Redis operations, by what failed", ["operation"])
+LAYER_ERRORS = Counter(
+    "awx_ws_channel_layer_errors",
+    "Failed channel-layer operations (Redis or RabbitMQ), by what failed",
+    ["operation"],
+)
+# Its former name, which counted RabbitMQ's failures too; kept, counting the same, for one release.
+REDIS_ERRORS_DEPRECATED = Counter(
+    "awx_ws_redis_errors", "Deprecated: awx_ws_channel_layer_errors (removed next release)", ["operation"]
+)
 BACKGROUND_FAILURES = Counter(
     "awx_ws_background_failures",
     "Failed rounds of background loops (retried with back-off, see retry.py), by loop",
@@ -72,6 +80,12 @@ RELAY_RECONNECTS = Counter("awx_ws_relay_reconnects", "Relay links re-establishe
 
 # gauge_livesum_1234.db and the like: files of live-state gauges of one process
 _LIVE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
+
+
+def layer_error(operation: str) -> None:
+    """Count a failed channel-layer operation (under both names while the old one lives)."""
+    LAYER_ERRORS.labels(operation).inc()
+    REDIS_ERRORS_DEPRECATED.labels(operation).inc()
 
 
 def group_kind(group: str) -> str:

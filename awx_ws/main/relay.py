@@ -308,7 +308,7 @@ class PeerLink:
         except (LayerUnavailable, OSError) as exc:
             self.status.dropped_total += 1
             metrics.DROPPED.labels("relay_inject_failed").inc()
-            metrics.REDIS_ERRORS.labels("relay_inject").inc()
+            metrics.layer_error("relay_inject")
             if self.status.dropped_total == 1 or self.status.dropped_total % 1000 == 0:
                 logger.error(
                     "relay could not inject into the local %s (%d dropped): %s",

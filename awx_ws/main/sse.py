@@ -136,7 +136,7 @@ class EventStreamApp:
             revocation.watcher.add(access)  # once started: a recheck never races the joins
             await _until_disconnect(receive, send, access.revoked)
         except OSError as exc:  # LayerUnavailable
-            metrics.REDIS_ERRORS.labels("stream").inc()
+            metrics.layer_error("stream")
             logger.warning("stream of user %s ended, channel layer unavailable: %s", user.pk, exc)
         finally:
             revocation.watcher.discard(access)

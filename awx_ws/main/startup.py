@@ -3,7 +3,7 @@
 Start-up: the layer's own work (`ServiceLayer.start_process`: on Redis the process marks itself
 live and removes state of dead processes, layers/redis_presence.py), then its fan-out with its loops, and the
 loop keeping the node's connection counts (connlimit.py). It waits a bounded time for the layer
-(AWX_WS_STARTUP_REDIS_WAIT) with one warning when the wait starts, never a crash loop (AWX #8696).
+(AWX_WS_STARTUP_LAYER_WAIT) with one warning when the wait starts, never a crash loop (AWX #8696).
 
 Who runs it:
 - `python -m awx_ws.server` (and uvicorn, hypercorn...) send ASGI lifespan: start-up runs before
@@ -24,7 +24,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 
 from awx_ws.main import connlimit, revocation
-from awx_ws.main.conf import ws_settings
+from awx_ws.main.conf import deprecated_in_use, ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.layers import service_layer
 from awx_ws.main.retry import spawn
@@ -64,8 +64,10 @@ class Startup:
         await asyncio.shield(self._task)
 
     async def _run(self) -> None:
+        for line in deprecated_in_use():
+            logger.warning("%s", line)
         try:
-            await start_process(ws_settings.STARTUP_REDIS_WAIT)
+            await start_process(ws_settings.STARTUP_LAYER_WAIT)
         except StartupError as exc:
             self.failure = exc
             raise

@@ -152,7 +152,7 @@ class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
             async with asyncio.timeout(wait):
                 await asyncio.shield(self.carehare_connection)
         except TimeoutError as exc:
-            setting = "AWX_WS_STARTUP_REDIS_WAIT" if wait == ws_settings.STARTUP_REDIS_WAIT else "one attempt"
+            setting = "AWX_WS_STARTUP_LAYER_WAIT" if wait == ws_settings.STARTUP_LAYER_WAIT else "one attempt"
             raise StartupError(
                 f"RabbitMQ unreachable for {wait:g}s ({setting}) at {self.describe_hosts()}"
             ) from exc

@@ -236,7 +236,7 @@ async def start_process(layer: RedisChannelLayer, wait: float | None) -> None:
             delay = backoff.next_delay()
             if loop.time() + delay > deadline:
                 raise StartupError(
-                    f"Redis unreachable for {wait:g}s (AWX_WS_STARTUP_REDIS_WAIT), "
+                    f"Redis unreachable for {wait:g}s (AWX_WS_STARTUP_LAYER_WAIT), "
                     f"{backoff.failures} attempts: {exc}"
                 ) from exc
             if backoff.failures == 1:
