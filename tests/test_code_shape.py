@@ -41,3 +41,46 @@ def test_no_function_is_over_50_lines():
                 if lines > 50:
                     long[f"{path.relative_to(ROOT).as_posix()}:{node.lineno} {node.name}"] = lines
     assert long == {}
+
+
+def _imports() -> dict[str, set[str]]:
+    """{module: the awx_ws modules it imports}, type-checking imports included."""
+    modules = {}
+    for path in (ROOT / "awx_ws").rglob("*.py"):
+        if "migrations" not in path.parts:
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                # `from package import submodule` depends on the submodule only.
+                subs = {f"{node.module}.{alias.name}" for alias in node.names} & set(modules)
+                targets = subs | ({node.module} if len(subs) < len(node.names) else set())
+            elif isinstance(node, ast.Import):
+                targets = {alias.name for alias in node.names}
+            else:
+                continue
+            graph[name] |= (targets & set(modules)) - {name}
+    return graph
+
+
+def test_no_import_cycle_not_even_in_type_hints():
+    graph = _imports()
+    assert "awx_ws.main.layers.redis_fanout" in graph["awx_ws.main.layers.redis"]
+    cycles = []
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycles.append(path[path.index(module) :] + [module])
+            return
+        if module in done:
+            return
+        for target in sorted(graph[module]):
+            visit(target, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert cycles == []

@@ -84,3 +84,19 @@ def test_a_history_answer_carries_origin_entries_and_reset():
         "reset": None,
     }
     assert items["jobs-y"]["reset"] == "gone" and items["jobs-y"]["entries"] == []
+
+
+def test_an_unreadable_ca_bundle_is_a_setting_error_naming_the_variable(tmp_path):
+    from django.test import override_settings
+
+    from awx_ws.main.conf import SettingError
+    from awx_ws.main.exceptions import StartupError
+
+    missing = tmp_path / "missing.pem"
+    with override_settings(AWX_WS={"BROADCAST_WEBSOCKET_CA_BUNDLE": str(missing)}):
+        with pytest.raises(
+            SettingError, match=rf"^BROADCAST_WEBSOCKET_CA_BUNDLE='{missing}' cannot be read"
+        ) as raised:
+            pp.peer_ssl("wss://b.example:8443/websocket/broadcast/")
+        assert not isinstance(raised.value, StartupError)  # a dial at run time is no start-up
+        assert pp.peer_ssl("ws://b.example:8051/websocket/broadcast/") is None

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from awx_ws.main.retry import spawn
 
-if TYPE_CHECKING:
-    from awx_ws.main.fanout import Fanout
+
+class ResyncSource(Protocol):
+    """A process's fan-out as seen here (fanout.py imports this module, not the other way)."""
+
+    def on_resync(self, listener: Callable[[], None]) -> Callable[[], None]: ...
 
 
 def refresh_interval(layer: Any) -> float | None:
@@ -35,7 +38,7 @@ def keep_joined(layer: Any, channel: str, groups: Callable[[], Iterable[str]]) -
     # consumer of a process sees the failure (the one holding channels_redis's shared receive),
     # so the others would keep waiting on a channel whose groups are gone.
     lost = asyncio.Event()
-    fanout: Fanout | None = getattr(layer, "fanout", None)
+    fanout: ResyncSource | None = getattr(layer, "fanout", None)
     forget = fanout.on_resync(lost.set) if fanout is not None else None
 
     async def refresh(failures: int) -> float:

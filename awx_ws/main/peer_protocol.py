@@ -30,8 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
 from awx_ws.main import peerauth
-from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import StartupError
+from awx_ws.main.conf import SettingError, ws_settings
 from awx_ws.main.history import GroupPosition, Replay, parse_message_id
 from awx_ws.main.peerauth import peer_url
 from awx_ws.main.protocol import validate_group_name
@@ -149,14 +148,15 @@ def interest_frame(join: AbstractSet[str], leave: AbstractSet[str]) -> str:
 
 def peer_ssl(url: str) -> ssl.SSLContext | None:
     """The TLS context for a wss:// peer: verified against BROADCAST_WEBSOCKET_CA_BUNDLE (or the
-    system's CAs) unless BROADCAST_WEBSOCKET_VERIFY_CERT is off; None for ws://."""
+    system's CAs) unless BROADCAST_WEBSOCKET_VERIFY_CERT is off; None for ws://. SettingError
+    when the bundle cannot be read."""
     if not url.startswith("wss://"):
         return None
     bundle = ws_settings.BROADCAST_WEBSOCKET_CA_BUNDLE or None
     try:
         context = ssl.create_default_context(cafile=bundle)
     except (OSError, ssl.SSLError) as exc:
-        raise StartupError(f"BROADCAST_WEBSOCKET_CA_BUNDLE={bundle!r} cannot be read: {exc}") from exc
+        raise SettingError(f"BROADCAST_WEBSOCKET_CA_BUNDLE={bundle!r} cannot be read: {exc}") from exc
     if not ws_settings.BROADCAST_WEBSOCKET_VERIFY_CERT:
         # AWX's default; ours is to verify. Only for peers reached over a network one trusts.
         context.check_hostname = False
@@ -197,7 +197,7 @@ async def fetch_history(peer: str, positions: dict[str, GroupPosition]) -> dict[
         WebSocketException,
         peerauth.PeerAuthError,
         ValueError,
-        StartupError,
+        SettingError,
     ) as exc:
         logger.info("history of peer %s unavailable: %s", peer, exc)
         return str(exc) or type(exc).__name__

@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
 from awx_ws.main import metrics
-from awx_ws.main.conf import ws_settings
+from awx_ws.main.conf import SettingError, ws_settings
 from awx_ws.main.exceptions import LayerUnavailable, StartupError
 from awx_ws.main.interest import LayerInterestWatcher
 from awx_ws.main.layers import NodeRecords, ServiceLayer, service_layer
@@ -156,7 +156,10 @@ class Relay:
                 f"to {', '.join(peers)}"
             )
         for peer in peers:
-            peer_ssl(peer_url(peer))  # a CA bundle that cannot be read stops the relay at once
+            try:
+                peer_ssl(peer_url(peer))  # a CA bundle that cannot be read stops the relay at once
+            except SettingError as exc:
+                raise StartupError(str(exc)) from exc
         return cls(layer, peers, secret, ws_settings.NODE_NAME)
 
     def changed(self) -> asyncio.Event:

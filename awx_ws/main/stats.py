@@ -11,10 +11,6 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from awx_ws.main.layers import RedisChannelLayer
 
 
 @dataclass
@@ -24,14 +20,13 @@ class ProcessStats:
     websockets: int = 0
     streams: int = 0
 
-    def snapshot(self, layer: RedisChannelLayer) -> dict[str, str]:
-        """The figures as stored in Redis."""
-        fanout = layer._fanout
+    def snapshot(self, groups: int) -> dict[str, str]:
+        """The figures as stored in Redis, with the number of groups the fan-out holds."""
         return {
             "pid": str(os.getpid()),
             "websockets": str(self.websockets),
             "streams": str(self.streams),
-            "groups": str(len(fanout.groups) if fanout is not None else 0),
+            "groups": str(groups),
             "tasks": str(len(asyncio.all_tasks())),
             "updated": f"{time.time():.3f}",
         }

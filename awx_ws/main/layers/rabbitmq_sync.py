@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import channel_layers
@@ -20,13 +20,27 @@ from django.core.signals import setting_changed
 
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import BrokerUnavailable, redact_url
-
-if TYPE_CHECKING:
-    from awx_ws.main.layers.rabbitmq import RabbitmqChannelLayer
+from awx_ws.main.layers.base import service_layer
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class BrokerLayer(Protocol):
+    """What the emitter uses of the RabbitMQ layer (rabbitmq.py, which imports this module)."""
+
+    service: str
+
+    def describe_hosts(self) -> str: ...
+
+    async def connected(self) -> Any: ...
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None: ...
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 def broker_unavailable(exc: BaseException, where: Callable[[], str]) -> BrokerUnavailable:
@@ -51,9 +65,9 @@ class BlockingEmitter:
         self._lock = threading.Lock()
         self._pid = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._layer: RabbitmqChannelLayer | None = None
+        self._layer: BrokerLayer | None = None
 
-    def _started(self) -> tuple[asyncio.AbstractEventLoop, RabbitmqChannelLayer]:
+    def _started(self) -> tuple[asyncio.AbstractEventLoop, BrokerLayer]:
         with self._lock:
             if self._loop is None or self._layer is None or self._pid != os.getpid():
                 loop = asyncio.new_event_loop()
@@ -66,7 +80,7 @@ class BlockingEmitter:
                 self._loop, self._pid = loop, os.getpid()
             return self._loop, self._layer
 
-    def call(self, work: Callable[[RabbitmqChannelLayer], Awaitable[T]], timeout: float) -> T:
+    def call(self, work: Callable[[BrokerLayer], Awaitable[T]], timeout: float) -> T:
         """Run work(layer) on the emitter's loop; TimeoutError after timeout seconds."""
         loop, layer = self._started()
 
@@ -81,7 +95,7 @@ class BlockingEmitter:
             future.cancel()
             raise TimeoutError(f"no answer from the emit loop within {timeout:g}s") from None
 
-    async def call_async(self, work: Callable[[RabbitmqChannelLayer], Awaitable[T]], timeout: float) -> T:
+    async def call_async(self, work: Callable[[BrokerLayer], Awaitable[T]], timeout: float) -> T:
         """call() for async code on another loop: awaits the emit loop instead of blocking."""
         loop, layer = await asyncio.to_thread(self._started)
 
@@ -176,13 +190,11 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-async def _make_layer() -> RabbitmqChannelLayer:
-    from awx_ws.main.layers.rabbitmq import RabbitmqChannelLayer
-
-    layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
-    if not isinstance(layer, RabbitmqChannelLayer):
+async def _make_layer() -> BrokerLayer:
+    layer = service_layer(channel_layers.make_backend(DEFAULT_CHANNEL_LAYER))
+    if layer is None or layer.service != BlockingEmitter.service:
         raise ImproperlyConfigured("CHANNEL_LAYERS['default'] is no longer the RabbitMQ layer")
-    return layer
+    return cast(BrokerLayer, layer)  # our RabbitMQ layer: it has all of BrokerLayer
 
 
 blocking_emitter = BlockingEmitter()

@@ -22,7 +22,7 @@ from awx_ws.main.retry import spawn
 
 if TYPE_CHECKING:
     from awx_ws.main.layers.base import CountKeeper
-    from awx_ws.main.layers.redis import RedisChannelLayer
+    from awx_ws.main.layers.redis_types import RedisLayer
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ return #ARGV / 2
 )
 
 
-async def forget_process(layer: RedisChannelLayer, client_prefix: str) -> int:
+async def forget_process(layer: RedisLayer, client_prefix: str) -> int:
     """Take a dead process's connections off the node's totals (the start-up purge)."""
     keys = [user_counts_key(layer.prefix), process_counts_key(layer.prefix, client_prefix)]
     return int(await layer.connection(0).eval(FORGET_LUA, 2, *keys))
@@ -83,7 +83,7 @@ async def forget_process(layer: RedisChannelLayer, client_prefix: str) -> int:
 class RedisConnectionStore:
     """This process's share of the node's count, in Redis."""
 
-    def __init__(self, layer: RedisChannelLayer) -> None:
+    def __init__(self, layer: RedisLayer) -> None:
         self.layer = layer
 
     @property

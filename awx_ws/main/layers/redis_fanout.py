@@ -14,7 +14,7 @@ from awx_ws.main.fanout import Fanout, fanout_channel
 from awx_ws.main.layers.redis_keys import interest_changed, interest_key, queue_key
 
 if TYPE_CHECKING:
-    from awx_ws.main.layers.redis import RedisChannelLayer
+    from awx_ws.main.layers.redis_types import RedisLayer
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ class RedisFanout(Fanout):
     """The Redis layer's fan-out: its own queue key popped in batches, memberships and interest
     written in one pipeline."""
 
-    layer: RedisChannelLayer
+    layer: RedisLayer
 
-    def __init__(self, layer: RedisChannelLayer) -> None:
+    def __init__(self, layer: RedisLayer) -> None:
         super().__init__(layer)
         self._interest_key = interest_key(layer.prefix, layer.client_prefix)
         # After a resync the interest set is rewritten whole (a restarted Redis lost it).

@@ -15,10 +15,10 @@ from awx_ws.main.history import GroupPosition, Replay, history_policy, parse_str
 from awx_ws.main.layers import redis_keys as keys
 
 if TYPE_CHECKING:
-    from awx_ws.main.layers.redis import RedisChannelLayer
+    from awx_ws.main.layers.redis_types import RedisLayer
 
 
-async def ensure_origin(layer: RedisChannelLayer) -> str:
+async def ensure_origin(layer: RedisLayer) -> str:
     """This Redis's origin tag, created on first use (SET NX: every process agrees on one)."""
     connection = layer.connection(0)
     await connection.set(keys.origin_key(layer.prefix), secrets.token_hex(4), nx=True)
@@ -26,7 +26,7 @@ async def ensure_origin(layer: RedisChannelLayer) -> str:
     return origin.decode()
 
 
-def total_keys(layer: RedisChannelLayer) -> list[str]:
+def total_keys(layer: RedisLayer) -> list[str]:
     """The keys of the node's history total (HISTORY_TOTAL_BYTES): each stream's bytes, their sum,
     when each stream expires; none when no total is kept."""
     if not ws_settings.HISTORY_TOTAL_BYTES:
@@ -236,7 +236,7 @@ return {'ok', redis.call('XRANGE', KEYS[1], '(' .. ARGV[2] .. '-' .. ARGV[3], '+
 
 
 async def read_local(
-    layer: RedisChannelLayer, group: str, position: GroupPosition, margin_ms: int = 0
+    layer: RedisLayer, group: str, position: GroupPosition, margin_ms: int = 0
 ) -> tuple[str | None, Replay]:
     """(this Redis's origin tag or None, what it holds of group after position); RedisUnavailable
     when Redis fails."""
@@ -247,7 +247,7 @@ async def read_local(
 
 
 async def _read_local(
-    layer: RedisChannelLayer, group: str, position: GroupPosition, margin_ms: int
+    layer: RedisLayer, group: str, position: GroupPosition, margin_ms: int
 ) -> tuple[str | None, Replay]:
     """(this Redis's origin tag or None, what it holds of group after position).
 
@@ -292,7 +292,7 @@ async def _read_local(
     return origin, Replay(entries)
 
 
-async def open_position(layer: RedisChannelLayer, group: str) -> GroupPosition:
+async def open_position(layer: RedisLayer, group: str) -> GroupPosition:
     """The position of a client subscribing to group now; RedisUnavailable when Redis fails."""
     try:
         return await _open_position(layer, group)
@@ -300,7 +300,7 @@ async def open_position(layer: RedisChannelLayer, group: str) -> GroupPosition:
         raise layer.unavailable(exc) from exc
 
 
-async def _open_position(layer: RedisChannelLayer, group: str) -> GroupPosition:
+async def _open_position(layer: RedisLayer, group: str) -> GroupPosition:
     """The position of a client subscribing to group now: Redis's clock, this origin's last id.
 
     Call it after joining the group, so nothing between the two is lost to the client.

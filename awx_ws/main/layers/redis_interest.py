@@ -16,13 +16,13 @@ from awx_ws.main.layers.redis_presence import LivenessJudge
 from awx_ws.main.retry import Round
 
 if TYPE_CHECKING:
-    from awx_ws.main.layers.redis import RedisChannelLayer
+    from awx_ws.main.layers.redis_types import RedisLayer
 
 # The relay recomputes interest at every change notice, and at least this often (missed notices).
 INTEREST_RESYNC = 5.0
 
 
-async def node_interest(layer: RedisChannelLayer) -> set[str]:
+async def node_interest(layer: RedisLayer) -> set[str]:
     """Every group some live process of this node's Redis holds for a client."""
     judge = LivenessJudge(layer)
     connection = layer.connection(0)
@@ -36,7 +36,7 @@ async def node_interest(layer: RedisChannelLayer) -> set[str]:
     return groups
 
 
-def watch_redis_interest(layer: RedisChannelLayer, publish: Callable[[frozenset[str]], None]) -> Round:
+def watch_redis_interest(layer: RedisLayer, publish: Callable[[frozenset[str]], None]) -> Round:
     """A round (retry.supervise) that publishes the node's interest from Redis at every change
     notice and every INTEREST_RESYNC, until its pub/sub connection fails."""
 

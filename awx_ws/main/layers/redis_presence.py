@@ -46,7 +46,7 @@ from awx_ws.main.retry import Backoff, RetryPolicy, spawn
 from awx_ws.main.stats import process_stats
 
 if TYPE_CHECKING:
-    from awx_ws.main.layers import RedisChannelLayer
+    from awx_ws.main.layers.redis_types import RedisLayer
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def channel_owner(channel: str) -> str | None:
 class Liveness:
     """Keeps one channel layer's process marked alive in Redis while it runs."""
 
-    def __init__(self, layer: RedisChannelLayer) -> None:
+    def __init__(self, layer: RedisLayer) -> None:
         self.layer = layer
         self.key = alive_key(layer.prefix, layer.client_prefix)
         self._ready: asyncio.Future[None] | None = None
@@ -157,7 +157,7 @@ class Liveness:
         ttl_ms = int(ws_settings.LIVENESS_TTL * 1000)
         stats = stats_key(self.layer.prefix, self.layer.client_prefix)
         pipe.set(self.key, ProcessRecord.current().dumps(), px=ttl_ms)
-        pipe.hset(stats, mapping=process_stats.snapshot(self.layer))
+        pipe.hset(stats, mapping=process_stats.snapshot(len(self.layer.fanout.groups)))
         pipe.pexpire(stats, ttl_ms)
 
     async def _write(self) -> None:
@@ -194,7 +194,7 @@ class PurgeReport:
 class LivenessJudge:
     """Decides, and caches for one pass, whether the process behind a client prefix is dead."""
 
-    def __init__(self, layer: RedisChannelLayer) -> None:
+    def __init__(self, layer: RedisLayer) -> None:
         self.layer = layer
         self.here = node_id()
         self.cache: dict[str, bool] = {layer.client_prefix: False}
@@ -216,7 +216,7 @@ class LivenessJudge:
         return not record.runs_here()
 
 
-async def start_process(layer: RedisChannelLayer, wait: float | None) -> None:
+async def start_process(layer: RedisLayer, wait: float | None) -> None:
     """Mark this process live, then purge state of dead ones; wait up to `wait` s for Redis
     (None: one attempt, RedisUnavailable if it fails)."""
     loop = asyncio.get_running_loop()
@@ -254,7 +254,7 @@ async def start_process(layer: RedisChannelLayer, wait: float | None) -> None:
     )
 
 
-async def purge_stale_state(layer: RedisChannelLayer) -> PurgeReport:
+async def purge_stale_state(layer: RedisLayer) -> PurgeReport:
     """Remove group memberships, queued messages and records of dead processes; never of live ones."""
     try:
         return await _purge(layer)
@@ -264,7 +264,7 @@ async def purge_stale_state(layer: RedisChannelLayer) -> PurgeReport:
         ) from exc
 
 
-async def _purge(layer: RedisChannelLayer) -> PurgeReport:
+async def _purge(layer: RedisLayer) -> PurgeReport:
     report = PurgeReport()
     verdicts = LivenessJudge(layer)
     for index in range(layer.ring_size):
@@ -280,7 +280,7 @@ async def _purge(layer: RedisChannelLayer) -> PurgeReport:
     return report
 
 
-async def _purge_memberships(layer: RedisChannelLayer, connection: Any, verdicts: LivenessJudge) -> int:
+async def _purge_memberships(layer: RedisLayer, connection: Any, verdicts: LivenessJudge) -> int:
     """Remove dead processes' channels from the group sets of one shard; how many."""
     removed = 0
     # SCAN, not KEYS: KEYS blocks Redis for every other client while it walks the keyspace.
@@ -296,7 +296,7 @@ async def _purge_memberships(layer: RedisChannelLayer, connection: Any, verdicts
     return removed
 
 
-async def _purge_queues(layer: RedisChannelLayer, connection: Any, verdicts: LivenessJudge) -> int:
+async def _purge_queues(layer: RedisLayer, connection: Any, verdicts: LivenessJudge) -> int:
     """Delete dead processes' channel queues on one shard; how many."""
     removed = 0
     queue_prefix = layer.prefix.encode()
@@ -311,7 +311,7 @@ async def _purge_queues(layer: RedisChannelLayer, connection: Any, verdicts: Liv
     return removed
 
 
-async def _purge_records(layer: RedisChannelLayer, verdicts: LivenessJudge) -> int:
+async def _purge_records(layer: RedisLayer, verdicts: LivenessJudge) -> int:
     """Drop dead processes' interest sets and connection counts; how many."""
     removed = 0
     connection = layer.connection(0)

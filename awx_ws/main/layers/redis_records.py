@@ -19,7 +19,7 @@ from awx_ws.main.layers.redis_interest import watch_redis_interest
 from awx_ws.main.layers.redis_presence import LivenessJudge
 
 if TYPE_CHECKING:
-    from awx_ws.main.layers.redis import RedisChannelLayer
+    from awx_ws.main.layers.redis_types import RedisLayer
     from awx_ws.main.retry import Round
 
 # A link's figures outlive a stopped relay this long, so --status can say it is stale.
@@ -33,7 +33,7 @@ def _text(raw: Mapping[bytes, bytes]) -> dict[str, str]:
 class RedisRecords:
     """NodeRecords in the node's Redis; redis-py's errors leave as RedisUnavailable."""
 
-    def __init__(self, layer: RedisChannelLayer) -> None:
+    def __init__(self, layer: RedisLayer) -> None:
         self.layer = layer
 
     async def processes(self) -> list[ProcessFigures]:
