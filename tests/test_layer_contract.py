@@ -52,6 +52,7 @@ CONTRACT_ONLY = [
     "relay.py",
     "streams.py",
     "peer_protocol.py",
+    "peer_consumer.py",
     "management/commands/connections.py",
     "management/commands/run_wsbroadcast.py",
 ]

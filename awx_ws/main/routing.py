@@ -12,8 +12,9 @@ from django.urls import re_path
 from awx_ws.main import daphne_hooks
 from awx_ws.main.auth import PeerAuthMiddleware, WebsocketAuthStack, deny_websocket
 from awx_ws.main.backlog import CONNECTION_EXTENSION
-from awx_ws.main.consumers import BroadcastConsumer, EventConsumer
+from awx_ws.main.consumers import EventConsumer
 from awx_ws.main.exceptions import StartupError
+from awx_ws.main.peer_consumer import BroadcastConsumer
 from awx_ws.main.sse import EventStreamStack
 from awx_ws.main.startup import Startup
 
