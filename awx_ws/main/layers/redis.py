@@ -173,7 +173,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
     def group_key(self, group: str) -> str:
         """The Redis key of group's members (channels_redis's format, `<prefix>:group:<name>`)."""
         # channels_redis keeps this private (and returns bytes); it is read here only, and
-        # tests/test_layers.py fails loudly if its format moves.
+        # tests/test_private_apis.py fails loudly if its format moves.
         return bytes(self._group_key(group)).decode()
 
     def describe_hosts(self) -> str:

@@ -1,0 +1,40 @@
+"""The private parts of pinned packages we read, each wrapped in one place: these fail loudly when
+an upgrade moves one, before a server would misbehave (pure checks, no server)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def test_channels_redis_serializer_exposes_what_the_group_send_script_relies_on():
+    """layers/redis.py hands the history append the serializer's random prefix length, and falls
+    back to channels_redis's own group_send when messages are encrypted."""
+    from channels_redis.serializers import MsgPackSerializer
+
+    from awx_ws.main.layers import RedisChannelLayer
+
+    layer = RedisChannelLayer(hosts=[{"address": "redis://127.0.0.1:1/0"}])
+    assert isinstance(layer._serializer, MsgPackSerializer)
+    assert layer._serializer.crypter is None
+    assert (
+        isinstance(layer._serializer.random_prefix_length, int) and layer._serializer.random_prefix_length > 0
+    )
+
+
+def test_channels_redis_group_key_is_wrapped_with_its_format():
+    """layers/redis.py's group_key wraps channels_redis's private _group_key (and its bytes)."""
+    from awx_ws.main.layers import RedisChannelLayer
+
+    layer = RedisChannelLayer(hosts=[{"address": "redis://127.0.0.1:1/0"}], prefix="asgi")
+    assert bytes(layer._group_key("jobs-x")) == b"asgi:group:jobs-x"
+    assert layer.group_key("jobs-x") == "asgi:group:jobs-x"
+
+
+def test_twisted_transports_keep_the_buffers_the_direct_write_checks():
+    """awx_ws/server.py writes to a socket directly only when Twisted holds nothing unsent."""
+    from twisted.internet.abstract import FileDescriptor
+
+    transport = FileDescriptor()
+    assert transport.dataBuffer == b"" and transport._tempDataBuffer == []
