@@ -15,7 +15,7 @@ from tests.client import WsClient, open_ws
 from tests.factories import adb, create_job, create_org, create_token, create_user
 from tests.sse import open_sse
 
-pytestmark = pytest.mark.both_runners
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
 
 
 async def watcher(node: Any, user: Any, **extra: Any) -> WsClient:

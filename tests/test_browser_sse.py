@@ -17,7 +17,7 @@ from tests.client import redis_at
 from tests.factories import adb, session_cookie
 from tests.servers import DaphneNode, Nginx
 
-pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.slow, pytest.mark.both_runners]
 
 PAGE_SCRIPT = """
 (group) => {

@@ -17,7 +17,7 @@ import pytest
 from tests.factories import adb, create_job, create_org, create_token, set_login_password
 from tests.servers import ROOT, DaphneNode, Gunicorn, Nginx, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.slow]
 
 TEST_OUTPUT = Path(os.environ.get("AWX_WS_TEST_OUTPUT", ROOT / "test-output"))
 

@@ -9,8 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from django.conf import settings
-from django.test import override_settings
 
 from awx_ws.main.emit import aemit_channel_notification
 from awx_ws.main.history import parse_stream_position
@@ -18,7 +16,7 @@ from tests.client import redis_at
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
 from tests.sse import open_sse, refused
 
-pytestmark = pytest.mark.both_runners
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
 
 
 def unique(label: str) -> str:
@@ -98,11 +96,11 @@ HISTORY_KINDS = {"control": None, "schedules": {"length": 5, "age": 2}}
 
 
 @pytest.fixture
-def short_history(daphne_factory):
+def short_history(daphne_factory, settings):
     """A server and this emitter keeping 5 schedules messages for 2 s (the emitter trims)."""
     server = daphne_factory({"AWX_WS_HISTORY_KINDS": json.dumps(HISTORY_KINDS)})
-    with override_settings(AWX_WS={**settings.AWX_WS, "HISTORY_KINDS": HISTORY_KINDS}):
-        yield server
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_KINDS": HISTORY_KINDS}
+    return server
 
 
 async def test_history_keeps_at_most_its_length_and_says_reset_past_it(short_history, auth, redis_server):

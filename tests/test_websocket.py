@@ -17,7 +17,11 @@ from awx_ws.main.emit import aemit_channel_notification, build_message
 from tests.client import WsClient, open_peer_socket, open_ws, redis_at, refused_status
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
 
-pytestmark = [pytest.mark.usefixtures("fresh_in_process_layer"), pytest.mark.both_runners]
+pytestmark = [
+    pytest.mark.usefixtures("shared_db"),
+    pytest.mark.usefixtures("fresh_in_process_layer"),
+    pytest.mark.both_runners,
+]
 
 
 @pytest.fixture(scope="module")
