@@ -296,7 +296,8 @@ async def test_the_node_total_forgets_history_that_expired(own_redis, settings):
     while await redis.exists("asgi:history:schedules-expiring"):  # Redis expires it after 1 s
         assert time.monotonic() < deadline, "the stream never expired"
         await asyncio.sleep(0.1)
-    assert int(await redis.get("asgi:history-total")) > 0  # still counted: nothing looked yet
+    # Still counted, to the byte: nothing looked yet (this test's own Redis: its entry alone).
+    assert int(await redis.get("asgi:history-total")) == len(json.dumps({"stdout": "x" * 100}))
     await emit_to(own_redis.url, "schedules-kept", {"stdout": "y"})
     sizes = {k.decode(): int(v) for k, v in (await redis.hgetall("asgi:history-sizes")).items()}
     assert sizes == {"asgi:history:schedules-kept": len(json.dumps({"stdout": "y"}))}
@@ -343,7 +344,8 @@ async def test_a_stream_first_counted_by_a_read_leaves_the_total_when_it_expires
     on = {"HISTORY_TOTAL_BYTES": 1 << 20, "HISTORY_KINDS": kinds}
     settings.AWX_WS = {**settings.AWX_WS, **on}
     await read_local(layer, "schedules-uncounted", GroupPosition(0))
-    assert int(await redis.get("asgi:history-total")) > 0
+    # Counted by the read, to the byte (this test's own Redis: that entry alone).
+    assert int(await redis.get("asgi:history-total")) == len(json.dumps({"stdout": "x" * 100}))
     assert await redis.zrange("asgi:history-expiry", 0, -1) == [b"asgi:history:schedules-uncounted"]
     deadline = time.monotonic() + 10
     while await redis.exists("asgi:history:schedules-uncounted"):
