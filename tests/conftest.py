@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import django
 import pytest
 
 from tests.client import WsClient, close_left_open, open_ws
@@ -36,65 +35,28 @@ from tests.servers import (
     RedisServer,
     free_port,
 )
+from tests.settings import POSTGRES_PORT
+from tests.settings import STATE as _STATE
 
-_STATE = Path(tempfile.mkdtemp(prefix="awx_ws-tests-"))
-
-
-# AWX_WS_TEST_DATABASE=postgres runs the suite against a PostgreSQL started here (make test does
-# both); by default the servers share an SQLite file.
-_POSTGRES: list[Any] = []
-
-
-def _database_url() -> str:
-    if os.environ.get("AWX_WS_TEST_DATABASE") != "postgres":
-        return f"sqlite:///{_STATE / 'db.sqlite3'}"
-    from tests.servers import PostgresServer
-
-    # Its own directory: PostgreSQL runs as the postgres user, who cannot enter our 0700 one.
-    server = PostgresServer(free_port(), Path(tempfile.mkdtemp(prefix="awx_ws-pg-"))).start()
-    _POSTGRES.append(server)
-    return server.url
+# The environment of this session (ports, database, secrets) is prepared by tests/settings.py,
+# which pytest-django imports first (pyproject's addopts: --ds tests.settings).
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        return  # pytest-xdist's controller runs no test: each worker sets up its own servers
-    # Settings read the environment at import; the daphne processes the tests start inherit it.
-    os.environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "config.settings",
-            "AWX_WS_VAR": str(_STATE / "var"),
-            "DATABASE_URL": _database_url(),
-            "SECRET_KEY": "tests-only-secret-key-0123456789-abcdefghijklmnopqrstuvwxyz",
-            "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-            # Used by nodes started with CHANNEL_LAYER_BACKEND=rabbitmq (the rabbitmq_server fixture).
-            "RABBITMQ_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}",
-            "ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
-            "LOG_LEVEL": "INFO",
-            # Short liveness periods so purge scenarios need no long waits.
-            "AWX_WS_LIVENESS_TTL": "6",
-            "AWX_WS_LIVENESS_INTERVAL": "2",
-            "BROADCAST_WEBSOCKET_SECRET": "session-tests-secret",
-        }
-    )
-    from config import var
-
-    var.prepare()  # as every entry point does before Django loads the settings
-    django.setup()
-    from django.conf import settings
-
-    # Only this process creates users: a fast hasher keeps fixtures cheap; servers never hash.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Servers this process starts read config.settings, under the environment tests.settings set.
+    os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    for server in _POSTGRES:
-        server.stop(signal.SIGINT)  # PostgreSQL's fast shutdown
-        shutil.rmtree(server.data.parent, ignore_errors=True)
     if os.environ.get("AWX_WS_KEEP_TEST_STATE"):  # server logs, for a failure's post-mortem
         print(f"test state kept in {_STATE}")
         return
     shutil.rmtree(_STATE, ignore_errors=True)
+
+
+def unit_only(session: pytest.Session) -> bool:
+    """True for a session of tests marked `unit` only (pure rules: `pytest -m unit`)."""
+    return all(item.get_closest_marker("unit") is not None for item in session.items)
 
 
 @pytest.fixture(scope="session")
@@ -131,17 +93,60 @@ def own_redis(state_dir: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(request: pytest.FixtureRequest, django_db_blocker: Any) -> Iterator[None]:
+    """The one database this process and the servers it starts share, migrated (pytest-django's
+    database set-up, overridden: no test_ database, no per-test rollback of what servers must see).
+
+    A session of unit tests only starts no server: the unit tests that need a database get
+    pytest-django's own test database (SQLite in memory)."""
+    if unit_only(request.session):
+        from django.test.utils import setup_databases, teardown_databases
+
+        with django_db_blocker.unblock():
+            created = setup_databases(verbosity=0, interactive=False)
+        yield
+        with django_db_blocker.unblock():
+            teardown_databases(created, verbosity=0)
+        return
+    postgres = None
+    if POSTGRES_PORT is not None:
+        from tests.servers import PostgresServer
+
+        # Its own directory: PostgreSQL runs as the postgres user, who cannot enter our 0700 one.
+        postgres = PostgresServer(POSTGRES_PORT, Path(tempfile.mkdtemp(prefix="awx_ws-pg-"))).start()
+    from django.core.management import call_command
+
+    with django_db_blocker.unblock():
+        call_command("migrate", verbosity=0, interactive=False)
+    yield
+    if postgres is not None:
+        from django.db import connections
+
+        with django_db_blocker.unblock():
+            connections.close_all()
+        postgres.stop(signal.SIGINT)  # PostgreSQL's fast shutdown
+        shutil.rmtree(postgres.data.parent, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def database(request: pytest.FixtureRequest) -> None:
     """Migrated database shared with the server processes, and the session's Redis: set up before
     any test (and any module's servers) of a session that has tests needing servers. A session of
     tests marked `unit` only (pure rules: `pytest -m unit`) starts no server at all."""
-    if all(item.get_closest_marker("unit") is not None for item in request.session.items):
+    if unit_only(request.session):
         return
-    from django.core.management import call_command
-
     request.getfixturevalue("redis_server")
-    call_command("migrate", verbosity=0, interactive=False)
+    request.getfixturevalue("django_db_setup")
+
+
+@pytest.fixture
+def shared_db(database: None, django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """Database access for a test whose rows the servers must see: committed as it goes, never
+    rolled back (each test's users and tokens are its own: factories name them uniquely).
+    Unblocks pytest-django's guard for every thread of this process, so `adb` works too."""
+    with django_db_blocker.unblock():
+        yield
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -246,6 +251,8 @@ def layer_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     from config.settings import channel_layer_config
 
     request.getfixturevalue("rabbitmq_server")  # on the port RABBITMQ_URL names
+    # override_settings: pytest-django's `settings` fixture is function-scoped, and this override
+    # holds for the whole module (its nodes are module-scoped too).
     with override_settings(CHANNEL_LAYERS={"default": channel_layer_config("rabbitmq")}):
         yield "rabbitmq"
 
@@ -307,7 +314,7 @@ def daphne_factory(
 
 
 @pytest.fixture
-async def user(database: None) -> Any:
+async def user(shared_db: None) -> Any:
     """An ordinary active user."""
     return await adb(create_user)
 

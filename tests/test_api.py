@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import Permission
 from django.core.cache import cache
-from django.test import override_settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import create_job, create_org, create_token, create_user
 from tests.servers import ROOT, Gunicorn, free_port
+
+# Its tests create users, tokens and jobs the servers read (conftest.shared_db).
+pytestmark = pytest.mark.usefixtures("shared_db")
 
 
 @pytest.fixture
@@ -420,18 +422,18 @@ def test_emit_validates_the_group_and_payload(body, field, message):
     assert message in response.json()[field][0]
 
 
-def test_emit_is_throttled():
+def test_emit_is_throttled(settings):
     staff = create_user()
     staff.is_staff = True
     staff.save()
     client = as_user(staff)
     cache.clear()
-    with override_settings(AWX_WS={"EMIT_RATE": "2/min"}):
-        codes = [
-            client.post("/api/v2/emit/", {"group": "jobs-t", "payload": 1}, format="json").status_code
-            for _ in range(3)
-        ]
-        assert codes == [202, 202, 429]
+    settings.AWX_WS = {"EMIT_RATE": "2/min"}
+    codes = [
+        client.post("/api/v2/emit/", {"group": "jobs-t", "payload": 1}, format="json").status_code
+        for _ in range(3)
+    ]
+    assert codes == [202, 202, 429]
     cache.clear()
 
 

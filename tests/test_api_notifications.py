@@ -8,6 +8,7 @@ import json
 import urllib.request
 from typing import Any
 
+import pytest
 from django.db import transaction
 from rest_framework.test import APIClient
 
@@ -15,6 +16,9 @@ from awx_ws.main.api.serializers import JobSerializer
 from awx_ws.main.models import Job
 from tests.client import WsClient, open_ws
 from tests.factories import adb, create_job, create_org, create_token
+
+# Its tests create users, tokens and jobs the servers read (conftest.shared_db).
+pytestmark = pytest.mark.usefixtures("shared_db")
 
 EVENT_FIELDS = [
     "id", "counter", "event", "event_data", "stdout", "start_line", "end_line", "uuid", "parent_uuid",

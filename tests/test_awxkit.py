@@ -13,7 +13,7 @@ from awxkit.ws import WSClient
 from awx_ws.main.emit import aemit_channel_notification
 from tests.factories import adb, create_job, create_org, session_cookie
 
-pytestmark = pytest.mark.both_runners
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
 
 
 def collect(ws: WSClient, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 10) -> list:

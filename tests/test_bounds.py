@@ -13,9 +13,12 @@ from tests.client import open_ws
 from tests.factories import adb, create_token, create_user
 from tests.servers import Gunicorn
 
+# Its tests create users, tokens and jobs the servers read (conftest.shared_db).
+pytestmark = pytest.mark.usefixtures("shared_db")
+
 
 @pytest.fixture
-def staff_token(database) -> str:
+def staff_token(shared_db) -> str:
     staff = create_user()
     staff.is_staff = True
     staff.save()

@@ -16,8 +16,9 @@ from awx_ws.main.emit import aemit_channel_notification
 from tests.client import redis_at
 from tests.factories import adb, session_cookie
 from tests.servers import DaphneNode, Nginx
+from tests.waiting import eventually
 
-pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.slow, pytest.mark.both_runners]
 
 PAGE_SCRIPT = """
 (group) => {
@@ -68,19 +69,24 @@ async def test_chromium_event_source_resumes_after_the_server_drops_it(
         for n in range(30):
             await aemit_channel_notification(group, {"n": n})
         holder = await stream_holder(redis, servers)
-        while len((await page_state(page))[0]) < 30:
-            await asyncio.sleep(0.05)
+
+        async def shown_30() -> bool:
+            return len((await page_state(page))[0]) >= 30
+
+        await eventually(shown_30, 20, "the page to show the first 30 messages")
         os.kill(holder.pid, signal.SIGKILL)  # the stream drops mid-way
         for n in range(30, 100):  # ...while messages keep coming
             await aemit_channel_notification(group, {"n": n})
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing, the point: a producer that goes on across the drop
 
         deadline = time.monotonic() + 20
         received, opens = await page_state(page)
         while len(received) < 100 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             received, opens = await page_state(page)
-        assert opens >= 2  # it did reconnect (to the other daphne, through nginx)
+        # It did reconnect (to the other daphne, through nginx). Not exact: while nginx still picks
+        # the killed upstream, an attempt fails and the browser opens again (its own retry timing).
+        assert opens >= 2
         assert received == list(range(100))  # no gap, no duplicate, in order
         await context.close()
     finally:

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from tests.client import emit_to, open_ws, redis_at
 from tests.servers import PROCESS_CONNECTIONS
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
@@ -58,7 +59,12 @@ async def test_10000_cycles_leave_no_member_connection_or_memory_behind(daphne_f
     items = [f"churn{n}x{time.monotonic_ns()}" for n in range(GROUPS)]
     redis = redis_at(redis_server.url)
     await cycles(server.url, headers, items, 2000)  # warm-up: pools, caches, the allocator
-    await asyncio.sleep(1)
+
+    async def warm_up_released() -> bool:
+        return await members(redis, items) == 0
+
+    # Measured once the server has handled the warm-up's last disconnects.
+    await eventually(warm_up_released, 10, "the server to release the warm-up's groups")
     daphne = psutil.Process(server.pid)
     rss_start = daphne.memory_info().rss
     connections_start = redis_connections(server.pid, redis_server.port)

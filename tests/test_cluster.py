@@ -24,6 +24,7 @@ from awx_ws.main.emit import build_message
 from awx_ws.main.layers import RedisChannelLayer
 from tests.client import WsClient, open_ws, redis_at, refused_status
 from tests.servers import ROOT, DaphneNode, RedisServer, Relay, free_ports
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
@@ -80,6 +81,21 @@ class Node:
         finally:
             await redis.aclose()
         return value.decode() if value is not None else ""
+
+    async def link_status_after(self, other: Node, moment: float) -> dict[str, str]:
+        """This node's figures for its link to other, from a write made after moment (time.time()):
+        they count everything the link had received by then. The relay writes them every second."""
+        redis = redis_at(self.redis.url)
+        key = f"asgi:relay-status:127.0.0.1:{other.daphne_port}"
+
+        async def fresh() -> dict[str, str] | None:
+            row = {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
+            return row if float(row.get("updated") or 0) > moment else None
+
+        try:
+            return await eventually(fresh, 10, f"{self.name}'s relay to write its link to {other.name}")
+        finally:
+            await redis.aclose()
 
     async def peer_state(self, other: Node) -> str:
         return await self.link_status(other, "state")
@@ -210,17 +226,23 @@ async def test_no_subscriber_on_a_node_means_no_traffic_to_it(cluster, clients):
     await subscribe(clients["B"], everywhere)
     await wait_for(lambda: _eq(members(a, only_c), 1), 10, "C to join on A")
     await wait_for(lambda: _eq(members(a, everywhere), 2), 10, "B and C to join on A")
-    await asyncio.sleep(1.5)  # status is written every second
-    b_before, c_before = await b.received_from(a), await c.received_from(a)
+    # Counted before this test emits: whatever earlier tests sent has reached the clients by now.
+    before = time.time()
+    b_before = int((await b.link_status_after(a, before))["received_total"])
+    c_before = int((await c.link_status_after(a, before))["received_total"])
 
     for n in range(5):
         await a.emit(only_c, {"n": n})
     await a.emit(everywhere, {"n": "all"})
     assert [(await clients["C"].recv_json())["n"] for _ in range(6)] == [0, 1, 2, 3, 4, "all"]
     assert await clients["B"].recv_json() == {"n": "all"}
-    await asyncio.sleep(1.5)
-    assert await b.received_from(a) - b_before == 1  # only the group B's client holds crossed to B
-    assert await c.received_from(a) - c_before == 6
+    # A forwards to each peer over one websocket, in order: once B's client has "all", B's relay
+    # has received anything A sent it before, and a status written after now counts it.
+    after = time.time()
+    b_after = int((await b.link_status_after(a, after))["received_total"])
+    c_after = int((await c.link_status_after(a, after))["received_total"])
+    assert b_after - b_before == 1  # only the group B's client holds crossed to B
+    assert c_after - c_before == 6
 
 
 async def test_a_node_going_down_and_up(cluster, token):
@@ -234,6 +256,7 @@ async def test_a_node_going_down_and_up(cluster, token):
     await wait_for(lambda: _eq(members(c, topic), 2), 10, "A to join on C")
     await wait_for(lambda: _eq(members(a, topic), 2), 10, "C to join on A")
 
+    reconnects_before = int((await a.link_status_after(b, time.time()))["reconnects"])
     b.kill()
     await a.emit(topic, {"during": "outage"})
     await c.emit(topic, {"during": "outage, from C"})
@@ -273,11 +296,20 @@ async def test_a_node_going_down_and_up(cluster, token):
                 return False
 
     await wait_for(a_receives_from_b, 30 - (time.monotonic() - restarted), "A to receive from B again")
-    await asyncio.sleep(1.5)  # status is written every second
-    assert await a.peer_state(b) == "connected"
-    assert await b.peer_state(a) == "connected"
-    assert await b.peer_state(c) == "connected"
-    assert int((await a.row(b))[6]) >= 1  # A's link to B reconnected at least once
+    # Messages crossed both ways: the links were up, and statuses written from now on say so.
+    both_ways = time.time()
+    a_to_b = await a.link_status_after(b, both_ways)
+    assert a_to_b["state"] == "connected"
+    assert (await b.link_status_after(a, both_ways))["state"] == "connected"
+
+    async def b_sees_c() -> bool:
+        return await b.peer_state(c) == "connected"
+
+    # Nothing has crossed between B and C yet: B's link to C comes up on its own time.
+    await wait_for(b_sees_c, 10, "B's relay to connect to C")
+    # B was down once: A's link to B came back exactly once (a flapping link would count more).
+    assert int(a_to_b["reconnects"]) - reconnects_before == 1
+    assert int((await a.row(b))[6]) == int(a_to_b["reconnects"])  # what --status prints
     for client in (on_a, on_b, on_c):
         await client.close()
 
@@ -407,11 +439,25 @@ async def test_an_unreachable_peer_is_logged_once_not_per_attempt(state_dir):
         "BROADCAST_WEBSOCKET_BACKOFF_MAX": "1",
     }
     relay = Relay(state_dir, f"lonely-{dead}", env).start()
+    redis = redis_at(env["REDIS_URL"])
+    key = f"asgi:relay-status:127.0.0.1:{dead}"
+    failed_at: set[bytes] = set()
+
+    async def attempts() -> bool:
+        # Each failed attempt moves the link to "disconnected" anew, with a `since` of its own;
+        # the relay writes its status every second (a quicker attempt may go unseen: no matter).
+        row = await redis.hgetall(key)
+        if row.get(b"state") == b"disconnected":
+            failed_at.add(row[b"since"])
+        return len(failed_at) >= 5
+
     try:
-        await asyncio.sleep(6)  # several attempts at a 1 s cap
+        # Several attempts at a 1 s cap, seen failing in the relay's own status.
+        await eventually(attempts, 30, "the relay to fail 5 attempts at the dead peer")
         table = await asyncio.to_thread(relay_status, env)
     finally:
         relay.stop()
+        await redis.aclose()
     failures = [line for line in relay.output().splitlines() if "failed" in line]
     assert len(failures) == 1
     assert (

@@ -102,6 +102,8 @@ def test_settings_hold_only_what_the_environment_gives():
 
 
 def test_overrides_are_read_and_held_to_the_same_rules():
+    # override_settings, not pytest-django's `settings`: the test is about entering and leaving an
+    # override (the value comes back; a bad one is refused on entry).
     with override_settings(AWX_WS={"SUBSCRIBE_RATE": 3}):
         assert ws_settings.SUBSCRIBE_RATE == 3
     assert ws_settings.SUBSCRIBE_RATE == SETTINGS["SUBSCRIBE_RATE"].default

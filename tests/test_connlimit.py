@@ -17,7 +17,7 @@ from tests.conftest import rabbitmq_env
 from tests.factories import adb, create_token, create_user
 from tests.sse import open_sse
 
-pytestmark = pytest.mark.both_runners
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
 
 LIMIT = 3
 

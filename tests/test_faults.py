@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from awx_ws.main.emit import build_message
 from awx_ws.main.layers import RedisChannelLayer
 from tests.client import WsClient, open_ws, redis_at
 from tests.servers import ROOT, DaphneNode, Nginx, RedisServer, free_port
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
@@ -138,6 +140,14 @@ async def test_daphne_killed_and_restarted_clients_resume_without_loss(
         server.stop()
 
 
+def title(process: psutil.Process) -> str:
+    """A process's title (nginx sets its workers' own), or "" once it has exited."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return ""
+
+
 async def test_nginx_reloaded_with_sockets_open_keeps_them(state_dir, node, api, token):
     from awx_ws.main.emit import aemit_channel_notification
 
@@ -147,8 +157,19 @@ async def test_nginx_reloaded_with_sockets_open_keeps_them(state_dir, node, api,
     try:
         before = await open_ws(f"ws://127.0.0.1:{front.port}", headers=headers)
         await before.subscribe({"schedules": [item]})
+        master = psutil.Process(front.pid)
+        old_workers = {worker.pid for worker in master.children()}
         os.kill(front.pid, signal.SIGHUP)  # nginx -s reload
-        await asyncio.sleep(1)  # new workers take new connections; the old one keeps its own
+
+        def reloaded() -> bool:
+            # New workers take new connections; the old one keeps its own, shutting down.
+            workers = master.children()
+            shutting_down = [
+                w for w in workers if w.pid in old_workers and "shutting down" in " ".join(w.cmdline())
+            ]
+            return bool(shutting_down) and any(w.pid not in old_workers for w in workers)
+
+        await eventually(reloaded, 10, "nginx to start new workers, the old one shutting down")
         after = await open_ws(f"ws://127.0.0.1:{front.port}", headers=headers)
         await after.subscribe({"schedules": [item]})
         await aemit_channel_notification(f"schedules-{item}", {"n": 1})

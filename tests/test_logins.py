@@ -15,6 +15,9 @@ import redis
 from tests.factories import create_user, set_login_password
 from tests.servers import Gunicorn, free_port
 
+# Its tests create users, tokens and jobs the servers read (conftest.shared_db).
+pytestmark = pytest.mark.usefixtures("shared_db")
+
 # Default budget: 10 failures a minute; the 11th attempt is refused before its password is checked.
 BUDGET = 10
 

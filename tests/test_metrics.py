@@ -22,6 +22,9 @@ from tests.sse import open_sse
 from tests.test_cluster import members
 from tests.test_cluster_recovery import pair  # noqa: F401 (the 2-node fixture)
 
+# Its tests create users, tokens and jobs the servers read (conftest.shared_db).
+pytestmark = pytest.mark.usefixtures("shared_db")
+
 Samples = Counter[tuple[str, frozenset[tuple[str, str]]]]
 
 
@@ -118,7 +121,7 @@ async def test_a_killed_daphne_leaves_the_gauges_and_the_next_start_purges(
     assert moved(before, after_start, "awx_ws_startup_purge_removed_total", what="memberships") == 1
 
 
-async def test_metrics_are_for_superusers_or_this_machine(api, database):
+async def test_metrics_are_for_superusers_or_this_machine(api, shared_db):
     foreign = {"X-Forwarded-For": "203.0.113.9"}  # as our nginx passes a remote client on
     async with httpx.AsyncClient(timeout=10) as http:
         url = f"{api.http_url}/api/v2/metrics"

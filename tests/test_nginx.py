@@ -21,7 +21,7 @@ from tests.client import open_peer_socket, open_ws
 from tests.factories import adb, create_job, create_org, session_cookie
 from tests.servers import ROOT
 
-pytestmark = pytest.mark.both_runners
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

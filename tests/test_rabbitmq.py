@@ -27,6 +27,7 @@ from tests.client import open_ws
 from tests.conftest import close_in_process_layer, rabbitmq_env
 from tests.servers import ROOT, DaphneNode, Gunicorn, RabbitMQServer, Relay, free_port, free_ports
 from tests.sse import open_sse
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.usefixtures("fresh_in_process_layer")
 
@@ -204,14 +205,25 @@ async def test_a_full_queue_drops_for_itself_only_with_a_log_line_and_a_metric(
     await client.subscribe({"schedules": ["full"]})
     # A member that never reads, with room for 1 message in memory and 3 in RabbitMQ.
     stuck = RabbitmqChannelLayer(host=rabbitmq_server.url(), local_capacity=1, remote_capacity=3)
-    await stuck.group_add("schedules-full", await stuck.new_channel())
+    stuck_channel = await stuck.new_channel()
+    await stuck.group_add("schedules-full", stuck_channel)
+    stuck_queue = stuck_channel.split("!")[0]
+
+    def taken_by_the_stuck_consumer() -> bool:
+        # Delivered to its process (which never reads it), so no longer ready in its queue.
+        rows = rabbitmq_server.rows("list_queues", "name", "messages_ready", "messages_unacknowledged")
+        return any(row[0] == stuck_queue and row[1] == "0" for row in rows)
+
     dropped = metrics.DROPPED.labels("channel_full")
     before = dropped._value.get()
     logger = logging.getLogger("awx_ws.main.layers.rabbitmq")  # does not propagate to caplog's root handler
     logger.addHandler(caplog.handler)
     try:
         await aemit_channel_notification("schedules-full", {"n": 0})
-        await asyncio.sleep(0.5)  # taken by the stuck consumer: no longer counted by the queue
+        # Taken by the stuck consumer: no longer counted by the queue.
+        await eventually(
+            lambda: asyncio.to_thread(taken_by_the_stuck_consumer), 20, "the stuck consumer to take message 0"
+        )
         for n in range(1, 20):
             await aemit_channel_notification("schedules-full", {"n": n})
     finally:

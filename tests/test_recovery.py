@@ -8,8 +8,6 @@ import time
 from typing import Any
 
 import pytest
-from django.conf import settings
-from django.test import override_settings
 
 from awx_ws.main.emit import aemit_channel_notification
 from awx_ws.main.history import GroupPosition
@@ -118,15 +116,15 @@ async def test_recover_while_messages_keep_coming_sees_each_once_in_order(node, 
 HISTORY_KINDS = {"control": None, "schedules": {"length": 5, "age": 60}}
 
 
-async def test_recover_past_the_history_says_reset_and_goes_live(daphne_factory, auth_headers):
+async def test_recover_past_the_history_says_reset_and_goes_live(daphne_factory, auth_headers, settings):
     server = daphne_factory({"AWX_WS_HISTORY_KINDS": json.dumps(HISTORY_KINDS)})
     item = topic("reset")
     group = f"schedules-{item}"
     client = await open_ws(server.url, headers=auth_headers)
     position = (await subscribe(client, item, ids=True))["positions"][group]
     await client.close()
-    with override_settings(AWX_WS={**settings.AWX_WS, "HISTORY_KINDS": HISTORY_KINDS}):
-        await emit_all(group, [{"n": n} for n in range(8)])  # 0..2 trimmed away
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_KINDS": HISTORY_KINDS}
+    await emit_all(group, [{"n": n} for n in range(8)])  # 0..2 trimmed away
     client = await open_ws(server.url, headers=auth_headers)
     await subscribe(client, item, recover={group: position})
     summary = await client.recv_json()
@@ -183,7 +181,7 @@ def auth_headers(token: str) -> dict[str, str]:
     return {"Authorization": f"Token {token}"}
 
 
-async def test_a_redis_error_during_a_resume_is_reset_in_our_words_not_redis(caplog):
+async def test_a_redis_error_during_a_resume_is_reset_in_our_words_not_redis(caplog, settings):
     """Redis's error text (addresses, script hashes, key types) stays in the server's log."""
     from awx_ws.main.layers import RedisChannelLayer
     from awx_ws.main.streams import collect_replays
@@ -193,15 +191,15 @@ async def test_a_redis_error_during_a_resume_is_reset_in_our_words_not_redis(cap
         hosts=[{"address": f"redis://127.0.0.1:{free_port()}/0", "socket_connect_timeout": 1}]
     )
     group = f"schedules-{topic('unreadable')}"
-    with override_settings(AWX_WS={**settings.AWX_WS, "BROADCAST_WEBSOCKET_PEERS": []}):
-        replays = await collect_replays(dead, {group: GroupPosition.parse(f"{int(time.time() * 1000)}")})
+    settings.AWX_WS = {**settings.AWX_WS, "BROADCAST_WEBSOCKET_PEERS": []}
+    replays = await collect_replays(dead, {group: GroupPosition.parse(f"{int(time.time() * 1000)}")})
     await dead.close_pools()
     assert replays[group].reset == "history unavailable on this node"
     assert f"history of {group} unreadable for a resume" in caplog.text  # the details, for operators
 
 
 async def test_history_keeps_at_most_its_bytes_per_group_newest_first(
-    daphne_factory, own_redis, auth_headers
+    daphne_factory, own_redis, auth_headers, settings
 ):
     """AWX_WS_HISTORY_MAX_BYTES: big messages push the oldest out of a group's history, counted in
     bytes; a resume within what is kept replays it exactly, one from before says reset."""
@@ -216,9 +214,9 @@ async def test_history_keeps_at_most_its_bytes_per_group_newest_first(
     await subscribe(client, item, ids=True)
     payloads = [{"n": n, "stdout": "x" * 1000} for n in range(10)]
     # The emitter keeps the history (its settings decide): this process, like an API worker.
-    with override_settings(AWX_WS={**settings.AWX_WS, "HISTORY_MAX_BYTES": 3000}):
-        for payload in payloads:
-            await emit_to(own_redis.url, group, payload)
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_MAX_BYTES": 3000}
+    for payload in payloads:
+        await emit_to(own_redis.url, group, payload)
     ids = [(await client.recv_json())["id"] for _ in payloads]
     await client.close()
 
@@ -241,7 +239,7 @@ async def test_history_keeps_at_most_its_bytes_per_group_newest_first(
 
 
 async def test_history_keeps_at_most_its_total_bytes_per_node_emptying_the_soonest_to_expire(
-    daphne_factory, own_redis, auth_headers
+    daphne_factory, own_redis, auth_headers, settings
 ):
     """AWX_WS_HISTORY_TOTAL_BYTES: past the node's total, the group whose history expires soonest
     is emptied; a client that had all of it resumes with nothing lost, one that had not is told."""
@@ -257,10 +255,10 @@ async def test_history_keeps_at_most_its_total_bytes_per_node_emptying_the_soone
     assert errors == []
     payloads = [{"n": n, "stdout": "x" * 900} for n in range(3)]
     size = len(json.dumps(payloads[0]))
-    with override_settings(AWX_WS={**settings.AWX_WS, **bounds}):
-        for group in (f"schedules-{older}", f"schedules-{newer}"):
-            for payload in payloads:
-                await emit_to(own_redis.url, group, payload)
+    settings.AWX_WS = {**settings.AWX_WS, **bounds}
+    for group in (f"schedules-{older}", f"schedules-{newer}"):
+        for payload in payloads:
+            await emit_to(own_redis.url, group, payload)
     ids = [(await client.recv_json())["id"] for _ in range(6)]
     await client.close()
 
@@ -287,19 +285,20 @@ async def test_history_keeps_at_most_its_total_bytes_per_node_emptying_the_soone
     await client.close()
 
 
-async def test_the_node_total_forgets_history_that_expired(own_redis):
+async def test_the_node_total_forgets_history_that_expired(own_redis, settings):
     from tests.client import emit_to, redis_at
 
     redis = redis_at(own_redis.url)
     short = {"HISTORY_TOTAL_BYTES": 1 << 20, "HISTORY_KINDS": {"control": None, "schedules": {"age": 1}}}
-    with override_settings(AWX_WS={**settings.AWX_WS, **short}):
-        await emit_to(own_redis.url, "schedules-expiring", {"stdout": "x" * 100})
-        deadline = time.monotonic() + 10
-        while await redis.exists("asgi:history:schedules-expiring"):  # Redis expires it after 1 s
-            assert time.monotonic() < deadline, "the stream never expired"
-            await asyncio.sleep(0.1)
-        assert int(await redis.get("asgi:history-total")) > 0  # still counted: nothing looked yet
-        await emit_to(own_redis.url, "schedules-kept", {"stdout": "y"})
+    settings.AWX_WS = {**settings.AWX_WS, **short}
+    await emit_to(own_redis.url, "schedules-expiring", {"stdout": "x" * 100})
+    deadline = time.monotonic() + 10
+    while await redis.exists("asgi:history:schedules-expiring"):  # Redis expires it after 1 s
+        assert time.monotonic() < deadline, "the stream never expired"
+        await asyncio.sleep(0.1)
+    # Still counted, to the byte: nothing looked yet (this test's own Redis: its entry alone).
+    assert int(await redis.get("asgi:history-total")) == len(json.dumps({"stdout": "x" * 100}))
+    await emit_to(own_redis.url, "schedules-kept", {"stdout": "y"})
     sizes = {k.decode(): int(v) for k, v in (await redis.hgetall("asgi:history-sizes")).items()}
     assert sizes == {"asgi:history:schedules-kept": len(json.dumps({"stdout": "y"}))}
     assert int(await redis.get("asgi:history-total")) == sizes["asgi:history:schedules-kept"]
@@ -307,7 +306,9 @@ async def test_the_node_total_forgets_history_that_expired(own_redis):
     await redis.aclose()
 
 
-async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_oldest_written(own_redis):
+async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_oldest_written(
+    own_redis, settings
+):
     from tests.client import emit_to, redis_at
 
     bounds = {
@@ -316,18 +317,18 @@ async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_ol
         "HISTORY_KINDS": {"control": None, "schedules": {"age": 3600}, "inventory_updates": {"age": 60}},
     }
     payload = {"stdout": "x" * 900}
-    with override_settings(AWX_WS={**settings.AWX_WS, **bounds}):
-        await emit_to(own_redis.url, "schedules-long", payload)  # written first, kept an hour
-        await emit_to(own_redis.url, "inventory_updates-short", payload)  # kept a minute
-        for _ in range(3):
-            await emit_to(own_redis.url, "schedules-newest", payload)  # 5 x 915 bytes: past 4,000 on the node
+    settings.AWX_WS = {**settings.AWX_WS, **bounds}
+    await emit_to(own_redis.url, "schedules-long", payload)  # written first, kept an hour
+    await emit_to(own_redis.url, "inventory_updates-short", payload)  # kept a minute
+    for _ in range(3):
+        await emit_to(own_redis.url, "schedules-newest", payload)  # 5 x 915 bytes: past 4,000 on the node
     redis = redis_at(own_redis.url)
     lengths = [await redis.xlen(f"asgi:history:{g}") for g in ("schedules-long", "inventory_updates-short")]
     assert lengths == [1, 0]
     await redis.aclose()
 
 
-async def test_a_stream_first_counted_by_a_read_leaves_the_total_when_it_expires(own_redis):
+async def test_a_stream_first_counted_by_a_read_leaves_the_total_when_it_expires(own_redis, settings):
     """A stream written while no total was kept (an emitter of an older release, or the total
     off) is counted by the first read that trims it; it must leave the total when it expires."""
     from awx_ws.main.layers import RedisChannelLayer
@@ -335,21 +336,22 @@ async def test_a_stream_first_counted_by_a_read_leaves_the_total_when_it_expires
     from tests.client import emit_to, redis_at
 
     kinds = {"control": None, "schedules": {"age": 1}}
-    with override_settings(AWX_WS={**settings.AWX_WS, "HISTORY_TOTAL_BYTES": 0, "HISTORY_KINDS": kinds}):
-        await emit_to(own_redis.url, "schedules-uncounted", {"stdout": "x" * 100})
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_TOTAL_BYTES": 0, "HISTORY_KINDS": kinds}
+    await emit_to(own_redis.url, "schedules-uncounted", {"stdout": "x" * 100})
     redis = redis_at(own_redis.url)
     assert await redis.exists("asgi:history-total") == 0
     layer = RedisChannelLayer(hosts=[{"address": own_redis.url}])
     on = {"HISTORY_TOTAL_BYTES": 1 << 20, "HISTORY_KINDS": kinds}
-    with override_settings(AWX_WS={**settings.AWX_WS, **on}):
-        await read_local(layer, "schedules-uncounted", GroupPosition(0))
-        assert int(await redis.get("asgi:history-total")) > 0
-        assert await redis.zrange("asgi:history-expiry", 0, -1) == [b"asgi:history:schedules-uncounted"]
-        deadline = time.monotonic() + 10
-        while await redis.exists("asgi:history:schedules-uncounted"):
-            assert time.monotonic() < deadline, "the stream never expired"
-            await asyncio.sleep(0.1)
-        await emit_to(own_redis.url, "schedules-next", {"stdout": "y"})
+    settings.AWX_WS = {**settings.AWX_WS, **on}
+    await read_local(layer, "schedules-uncounted", GroupPosition(0))
+    # Counted by the read, to the byte (this test's own Redis: that entry alone).
+    assert int(await redis.get("asgi:history-total")) == len(json.dumps({"stdout": "x" * 100}))
+    assert await redis.zrange("asgi:history-expiry", 0, -1) == [b"asgi:history:schedules-uncounted"]
+    deadline = time.monotonic() + 10
+    while await redis.exists("asgi:history:schedules-uncounted"):
+        assert time.monotonic() < deadline, "the stream never expired"
+        await asyncio.sleep(0.1)
+    await emit_to(own_redis.url, "schedules-next", {"stdout": "y"})
     assert int(await redis.get("asgi:history-total")) == len(json.dumps({"stdout": "y"}))
     await layer.close_pools()
     await redis.aclose()

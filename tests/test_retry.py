@@ -9,6 +9,7 @@ import pytest
 
 from awx_ws.main.exceptions import RedisUnavailable
 from awx_ws.main.retry import Backoff, FailureLog, RetryPolicy, spawn
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.unit
 
@@ -111,8 +112,7 @@ async def test_a_round_sets_the_pause_before_the_next():
         return 0.05
 
     task = spawn("paced loop", round_, FAST)
-    while len(times) < 3:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(times) >= 3, 5, "three rounds of the paced loop")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

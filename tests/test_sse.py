@@ -9,16 +9,15 @@ from typing import Any
 
 import httpx
 import pytest
-from django.conf import settings
-from django.test import override_settings
 
 from awx_ws.main.emit import aemit_channel_notification
 from awx_ws.main.history import parse_stream_position
 from tests.client import redis_at
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
 from tests.sse import open_sse, refused
+from tests.waiting import eventually
 
-pytestmark = pytest.mark.both_runners
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
 
 
 def unique(label: str) -> str:
@@ -98,11 +97,11 @@ HISTORY_KINDS = {"control": None, "schedules": {"length": 5, "age": 2}}
 
 
 @pytest.fixture
-def short_history(daphne_factory):
+def short_history(daphne_factory, settings):
     """A server and this emitter keeping 5 schedules messages for 2 s (the emitter trims)."""
     server = daphne_factory({"AWX_WS_HISTORY_KINDS": json.dumps(HISTORY_KINDS)})
-    with override_settings(AWX_WS={**settings.AWX_WS, "HISTORY_KINDS": HISTORY_KINDS}):
-        yield server
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_KINDS": HISTORY_KINDS}
+    return server
 
 
 async def test_history_keeps_at_most_its_length_and_says_reset_past_it(short_history, auth, redis_server):
@@ -129,15 +128,24 @@ async def test_history_keeps_at_most_its_length_and_says_reset_past_it(short_his
         assert await stream.payloads(1) == [{"n": "live"}]
 
 
+async def _gone(redis: Any, key: str) -> bool:
+    return await redis.exists(key) == 0
+
+
 async def test_history_forgets_messages_older_than_its_age(short_history, auth, redis_server):
     group = f"schedules-{unique('age')}"
     async with open_sse(short_history.http_url, group, headers=auth) as stream:
         await stream.wait_ready()
         last_id = stream.last_id
     await emit_all(group, [{"n": 1}])
-    await asyncio.sleep(2.5)
+    emitted = time.monotonic()
     redis = redis_at(redis_server.url)
-    assert await redis.exists(f"asgi:history:{group}") == 0  # expired with its age
+    assert await redis.exists(f"asgi:history:{group}") == 1
+    # Expired with its age (2 s), by Redis: within moments of it.
+    await eventually(
+        lambda: _gone(redis, f"asgi:history:{group}"), 5, f"the history of {group} to expire with its age"
+    )
+    assert time.monotonic() - emitted > 1  # by its age, not at once
     await redis.aclose()
     async with open_sse(short_history.http_url, group, headers=auth, last_event_id=last_id) as stream:
         reset = await stream.next_event()

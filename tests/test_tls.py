@@ -18,7 +18,7 @@ from tests.client import open_ws
 from tests.servers import Nginx, Relay
 from tests.test_cluster import make_nodes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.slow]
 
 
 def write_pair(directory: Path, name: str) -> tuple[Path, Path]:
@@ -117,7 +117,7 @@ async def test_relays_talk_over_verified_wss_and_refuse_a_wrong_certificate(api,
             front.stop()
 
 
-def test_cookies_set_over_https_are_secure_and_https_answers_carry_hsts(node, api, state_dir, database):
+def test_cookies_set_over_https_are_secure_and_https_answers_carry_hsts(node, api, state_dir, shared_db):
     """Over nginx's TLS port the session and CSRF cookies are Secure and HSTS is sent; over its
     plain port neither (a login there still works)."""
     import re

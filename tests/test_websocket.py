@@ -10,14 +10,21 @@ import json
 import os
 import re
 import secrets
+import time
 
 import pytest
+from redis.asyncio import Redis
 
 from awx_ws.main.emit import aemit_channel_notification, build_message
 from tests.client import WsClient, open_peer_socket, open_ws, redis_at, refused_status
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
+from tests.waiting import eventually
 
-pytestmark = [pytest.mark.usefixtures("fresh_in_process_layer"), pytest.mark.both_runners]
+pytestmark = [
+    pytest.mark.usefixtures("shared_db"),
+    pytest.mark.usefixtures("fresh_in_process_layer"),
+    pytest.mark.both_runners,
+]
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +333,10 @@ async def test_only_subscribers_of_the_group_receive(node):
     await clients[1].subscribe({"jobs": ["summary"]})
     await aemit_channel_notification("jobs-status_changed", {"n": 1})
     assert await clients[0].recv_json() == {"n": 1}
-    await clients[1].assert_silent()
+    # Emitted after it from this process, both reach the node's fan-out on its one channel, in
+    # order: had the first reached the other client, it would come before this marker.
+    await aemit_channel_notification("jobs-summary", {"marker": True})
+    assert await clients[1].recv_json() == {"marker": True}
     for c in clients:
         await c.close()
 
@@ -377,6 +387,13 @@ async def test_a_client_that_stops_reading_still_gets_everything_in_order(node, 
     assert received == list(range(600))
 
 
+async def member_since(redis: Redis, key: str) -> float:
+    """When the group's one member last joined or refreshed (its score, epoch seconds)."""
+    members = await redis.zrange(key, 0, -1, withscores=True)
+    assert len(members) == 1, f"{key} has {len(members)} members, not 1"
+    return float(members[0][1])
+
+
 async def test_a_group_held_longer_than_group_expiry_keeps_delivering(daphne_factory, token):
     """channels_redis drops members older than group_expiry; the fan-out refreshes its own, on
     time even while other clients keep it busy."""
@@ -384,21 +401,30 @@ async def test_a_group_held_longer_than_group_expiry_keeps_delivering(daphne_fac
     from awx_ws.main.layers import RedisChannelLayer
 
     server = daphne_factory({"CHANNEL_LAYER_GROUP_EXPIRY": "4"})
+    item = f"longlived{time.monotonic_ns()}"  # this test's own group
+    group = f"schedules-{item}"
     client = await open_ws(server.url, headers={"Authorization": f"Token {token}"})
-    await client.subscribe({"schedules": ["longlived"]})
+    await client.subscribe({"schedules": [item]})
     redis_url = os.environ["REDIS_URL"]
     # An emitter configured like that server: it drops members older than 4 s.
     layer = RedisChannelLayer(hosts=[{"address": redis_url}], group_expiry=4)
-    # 6 s past the join, with another client changing its groups four times a second.
-    busy = await open_ws(server.url, headers={"Authorization": f"Token {token}"})
-    for n in range(24):
-        await busy.subscribe({"schedules": [f"busy{n % 2}"]})
-        await asyncio.sleep(0.25)
-    await busy.close()
-    await layer.group_send("schedules-longlived", build_message("schedules-longlived", {"still": "here"}))
-    assert await client.recv_json() == {"still": "here"}
     redis = redis_at(redis_url)
-    assert await redis.zcard("asgi:group:schedules-longlived") == 1
+    joined = await member_since(redis, f"asgi:group:{group}")
+    # Until the fan-out has refreshed its membership more than 4 s past the join (without that,
+    # the emitter below would drop it), with another client changing its groups four times a
+    # second meanwhile: that pace is the point, the fan-out must refresh on time while busy.
+    busy = await open_ws(server.url, headers={"Authorization": f"Token {token}"})
+    for n in range(80):  # 20 s at most
+        if await member_since(redis, f"asgi:group:{group}") > joined + 4:
+            break
+        await busy.subscribe({"schedules": [f"{item}busy{n % 2}"]})
+        await asyncio.sleep(0.25)
+    else:
+        raise AssertionError(f"the fan-out did not refresh its membership of {group} in 20 s")
+    await busy.close()
+    await layer.group_send(group, build_message(group, {"still": "here"}))
+    assert await client.recv_json() == {"still": "here"}
+    assert await redis.zcard(f"asgi:group:{group}") == 1
     await redis.aclose()
     await layer.close_pools()
     await client.close()
@@ -412,14 +438,26 @@ async def test_a_peer_relay_keeps_its_groups_past_group_expiry(daphne_factory):
     secret = os.environ["BROADCAST_WEBSOCKET_SECRET"]
     layer = RedisChannelLayer(hosts=[{"address": os.environ["REDIS_URL"]}], group_expiry=4)
     url = f"{server.url}/websocket/broadcast/"
+    group = f"jobs-peerlong{time.monotonic_ns()}"  # this test's own group
     async with await open_peer_socket(url, server.self_address, secret) as peer:
-        await peer.send(json.dumps({"join": ["jobs-peerlong"], "leave": []}))
+        await peer.send(json.dumps({"join": [group], "leave": []}))
         # The consumer confirms what it forwards from now on (resuming clients wait for it).
-        assert json.loads(await peer.recv()) == {"forwarding": ["jobs-peerlong"], "dropped": []}
-        await asyncio.sleep(6)
-        await layer.group_send("jobs-peerlong", build_message("jobs-peerlong", {"n": 1}))
+        assert json.loads(await peer.recv()) == {"forwarding": [group], "dropped": []}
+        # Until the consumer has refreshed its membership more than group_expiry (4 s) past the
+        # join: without that, the emitter below would drop it.
+        redis = redis_at(os.environ["REDIS_URL"])
+        joined = await member_since(redis, f"asgi:group:{group}")
+
+        async def refreshed_past_expiry() -> bool:
+            return await member_since(redis, f"asgi:group:{group}") > joined + 4
+
+        await eventually(
+            refreshed_past_expiry, 20, f"the relay consumer to refresh its membership of {group}"
+        )
+        await redis.aclose()
+        await layer.group_send(group, build_message(group, {"n": 1}))
         forwarded = json.loads(await asyncio.wait_for(peer.recv(), 10))
     await layer.close_pools()
     message_id = forwarded.pop("id")  # the origin's history id travels with the message
-    assert forwarded == {"group": "jobs-peerlong", "text": json.dumps({"n": 1})}
+    assert forwarded == {"group": group, "text": json.dumps({"n": 1})}
     assert re.fullmatch(r"[0-9a-f]{8}:\d+-\d+", message_id)
