@@ -38,3 +38,15 @@ def test_twisted_transports_keep_the_buffers_the_direct_write_checks():
 
     transport = FileDescriptor()
     assert transport.dataBuffer == b"" and transport._tempDataBuffer == []
+
+
+def test_channels_redis_maps_channels_to_their_keys_as_the_group_send_plan_expects():
+    """layers/redis.py's group_send_plan unpacks channels_redis's private
+    _map_channel_keys_to_connection: (connection map, {key: message}, {key: capacity})."""
+    from awx_ws.main.layers import RedisChannelLayer
+
+    layer = RedisChannelLayer(hosts=[{"address": "redis://127.0.0.1:1/0"}], prefix="asgi")
+    _, messages, capacities = layer._map_channel_keys_to_connection(["specific.abc!x"], {"type": "t"})
+    assert list(messages) == ["asgispecific.abc!"] and list(capacities) == ["asgispecific.abc!"]
+    keys, args = layer.group_send_plan([b"specific.abc!x"], {"type": "t"})
+    assert keys == ["asgispecific.abc!"] and len(args) == 4  # message, capacity, now, expiry

@@ -10,7 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from awx_ws.main.emit import aemit_channel_notification
+from awx_ws.main.emit import (
+    aemit_channel_notification,
+    aemit_channel_notifications,
+    emit_channel_notifications,
+)
 from awx_ws.main.history import parse_stream_position
 from tests.client import redis_at
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
@@ -235,3 +239,24 @@ async def test_a_client_going_away_through_nginx_is_released_within_a_second(ngi
         await asyncio.sleep(0.02)
     assert await redis.zcard(f"asgi:group:{group}") == 0
     await redis.aclose()
+
+
+async def test_a_resume_replays_batched_messages_exactly_as_single_ones(node, auth):
+    group = f"schedules-batch{time.monotonic_ns()}"
+    async with open_sse(node.http_url, group, headers=auth) as stream:
+        await stream.wait_ready()
+        start = stream.last_id
+    await aemit_channel_notification(group, {"n": 0})
+    await aemit_channel_notifications([(group, {"n": n}) for n in (1, 2, 3)])
+    await asyncio.to_thread(emit_channel_notifications, [(group, {"n": n}) for n in (4, 5)])
+    await aemit_channel_notification(group, {"n": 6})
+    async with open_sse(node.http_url, group, headers=auth, last_event_id=start) as stream:
+        assert await stream.payloads(7) == [{"n": n} for n in range(7)]
+    # From inside the first batch (after its first message): exactly what came after it.
+    async with open_sse(node.http_url, group, headers=auth, last_event_id=start) as stream:
+        assert await stream.payloads(2) == [{"n": 0}, {"n": 1}]
+        middle = stream.last_id
+    async with open_sse(node.http_url, group, headers=auth, last_event_id=middle) as stream:
+        assert await stream.payloads(5) == [{"n": n} for n in range(2, 7)]
+        await aemit_channel_notifications([(group, {"n": "live"})])
+        assert await stream.payloads(1) == [{"n": "live"}]

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from channels import DEFAULT_CHANNEL_LAYER
@@ -16,8 +17,8 @@ from django.utils.module_loading import import_string
 
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import EmitError, LayerUnavailable
-from awx_ws.main.layers import ServiceLayer, service_layer_class
+from awx_ws.main.exceptions import BatchEmitError, EmitError, LayerUnavailable
+from awx_ws.main.layers import ServiceLayer, service_layer, service_layer_class
 from awx_ws.main.protocol import validate_group_name
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,21 @@ def _service_layer(backend_path: str) -> type[ServiceLayer] | None:
     return service_layer_class(import_string(backend_path))
 
 
+def _sync_backend(caller: str) -> type[ServiceLayer]:
+    """The layer class a sync emit uses; EmitError when called inside an event loop (it blocks),
+    or when the default layer is not one of ours."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise EmitError(f"{caller}() blocks; inside a running event loop await a{caller}() instead")
+    backend = layer_class()
+    if backend is None:
+        raise EmitError(f"{caller}() needs one of awx_ws's channel layers (CHANNEL_LAYER_BACKEND)")
+    return backend
+
+
 def emit_channel_notification(group: str, payload: Any) -> None:
     """Send payload to every subscriber of group, from any thread without a running event loop.
 
@@ -85,23 +101,64 @@ def emit_channel_notification(group: str, payload: Any) -> None:
     to the process's one emit loop thread (layers/rabbitmq_sync.BlockingEmitter).
     """
     message = build_message(group, payload)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise EmitError(
-            "emit_channel_notification() blocks; inside a running event loop await "
-            "aemit_channel_notification() instead"
-        )
+    backend = _sync_backend("emit_channel_notification")
     timeout = ws_settings.EMIT_TIMEOUT
-    backend = layer_class()
-    if backend is None:
-        raise EmitError(
-            "emit_channel_notification() needs one of awx_ws's channel layers (CHANNEL_LAYER_BACKEND)"
-        )
     try:
         backend.send_blocking(group, message, timeout)
     except LayerUnavailable as exc:
         metrics.layer_error("emit")
         raise _emit_error(exc, group, timeout) from exc
+
+
+def _built(messages: Iterable[tuple[str, Any]]) -> list[tuple[str, dict[str, str]]]:
+    """Every message built (and its group checked) before any is sent: a bad one sends nothing."""
+    return [(group, build_message(group, payload)) for group, payload in messages]
+
+
+async def aemit_channel_notifications(messages: Iterable[tuple[str, Any]]) -> None:
+    """Send each (group, payload) in order, as one batch: one round trip on Redis (AWX's callback
+    receiver saves events in bulk, then emits each). BatchEmitError within AWX_WS_EMIT_TIMEOUT
+    when it fails, saying which messages were sent, which not and which may have been."""
+    built = _built(messages)
+    if not built:
+        return
+    given = get_channel_layer()
+    layer = service_layer(given)
+    try:
+        async with asyncio.timeout(ws_settings.EMIT_TIMEOUT):
+            if layer is not None:
+                await layer.group_send_many(built)
+            else:  # another package's layer: Channels' API, one message at a time
+                await _send_each(given, built)
+    except BatchEmitError:
+        metrics.layer_error("emit")
+        raise
+    except TimeoutError as exc:
+        metrics.layer_error("emit")
+        cause = layer.unavailable(exc) if layer is not None else LayerUnavailable(str(exc), timed_out=True)
+        raise BatchEmitError(cause, sent=[], unsent=[], unknown=list(range(len(built)))) from exc
+
+
+async def _send_each(layer: BaseChannelLayer, built: list[tuple[str, dict[str, str]]]) -> None:
+    for index, (group, message) in enumerate(built):
+        try:
+            await layer.group_send(group, message)
+        except OSError as exc:
+            cause = LayerUnavailable(f"{type(layer).__name__}: {exc!r}")
+            raise BatchEmitError(
+                cause, sent=list(range(index)), unsent=list(range(index + 1, len(built))), unknown=[index]
+            ) from exc
+
+
+def emit_channel_notifications(messages: Iterable[tuple[str, Any]]) -> None:
+    """emit_channel_notification for a batch, from any thread without a running event loop: in
+    order, in one round trip on Redis; BatchEmitError when it fails (see the async twin)."""
+    built = _built(messages)
+    if not built:
+        return
+    backend = _sync_backend("emit_channel_notifications")
+    try:
+        backend.send_many_blocking(built, ws_settings.EMIT_TIMEOUT)
+    except BatchEmitError:
+        metrics.layer_error("emit")
+        raise

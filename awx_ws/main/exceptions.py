@@ -50,6 +50,25 @@ class BrokerUnavailable(LayerUnavailable):
     service = "RabbitMQ"
 
 
+class BatchEmitError(EmitError):
+    """A batch of notifications failed part-way or whole: which were sent, which not, and which
+    may have been (the layer failed while they were under way), by their index in the batch.
+
+    `cause` is the layer's error (a LayerUnavailable naming where); the message says both.
+    """
+
+    def __init__(
+        self, cause: LayerUnavailable, *, sent: list[int], unsent: list[int], unknown: list[int]
+    ) -> None:
+        total = len(sent) + len(unsent) + len(unknown)
+        super().__init__(
+            f"batch of {total} notifications failed: {len(sent)} sent, {len(unsent)} not sent, "
+            f"{len(unknown)} may have been sent; {cause}"
+        )
+        self.cause = cause
+        self.sent, self.unsent, self.unknown = sent, unsent, unknown
+
+
 class DatabaseUnavailable(AwxWsError, ConnectionError):
     """The Django database (DATABASE_URL) could not be read from a background loop."""
 

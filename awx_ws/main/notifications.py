@@ -10,7 +10,7 @@ from typing import Any
 from django.db import transaction
 
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.emit import emit_channel_notification
+from awx_ws.main.emit import emit_channel_notifications
 from awx_ws.main.exceptions import EmitError
 from awx_ws.main.models import Job, JobEvent
 from awx_ws.main.protocol import EVENT_KINDS
@@ -93,12 +93,12 @@ def event_payload(job: Job, event: JobEvent) -> dict[str, Any]:
 
 
 def _emit_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
-    for group, payload in messages:
-        try:
-            emit_channel_notification(group, payload)
-        except EmitError as exc:
-            # The change is committed; the notification is what is lost. Say so, loudly enough.
-            logger.error("notification to %s not delivered: %s", group, exc)
+    try:
+        emit_channel_notifications(messages)  # one batch: one round trip on Redis
+    except EmitError as exc:
+        # The change is committed; the notifications are what is lost. Say so, loudly enough.
+        groups = sorted({group for group, _ in messages})
+        logger.error("notifications to %s not all delivered: %s", ", ".join(groups), exc)
 
 
 def emit_on_commit(messages: list[tuple[str, dict[str, Any]]]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -189,6 +189,16 @@ class ServiceLayer(abc.ABC):
     @abc.abstractmethod
     def send_blocking(cls, group: str, message: dict[str, Any], timeout: float) -> None:
         """group_send from sync code (no running event loop); LayerUnavailable when it fails."""
+
+    @abc.abstractmethod
+    async def group_send_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """group_send each (group, message) in order, as one batch; BatchEmitError saying which
+        were sent, which not and which may have been when it fails."""
+
+    @classmethod
+    @abc.abstractmethod
+    def send_many_blocking(cls, messages: Sequence[tuple[str, dict[str, Any]]], timeout: float) -> None:
+        """group_send_many from sync code; BatchEmitError when it fails."""
 
     @classmethod
     @abc.abstractmethod

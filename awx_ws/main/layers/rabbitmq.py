@@ -20,6 +20,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,7 +33,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.exceptions import BrokerUnavailable, StartupError, redact_url
+from awx_ws.main.exceptions import BatchEmitError, BrokerUnavailable, StartupError, redact_url
 from awx_ws.main.fanout import Fanout
 from awx_ws.main.history import GroupPosition, Replay
 from awx_ws.main.layers.base import ServiceLayer
@@ -185,6 +186,26 @@ class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
             blocking_emitter.call(lambda rabbitmq: rabbitmq.group_send(group, message), timeout)
         except (TimeoutError, OSError) as exc:
             raise broker_unavailable(exc, blocking_emitter.describe_hosts) from exc
+
+    @classmethod
+    def send_many_blocking(cls, messages: Sequence[tuple[str, dict[str, Any]]], timeout: float) -> None:
+        """group_send_many from sync code, on the process's one emit loop thread."""
+        try:
+            blocking_emitter.call(lambda rabbitmq: rabbitmq.group_send_many(messages), timeout)
+        except (TimeoutError, OSError) as exc:  # before any publish, or while one was under way
+            cause = broker_unavailable(exc, blocking_emitter.describe_hosts)
+            raise BatchEmitError(cause, sent=[], unsent=[], unknown=list(range(len(messages)))) from exc
+
+    async def group_send_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Publish each message in order, each confirmed by the broker before the next (AMQP has
+        no batch that is all or none); BatchEmitError naming the ones sent when one fails."""
+        for index, (group, message) in enumerate(messages):
+            try:
+                await self.group_send(group, message)
+            except (TimeoutError, OSError) as exc:  # LayerUnavailable too
+                rest = list(range(index + 1, len(messages)))
+                sent = list(range(index))
+                raise BatchEmitError(self.unavailable(exc), sent=sent, unsent=rest, unknown=[index]) from exc
 
     @classmethod
     def ping_blocking(cls, timeout: float) -> None:

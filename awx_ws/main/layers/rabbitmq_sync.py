@@ -10,7 +10,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 from channels import DEFAULT_CHANNEL_LAYER
@@ -37,6 +37,8 @@ class BrokerLayer(Protocol):
     async def connected(self) -> Any: ...
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None: ...
+
+    async def group_send_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None: ...
 
     async def send(self, channel: str, message: dict[str, Any]) -> None: ...
 

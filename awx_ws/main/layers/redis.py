@@ -8,6 +8,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -26,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from awx_ws.main import metrics, retry
 from awx_ws.main.exceptions import RedisUnavailable, StartupError, redact_url
 from awx_ws.main.history import GroupPosition, Replay, history_policy
-from awx_ws.main.layers import redis_history, redis_keys, redis_presence
+from awx_ws.main.layers import redis_batch, redis_history, redis_keys, redis_presence
 from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.layers.redis_counts import RedisConnectionStore
 from awx_ws.main.layers.redis_fanout import RedisFanout
@@ -199,7 +200,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         except RedisError as exc:
             raise self.unavailable(exc) from exc
 
-    def _group_send_plan(self, others: list[bytes], message: dict[str, Any]) -> Any:
+    def group_send_plan(self, others: list[bytes], message: dict[str, Any]) -> Any:
         """(keys, args) of GROUP_SEND_LUA for the members the fan-out script handed back."""
         channel_names = [member.decode("utf8") for member in others]
         _, messages, capacities = self._map_channel_keys_to_connection(channel_names, message)
@@ -207,13 +208,13 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         args = [messages[key] for key in keys] + [capacities[key] for key in keys]
         return keys, [*args, time.time(), self.expiry]
 
-    def _report_over_capacity(self, over: int, group: str) -> None:
+    def report_over_capacity(self, over: int, group: str) -> None:
         if over:
             metrics.DROPPED.labels("channel_full").inc(over)
             # The same drop channels_redis makes at capacity (see channels_redis#212): say so.
             logger.info("%s channels over capacity in group %s: message dropped for them", over, group)
 
-    def _fanout_call(self, group: str, message: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    def fanout_call(self, group: str, message: dict[str, Any]) -> tuple[list[str], list[Any]]:
         """(keys, args) of GROUP_SEND_FANOUT_LUA; keys name the history stream when one is kept."""
         now = time.time()
         capacity = self.get_capacity("fanout.any")
@@ -238,11 +239,11 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
             args.append(policy.total_bytes)
         return keys, args
 
-    def _after_fanout(self, group: str, message: dict[str, Any], reply: Any) -> list[bytes]:
+    def after_fanout(self, group: str, message: dict[str, Any], reply: Any) -> list[bytes]:
         """Report drops, put the history id into message; the members still to be sent to."""
         others: list[bytes]  # the Lua script's second reply: the members' channel names
         over, others, message_id = reply
-        self._report_over_capacity(int(over), group)
+        self.report_over_capacity(int(over), group)
         if message_id:
             message["id"] = message_id.decode()
         if is_client_message(group, message):
@@ -267,7 +268,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
                 metrics.EMITTED.labels(metrics.group_kind(group)).inc()
             return
         connection = self.connection(0)
-        keys, args = self._fanout_call(group, message)
+        keys, args = self.fanout_call(group, message)
         try:
             reply = await connection.eval(GROUP_SEND_FANOUT_LUA, len(keys), *keys, *args)
         except ResponseError as exc:
@@ -275,13 +276,13 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
                 raise
             await ensure_origin(self)  # first message this Redis keeps history for
             reply = await connection.eval(GROUP_SEND_FANOUT_LUA, len(keys), *keys, *args)
-        others = self._after_fanout(group, message, reply)
+        others = self.after_fanout(group, message, reply)
         if others:
-            keys, plan_args = self._group_send_plan(others, message)
+            keys, plan_args = self.group_send_plan(others, message)
             over = await connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)
-            self._report_over_capacity(over, group)
+            self.report_over_capacity(over, group)
 
-    def _blocking_client(self, index: int, timeout: float) -> BlockingRedis:
+    def blocking_client(self, index: int, timeout: float) -> BlockingRedis:
         with self._blocking_lock:
             # A forked child (a gunicorn worker) must not share its parent's sockets.
             if self._blocking is None or self._blocking_pid != os.getpid():
@@ -318,7 +319,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         """PING the first Redis host from sync code (readiness); RedisUnavailable when it fails."""
         layer = cls._default()
         try:
-            layer._blocking_client(0, timeout).ping()
+            layer.blocking_client(0, timeout).ping()
         except (RedisError, OSError) as exc:
             raise layer.unavailable(exc) from exc
 
@@ -331,8 +332,17 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         except (RedisError, OSError) as exc:
             raise layer.unavailable(exc) from exc
 
+    async def group_send_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Send each (group, message) in order, in one round trip (redis_batch.py)."""
+        await redis_batch.send(self, messages)
+
+    @classmethod
+    def send_many_blocking(cls, messages: Sequence[tuple[str, dict[str, Any]]], timeout: float) -> None:
+        """group_send_many from sync code, on the pooled blocking connection."""
+        redis_batch.send_blocking(cls._default(), messages, timeout)
+
     @staticmethod
-    def _eval_fanout_blocking(connection: BlockingRedis, keys: list[str], args: list[Any]) -> Any:
+    def eval_fanout_blocking(connection: BlockingRedis, keys: list[str], args: list[Any]) -> Any:
         try:
             # EVALSHA: the script's 40-byte digest instead of its text on every emit.
             return connection.evalsha(FANOUT_SHA, len(keys), *keys, *args)
@@ -346,18 +356,18 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         if self.ring_size > 1:
             raise TypeError("sync emit supports one Redis host (channels_redis sharding is not supported)")
         message = with_group(group, message)
-        connection = self._blocking_client(0, timeout)
-        keys, args = self._fanout_call(group, message)
+        connection = self.blocking_client(0, timeout)
+        keys, args = self.fanout_call(group, message)
         try:
-            reply = self._eval_fanout_blocking(connection, keys, args)
+            reply = self.eval_fanout_blocking(connection, keys, args)
         except ResponseError as exc:
             if not str(exc).startswith("NOORIGIN"):
                 raise
             # First message this Redis keeps history for (see redis_history.ensure_origin).
             connection.set(redis_keys.origin_key(self.prefix), secrets.token_hex(4), nx=True)
-            reply = self._eval_fanout_blocking(connection, keys, args)
-        others = self._after_fanout(group, message, reply)
+            reply = self.eval_fanout_blocking(connection, keys, args)
+        others = self.after_fanout(group, message, reply)
         if others:
-            keys, plan_args = self._group_send_plan(others, message)
+            keys, plan_args = self.group_send_plan(others, message)
             over = connection.eval(GROUP_SEND_LUA, len(keys), *keys, *plan_args)
-            self._report_over_capacity(int(over), group)  # type: ignore[arg-type]
+            self.report_over_capacity(int(over), group)  # type: ignore[arg-type]
