@@ -154,6 +154,15 @@ async def run(batch: Batch, round_trip: RoundTrip, set_origin: Callable[[], Awai
             raise batch.failure(exc, sorted(batch.others)) from exc
 
 
+def _queue(pipe: Any, calls: list[Call]) -> None:
+    """Queue each call on a pipeline (sync or async: queueing is the same)."""
+    for script, args in calls:
+        if script == FANOUT_SHA:
+            pipe.evalsha(script, *args)
+        else:
+            pipe.eval(script, *args)
+
+
 async def send(layer: RedisLayer, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
     """The batch on the layer's event-loop connection."""
     batch = Batch.of(layer, messages)
@@ -161,11 +170,7 @@ async def send(layer: RedisLayer, messages: Sequence[tuple[str, dict[str, Any]]]
 
     async def round_trip(calls: list[Call], atomic: bool) -> list[Any]:
         async with connection.pipeline(transaction=atomic) as pipe:
-            for script, args in calls:
-                if script == FANOUT_SHA:
-                    pipe.evalsha(script, *args)
-                else:
-                    pipe.eval(script, *args)
+            _queue(pipe, calls)
             return list(await pipe.execute(raise_on_error=False))
 
     async def set_origin() -> None:
@@ -182,11 +187,7 @@ def send_blocking(layer: RedisLayer, messages: Sequence[tuple[str, dict[str, Any
 
     async def round_trip(calls: list[Call], atomic: bool) -> list[Any]:
         with connection.pipeline(transaction=atomic) as pipe:
-            for script, args in calls:
-                if script == FANOUT_SHA:
-                    pipe.evalsha(script, *args)
-                else:
-                    pipe.eval(script, *args)
+            _queue(pipe, calls)
             return list(pipe.execute(raise_on_error=False))
 
     async def set_origin() -> None:
