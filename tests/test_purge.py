@@ -5,7 +5,9 @@ Each test has a Redis of its own (own_redis): what a purge removes is counted ex
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import secrets
 import time
 
@@ -135,3 +137,22 @@ async def test_a_live_daphne_keeps_its_record_fresh(start_daphne, redis):
     # settings: within two intervals, with room for a loaded machine).
     await eventually(refreshed, 5, "the heartbeat to renew the process's record")
     assert await redis.pttl(ours) > first_ttl - 1000
+
+
+async def test_daphnes_starting_together_count_each_removal_once(daphne_factory, own_redis, redis):
+    # A dead process of this node (its pid was not started then) in many groups: purges that
+    # overlap find the same members, but only one of them removes each.
+    dead = secrets.token_hex(16)
+    await redis.set(f"asgi:alive:{dead}", json.dumps({"node": node_id(), "pid": 1, "started": 1.0}))
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(300):
+            pipe.zadd(f"asgi:group:jobs-together{n}", {f"fanout.{dead}": time.time()})
+        await pipe.execute()
+
+    servers = [daphne_factory({"REDIS_URL": own_redis.url}, wait=False) for _ in range(3)]
+    removed = 0
+    for server in servers:
+        assert await asyncio.to_thread(server.wait_for_output, "start-up purge: removed", 30)
+        removed += int(re.findall(r"start-up purge: removed (\d+) group memberships", server.output())[0])
+    assert removed == 300
+    assert [key async for key in redis.scan_iter(match="asgi:group:jobs-together*")] == []

@@ -291,8 +291,9 @@ async def _purge_memberships(layer: RedisLayer, connection: Any, verdicts: Liven
             if owner is not None and await verdicts.dead(owner):
                 stale.append(member)
         if stale:
-            await connection.zrem(key, *stale)
-            removed += len(stale)
+            # What ZREM removed, not what we found: another process purging at the same time
+            # (several daphnes started together) must not make both count the same member.
+            removed += await connection.zrem(key, *stale)
     return removed
 
 
@@ -306,8 +307,7 @@ async def _purge_queues(layer: RedisLayer, connection: Any, verdicts: LivenessJu
                 continue
             match = _QUEUE_RE.match(key[len(queue_prefix) :].decode("utf-8", "replace"))
             if match and await verdicts.dead(match.group(1) or match.group(2)):
-                await connection.delete(key)
-                removed += 1
+                removed += await connection.delete(key)  # 0 if a purge beside us was first
     return removed
 
 
