@@ -9,18 +9,20 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
 
-from awx_ws.main.emit import aemit_channel_notification
 from tests.client import open_ws
 from tests.factories import adb, create_token, create_user
-from tests.servers import ROOT, Gunicorn, free_port
+from tests.servers import ROOT, DaphneNode, Gunicorn, free_port
 from tests.sse import open_sse
 from tests.test_cluster import members
 from tests.test_cluster_recovery import pair  # noqa: F401 (the 2-node fixture)
+from tests.waiting import eventually
 
 # Its tests create users, tokens and jobs the servers read (conftest.shared_db).
 pytestmark = pytest.mark.usefixtures("shared_db")
@@ -51,74 +53,134 @@ def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-async def test_metrics_follow_connections_subscriptions_and_messages(node, api, token):
+class Node:
+    """A node of a test's own: daphne processes and an API sharing one metrics directory that
+    nothing else writes, so a figure moves only with what the test does. (The session's shared
+    nodes may still be handling connections an earlier test let go of.)"""
+
+    def __init__(self, daphne_factory: Any, state_dir: Path, env: dict[str, str] | None = None):
+        metrics_dir = state_dir / f"metrics-{time.monotonic_ns()}"
+        self.env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **(env or {})}
+        self.daphne_factory = daphne_factory
+        self.api = Gunicorn(state_dir / "logs", self.env).start()
+
+    def daphne(self) -> DaphneNode:
+        """Start a daphne process of this node."""
+        return cast(DaphneNode, self.daphne_factory(self.env))
+
+    async def scrape(self) -> Samples:
+        """The node's metrics, as its API serves them."""
+        return await scrape(self.api.http_url)
+
+    async def emit(self, group: str, count: int) -> None:
+        """count messages {"n": 0...} to group, emitted by a process of this node (Django's shell)."""
+        code = (
+            "from awx_ws.main.emit import emit_channel_notification\n"
+            f"for n in range({count}): emit_channel_notification({group!r}, {{'n': n}})"
+        )
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "manage.py", "shell", "-c", code],
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+            check=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def own_node(daphne_factory, state_dir, own_redis) -> Iterator[Node]:
+    """A node of the test's own, on a Redis of its own."""
+    node = Node(daphne_factory, state_dir, {"REDIS_URL": own_redis.url})
+    yield node
+    node.api.stop()
+
+
+async def test_metrics_follow_connections_subscriptions_and_messages(own_node, token):
     headers = {"Authorization": f"Token {token}"}
-    item = f"metrics{time.monotonic_ns()}"
-    group = f"schedules-{item}"
-    before = await scrape(api.http_url)
-    sockets = [await open_ws(node.url, headers=headers) for _ in range(3)]
+    server = own_node.daphne()
+    group = "schedules-metrics"
+    before = await own_node.scrape()
+    sockets = [await open_ws(server.url, headers=headers) for _ in range(3)]
     for ws in sockets:
-        await ws.subscribe({"schedules": [item]})
+        await ws.subscribe({"schedules": ["metrics"]})
     async with (
-        open_sse(node.http_url, group, headers=headers) as one,
-        open_sse(node.http_url, group, headers=headers) as two,
+        open_sse(server.http_url, group, headers=headers) as one,
+        open_sse(server.http_url, group, headers=headers) as two,
     ):
         await one.wait_ready()
         await two.wait_ready()
-        during = await scrape(api.http_url)
+        during = await own_node.scrape()
         assert moved(before, during, "awx_ws_connections", transport="websocket") == 3
         assert moved(before, during, "awx_ws_connections", transport="sse") == 2
         assert moved(before, during, "awx_ws_subscriptions", kind="schedules") == 5
 
-        for n in range(10):
-            await aemit_channel_notification(group, {"n": n})
+        await own_node.emit(group, 10)
         for ws in sockets:
             assert [(await ws.recv_json())["n"] for _ in range(10)] == list(range(10))
         assert await one.payloads(10) == await two.payloads(10) == [{"n": n} for n in range(10)]
-        after = await scrape(api.http_url)
+        after = await own_node.scrape()
         assert moved(during, after, "awx_ws_messages_emitted_total", kind="schedules") == 10
         assert moved(during, after, "awx_ws_messages_delivered_total", transport="websocket") == 30
         assert moved(during, after, "awx_ws_messages_delivered_total", transport="sse") == 20
     for ws in sockets:
         await ws.close()
 
-    async def settled() -> Samples:
-        for _ in range(50):
-            samples = await scrape(api.http_url)
-            if value(samples, "awx_ws_subscriptions", kind="schedules") == value(
-                before, "awx_ws_subscriptions", kind="schedules"
-            ):
-                return samples
-            await asyncio.sleep(0.1)
-        return samples
+    async def settled() -> Samples | None:
+        samples = await own_node.scrape()
+        unsubscribed = value(samples, "awx_ws_subscriptions", kind="schedules") == value(
+            before, "awx_ws_subscriptions", kind="schedules"
+        )
+        return samples if unsubscribed else None
 
-    final = await settled()
+    final = await eventually(settled, 10, "the closed connections' subscriptions to go")
     assert moved(before, final, "awx_ws_connections", transport="websocket") == 0
     assert moved(before, final, "awx_ws_connections", transport="sse") == 0
     assert moved(before, final, "awx_ws_subscriptions", kind="schedules") == 0
 
 
-async def test_a_killed_daphne_leaves_the_gauges_and_the_next_start_purges(
-    daphne_factory, api, token, own_redis
-):
+async def test_a_killed_daphne_leaves_the_gauges_and_the_next_start_purges(own_node, token):
     headers = {"Authorization": f"Token {token}"}
-    before = await scrape(api.http_url)
-    doomed = daphne_factory({"REDIS_URL": own_redis.url})  # a Redis of its own: counts are exact
+    before = await own_node.scrape()
+    doomed = own_node.daphne()
     sockets = [await open_ws(doomed.url, headers=headers) for _ in range(2)]
     for ws in sockets:
         await ws.subscribe({"jobs": ["status_changed"]})
-    assert moved(before, await scrape(api.http_url), "awx_ws_connections", transport="websocket") == 2
+    assert moved(before, await own_node.scrape(), "awx_ws_connections", transport="websocket") == 2
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.proc.wait(10)
     for ws in sockets:
         await ws.close()  # the server is gone: closed at once (1006)
-    after_kill = await scrape(api.http_url)
+    after_kill = await own_node.scrape()
     assert moved(before, after_kill, "awx_ws_connections", transport="websocket") == 0
     # kill -9 left the process's group membership in Redis: the next daphne's start-up purge
     # removes it and counts it.
-    daphne_factory({"REDIS_URL": own_redis.url})
-    after_start = await scrape(api.http_url)
+    own_node.daphne()
+    after_start = await own_node.scrape()
     assert moved(before, after_start, "awx_ws_startup_purge_removed_total", what="memberships") == 1
+
+
+def test_a_process_does_not_inherit_the_live_figures_of_a_dead_one_with_its_pid(tmp_path):
+    # The file a process killed with -9 left behind, under the pid the next process will have.
+    script = """
+import os, sys
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+stale = MmapedDict(os.path.join(sys.argv[1], f"gauge_livesum_{os.getpid()}.db"))
+key = mmap_key("awx_ws_connections", "awx_ws_connections", ["transport"], ["websocket"], "")
+stale.write_value(key, 7.0, 0.0)
+stale.close()
+import django
+django.setup()
+from awx_ws.main import metrics
+metrics.CONNECTIONS.labels("websocket").inc()
+print(metrics.render()[0].decode())
+"""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert 'awx_ws_connections{transport="websocket"} 1.0' in result.stdout.splitlines()
 
 
 async def test_metrics_are_for_superusers_or_this_machine(api, shared_db):
@@ -168,10 +230,7 @@ async def test_relay_metrics_show_the_link_and_what_crossed_it(pair, token, stat
         item = f"relayed{time.monotonic_ns()}"
         on_a = await open_ws(a.url, headers={"Authorization": f"Token {token}"})
         await on_a.subscribe({"schedules": [item]})
-        for _ in range(100):  # until A's relay has asked B for the group
-            if await members(b, f"schedules-{item}"):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: members(b, f"schedules-{item}"), 20, "A's relay to ask B for the group")
         for n in range(3):
             await b.emit(f"schedules-{item}", {"n": n})
         assert [(await on_a.recv_json())["n"] for _ in range(3)] == [0, 1, 2]

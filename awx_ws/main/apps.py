@@ -16,12 +16,15 @@ class MainConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        """Make the metrics directory; connect the access-change recorders to their signals."""
+        """Make the metrics directory (rid of a dead namesake's files); connect access signals."""
         # prometheus_client's multiprocess mode writes a file per process there (settings set it),
         # from the moment awx_ws.main.metrics is imported: made before the imports below.
         metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if metrics_dir:
             Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+            from awx_ws.main.metrics import forget_previous_owner_of_this_pid
+
+            forget_previous_owner_of_this_pid(metrics_dir)
         from awx_ws.main.revocation import connect_signals
 
         connect_signals()

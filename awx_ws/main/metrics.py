@@ -93,6 +93,16 @@ def group_kind(group: str) -> str:
     return group.split("-", 1)[0]
 
 
+def forget_previous_owner_of_this_pid(directory: str | Path) -> None:
+    """Drop live-state gauge files left under this process's pid (call before any value is made).
+
+    prometheus_client reopens an existing file of the same pid and carries on from its values: a
+    process killed with -9 whose files no scrape has retired yet would lend its connections and
+    subscriptions to a newcomer that gets its pid, for the newcomer's whole life.
+    """
+    multiprocess.mark_process_dead(os.getpid(), str(directory))
+
+
 def retire_dead_processes(directory: str | Path) -> list[int]:
     """Drop live-state gauge files of processes that no longer run here; their pids."""
     dead = set()
