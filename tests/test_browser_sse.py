@@ -61,10 +61,12 @@ async def test_chromium_event_source_resumes_after_the_server_drops_it(
         page = await context.new_page()
         await page.goto(f"{nginx.http_url}/api/v2/")
         await page.evaluate(PAGE_SCRIPT, group)
-        for _ in range(100):  # subscribed: the serving process's fan-out is in the group
-            if await redis.zcard(f"asgi:group:{group}"):
-                break
-            await asyncio.sleep(0.05)
+        # Subscribed: the serving process's fan-out is in the group. Until then a message would
+        # be lost to a page that never asked for it: the wait must succeed, however slow Chromium
+        # is to open the page and its EventSource on a loaded machine.
+        await eventually(
+            lambda: redis.zcard(f"asgi:group:{group}"), 30, "the browser's stream to join the group"
+        )
 
         for n in range(30):
             await aemit_channel_notification(group, {"n": n})

@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from awx_ws.main.emit import aemit_channel_notification
 from tests.client import emit_to, open_ws, redis_at
 from tests.sse import open_sse
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.both_runners]
 
@@ -87,20 +88,17 @@ async def test_an_sse_client_that_stops_reading_is_cut_off(daphne_factory, token
         f"Authorization: Token {token}\r\n\r\n".encode()
     )
     redis = redis_at(redis_server.url)
-    for _ in range(100):  # subscribed
-        if await redis.zcard(f"asgi:group:{group}"):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: redis.zcard(f"asgi:group:{group}"), 20, "the stream to join its group")
     daphne = psutil.Process(server.pid)
     rss_before = daphne.memory_info().rss
     for n in range(MESSAGES):
         await aemit_channel_notification(group, {"n": n, "pad": PAYLOAD})
         await asyncio.sleep(0.002)
-    for _ in range(100):  # the stream was cut off and let go of its group
-        if not await redis.zcard(f"asgi:group:{group}"):
-            break
-        await asyncio.sleep(0.05)
-    assert await redis.zcard(f"asgi:group:{group}") == 0
+
+    async def group_left() -> bool:
+        return await redis.zcard(f"asgi:group:{group}") == 0
+
+    await eventually(group_left, 20, "the cut-off stream to let go of its group")
     assert re.findall(r"WARNING .* cutting off slow stream", server.log.read_text())
     rss_growth = daphne.memory_info().rss - rss_before
     assert rss_growth < 16 * 1024 * 1024, f"daphne grew {rss_growth / 2**20:.1f} MiB"
