@@ -383,9 +383,12 @@ def test_events_page_by_counter_and_catch_up(member, org):
     caught_up = client.get(f"/api/v2/jobs/{job.pk}/job_events/?counter__gt=3").json()
     assert [e["counter"] for e in caught_up["results"]] == [4, 5]
     assert caught_up["next"] is None
-    bad = client.get(f"/api/v2/jobs/{job.pk}/job_events/?counter__gt=x")
-    assert bad.status_code == 400
-    assert bad.json() == {"counter__gt": ["must be a non-negative integer"]}
+    gap = client.get(f"/api/v2/jobs/{job.pk}/job_events/?counter__gt=1&counter__lt=5").json()
+    assert [e["counter"] for e in gap["results"]] == [2, 3, 4]
+    for lookup in ("counter__gt", "counter__lt"):
+        bad = client.get(f"/api/v2/jobs/{job.pk}/job_events/?{lookup}=x")
+        assert bad.status_code == 400
+        assert bad.json() == {lookup: ["must be a non-negative integer"]}
 
 
 # --- HTTP publish ---------------------------------------------------------------------------

@@ -114,7 +114,12 @@ def test_truncation_closes_every_colour_left_open_and_leaves_short_output_alone(
 async def test_other_kinds_emit_to_their_own_event_group(client, user):
     command = await adb(create_job, await adb(create_org, user), kind="ad_hoc_command")
     await client.subscribe({"ad_hoc_command_events": [command.pk]})
-    await api(user, "post", f"/api/v2/jobs/{command.pk}/job_events/", {"counter": 1, "event": "runner_on_ok"})
+    await api(
+        user,
+        "post",
+        f"/api/v2/jobs/{command.pk}/job_events/",
+        {"counter": 1, "event": "runner_on_ok", "stdout": "ok"},
+    )
     message = await client.recv_json()
     assert message["group_name"] == "ad_hoc_command_events"
     assert message["ad_hoc_command"] == command.pk
@@ -125,7 +130,10 @@ async def test_summary_reports_the_last_counter(node, user):
     job, client = await member_client(node, user)
     await client.subscribe({"jobs": ["summary"]})
     await api(
-        user, "post", f"/api/v2/jobs/{job.pk}/job_events/", [{"counter": c, "event": "e"} for c in (1, 2, 7)]
+        user,
+        "post",
+        f"/api/v2/jobs/{job.pk}/job_events/",
+        [{"counter": c, "event": "e", "stdout": "."} for c in (1, 2, 7)],
     )
     await api(user, "patch", f"/api/v2/jobs/{job.pk}/", {"status": "canceled"})
     assert await client.recv_json() == {"group_name": "jobs", "unified_job_id": job.pk, "final_counter": 7}
@@ -181,7 +189,11 @@ async def test_api_calls_through_nginx_reach_a_websocket_client_in_counter_order
         ("PATCH", path, {"status": "waiting"}),
         ("PATCH", path, {"status": "running"}),
         ("POST", path + "job_events/", {"counter": 1, "event": "playbook_on_start"}),
-        ("POST", path + "job_events/", [{"counter": c, "event": "runner_on_ok"} for c in (4, 2, 3)]),
+        (
+            "POST",
+            path + "job_events/",
+            [{"counter": c, "event": "runner_on_ok", "stdout": "ok"} for c in (4, 2, 3)],
+        ),
         ("POST", path + "job_events/", {"counter": 5, "event": "playbook_on_stats"}),
         ("PATCH", path, {"status": "successful"}),
     ]

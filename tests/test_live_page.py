@@ -127,6 +127,24 @@ async def test_the_job_view_keeps_every_line_once_across_a_daphne_restart(job, p
     await page.screenshot(path=TEST_OUTPUT / "live-page.png")
 
 
+async def test_the_job_view_fills_what_the_event_rate_held_back_from_the_api(job, page, front, user):
+    token = await adb(create_token, user)
+    await page.click(f'tr[data-job-id="{job.pk}"]')
+    await page.wait_for_selector("#job-pane:not([hidden])")
+    # 100 events in one request: 30 go to the websocket (the rate), 70 stay in the API.
+    await post_events(front, token, job, range(1, 101))
+    # The end of the play always goes; its counter shows the gap.
+    end = {"counter": 101, "event": "playbook_on_stats", "stdout": line(101)}
+    await api_call(front, token, "POST", f"/api/v2/jobs/{job.pk}/job_events/", end)
+    assert await wait_lines(page, 101) == [line(n) for n in range(1, 102)]
+    # A tail held back shows only in the job's summary (final_counter): the page reads it too.
+    await post_events(front, token, job, range(102, 162))
+    await api_call(front, token, "PATCH", f"/api/v2/jobs/{job.pk}/", {"status": "canceled"})
+    assert await wait_lines(page, 161) == [line(n) for n in range(1, 162)]
+    live = await page.evaluate("window.awxLive")
+    assert live["gapFills"] == 2 and live["refetches"] == 0 and live["errors"] == []
+
+
 async def test_the_bundled_client_with_a_token_keeps_it_out_of_urls_and_logs(browser, front, user):
     """`new AwxWsClient({ token })` in Chromium: delivered through nginx, the token sent as a
     cookie of the site, and nowhere in nginx's access log, even for a client that puts it in a URL."""

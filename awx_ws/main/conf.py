@@ -117,6 +117,11 @@ SETTINGS: dict[str, Setting] = {
         "Seconds between a daphne process's reads of access changes (revoked tokens, sessions, "
         "memberships); open connections learn of one within this time.",
     ),
+    "MAX_WEBSOCKET_EVENT_RATE": _s(
+        "AWX_WS_MAX_WEBSOCKET_EVENT_RATE", 30, integer, int_at_least(0),
+        "Job events per second per job sent to the websocket (AWX's setting; 0: no limit); the "
+        "outline events always go, the rest stay in the REST API.",
+    ),
     "STARTUP_LAYER_WAIT": _s(
         "AWX_WS_STARTUP_LAYER_WAIT", 60.0, number, seconds(zero=True),
         "Seconds a starting server waits for its channel layer (Redis or RabbitMQ).",

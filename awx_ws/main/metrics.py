@@ -38,6 +38,11 @@ SUBSCRIPTIONS = Gauge(
 EMITTED = Counter("awx_ws_messages_emitted", "Messages emitted on this node, by group kind", ["kind"])
 DELIVERED = Counter("awx_ws_messages_delivered", "Messages written to client connections", ["transport"])
 DROPPED = Counter("awx_ws_messages_dropped", "Messages dropped, by reason", ["reason"])
+EVENTS_NOT_SENT = Counter(
+    "awx_ws_job_events_not_sent",
+    "Job events stored but not sent to the websocket: over the rate, or with nothing to show",
+    ["reason"],
+)
 SLOW_CLIENT_CLOSES = Counter(
     "awx_ws_slow_client_closes", "Client connections closed because they stopped reading"
 )

@@ -125,6 +125,19 @@ class JobEvent(models.Model):
         return f"{self.job_id}#{self.counter} {self.event}"
 
 
+class WebsocketEventRate(models.Model):
+    """A job's websocket event window (event_rate.py): when its last events went out, and how
+    many were held back over AWX_WS_MAX_WEBSOCKET_EVENT_RATE (its summary says so)."""
+
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, primary_key=True, related_name="websocket_rate")
+    # Send times (seconds since the epoch) of the job's last events, at most the rate of them.
+    recent = models.JSONField(default=list)
+    held_back = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"job {self.job_id}: {self.held_back} held back"
+
+
 class PeerNonce(models.Model):
     """A relay handshake nonce this node accepted, kept until it expires (no replays on the node).
 

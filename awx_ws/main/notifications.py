@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 from django.db import transaction
 
+from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.emit import emit_channel_notifications
+from awx_ws.main.event_rate import Verdict, admit
 from awx_ws.main.exceptions import EmitError
-from awx_ws.main.models import Job, JobEvent
+from awx_ws.main.models import Job, JobEvent, WebsocketEventRate
 from awx_ws.main.protocol import EVENT_KINDS
 
 logger = logging.getLogger(__name__)
@@ -34,9 +38,13 @@ def status_payload(job: Job) -> dict[str, Any]:
     return payload
 
 
-def summary_payload(job: Job, final_counter: int) -> dict[str, Any]:
-    """The `jobs-summary` message AWX sends when a job finishes."""
-    return {"group_name": "jobs", "unified_job_id": job.pk, "final_counter": final_counter}
+def summary_payload(job: Job, final_counter: int, held_back: int = 0) -> dict[str, Any]:
+    """The `jobs-summary` message AWX sends when a job finishes; `skipped_events` when some of
+    its events were held back over the rate (REST has them)."""
+    payload: dict[str, Any] = {"group_name": "jobs", "unified_job_id": job.pk, "final_counter": final_counter}
+    if held_back:
+        payload["skipped_events"] = held_back
+    return payload
 
 
 def event_group(job: Job) -> str:
@@ -112,12 +120,39 @@ def job_status_changed(job: Job) -> None:
     messages = [("jobs-status_changed", status_payload(job))]
     if job.is_terminal:
         final = job.events.order_by("-counter").values_list("counter", flat=True).first() or 0
-        messages.append(("jobs-summary", summary_payload(job, final)))
+        held_back = WebsocketEventRate.objects.filter(job=job).values_list("held_back", flat=True).first()
+        messages.append(("jobs-summary", summary_payload(job, final, held_back or 0)))
     emit_on_commit(messages)
 
 
 def job_events_created(job: Job, events: Iterable[JobEvent]) -> None:
-    """Schedule one message per event, in counter order."""
+    """Schedule the messages of the events the flood policy lets through (event_rate.py), in
+    counter order, as one batch, for after the commit of the transaction that stores them."""
     group = event_group(job)
     ordered = sorted(events, key=lambda event: event.counter)
-    emit_on_commit([(group, event_payload(job, event)) for event in ordered])
+    verdict = _admit(job, ordered)
+    if verdict.reasons:
+        reasons = Counter(verdict.reasons.values())
+        transaction.on_commit(lambda: _count_not_sent(reasons))
+    sent = [event for event, send in zip(ordered, verdict.send, strict=True) if send]
+    emit_on_commit([(group, event_payload(job, event)) for event in sent])
+
+
+def _admit(job: Job, ordered: list[JobEvent]) -> Verdict:
+    rate = ws_settings.MAX_WEBSOCKET_EVENT_RATE
+    if rate == 0:  # no limit: no window to keep
+        return admit(ordered, [], time.time(), rate)
+    # The job's window row stays locked until the outer transaction commits: API processes and
+    # nodes storing the same job's events take turns, and a rollback leaves the window as it was.
+    with transaction.atomic():
+        window, _ = WebsocketEventRate.objects.select_for_update().get_or_create(job=job)
+        verdict = admit(ordered, window.recent, time.time(), rate)
+        window.recent = verdict.recent
+        window.held_back += verdict.held_back
+        window.save(update_fields=["recent", "held_back"])
+    return verdict
+
+
+def _count_not_sent(reasons: Counter[str]) -> None:
+    for reason, count in reasons.items():
+        metrics.EVENTS_NOT_SENT.labels(reason).inc(count)

@@ -159,16 +159,18 @@ class JobViewSet(
         detail=True, methods=["get", "post"], url_path="job_events", pagination_class=EventCursorPagination
     )
     def job_events(self, request: Request, pk: str | None = None) -> Response:
-        """GET the job's events by counter (`?counter__gt=N` to catch up); POST one event or a list."""
+        """GET the job's events by counter (`?counter__gt=N` to catch up, `&counter__lt=M` to fill a
+        gap); POST one event or a list."""
         job = self.get_object()
         if request.method == "POST":
             return self._create_events(request, job)
         events = job.events.all()
-        after = request.query_params.get("counter__gt")
-        if after is not None:
-            if not after.isdigit():
-                raise ValidationError({"counter__gt": ["must be a non-negative integer"]})
-            events = events.filter(counter__gt=int(after))
+        for lookup in ("counter__gt", "counter__lt"):  # AWX's filters of the same names
+            bound = request.query_params.get(lookup)
+            if bound is not None:
+                if not bound.isdigit():
+                    raise ValidationError({lookup: ["must be a non-negative integer"]})
+                events = events.filter(**{lookup: int(bound)})
         # The stubs tie paginate_queryset to the view's model (Job); DRF pages any queryset.
         page = self.paginate_queryset(events)  # type: ignore[arg-type]
         return self.get_paginated_response(JobEventSerializer(page, many=True).data)

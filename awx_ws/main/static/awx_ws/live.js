@@ -19,7 +19,9 @@ const jobTitle = document.getElementById("job-title");
 const eventsBox = document.getElementById("events");
 
 // What tests and curious operators can read: how the page got its lines.
-const live = (window.awxLive = { reconnects: 0, refetches: 0, errors: [] });
+// refetches: the stream could not be resumed; gapFills: events the server held back over its
+// event rate (AWX_WS_MAX_WEBSOCKET_EVENT_RATE), read from the API instead.
+const live = (window.awxLive = { reconnects: 0, refetches: 0, gapFills: 0, errors: [] });
 
 const client = new AwxWsClient({
   onState: (state) => {
@@ -98,9 +100,10 @@ function addLine(event) {
   if (following) eventsBox.scrollTop = eventsBox.scrollHeight;
 }
 
-async function fetchEvents(after) {
+async function fetchEvents(after, before) {
   const job = current.job;
   let url = `/api/v2/jobs/${job.id}/job_events/?counter__gt=${after}`;
+  if (before !== undefined) url += `&counter__lt=${before}`;
   while (url && current?.job === job) {
     const page = await api(url);
     page.results.forEach(addLine);
@@ -112,28 +115,49 @@ function lastCounter() {
   return Math.max(0, ...current.lines.keys());
 }
 
+// Over its event rate the server stores a job's events but does not send them all (AWX's flood
+// policy): a counter that jumps shows the gap, the job's summary (final_counter) shows a missing
+// tail. Either way the API has them. Until the first read of the API is done it covers both.
+function onEvent(event) {
+  if (current?.loaded && event.counter > lastCounter() + 1) {
+    live.gapFills += 1;
+    fetchEvents(lastCounter(), event.counter);
+  }
+  addLine(event);
+}
+
+client.on("jobs-summary", (data) => {
+  // Counters run from 1 to final_counter: fewer lines than that, and some are missing.
+  if (current?.loaded && current.job.id === data.unified_job_id && current.lines.size < data.final_counter) {
+    live.gapFills += 1;
+    fetchEvents(0);
+  }
+});
+
 async function openJob(job) {
   if (current) current.off();
   const kind = EVENT_KINDS[job.kind];
   const group = `${kind}-${job.id}`;
-  current = { job, group, lines: new Map(), off: () => {} };
+  current = { job, group, lines: new Map(), loaded: false, off: () => {} };
   eventsBox.replaceChildren();
   jobTitle.textContent = `${job.name} (#${job.id})`;
   jobPane.hidden = false;
   window.location.hash = `job-${job.id}`;
   // Subscribe first and wait until the server has it, then read what is already there: nothing
   // falls in between (an event emitted before the subscription took effect is in the API's list).
-  current.off = client.on(group, addLine, {
+  current.off = client.on(group, onEvent, {
     onReset: () => {
       live.refetches += 1;
       fetchEvents(lastCounter()); // the history could not reach back: ask the API
     },
   });
-  await client.subscribe({ jobs: ["status_changed"], [kind]: [job.id] });
+  await client.subscribe({ jobs: ["status_changed", "summary"], [kind]: [job.id] });
+  const opened = current;
   await fetchEvents(0);
+  opened.loaded = true;
 }
 
-client.subscribe({ jobs: ["status_changed"] });
+client.subscribe({ jobs: ["status_changed", "summary"] });
 await loadJobs();
 const wanted = window.location.hash.match(/^#job-(\d+)$/);
 if (wanted) openJob(await api(`/api/v2/jobs/${wanted[1]}/`));
