@@ -26,6 +26,7 @@ RABBITMQ: list[RabbitMQServer] = []
 
 
 def rabbitmq_env() -> dict[str, str]:
+    """The environment of a server on the bench's RabbitMQ broker."""
     return {"CHANNEL_LAYER_BACKEND": "rabbitmq", "RABBITMQ_URL": RABBITMQ[0].url()}
 
 
@@ -36,6 +37,7 @@ def cpu_seconds(process: Process) -> float:
 
 
 def setup_django(redis_port: int) -> None:
+    """Django in the bench process, on the bench's SQLite and Redis (servers inherit the environment)."""
     os.environ.update(
         {
             "DJANGO_SETTINGS_MODULE": "config.settings",
@@ -55,6 +57,7 @@ def setup_django(redis_port: int) -> None:
 
 
 def make_token_and_jobs(count: int) -> tuple[str, list[int]]:
+    """The bench user (member of the "bench" organization), its API token and count jobs it may see."""
     from django.contrib.auth import get_user_model
     from rest_framework.authtoken.models import Token
 
@@ -73,14 +76,31 @@ def make_token_and_jobs(count: int) -> tuple[str, list[int]]:
     return key, [job.pk for job in jobs]
 
 
+def add_jobs(count: int) -> list[int]:
+    """count more jobs in the bench user's organization (make_token_and_jobs made it)."""
+    from awx_ws.main.models import Job, Organization
+
+    org = Organization.objects.get(name="bench")
+    jobs = Job.objects.bulk_create([Job(organization=org, kind="job") for _ in range(count)])
+    return [job.pk for job in jobs]
+
+
 def log(line: str) -> None:
+    """A line of progress, at once."""
     print(line, flush=True)
 
 
 class Server:
     """One server kind: its processes (for CPU and RSS) and its client URL."""
 
-    def __init__(self, kind: str, redis: RedisServer, daphnes: int = 1, front: bool = False):
+    def __init__(
+        self,
+        kind: str,
+        redis: RedisServer,
+        daphnes: int = 1,
+        front: bool = False,
+        env_extra: dict[str, str] | None = None,
+    ):
         self.kind = kind
         self.processes: list[Process] = []
         logs = STATE / "logs"
@@ -88,6 +108,7 @@ class Server:
             # Every load client is the one bench user: its 1,000 sockets are past the per-user limit.
             env = {"LOG_LEVEL": "WARNING", "AWX_WS_MAX_CONNECTIONS_PER_USER": "100000"}
             env.update(rabbitmq_env() if kind == "ours-rabbitmq" else {})
+            env.update(env_extra or {})
             runner = "daphne" if kind == "ours-daphne" else "awx_ws.server"
             nodes = [DaphneNode(logs, env, runner=runner).start() for _ in range(daphnes)]
             self.processes += nodes
@@ -135,14 +156,42 @@ class Server:
         return parts
 
     def cpu(self) -> float:
+        """CPU seconds of all its processes."""
         return sum(self.cpu_parts().values())
 
     def rss(self) -> int:
+        """Resident bytes of all its processes."""
         return sum(psutil.Process(p.pid).memory_info().rss for p in self.processes)
 
     def stop(self) -> None:
+        """Stop every process."""
         for process in self.processes:
             process.stop()
+
+
+def groups_argument(groups: list[str]) -> str:
+    """loadclient's --groups: comma-separated, or @file when the names are past argv's limit."""
+    if len(groups) <= 1000:
+        return ",".join(groups)
+    listing = STATE / f"groups-{time.monotonic_ns()}.txt"
+    listing.write_text("\n".join(groups) + "\n")
+    return f"@{listing}"
+
+
+def wait_floor_subscribed(redis: RedisServer, groups: list[str], timeout: float = 30) -> None:
+    """Until Redis has the floor's subscription to every group (it subscribes after the handshake)."""
+    from redis import Redis
+
+    client = Redis.from_url(redis.url)
+    deadline = time.monotonic() + timeout
+    try:
+        wanted = sorted(set(groups))
+        while not all(count > 0 for _, count in client.pubsub_numsub(*wanted)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the floor did not subscribe to {len(wanted)} groups in {timeout}s")
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 class Clients:
@@ -157,13 +206,15 @@ class Clients:
         expect: int = 0,
         hold: bool = False,
         timeout: float = 90,
+        groups_per_socket: int = 1,
     ):
         # Every "ours" kind speaks the same protocol.
         client_kind = "ours" if server.kind.startswith("ours") else server.kind
         argv = [
             sys.executable, "-m", "bench.loadclient", "--kind", client_kind, "--url", server.url,
-            "--count", str(count), "--groups", ",".join(groups), "--token", token,
+            "--count", str(count), "--groups", groups_argument(groups), "--token", token,
             "--expect", str(expect), "--timeout", str(timeout),
+            "--groups-per-socket", str(groups_per_socket),
         ]  # fmt: skip
         if hold:
             argv.append("--hold")
@@ -172,6 +223,7 @@ class Clients:
         self._said = time.monotonic()
 
     def wait_ready(self) -> None:
+        """Until every socket is connected (and subscribed, for ours)."""
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.strip() == "ready":
@@ -179,6 +231,7 @@ class Clients:
         raise RuntimeError("load client died before it was ready")
 
     def result(self, label: str, total: int) -> dict[str, Any]:
+        """What the clients received (showing progress meanwhile)."""
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith("progress "):
@@ -196,12 +249,14 @@ class Clients:
         raise RuntimeError("load client died without a result")
 
     def release(self) -> None:
+        """End a --hold client: its sockets close, the process exits."""
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait(60)
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of values (nan for none)."""
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -215,6 +270,7 @@ def connections_to(port: int) -> int:
 
 @contextmanager
 def rabbitmq_server():
+    """A RabbitMQ broker for the bench's run (the ours-rabbitmq kind's)."""
     server = RabbitMQServer(free_port(), STATE / "rabbitmq", ["/"]).start()
     RABBITMQ.append(server)
     try:
@@ -226,6 +282,7 @@ def rabbitmq_server():
 
 @contextmanager
 def redis_server():
+    """The bench's redis-server."""
     server = RedisServer(free_port(), STATE / "redis").start()
     try:
         yield server

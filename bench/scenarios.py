@@ -20,6 +20,7 @@ from bench.harness import (
     cpu_seconds,
     log,
     percentile,
+    wait_floor_subscribed,
 )
 from tests.servers import RedisServer
 
@@ -32,7 +33,7 @@ def emitter(kind: str, redis_url: str):
         redis = Redis.from_url(redis_url)
 
         async def publish(group: str, payload: dict) -> None:
-            await redis.publish("bench", json.dumps(payload))
+            await redis.publish(group, json.dumps(payload))  # the floor relays channel <group> to it
 
         return publish
     from awx_ws.main.emit import build_message
@@ -169,6 +170,8 @@ def deliveries(
             server, clients, groups, token, expect=per_client, timeout=max(60.0, len(plan) / rate * 6)
         )
         load.wait_ready()
+        if kind == "floor":
+            wait_floor_subscribed(redis, groups)
         broker = RABBITMQ[0] if kind == "ours-rabbitmq" else redis
         cpu0, parts0, layer_cpu0 = server.cpu(), server.cpu_parts(), cpu_seconds(broker)
         client_cpu0 = sum(psutil.Process(load.proc.pid).cpu_times()[:2])
