@@ -96,6 +96,7 @@ async def receive_many(url: str, token: str, count: int, tls: ssl.SSLContext | N
         pad = "x" * 1024
 
         async def feed() -> None:
+            """Emit the messages as fast as the layer takes them."""
             for n in range(count):
                 await send("jobs-tlsbench", {"n": n, "pad": pad})
 
@@ -107,6 +108,7 @@ async def receive_many(url: str, token: str, count: int, tls: ssl.SSLContext | N
 
 
 def cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a process and its children."""
     parent = psutil.Process(pid)
     return sum(sum(p.cpu_times()[:2]) for p in [parent, *parent.children(recursive=True)])
 

@@ -101,6 +101,7 @@ class Server:
         front: bool = False,
         env_extra: dict[str, str] | None = None,
     ):
+        """Start the kind's processes (env_extra: more environment for ours)."""
         self.kind = kind
         self.processes: list[Process] = []
         logs = STATE / "logs"
@@ -209,6 +210,7 @@ class Clients:
         groups_per_socket: int = 1,
     ):
         # Every "ours" kind speaks the same protocol.
+        """Start the load-client process (its sockets connect in the background)."""
         client_kind = "ours" if server.kind.startswith("ours") else server.kind
         argv = [
             sys.executable, "-m", "bench.loadclient", "--kind", client_kind, "--url", server.url,

@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 
 def say(line: str) -> None:
+    """One line to the driver, at once."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -38,6 +39,7 @@ def subscribe_frame(groups: list[str]) -> str:
 
 
 async def open_one(args: argparse.Namespace, index: int, gate: asyncio.Semaphore) -> ClientConnection:
+    """Connect socket index (and subscribe it, for ours)."""
     groups = groups_of(args, index)
     async with gate:
         if args.kind == "ours":
@@ -54,6 +56,7 @@ async def open_one(args: argparse.Namespace, index: int, gate: asyncio.Semaphore
 
 
 async def main(args: argparse.Namespace) -> None:
+    """Open the sockets, then hold them or time what arrives."""
     gate = asyncio.Semaphore(100)
     sockets = await asyncio.gather(*(open_one(args, i, gate) for i in range(args.count)))
     say("ready")
@@ -66,6 +69,7 @@ async def main(args: argparse.Namespace) -> None:
     counts = [0] * len(sockets)
 
     async def read(i: int, ws: ClientConnection) -> None:
+        """Timestamp socket i's frames until it has the expected count."""
         async for frame in ws:
             now = time.time()
             latencies.append((now - json.loads(frame)["t"]) * 1000)

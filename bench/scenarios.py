@@ -33,6 +33,7 @@ def emitter(kind: str, redis_url: str):
         redis = Redis.from_url(redis_url)
 
         async def publish(group: str, payload: dict) -> None:
+            """PUBLISH the payload on the group's channel."""
             await redis.publish(group, json.dumps(payload))  # the floor relays channel <group> to it
 
         return publish
@@ -47,11 +48,13 @@ def emitter(kind: str, redis_url: str):
         made: list[RabbitmqChannelLayer] = []
 
         async def send_rabbitmq(group: str, payload: dict) -> None:
+            """group_send on the RabbitMQ layer (made here on first use)."""
             if not made:
                 made.append(RabbitmqChannelLayer(**{**config, "host": RABBITMQ[0].url()}))
             await made[0].group_send(group, build_message(group, payload))
 
         async def close() -> None:
+            """Close the RabbitMQ layer, if one was made."""
             if made:
                 await made[0].close()
 
@@ -68,6 +71,7 @@ def emitter(kind: str, redis_url: str):
         layer = RedisChannelLayer(hosts=[redis_url])  # the tutorial's stock configuration
 
     async def send(group: str, payload: dict) -> None:
+        """group_send on the kind's layer."""
         await layer.group_send(group, build_message(group, payload))
 
     return send
@@ -121,6 +125,7 @@ def slow_client_latency(redis: RedisServer, token: str, messages: int) -> dict[s
         rss0 = server.rss()
 
         async def run() -> None:
+            """The stalled client, then the paced 64 KiB messages."""
             stalled = await stalled_client(server.url, token, group)
             await emit_paced(emitter("ours", redis.url), [group] * messages, 40.0, pad)
             stalled.transport.abort()
@@ -230,23 +235,25 @@ def idle_rss(kind: str, redis: RedisServer, token: str, counts: list[int]) -> di
     }
 
 
-def timed_sync_emits(group: str, calls: int) -> list[float]:
-    """µs of each of calls emit_channel_notification()s, after one untimed warm-up call."""
+def timed_sync_emits(groups: list[str], warm: str) -> list[float]:
+    """µs of an emit_channel_notification() to each of groups in turn, after one untimed to warm."""
     from awx_ws.main.emit import emit_channel_notification
 
-    emit_channel_notification(group, {"warm": True})
+    emit_channel_notification(warm, {"warm": True})
     samples = []
-    for n in range(calls):
+    for n, group in enumerate(groups):
         t0 = time.perf_counter_ns()
         emit_channel_notification(group, {"n": n})
         samples.append((time.perf_counter_ns() - t0) / 1000)
     return samples
 
 
-def emit_cost(redis: RedisServer, group: str, scenario: str, calls: int = 2000) -> dict[str, Any]:
-    """Median and p99 of the sync emit, the Redis connections it opened, and what bounds it.
+def emit_cost(redis: RedisServer, groups: list[str], scenario: str, warm: str = "") -> dict[str, Any]:
+    """Median and p99 of the sync emit to each of groups, the Redis connections it opened, and
+    what bounds it (warm: the warm-up call's group, groups[0] by default).
 
-    A `jobs` group keeps history (one XADD and trim in the emit's script); `control` keeps none.
+    A `jobs` or `job_events` group keeps history (one XADD and trim in the emit's script);
+    `control` keeps none.
     """
     from redis import Redis
 
@@ -261,19 +268,37 @@ def emit_cost(redis: RedisServer, group: str, scenario: str, calls: int = 2000) 
     ping.close()
 
     def connections() -> int:
+        """Connections this process holds to the layer's server."""
         return connections_to(redis.port)
 
     before = connections()
-    samples = timed_sync_emits(group, calls)
+    samples = timed_sync_emits(groups, warm or groups[0])
     return {
         "kind": "ours",
         "scenario": scenario,
         "median_us": statistics.median(samples),
         "p99_us": percentile(samples, 0.99),
         "redis_connections_opened": connections() - before,
-        "calls": calls,
+        "calls": len(groups),
         "redis_rtt_median_us": statistics.median(rtts),
     }
+
+
+def watched_emit_cost(redis: RedisServer, token: str, calls: int = 2000) -> dict[str, Any]:
+    """The sync emit to a `jobs` group (history on) that has a subscriber while it is timed."""
+    # The subscriber is a real one, one websocket client of an "ours" server: the group then has
+    # the membership a watched group has in service (the server process's fan-out channel), and
+    # the server does its delivery work on the same cores meanwhile, as it would.
+    group = "jobs-emitcost"
+    server = Server("ours", redis)
+    try:
+        watcher = Clients(server, 1, [group], token, hold=True)
+        watcher.wait_ready()
+        row = emit_cost(redis, [group] * calls, "sync emit")
+        watcher.release()
+    finally:
+        server.stop()
+    return {**row, "subscribers": 1}
 
 
 def emit_cost_rabbitmq(group: str, calls: int = 2000) -> dict[str, Any]:
@@ -287,12 +312,13 @@ def emit_cost_rabbitmq(group: str, calls: int = 2000) -> dict[str, Any]:
     broker = RABBITMQ[0]
 
     def connections() -> int:
+        """Connections this process holds to the layer's server."""
         return connections_to(broker.port)
 
     os.environ["RABBITMQ_URL"] = broker.url()
     with override_settings(CHANNEL_LAYERS={"default": channel_layer_config("rabbitmq")}):
         before, threads = connections(), threading.active_count()
-        samples = timed_sync_emits(group, calls)
+        samples = timed_sync_emits([group] * calls, group)
         opened, new_threads = connections() - before, threading.active_count() - threads
     return {
         "kind": "ours-rabbitmq",
