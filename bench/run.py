@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from bench import backends, figures
+from bench import backends, figures, targets
 from bench.harness import (
     ROOT,
     STATE,
@@ -223,7 +223,7 @@ def describe_multi(rows: Rows) -> str:
 
 
 def main() -> None:
-    """Run everything, print the table and the other figures, save the results."""
+    """Run everything, print the table, the other figures and the targets, save the results."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     args = parser.parse_args()
@@ -240,10 +240,13 @@ def main() -> None:
     print(describe(rows))
     print(describe_multi(rows))
     print(figures.describe(rows))
+    found = targets.targets(rows)
+    print()
+    print(targets.render(found))
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     saved = out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    results = {"rows": rows, "seconds": time.monotonic() - started}
+    results = {"rows": rows, "targets": targets.as_json(found), "seconds": time.monotonic() - started}
     saved.write_text(json.dumps(results, indent=2))
     print(f"\n{time.monotonic() - started:.0f} s; results in {saved.relative_to(ROOT)}")
 
