@@ -5,8 +5,10 @@ the same 2 cores, so absolute rates are shared-CPU figures. The fair figure is t
 CPU time per 1,000 deliveries (psutil: user + system of the server processes only); the channel
 layer's server (redis-server or RabbitMQ's beam) is reported beside it as `layer CPU`.
 "ours" runs on the Redis layer under `python -m awx_ws.server` (direct writes), "ours-daphne" the
-same under plain `daphne` (the ASGI send path), "ours-rabbitmq" on the RabbitMQ layer.
-Prints a table with ratios to the baseline and writes bench/results/<time>.json.
+same under plain `daphne` (the ASGI send path), "ours-rabbitmq" on the RabbitMQ layer. The floor
+(bench/floor_server.py) holds one Redis pub/sub subscription per group its clients are on.
+Prints a table with ratios to the baseline, the other figures (bench/figures.py and the rest),
+issue 17's targets with met/missed (bench/targets.py), and writes bench/results/<time>.json.
 """
 
 from __future__ import annotations
