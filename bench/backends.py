@@ -38,7 +38,7 @@ def seed(database_url: str) -> tuple[str, int]:
         "import django, json; django.setup()\n"
         "from django.core.management import call_command\n"
         "call_command('migrate', verbosity=0, interactive=False)\n"
-        "from bench.run import make_token_and_jobs\n"
+        "from bench.harness import make_token_and_jobs\n"
         "token, jobs = make_token_and_jobs(1)\n"
         "print(json.dumps([token, jobs[0]]))\n"
     )
@@ -85,7 +85,7 @@ async def handshakes(
 
 async def receive_many(url: str, token: str, count: int, tls: ssl.SSLContext | None) -> float:
     """One client takes count 1 KiB messages of one group; returns the seconds it took."""
-    from bench.run import emitter
+    from bench.scenarios import emitter
 
     send = emitter("ours", os.environ["REDIS_URL"])
     async with connect(f"{url}/websocket/?token={token}", ssl=tls) as ws:
@@ -96,6 +96,7 @@ async def receive_many(url: str, token: str, count: int, tls: ssl.SSLContext | N
         pad = "x" * 1024
 
         async def feed() -> None:
+            """Emit the messages as fast as the layer takes them."""
             for n in range(count):
                 await send("jobs-tlsbench", {"n": n, "pad": pad})
 
@@ -107,6 +108,7 @@ async def receive_many(url: str, token: str, count: int, tls: ssl.SSLContext | N
 
 
 def cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a process and its children."""
     parent = psutil.Process(pid)
     return sum(sum(p.cpu_times()[:2]) for p in [parent, *parent.children(recursive=True)])
 

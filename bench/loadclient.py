@@ -16,29 +16,47 @@ from websockets.asyncio.client import ClientConnection, connect
 
 
 def say(line: str) -> None:
+    """One line to the driver, at once."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
+def groups_of(args: argparse.Namespace, index: int) -> list[str]:
+    """The groups of socket index: one, round-robin, or a slice of --groups-per-socket (ours only)."""
+    if args.groups_per_socket > 1:
+        start = index * args.groups_per_socket
+        return args.groups[start : start + args.groups_per_socket]
+    return [args.groups[index % len(args.groups)]]
+
+
+def subscribe_frame(groups: list[str]) -> str:
+    """AWX's subscribe frame for groups: `{"groups": {kind: [items]}}` (event kinds take job ids)."""
+    wanted: dict[str, list[object]] = {}
+    for group in groups:
+        kind, _, item = group.partition("-")
+        wanted.setdefault(kind, []).append(int(item) if kind.endswith("_events") else item)
+    return json.dumps({"groups": wanted, "xrftoken": None})
+
+
 async def open_one(args: argparse.Namespace, index: int, gate: asyncio.Semaphore) -> ClientConnection:
-    group = args.groups[index % len(args.groups)]
+    """Connect socket index (and subscribe it, for ours)."""
+    groups = groups_of(args, index)
     async with gate:
         if args.kind == "ours":
             ws = await connect(f"{args.url}/websocket/?token={args.token}", max_queue=None, open_timeout=60)
             await ws.recv()  # {"accept": true, ...}
-            kind, _, item = group.partition("-")
-            value: object = int(item) if kind.endswith("_events") else item
-            await ws.send(json.dumps({"groups": {kind: [value]}, "xrftoken": None}))
+            await ws.send(subscribe_frame(groups))
             while "groups_current" not in json.loads(await ws.recv()):
                 pass
         elif args.kind == "baseline":
-            ws = await connect(f"{args.url}/ws/?group={group}", max_queue=None, open_timeout=60)
+            ws = await connect(f"{args.url}/ws/?group={groups[0]}", max_queue=None, open_timeout=60)
         else:
-            ws = await connect(f"{args.url}/", max_queue=None, open_timeout=60)
+            ws = await connect(f"{args.url}/?group={groups[0]}", max_queue=None, open_timeout=60)
         return ws
 
 
 async def main(args: argparse.Namespace) -> None:
+    """Open the sockets, then hold them or time what arrives."""
     gate = asyncio.Semaphore(100)
     sockets = await asyncio.gather(*(open_one(args, i, gate) for i in range(args.count)))
     say("ready")
@@ -51,6 +69,7 @@ async def main(args: argparse.Namespace) -> None:
     counts = [0] * len(sockets)
 
     async def read(i: int, ws: ClientConnection) -> None:
+        """Timestamp socket i's frames until it has the expected count."""
         async for frame in ws:
             now = time.time()
             latencies.append((now - json.loads(frame)["t"]) * 1000)
@@ -71,12 +90,22 @@ async def main(args: argparse.Namespace) -> None:
     say("result " + json.dumps({"received": len(latencies), "latencies_ms": latencies, "cpu_s": cpu}))
 
 
+def read_groups(value: str) -> list[str]:
+    """--groups: `a,b,c` or `@file` with one group per line."""
+    if value.startswith("@"):
+        with open(value[1:]) as given:
+            return [line.strip() for line in given if line.strip()]
+    return value.split(",")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--kind", choices=["ours", "baseline", "floor"], required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--groups", type=lambda s: s.split(","), required=True)
+    # Comma-separated, or @path: a file of one group per line (10,000 names are past argv's limit).
+    parser.add_argument("--groups", type=read_groups, required=True)
+    parser.add_argument("--groups-per-socket", type=int, default=1)
     parser.add_argument("--token", default="")
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60)
