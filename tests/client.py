@@ -126,6 +126,20 @@ async def emit_to(redis_url: str, group: str, payload: Any) -> None:
         await layer.close_pools()
 
 
+async def watch(redis_url: str, *groups: str) -> None:
+    """Give each group a member, as a Channels consumer's group_add does: someone could resume
+    them, so their history is kept (an emit to a group nobody watches keeps none)."""
+    from awx_ws.main.layers import RedisChannelLayer
+
+    layer = RedisChannelLayer(hosts=[{"address": redis_url}])
+    try:
+        channel = await layer.new_channel()
+        for group in groups:
+            await layer.group_add(group, channel)
+    finally:
+        await layer.close_pools()
+
+
 async def open_peer_socket(url: str, peer: str, secret: str, node: str = "tests") -> ClientConnection:
     """A relay's socket to url with a header signed for peer (the node's BROADCAST_WEBSOCKET_SELF),
     after the node's proof that it holds the secret (checked: the relay drops a node without it)."""

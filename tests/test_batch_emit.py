@@ -24,7 +24,7 @@ from awx_ws.main.emit import (
     emit_channel_notifications,
 )
 from awx_ws.main.exceptions import EmitError, InvalidGroupName
-from tests.client import redis_at
+from tests.client import redis_at, watch
 from tests.servers import ROOT, free_port
 
 pytestmark = [pytest.mark.usefixtures("fresh_in_process_layer"), pytest.mark.both_runners]
@@ -196,6 +196,7 @@ def test_a_batch_to_rabbitmq_that_is_down_fails_in_time_naming_rabbitmq_url():
 async def test_a_first_batch_on_a_fresh_redis_loads_the_script_makes_the_origin_and_keeps_order(own_redis):
     """A Redis that never saw us has neither the group_send script nor a history origin: the
     batch runs again for what needs them, and nothing is lost, doubled or reordered."""
+    await watch(own_redis.url, "jobs-status_changed")  # so its history is kept
     done = subprocess.run(
         [sys.executable, "-c", BATCH_SCRIPT],
         cwd=ROOT,

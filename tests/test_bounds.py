@@ -9,7 +9,8 @@ import httpx
 import pytest
 import redis as sync_redis
 
-from tests.client import open_ws
+from awx_ws.main.exceptions import RedisUnavailable
+from tests.client import emit_to, open_ws, watch
 from tests.factories import adb, create_token, create_user
 from tests.servers import Gunicorn
 
@@ -60,7 +61,10 @@ async def test_a_full_redis_refuses_new_emits_and_keeps_what_it_holds(daphne_fac
     control = sync_redis.Redis.from_url(own_redis.url)
     try:
         client = await open_ws(node.url, headers={"Authorization": f"Token {key}"})
-        await client.subscribe({"schedules": ["bounded"]})
+        control_group = f"control-limit_reached_{staff.pk}"  # a kind that keeps no history
+        await client.subscribe({"schedules": ["bounded"], "control": [f"limit_reached_{staff.pk}"]})
+        # Members that are no fan-out: a plain Channels consumer's channel (its own Lua path).
+        await watch(own_redis.url, control_group, "control-limit_reached_0")
         headers = {"Authorization": f"Token {key}"}
         post = {"group": "schedules-bounded", "payload": {"n": 1}}
         async with httpx.AsyncClient(base_url=api.http_url, headers=headers, timeout=30) as http:
@@ -77,6 +81,11 @@ async def test_a_full_redis_refuses_new_emits_and_keeps_what_it_holds(daphne_fac
             assert full.status_code == 503, full.text
             assert "REDIS_URL" in full.json()["detail"]
             assert control.zrange("asgi:group:schedules-bounded", 0, -1) == members_before
+            # Nothing else grows past the limit either: a kind without history, with a fan-out
+            # member and a plain channel, or with a plain channel alone.
+            for group in (control_group, "control-limit_reached_0"):
+                with pytest.raises(RedisUnavailable, match="maxmemory"):
+                    await emit_to(own_redis.url, group, {"n": 2})
             control.delete(*control.keys("ballast:*"))
             assert (await http.post("/api/v2/emit/", json={**post, "payload": {"n": 3}})).status_code == 202
         assert await client.recv_json() == {"n": 3}

@@ -112,6 +112,8 @@ def test_redis_key_formats_are_those_deployed_nodes_already_use():
     assert keys.process_counts_key("asgi", "abc") == "asgi:connections:abc"
     assert keys.stream_key("asgi", "jobs-status_changed") == "asgi:history:jobs-status_changed"
     assert keys.origin_key("asgi") == "asgi:history-origin"
+    assert keys.watched_key("asgi", "job_events-42") == "asgi:watched:job_events-42"
+    assert keys.group_of_key("asgi", "asgi:group:job_events-42") == "job_events-42"
     assert keys.history_total_keys("asgi") == [
         "asgi:history-sizes",
         "asgi:history-total",

@@ -286,11 +286,12 @@ async def test_history_keeps_at_most_its_total_bytes_per_node_emptying_the_soone
 
 
 async def test_the_node_total_forgets_history_that_expired(own_redis, settings):
-    from tests.client import emit_to, redis_at
+    from tests.client import emit_to, redis_at, watch
 
     redis = redis_at(own_redis.url)
     short = {"HISTORY_TOTAL_BYTES": 1 << 20, "HISTORY_KINDS": {"control": None, "schedules": {"age": 1}}}
     settings.AWX_WS = {**settings.AWX_WS, **short}
+    await watch(own_redis.url, "schedules-expiring", "schedules-kept")
     await emit_to(own_redis.url, "schedules-expiring", {"stdout": "x" * 100})
     deadline = time.monotonic() + 10
     while await redis.exists("asgi:history:schedules-expiring"):  # Redis expires it after 1 s
@@ -309,7 +310,7 @@ async def test_the_node_total_forgets_history_that_expired(own_redis, settings):
 async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_oldest_written(
     own_redis, settings
 ):
-    from tests.client import emit_to, redis_at
+    from tests.client import emit_to, redis_at, watch
 
     bounds = {
         "HISTORY_MAX_BYTES": 3000,
@@ -318,6 +319,7 @@ async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_ol
     }
     payload = {"stdout": "x" * 900}
     settings.AWX_WS = {**settings.AWX_WS, **bounds}
+    await watch(own_redis.url, "schedules-long", "inventory_updates-short", "schedules-newest")
     await emit_to(own_redis.url, "schedules-long", payload)  # written first, kept an hour
     await emit_to(own_redis.url, "inventory_updates-short", payload)  # kept a minute
     for _ in range(3):
@@ -333,10 +335,11 @@ async def test_a_stream_first_counted_by_a_read_leaves_the_total_when_it_expires
     off) is counted by the first read that trims it; it must leave the total when it expires."""
     from awx_ws.main.layers import RedisChannelLayer
     from awx_ws.main.layers.redis_history import read_local
-    from tests.client import emit_to, redis_at
+    from tests.client import emit_to, redis_at, watch
 
     kinds = {"control": None, "schedules": {"age": 1}}
     settings.AWX_WS = {**settings.AWX_WS, "HISTORY_TOTAL_BYTES": 0, "HISTORY_KINDS": kinds}
+    await watch(own_redis.url, "schedules-uncounted", "schedules-next")
     await emit_to(own_redis.url, "schedules-uncounted", {"stdout": "x" * 100})
     redis = redis_at(own_redis.url)
     assert await redis.exists("asgi:history-total") == 0

@@ -16,10 +16,14 @@ Design (docs/channels.md, "Resumable streams"):
   seen from each origin: `1732406400000,1f0c9a7e:1732406400123-0`. Resuming replays, from every
   origin, what comes after its component (or after the floor, when nothing of that origin was
   seen). Positions of several groups (an SSE stream) join as `group@position;group@position`.
+- Only groups someone could resume keep history: those with a member now, or whose last member
+  left within the history age (resumable_for). An emit to a group nobody watched in that time
+  costs what an emit without history costs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +63,13 @@ def history_policy(group: str) -> HistoryPolicy | None:
     return HistoryPolicy(
         int(length), float(age), int(ws_settings.HISTORY_MAX_BYTES), int(ws_settings.HISTORY_TOTAL_BYTES)
     )
+
+
+def resumable_for(policy: HistoryPolicy) -> int:
+    """Seconds a group's history is still kept after its last subscriber left: a client holding
+    a position may resume within the history age, and a peer's read reaches HISTORY_CLOCK_SKEW
+    further back. A group nobody watched for that long keeps none (nobody could resume it)."""
+    return math.ceil(policy.age + float(ws_settings.HISTORY_CLOCK_SKEW)) + 1
 
 
 def parse_stream_id(text: str) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from awx_ws.main import metrics, retry
 from awx_ws.main.exceptions import RedisUnavailable, StartupError, redact_url
-from awx_ws.main.history import GroupPosition, Replay, history_policy
+from awx_ws.main.history import GroupPosition, Replay, history_policy, resumable_for
 from awx_ws.main.layers import redis_batch, redis_history, redis_keys, redis_presence
 from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.layers.redis_counts import RedisConnectionStore
@@ -133,9 +133,14 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
             raise self.unavailable(exc) from exc
 
     async def group_discard(self, group: str, channel: str) -> None:
-        """channels_redis's group_discard; RedisUnavailable when Redis fails."""
+        """channels_redis's group_discard (and the leave's mark, mark_left); RedisUnavailable when
+        Redis fails."""
         try:
             await super().group_discard(group, channel)
+            if history_policy(group) is not None:
+                async with self.connection(0).pipeline(transaction=False) as pipe:  # history's Redis
+                    self.mark_left(pipe, group)
+                    await pipe.execute()
         except RedisError as exc:
             raise self.unavailable(exc) from exc
 
@@ -230,14 +235,22 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
                     "(CHANNEL_LAYERS); or set AWX_WS['HISTORY_KINDS'] entries to None"
                 )
             keys += [
+                redis_keys.watched_key(self.prefix, group),
                 redis_keys.stream_key(self.prefix, group),
                 redis_keys.origin_key(self.prefix),
                 *total_keys(self),
             ]
             ttl = max(1, math.ceil(policy.age))
             args += [policy.length, policy.age, ttl, self._serializer.random_prefix_length, policy.max_bytes]
-            args.append(policy.total_bytes)
+            args += [policy.total_bytes, resumable_for(policy)]
         return keys, args
+
+    def mark_left(self, pipe: Any, group: str) -> None:
+        """Queue the mark of a member leaving group: its history is kept a while longer for the
+        clients that may resume it (GROUP_SEND_FANOUT_LUA). Nothing for kinds without history."""
+        policy = history_policy(group)
+        if policy is not None:
+            pipe.set(redis_keys.watched_key(self.prefix, group), 1, ex=resumable_for(policy))
 
     def after_fanout(self, group: str, message: dict[str, Any], reply: Any) -> list[bytes]:
         """Report drops, put the history id into message; the members still to be sent to."""

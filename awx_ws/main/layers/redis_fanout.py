@@ -88,6 +88,7 @@ class RedisFanout(Fanout):
             pipe.expire(key, layer.group_expiry)
         for group in discards:
             pipe.zrem(layer.group_key(group), channel)
+            layer.mark_left(pipe, group)
 
     def _interest_into(self, pipe: Any, adds: list[str], discards: list[str], rewrite: bool) -> None:
         """The process's interest set (redis_interest.py) follows: changed, or rewritten whole."""
@@ -115,6 +116,7 @@ class RedisFanout(Fanout):
         async with layer.connection(0).pipeline(transaction=False) as pipe:
             for group in sorted(self._applied | self._uncertain):
                 pipe.zrem(layer.group_key(group), channel)
+                layer.mark_left(pipe, group)
             pipe.delete(self._interest_key, queue_key(layer.prefix, channel))
             pipe.publish(interest_changed(layer.prefix), layer.client_prefix)
             await pipe.execute()

@@ -168,7 +168,8 @@ end
 APPEND_LUA = (
     TRIM_LUA
     + """
-local function append_history(stream, origin_key, blob, plen, maxlen, age_s, ttl, max_bytes, total_max)
+local function append_history(stream, origin_key, blob, plen, maxlen, age_s, ttl, max_bytes, total_max,
+                               total_first)
     local origin = redis.call('GET', origin_key)
     if not origin then return nil end
     local message = cmsgpack.unpack(string.sub(blob, plen + 1))
@@ -180,7 +181,7 @@ local function append_history(stream, origin_key, blob, plen, maxlen, age_s, ttl
     if fresh then redis.call('DEL', stream .. ':bytes') end
     redis.call('INCRBY', stream .. ':bytes', #message['text'])
     local min_ms = math.max(now_ms - age_s * 1000, 0)
-    local acct = accounts(4, total_max, now_ms)
+    local acct = accounts(total_first, total_max, now_ms)
     trim(stream, maxlen, min_ms, stream_id, max_bytes, acct)
     if acct then
         -- The node's total (HISTORY_TOTAL_BYTES): past it, the streams to expire soonest go.

@@ -77,6 +77,17 @@ def origin_key(prefix: str) -> str:
     return f"{prefix}:history-origin"
 
 
+def watched_key(prefix: str, group: str) -> str:
+    """A group whose last member left lately (a string with a TTL): its history is still kept,
+    for the clients that may resume it (redis_history.py)."""
+    return f"{prefix}:watched:{group}"
+
+
+def group_of_key(prefix: str, key: str) -> str:
+    """The group name in one of channels_redis's group member set keys (group_pattern)."""
+    return key.removeprefix(f"{prefix}:group:")
+
+
 def history_total_keys(prefix: str) -> list[str]:
     """Each stream's bytes (hash), their sum (string) and when each stream expires (sorted set)."""
     return [f"{prefix}:history-sizes", f"{prefix}:history-total", f"{prefix}:history-expiry"]

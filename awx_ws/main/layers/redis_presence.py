@@ -36,6 +36,7 @@ from awx_ws.main.exceptions import RedisUnavailable, StartupError
 from awx_ws.main.layers.redis_counts import forget_process
 from awx_ws.main.layers.redis_keys import (
     alive_key,
+    group_of_key,
     group_pattern,
     interest_key,
     process_counts_key,
@@ -294,6 +295,10 @@ async def _purge_memberships(layer: RedisLayer, connection: Any, verdicts: Liven
             # What ZREM removed, not what we found: another process purging at the same time
             # (several daphnes started together) must not make both count the same member.
             removed += await connection.zrem(key, *stale)
+            # The dead process's clients may resume elsewhere: the group's history goes on a while.
+            async with layer.connection(0).pipeline(transaction=False) as pipe:
+                layer.mark_left(pipe, group_of_key(layer.prefix, key.decode("utf-8", "replace")))
+                await pipe.execute()
     return removed
 
 
