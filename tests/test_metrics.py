@@ -119,7 +119,15 @@ async def test_metrics_follow_connections_subscriptions_and_messages(own_node, t
         for ws in sockets:
             assert [(await ws.recv_json())["n"] for _ in range(10)] == list(range(10))
         assert await one.payloads(10) == await two.payloads(10) == [{"n": n} for n in range(10)]
-        after = await own_node.scrape()
+
+        async def counted() -> Samples | None:
+            # Deliveries reach the metrics within a second (metrics.Tally), not per message.
+            samples = await own_node.scrape()
+            websocket = moved(during, samples, "awx_ws_messages_delivered_total", transport="websocket")
+            sse = moved(during, samples, "awx_ws_messages_delivered_total", transport="sse")
+            return samples if websocket >= 30 and sse >= 20 else None
+
+        after = await eventually(counted, 5, "the deliveries to be counted")
         assert moved(during, after, "awx_ws_messages_emitted_total", kind="schedules") == 10
         assert moved(during, after, "awx_ws_messages_delivered_total", transport="websocket") == 30
         assert moved(during, after, "awx_ws_messages_delivered_total", transport="sse") == 20

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -101,6 +100,8 @@ class Fanout:
         self._skipped = FailureLog("fan-out input", 60.0, logger)
         self._resync_listeners: list[Callable[[], None]] = []
         self.job_organizations = JobOrganizations()
+        self._delivered = metrics.Tally(metrics.DELIVERED)
+        self._dropped = metrics.Tally(metrics.DROPPED)
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -141,6 +142,8 @@ class Fanout:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._started = None
+        self._delivered.flush()
+        self._dropped.flush()
         try:
             async with asyncio.timeout(2):
                 await self._withdraw()
@@ -357,29 +360,25 @@ class Fanout:
             await self._deliver(members, group, text, message_id if isinstance(message_id, str) else None)
 
     async def _deliver(self, members: set[Subscriber], group: str, text: str, message_id: str | None) -> None:
-        # Deliveries per transport, counted once per message: a metrics write per socket would
-        # cost a locked file write each (prometheus_client's multiprocess mode).
-        delivered: Counter[str] = Counter()
-        fallback = self._write_prepared(members, text, delivered)
+        # Counted in the tallies, written to the metrics once a second (metrics.Tally).
+        fallback = self._write_prepared(members, text, self._delivered, self._dropped)
         for subscriber in fallback:
             try:
                 await subscriber.deliver(group, text, message_id)
             except Exception as exc:  # one broken connection must not stop the others
-                delivered["dropped"] += 1
+                self._dropped.add("connection_closing")
                 logger.info("delivery to a closing connection failed: %s", exc)
             else:
-                delivered[subscriber.transport] += 1
-        dropped = delivered.pop("dropped", 0)
-        if dropped:
-            metrics.DROPPED.labels("connection_closing").inc(dropped)
-        for transport, count in delivered.items():
-            metrics.DELIVERED.labels(transport).inc(count)
+                self._delivered.add(subscriber.transport)
 
     @staticmethod
-    def _write_prepared(members: set[Subscriber], text: str, delivered: Counter[str]) -> list[Subscriber]:
+    def _write_prepared(
+        members: set[Subscriber], text: str, delivered: metrics.Tally, dropped: metrics.Tally
+    ) -> list[Subscriber]:
         """Write text to every member with a frame protocol (daphne's sockets); the others."""
         prepared = None
         fallback = []
+        written = 0
         for subscriber in tuple(members):
             protocol = subscriber.frame_protocol
             if protocol is None:
@@ -391,8 +390,10 @@ class Fanout:
                 try:
                     protocol.sendPreparedMessage(prepared)
                 except Exception as exc:  # one broken connection must not stop the others
-                    delivered["dropped"] += 1
+                    dropped.add("connection_closing")
                     logger.warning("writing to %s failed: %r", getattr(protocol, "peer", "?"), exc)
                     continue
-                delivered["websocket"] += 1
+                written += 1
+        if written:
+            delivered.add("websocket", written)
         return fallback

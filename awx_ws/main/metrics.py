@@ -9,6 +9,7 @@ processes are retired at each scrape, so a daphne killed with -9 does not haunt 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from pathlib import Path
@@ -85,6 +86,37 @@ RELAY_RECONNECTS = Counter("awx_ws_relay_reconnects", "Relay links re-establishe
 
 # gauge_livesum_1234.db and the like: files of live-state gauges of one process
 _LIVE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
+
+
+class Tally:
+    """Counts of one labelled counter kept in memory and written at most once per `interval`.
+
+    A multiprocess counter's inc() is a labels() lookup and a write to a memory-mapped file: per
+    delivered message it showed in the own-group profile (docs/performance.md). The fan-out adds
+    here instead; a timer on the event loop writes the sums, so a scrape is at most `interval`
+    behind, and flush() writes what is left at shutdown.
+    """
+
+    def __init__(self, counter: Counter, interval: float = 1.0) -> None:
+        self.counter = counter
+        self.interval = interval
+        self._pending: dict[str, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, label: str, amount: float = 1) -> None:
+        """Count amount under label (written within `interval`)."""
+        self._pending[label] = self._pending.get(label, 0) + amount
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
+
+    def flush(self) -> None:
+        """Write the pending counts now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, {}
+        for label, amount in pending.items():
+            self.counter.labels(label).inc(amount)
 
 
 def layer_error(operation: str) -> None:

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from awx_ws.main import metrics
 from awx_ws.main.fanout import Fanout, fanout_channel
 from awx_ws.main.layers.redis_keys import interest_changed, interest_key, queue_key
+from awx_ws.main.layers.redis_popper import QueuePopper
 
 if TYPE_CHECKING:
     from awx_ws.main.layers.redis_types import RedisLayer
@@ -33,6 +34,7 @@ class RedisFanout(Fanout):
         self._interest_key = interest_key(layer.prefix, layer.client_prefix)
         # After a resync the interest set is rewritten whole (a restarted Redis lost it).
         self._rewrite_interest = False
+        self._popper: QueuePopper | None = None
 
     def resync(self) -> None:
         """Take every membership as unknown; rewrite them and the interest set."""
@@ -123,17 +125,14 @@ class RedisFanout(Fanout):
         self._applied.clear()
 
     async def _receive(self, channel: str) -> list[dict[str, Any]]:
-        """Up to BATCH queued messages: one round trip while busy, a blocking wait when idle."""
-        key = queue_key(self.layer.prefix, channel)
-        connection = self.layer.connection(self.layer.consistent_hash(channel))
+        """Up to BATCH queued messages: one command per wake-up (redis_popper.py)."""
+        popper = self._popper
+        if popper is None or popper.key != queue_key(self.layer.prefix, channel):
+            client = self.layer.connection(self.layer.consistent_hash(channel))
+            popper = self._popper = QueuePopper(client, queue_key(self.layer.prefix, channel), BATCH)
         try:
-            popped = await connection.zpopmin(key, BATCH)
-            if popped:
-                raw = [member for member, _score in popped]
-            else:
-                waited = await connection.bzpopmin(key, timeout=5)
-                raw = [waited[1]] if waited else []
-        except RedisError as exc:
+            raw = await popper.pop()
+        except (RedisError, OSError) as exc:
             raise self.layer.unavailable(exc) from exc
         messages = []
         for blob in raw:
