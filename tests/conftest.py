@@ -93,6 +93,19 @@ def own_redis(state_dir: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+async def layer(own_redis: RedisServer) -> AsyncIterator[Any]:
+    """awx_ws's Redis channel layer in the test process, on the test's own Redis (its fan-out,
+    liveness and pools are stopped afterwards)."""
+    from awx_ws.main.layers import RedisChannelLayer
+
+    layer = RedisChannelLayer(hosts=[{"address": own_redis.url}])
+    yield layer
+    await layer.fanout.stop()
+    await layer.liveness.stop()
+    await layer.close_pools()
+
+
 @pytest.fixture(scope="session")
 def django_db_setup(request: pytest.FixtureRequest, django_db_blocker: Any) -> Iterator[None]:
     """The one database this process and the servers it starts share, migrated (pytest-django's

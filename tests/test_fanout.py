@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +28,6 @@ class Subscriber:
 
     async def deliver(self, group: str, text: str, message_id: str | None) -> None:
         self.received.append((group, text))
-
-
-@pytest.fixture
-async def layer(own_redis) -> AsyncIterator[RedisChannelLayer]:
-    layer = RedisChannelLayer(hosts=[{"address": own_redis.url}])
-    yield layer
-    await layer.fanout.stop()
-    await layer.liveness.stop()
-    await layer.close_pools()
 
 
 async def redis_view(layer: RedisChannelLayer, redis: Any) -> tuple[set[str], set[str]]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,63 @@ INTEREST_REQUEST_TYPE = "awx_ws.interest_request"
 ANNOUNCE_EVERY = 5.0
 # A burst of joins (500 clients arriving) makes one announcement, not one per join.
 DEBOUNCE = 0.05
+
+
+class InterestSink(Protocol):
+    """Where the node's interest goes (the relay): whole, or as a change."""
+
+    def publish(self, interest: frozenset[str]) -> None:
+        """The node's interest is now exactly interest."""
+
+    def update(self, gained: AbstractSet[str], lost: AbstractSet[str]) -> None:
+        """The node's interest gained and lost these groups."""
+
+
+class NodeInterest:
+    """The node's interest kept as the union of its processes' groups, by counting holders: one
+    process's join or leave changes it in time proportional to the change, however many groups
+    the node holds (10,000 `job_events-<id>` groups are an ordinary AWX day)."""
+
+    def __init__(self) -> None:
+        self.by_process: dict[str, set[str]] = {}
+        # group -> how many processes hold it; its keys are the node's interest.
+        self.holders: dict[str, int] = {}
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """The node's interest (a copy: costs the number of groups)."""
+        return frozenset(self.holders)
+
+    def change(self, process: str, join: Iterable[str], leave: Iterable[str]) -> tuple[set[str], set[str]]:
+        """Apply one process's joins, then its leaves; the groups the node gained and lost."""
+        held = self.by_process.setdefault(process, set())
+        gained: set[str] = set()
+        lost: set[str] = set()
+        for group in join:
+            if group not in held:
+                held.add(group)
+                count = self.holders.get(group, 0)
+                self.holders[group] = count + 1
+                if count == 0:
+                    gained.add(group)
+        for group in leave:
+            if group in held:
+                held.discard(group)
+                count = self.holders[group] - 1
+                if count:
+                    self.holders[group] = count
+                else:
+                    del self.holders[group]
+                    lost.add(group)
+        if not held:
+            del self.by_process[process]
+        both = gained & lost  # joined and left in one change: no change for the node
+        return gained - both, lost - both
+
+    def replace(self, process: str, groups: AbstractSet[str]) -> tuple[set[str], set[str]]:
+        """The process holds exactly groups now; the node's gains and losses."""
+        held = self.by_process.get(process, set())
+        return self.change(process, groups - held, held - groups)
 
 
 class InterestAnnouncer:

@@ -17,6 +17,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +136,8 @@ class Relay:
         self.peers = peers
         self.secret = secret
         self.node = node
-        self.interest: frozenset[str] = frozenset()
+        # The node's interest: what its clients hold (interest.py), kept by changes.
+        self.interest: set[str] = set()
         self._changed = asyncio.Event()
         self.links = [PeerLink(self, peer) for peer in peers]
 
@@ -166,11 +168,20 @@ class Relay:
         """An event set at the next interest change (take it before reading `interest`)."""
         return self._changed
 
-    def _publish(self, interest: frozenset[str]) -> None:
-        if interest != self.interest:
-            self.interest = interest
-            previous, self._changed = self._changed, asyncio.Event()
-            previous.set()
+    def publish(self, interest: frozenset[str]) -> None:
+        """The node's interest is now exactly interest (costs the number of groups)."""
+        self.update(interest - self.interest, self.interest - interest)
+
+    def update(self, gained: AbstractSet[str], lost: AbstractSet[str]) -> None:
+        """The node's interest gained and lost these groups: each link sends the change."""
+        if not gained and not lost:
+            return
+        self.interest |= gained
+        self.interest -= lost
+        for link in self.links:
+            link.note(gained, lost)
+        previous, self._changed = self._changed, asyncio.Event()
+        previous.set()
 
     async def run(self) -> None:
         """Relay until cancelled."""
@@ -180,9 +191,9 @@ class Relay:
         logger.info("relay of node %s to %s", self.node, ", ".join(self.peers))
         records = self.records
         if records is not None:
-            watch = records.watch_interest(self._publish)
+            watch = records.watch_interest(self)
         else:
-            watch = LayerInterestWatcher(self.layer, self._publish).round
+            watch = LayerInterestWatcher(self.layer, self.publish).round
         tasks = [spawn("relay interest", watch, metric="relay_interest")]
         tasks += [link.start() for link in self.links]
         if records is not None:
@@ -212,6 +223,8 @@ class PeerLink:
         self.status = LinkStatus(peer)
         self._failing = False
         self._connected_once = False
+        # Changes of the node's interest not yet sent to the peer: group -> joined (True) or left.
+        self._pending: dict[str, bool] = {}
 
     def start(self) -> asyncio.Task[None]:
         """Keep the link up until cancelled: connect, serve, back off (1 s doubling to
@@ -281,15 +294,27 @@ class PeerLink:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
 
+    def note(self, gained: AbstractSet[str], lost: AbstractSet[str]) -> None:
+        """Remember a change of the node's interest for the next interest frame (the last word
+        on each group wins)."""
+        for group in gained:
+            self._pending[group] = True
+        for group in lost:
+            self._pending[group] = False
+
     async def _send_interest(self, ws: ClientConnection) -> None:
-        sent: frozenset[str] = frozenset()
+        """Tell the peer the node's interest, then each change: work in proportion to it."""
+        sent: set[str] = set()
+        self._pending = dict.fromkeys(self.relay.interest, True)  # a new link starts empty
         while True:
             changed = self.relay.changed()
-            current = self.relay.interest
-            join, leave = current - sent, sent - current
+            pending, self._pending = self._pending, {}
+            join = {group for group, held in pending.items() if held and group not in sent}
+            leave = {group for group, held in pending.items() if not held and group in sent}
             if join or leave:
                 await ws.send(interest_frame(join, leave))
-                sent = current
+                sent |= join
+                sent -= leave
             await changed.wait()
 
     async def _inject(self, frame: str | bytes) -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from awx_ws.main.exceptions import LayerUnavailable
     from awx_ws.main.fanout import Fanout
     from awx_ws.main.history import GroupPosition, Replay
+    from awx_ws.main.interest import InterestSink
     from awx_ws.main.retry import Round
 
 
@@ -103,8 +104,8 @@ class NodeRecords(Protocol):
         """Whether peer has confirmed it forwards every one of groups here."""
         ...
 
-    def watch_interest(self, publish: Callable[[frozenset[str]], None]) -> Round:
-        """A round (retry.supervise) publishing the groups this node's clients hold, at every change."""
+    def watch_interest(self, sink: InterestSink) -> Round:
+        """A round (retry.supervise) keeping sink told of the groups this node's clients hold."""
         ...
 
 

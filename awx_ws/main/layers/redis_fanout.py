@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from awx_ws.main import metrics
 from awx_ws.main.fanout import Fanout, fanout_channel
+from awx_ws.main.layers.redis_interest import change_notice
 from awx_ws.main.layers.redis_keys import interest_changed, interest_key, queue_key
 from awx_ws.main.layers.redis_popper import QueuePopper
 
@@ -73,7 +74,8 @@ class RedisFanout(Fanout):
                 if layer.ring_size == 1:
                     self._memberships_into(pipe, adds, discards)
                 self._interest_into(pipe, adds, discards, rewrite)
-                pipe.publish(interest_changed(layer.prefix), layer.client_prefix)
+                notice = change_notice(layer.client_prefix, adds, discards, reread=rewrite)
+                pipe.publish(interest_changed(layer.prefix), notice)
                 await pipe.execute()
         except BaseException:
             self._rewrite_interest = self._rewrite_interest or rewrite
@@ -120,7 +122,9 @@ class RedisFanout(Fanout):
                 pipe.zrem(layer.group_key(group), channel)
                 layer.mark_left(pipe, group)
             pipe.delete(self._interest_key, queue_key(layer.prefix, channel))
-            pipe.publish(interest_changed(layer.prefix), layer.client_prefix)
+            pipe.publish(
+                interest_changed(layer.prefix), change_notice(layer.client_prefix, [], [], reread=True)
+            )
             await pipe.execute()
         self._applied.clear()
 

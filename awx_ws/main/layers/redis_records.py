@@ -8,7 +8,7 @@ read them here. Key formats are in redis_keys.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -19,6 +19,7 @@ from awx_ws.main.layers.redis_interest import watch_redis_interest
 from awx_ws.main.layers.redis_presence import LivenessJudge
 
 if TYPE_CHECKING:
+    from awx_ws.main.interest import InterestSink
     from awx_ws.main.layers.redis_types import RedisLayer
     from awx_ws.main.retry import Round
 
@@ -108,6 +109,6 @@ class RedisRecords:
         except (RedisError, OSError) as exc:
             raise self.layer.unavailable(exc) from exc
 
-    def watch_interest(self, publish: Callable[[frozenset[str]], None]) -> Round:
-        """The node's interest from the processes' sets, at every change notice (redis_interest.py)."""
-        return watch_redis_interest(self.layer, publish)
+    def watch_interest(self, sink: InterestSink) -> Round:
+        """The node's interest from the processes' sets and their change notices (redis_interest.py)."""
+        return watch_redis_interest(self.layer, sink)
