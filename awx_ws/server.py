@@ -107,11 +107,15 @@ class WebSocketProtocol(DaphneWebSocketProtocol):
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """Send frame bytes (straight to the socket when possible), then check the backlog."""
+        self.send_frames(data, 1, sync, chopsize)
+
+    def send_frames(self, data: bytes, count: int, sync: bool = False, chopsize: int | None = None) -> None:
+        """Send count whole frames' bytes in one write (awx_ws.main.frames), then check the backlog."""
         self._send(data, sync, chopsize)
         if self.state == self.STATE_OPEN:
             if self._slow_reader is None:
                 self._slow_reader = SlowReader(self.transport)
-            if self._slow_reader.too_slow(len(data)):
+            if self._slow_reader.too_slow(len(data), count):
                 # The close frame is a write too: the reader is cut off once, never again.
                 self.sendClose(code=SLOW_CLIENT_CLOSE_CODE, reason="slow client: messages not read in time")
 

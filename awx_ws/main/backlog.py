@@ -53,9 +53,9 @@ class SlowReader:
         self.waiting_frames = 0
         self.cut_off = False
 
-    def too_slow(self, written: int) -> bool:
-        """After a write of `written` payload bytes: True (once) when the backlog passes either
-        limit (logged and counted).
+    def too_slow(self, written: int, frames: int = 1) -> bool:
+        """After a write of `written` payload bytes in `frames` messages: True (once) when the
+        backlog passes either limit (logged and counted).
 
         Only what was waiting before this write counts: a transport that is not written straight
         to the socket (Twisted's ordinary write, plain daphne, HTTP) holds every new frame until
@@ -67,7 +67,7 @@ class SlowReader:
         if waiting - written <= FRAMING:
             self.waiting_frames = 0
             return False
-        self.waiting_frames += 1
+        self.waiting_frames += frames
         max_bytes, max_frames = ws_settings.SLOW_CLIENT_MAX_BYTES, ws_settings.SLOW_CLIENT_MAX_MESSAGES
         if waiting <= max_bytes and self.waiting_frames <= max_frames:
             return False

@@ -34,15 +34,13 @@ from channels.exceptions import StopConsumer
 
 from awx_ws.main import metrics
 from awx_ws.main.audience import JobOrganizations, Viewer, allowed
+from awx_ws.main.frames import FrameBatch
 from awx_ws.main.interest import INTEREST_REQUEST_TYPE, InterestAnnouncer
 from awx_ws.main.membership import refresh_interval
 from awx_ws.main.messages import CLIENT_MESSAGE_TYPE
 from awx_ws.main.retry import FailureLog, spawn
 
 logger = logging.getLogger(__name__)
-
-# autobahn's WebSocketProtocol.STATE_OPEN
-_STATE_OPEN = 3
 
 
 def fanout_channel(client_prefix: str) -> str:
@@ -328,14 +326,16 @@ class Fanout:
             logger.info("fan-out %s stops: the channel layer was closed", channel)
             await asyncio.Event().wait()  # closed for good: idle until cancelled
             return
+        frames = FrameBatch()
         for message in batch:
             try:
-                await self._dispatch(message)
+                await self._dispatch(message, frames)
             except Exception as exc:  # one bad message must not stop delivery of the rest
                 metrics.DROPPED.labels("undeliverable").inc()
                 self._delivery_errors.occurred(exc)
+        frames.flush(self._delivered, self._dropped)  # one write per socket for the batch
 
-    async def _dispatch(self, message: dict[str, Any]) -> None:
+    async def _dispatch(self, message: dict[str, Any], frames: FrameBatch) -> None:
         kind = message.get("type")
         if kind == INTEREST_REQUEST_TYPE:
             if self._announcer is not None:
@@ -357,12 +357,14 @@ class Fanout:
             if filtered:  # a job's status: only to those who may see the job (audience.py)
                 members = {m for m in members if m.viewer is None or m.viewer.may_see(organization)}
             message_id = message.get("id")
-            await self._deliver(members, group, text, message_id if isinstance(message_id, str) else None)
+            message_id = message_id if isinstance(message_id, str) else None
+            await self._deliver(members, group, text, message_id, frames)
 
-    async def _deliver(self, members: set[Subscriber], group: str, text: str, message_id: str | None) -> None:
+    async def _deliver(
+        self, members: set[Subscriber], group: str, text: str, message_id: str | None, frames: FrameBatch
+    ) -> None:
         # Counted in the tallies, written to the metrics once a second (metrics.Tally).
-        fallback = self._write_prepared(members, text, self._delivered, self._dropped)
-        for subscriber in fallback:
+        for subscriber in frames.add(tuple(members), text):
             try:
                 await subscriber.deliver(group, text, message_id)
             except Exception as exc:  # one broken connection must not stop the others
@@ -370,30 +372,3 @@ class Fanout:
                 logger.info("delivery to a closing connection failed: %s", exc)
             else:
                 self._delivered.add(subscriber.transport)
-
-    @staticmethod
-    def _write_prepared(
-        members: set[Subscriber], text: str, delivered: metrics.Tally, dropped: metrics.Tally
-    ) -> list[Subscriber]:
-        """Write text to every member with a frame protocol (daphne's sockets); the others."""
-        prepared = None
-        fallback = []
-        written = 0
-        for subscriber in tuple(members):
-            protocol = subscriber.frame_protocol
-            if protocol is None:
-                fallback.append(subscriber)
-            elif protocol.state == _STATE_OPEN:
-                # Frame once, write the same bytes to every socket (autobahn's prepared message).
-                if prepared is None:
-                    prepared = protocol.factory.prepareMessage(text.encode())
-                try:
-                    protocol.sendPreparedMessage(prepared)
-                except Exception as exc:  # one broken connection must not stop the others
-                    dropped.add("connection_closing")
-                    logger.warning("writing to %s failed: %r", getattr(protocol, "peer", "?"), exc)
-                    continue
-                written += 1
-        if written:
-            delivered.add("websocket", written)
-        return fallback
