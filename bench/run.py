@@ -140,7 +140,7 @@ def multi_daphne(redis: RedisServer, token: str, scale: float) -> Rows:
 def issue_17_figures(redis: RedisServer, token: str) -> Rows:
     """Emit throughput, the flood, subscribe + leave with 10 and 10,000 groups held (figures.py)."""
     log("emit throughput")
-    rows = figures.emit_rates()
+    rows = figures.emit_rates(redis)
     log("flood: 5,000 events of one job through the REST API")
     rows.append(figures.flood(redis, token, add_jobs(1)[0]))
     held = add_jobs(10_000)

@@ -69,10 +69,12 @@ def batched_emit(rows: Rows) -> Target:
     """Batched emit from one thread, ≥ 40,000 messages/s."""
     figure = "batched emit, 1 thread, 100-msg batches, distinct groups, history"
     target = "≥ 40,000 msgs/s"
-    row = find(rows, "emit, batches of 100")
-    if row is None:
+    row, kept = find(rows, "emit, batches of 100"), find(rows, "emit, batches of 100, history written")
+    if row is None or kept is None:
         return unmeasured(figure, target)
-    return Target(figure, f"{row['messages_per_s']:,.0f} msgs/s", target, row["messages_per_s"] >= 40_000)
+    rates = row["messages_per_s"], kept["messages_per_s"]
+    measured = f"{rates[0]:,.0f} msgs/s ({rates[1]:,.0f} with history written)"
+    return Target(figure, measured, target, min(rates) >= 40_000)
 
 
 def single_emit(rows: Rows) -> Target:
