@@ -67,6 +67,8 @@ async def watching(layer, monkeypatch) -> AsyncIterator[Sink]:
     monkeypatch.setattr(redis_interest, "INTEREST_RESYNC", 0.2)
     sink = Sink()
     task = asyncio.create_task(redis_interest.watch_redis_interest(layer, sink)(0))
+    # Subscribed to the notices, and the sets read once: from here on every change is a notice.
+    await eventually(lambda: sink.wholes, 10, "the watcher's first read")
     yield sink
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
