@@ -92,6 +92,7 @@ function addLine(event) {
   line.dataset.counter = event.counter;
   line.textContent = event.stdout || event.event;
   current.lines.set(event.counter, line);
+  current.last = Math.max(current.last, event.counter);
   // Follow the output while the reader is at its end; leave the scroll alone otherwise.
   const following = eventsBox.scrollTop + eventsBox.clientHeight >= eventsBox.scrollHeight - 4;
   // Keep counter order even when an event arrives before an earlier one.
@@ -111,19 +112,35 @@ async function fetchEvents(after, before) {
   }
 }
 
-function lastCounter() {
-  return Math.max(0, ...current.lines.keys());
-}
-
 // Over its event rate the server stores a job's events but does not send them all (AWX's flood
-// policy): a counter that jumps shows the gap, the job's summary (final_counter) shows a missing
-// tail. Either way the API has them. Until the first read of the API is done it covers both.
+// policy), and it never sends events with nothing to show: a counter that jumps shows a gap, the
+// job's summary (final_counter) a missing tail. Either way the API has them. Until the first read
+// of the API is done it covers both. Gaps are merged and read a moment after the first shows, one
+// request at a time: a flood costs the API a few requests a second per viewer, not one per event.
+const GAP_DELAY_MS = 250;
+
 function onEvent(event) {
-  if (current?.loaded && event.counter > lastCounter() + 1) {
-    live.gapFills += 1;
-    fetchEvents(lastCounter(), event.counter);
+  if (current?.loaded && event.counter > current.last + 1) {
+    const gap = current.gap;
+    gap.after = Math.min(gap.after, current.last);
+    gap.before = Math.max(gap.before, event.counter);
+    if (gap.timer === null) gap.timer = setTimeout(() => fillGap(current), GAP_DELAY_MS);
   }
   addLine(event);
+}
+
+async function fillGap(view) {
+  const gap = view.gap;
+  const [after, before] = [gap.after, gap.before];
+  gap.after = Infinity;
+  gap.before = 0;
+  if (view !== current) return;
+  live.gapFills += 1;
+  try {
+    await fetchEvents(after, before);
+  } finally {
+    gap.timer = gap.before ? setTimeout(() => fillGap(view), GAP_DELAY_MS) : null;
+  }
 }
 
 client.on("jobs-summary", (data) => {
@@ -138,7 +155,15 @@ async function openJob(job) {
   if (current) current.off();
   const kind = EVENT_KINDS[job.kind];
   const group = `${kind}-${job.id}`;
-  current = { job, group, lines: new Map(), loaded: false, off: () => {} };
+  current = {
+    job,
+    group,
+    lines: new Map(),
+    last: 0, // the highest counter shown
+    gap: { after: Infinity, before: 0, timer: null }, // counters strictly between: to read
+    loaded: false,
+    off: () => {},
+  };
   eventsBox.replaceChildren();
   jobTitle.textContent = `${job.name} (#${job.id})`;
   jobPane.hidden = false;
@@ -148,7 +173,7 @@ async function openJob(job) {
   current.off = client.on(group, onEvent, {
     onReset: () => {
       live.refetches += 1;
-      fetchEvents(lastCounter()); // the history could not reach back: ask the API
+      fetchEvents(current.last); // the history could not reach back: ask the API
     },
   });
   await client.subscribe({ jobs: ["status_changed", "summary"], [kind]: [job.id] });
