@@ -358,3 +358,31 @@ async def test_a_stream_first_counted_by_a_read_leaves_the_total_when_it_expires
     assert int(await redis.get("asgi:history-total")) == len(json.dumps({"stdout": "y"}))
     await layer.close_pools()
     await redis.aclose()
+
+
+async def test_a_position_older_than_the_age_is_reset_whatever_the_stream_holds_now(own_redis, settings):
+    """History is recorded only while someone could resume the group: a stream holding newer
+    entries says nothing of what came between an old position and them."""
+    from awx_ws.main.layers import RedisChannelLayer
+    from awx_ws.main.layers.redis_history import read_local
+    from tests.client import emit_to, redis_at, watch
+
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_KINDS": {"control": None, "schedules": {"age": 60}}}
+    await watch(own_redis.url, "schedules-other")
+    await emit_to(own_redis.url, "schedules-other", {"n": 0})  # this Redis's origin tag exists
+    # A stream whose one entry was recorded 30 s ago (watched then), nothing since or before.
+    redis = redis_at(own_redis.url)
+    now_ms = int(time.time() * 1000)
+    await redis.xadd("asgi:history:schedules-aged", {"t": json.dumps({"n": 1})}, id=f"{now_ms - 30_000}-0")
+    await redis.expire("asgi:history:schedules-aged", 60)
+    await redis.aclose()
+    layer = RedisChannelLayer(hosts=[{"address": own_redis.url}])
+    try:
+        # 70 s back: between it and the entry, messages may have gone unrecorded.
+        _, old = await read_local(layer, "schedules-aged", GroupPosition(now_ms - 70_000))
+        assert old.reset == "older than the history age"
+        _, recent = await read_local(layer, "schedules-aged", GroupPosition(now_ms - 40_000))
+        assert recent.reset is None
+        assert [json.loads(text) for _, text in recent.entries] == [{"n": 1}]
+    finally:
+        await layer.close_pools()

@@ -12,7 +12,7 @@ from collections.abc import Set as AbstractSet
 import pytest
 
 from awx_ws.main.interest import NodeInterest
-from awx_ws.main.layers import redis_interest
+from awx_ws.main.layers import RedisChannelLayer, redis_interest
 from tests.client import open_ws, redis_at
 from tests.test_fanout import Subscriber
 from tests.waiting import eventually
@@ -61,17 +61,19 @@ class Sink:
 
 
 @pytest.fixture
-async def watching(layer, monkeypatch) -> AsyncIterator[Sink]:
-    """The relay's interest watcher running against the layer's Redis, checking for dead
-    processes every 0.2 s."""
+async def watching(own_redis, monkeypatch) -> AsyncIterator[Sink]:
+    """The relay's interest watcher on a layer of its own (as the relay process has), on the
+    test's Redis, checking for dead processes every 0.2 s."""
     monkeypatch.setattr(redis_interest, "INTEREST_RESYNC", 0.2)
+    relay_layer = RedisChannelLayer(hosts=[{"address": own_redis.url}])
     sink = Sink()
-    task = asyncio.create_task(redis_interest.watch_redis_interest(layer, sink)(0))
+    task = asyncio.create_task(redis_interest.watch_redis_interest(relay_layer, sink)(0))
     # Subscribed to the notices, and the sets read once: from here on every change is a notice.
     await eventually(lambda: sink.wholes, 10, "the watcher's first read")
     yield sink
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    await relay_layer.close_pools()
 
 
 async def test_with_10000_groups_held_a_change_reads_no_set_again(layer, own_redis):
@@ -127,3 +129,13 @@ async def test_a_killed_daphnes_groups_leave_the_node_interest(
     )
     assert watching.changes[-1] == (set(), {"schedules-doomed"})
     await client.close()
+
+
+async def test_a_process_taken_for_dead_is_read_again_when_its_record_is_back(layer, watching):
+    holder = Subscriber()
+    await layer.fanout.join("jobs-back", holder)
+    await eventually(lambda: "jobs-back" in watching.interest, 10, "the join to reach the relay")
+    await layer.liveness.stop()  # its record lapses (a heartbeat refused at maxmemory, say)
+    await eventually(lambda: "jobs-back" not in watching.interest, 10, "the process to be taken for dead")
+    await layer.liveness.start()  # the heartbeat is back; the process changed nothing meanwhile
+    await eventually(lambda: "jobs-back" in watching.interest, 10, "its groups to be read again")

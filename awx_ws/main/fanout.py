@@ -364,7 +364,12 @@ class Fanout:
         self, members: set[Subscriber], group: str, text: str, message_id: str | None, frames: FrameBatch
     ) -> None:
         # Counted in the tallies, written to the metrics once a second (metrics.Tally).
-        for subscriber in frames.add(tuple(members), text):
+        others = frames.add(tuple(members), text)
+        if others:
+            # Written before any other delivery is awaited: a connection switching to a stream
+            # meanwhile (consumers._use_stream) must not get a later message before an earlier one.
+            frames.flush(self._delivered, self._dropped)
+        for subscriber in others:
             try:
                 await subscriber.deliver(group, text, message_id)
             except Exception as exc:  # one broken connection must not stop the others

@@ -59,7 +59,8 @@ class FrameBatch:
         written = 0
         for protocol, frames in batches.items():
             if protocol.state != STATE_OPEN:
-                continue  # closing: its consumer is being torn down
+                dropped.add("connection_closing", len(frames))  # its consumer is being torn down
+                continue
             try:
                 protocol.send_frames(b"".join(frames), len(frames))
             except Exception as exc:  # one broken connection must not stop the others

@@ -136,11 +136,12 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         """channels_redis's group_discard (and the leave's mark, mark_left); RedisUnavailable when
         Redis fails."""
         try:
-            await super().group_discard(group, channel)
             if history_policy(group) is not None:
+                # The mark first: if it is refused (maxmemory), the member stays, never unmarked.
                 async with self.connection(0).pipeline(transaction=False) as pipe:  # history's Redis
                     self.mark_left(pipe, group)
                     await pipe.execute()
+            await super().group_discard(group, channel)
         except RedisError as exc:
             raise self.unavailable(exc) from exc
 

@@ -66,7 +66,9 @@ class RedisFanout(Fanout):
         try:
             if layer.ring_size > 1:  # group keys live on several shards: channels_redis's own calls
                 await super()._apply(adds, discards)
-            async with layer.connection(0).pipeline(transaction=False) as pipe:
+            # MULTI/EXEC: at maxmemory Redis refuses the whole of it, so no member leaves
+            # without its mark (the sync loop tries again).
+            async with layer.connection(0).pipeline(transaction=True) as pipe:
                 if rewrite:
                     # A restarted Redis lost our liveness record too: write it before anything that
                     # names this process (liveness.Liveness.write_into).
@@ -91,8 +93,8 @@ class RedisFanout(Fanout):
             pipe.zadd(key, {channel: now})
             pipe.expire(key, layer.group_expiry)
         for group in discards:
+            layer.mark_left(pipe, group)  # first: a member never leaves unmarked
             pipe.zrem(layer.group_key(group), channel)
-            layer.mark_left(pipe, group)
 
     def _interest_into(self, pipe: Any, adds: list[str], discards: list[str], rewrite: bool) -> None:
         """The process's interest set (redis_interest.py) follows: changed, or rewritten whole."""
@@ -108,6 +110,9 @@ class RedisFanout(Fanout):
 
     async def _withdraw(self) -> None:
         """One pipeline: our memberships, interest set and queue key, then the change notice."""
+        if self._popper is not None:
+            popper, self._popper = self._popper, None
+            await popper.close()
         try:
             await self._withdraw_pipeline()
         except RedisError as exc:
@@ -117,10 +122,10 @@ class RedisFanout(Fanout):
         if self.channel is None or self.layer.ring_size > 1:
             return  # sharded: the next start-up purge removes them
         layer, channel = self.layer, self.channel
-        async with layer.connection(0).pipeline(transaction=False) as pipe:
+        async with layer.connection(0).pipeline(transaction=True) as pipe:
             for group in sorted(self._applied | self._uncertain):
-                pipe.zrem(layer.group_key(group), channel)
                 layer.mark_left(pipe, group)
+                pipe.zrem(layer.group_key(group), channel)
             pipe.delete(self._interest_key, queue_key(layer.prefix, channel))
             pipe.publish(
                 interest_changed(layer.prefix), change_notice(layer.client_prefix, [], [], reread=True)
@@ -130,9 +135,15 @@ class RedisFanout(Fanout):
 
     async def _receive(self, channel: str) -> list[dict[str, Any]]:
         """Up to BATCH queued messages: one command per wake-up (redis_popper.py)."""
+        client = self.layer.connection(self.layer.consistent_hash(channel))
         popper = self._popper
-        if popper is None or popper.key != queue_key(self.layer.prefix, channel):
-            client = self.layer.connection(self.layer.consistent_hash(channel))
+        if (
+            popper is None
+            or popper.client is not client
+            or popper.key != queue_key(self.layer.prefix, channel)
+        ):
+            if popper is not None:
+                await popper.close()  # the layer's pools were replaced (closed, another loop)
             popper = self._popper = QueuePopper(client, queue_key(self.layer.prefix, channel), BATCH)
         try:
             raw = await popper.pop()

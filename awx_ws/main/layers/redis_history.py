@@ -196,10 +196,11 @@ end
 )
 
 
-# Reads one group's history after a position, or says it no longer reaches back. The stream key
-# expires `age` after its last entry, so a missing key means nothing was emitted within `age`.
-# Otherwise entries are gone when the largest deleted id (trimmed by length or age) is past the
-# position, or when the key was recreated after expiring and the position is older than that.
+# Reads one group's history after a position, or says it no longer reaches back. A position older
+# than the age cannot be resumed. Otherwise a missing key means nothing was recorded within the age
+# (the key expires `age` after its last entry, and recording goes on for the age after the last
+# member left: layers/redis_scripts.py), and entries are gone when the largest deleted id (trimmed
+# by length, age or bytes) is past the position.
 READ_HISTORY_LUA = (
     TRIM_LUA
     + """
@@ -220,17 +221,12 @@ local min_ms = math.max(now_ms - age_ms, 0)
 trim(KEYS[1], tonumber(ARGV[5]), min_ms, last_id, tonumber(ARGV[6]), accounts(3, 0, now_ms))
 local deleted = field('max-deleted-entry-id')
 local d_ms, d_seq = string.match(deleted, '(%d+)-(%d+)')
-if deleted ~= '0-0' then
-    if before(tonumber(d_ms), tonumber(d_seq)) then return {'reset', 'trimmed past the position'} end
-else
-    local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
-    if first then
-        local f_ms = tonumber(string.match(first[1], '(%d+)-'))
-        if after_ms < f_ms - age_ms and before(f_ms, 0) then
-            return {'reset', 'older than the history age'}
-        end
-    end
+if deleted ~= '0-0' and before(tonumber(d_ms), tonumber(d_seq)) then
+    return {'reset', 'trimmed past the position'}
 end
+-- History is kept for the age, and only while someone could resume the group: what was emitted
+-- more than the age ago may never have been recorded, whatever the stream holds now.
+if after_ms < now_ms - age_ms then return {'reset', 'older than the history age'} end
 return {'ok', redis.call('XRANGE', KEYS[1], '(' .. ARGV[2] .. '-' .. ARGV[3], '+', 'COUNT', ARGV[5])}
 """
 )

@@ -6,8 +6,9 @@ channel `<prefix>:interest-changed` with what changed: `{"process", "join", "lea
 `{"process", "reread": true}` when its set was rewritten whole (after a Redis restart, at
 shutdown). The relay reads every live process's set once, then follows the announcements
 (interest.NodeInterest): one subscribe or leave costs it the change, not all the node's groups.
-Every INTEREST_RESYNC it drops processes that died (redis_presence.py decides), and every
-FULL_RESYNC it reads the sets again, in case an announcement was lost.
+Every INTEREST_RESYNC it drops processes that died (redis_presence.py decides) and reads again
+those that came back, and every FULL_RESYNC it reads all the sets again, in case an announcement
+was lost.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ async def _apply_notice(layer: RedisLayer, state: NodeInterest, data: Any, sink:
     except (ValueError, TypeError, KeyError):
         # A bare client prefix: a fan-out of an earlier release, which says only who changed.
         notice, process, reread = {}, text, True
-    if reread:
+    if reread or process not in state.by_process:
+        # A process seen for the first time (or again, after it was taken for dead) may hold
+        # more than this change: read its whole set.
         members = await layer.connection(0).smembers(interest_key(layer.prefix, process))
         gained, lost = state.replace(process, {member.decode() for member in members})
     else:
@@ -73,14 +76,26 @@ async def _apply_notice(layer: RedisLayer, state: NodeInterest, data: Any, sink:
         sink.update(gained, lost)
 
 
-async def _drop_dead(layer: RedisLayer, state: NodeInterest, sink: InterestSink) -> None:
+async def _check_liveness(
+    layer: RedisLayer, state: NodeInterest, dropped: set[str], sink: InterestSink
+) -> None:
+    """Drop the groups of processes that died; read again those of dropped ones that are back
+    (a heartbeat refused at maxmemory, a loop stalled past the record's TTL)."""
     judge = LivenessJudge(layer)
     for process in list(state.by_process):
         if await judge.dead(process):
+            dropped.add(process)
             gained, lost = state.replace(process, set())
             logger.info("relay: process %s is gone, and with it %d groups", process, len(lost))
             if gained or lost:
                 sink.update(gained, lost)
+    for process in list(dropped):
+        if await judge.dead(process):
+            if not await layer.connection(0).exists(interest_key(layer.prefix, process)):
+                dropped.discard(process)  # purged: it will not come back
+            continue
+        dropped.discard(process)
+        await _apply_notice(layer, state, change_notice(process, [], [], reread=True), sink)
 
 
 def watch_redis_interest(layer: RedisLayer, sink: InterestSink) -> Round:
@@ -91,9 +106,13 @@ def watch_redis_interest(layer: RedisLayer, sink: InterestSink) -> Round:
         pubsub = layer.connection(0).pubsub()
         loop = asyncio.get_running_loop()
         try:
-            # Subscribed before reading: a change made during the read is announced after it.
+            # Subscribed before reading (Redis confirmed it): a change made during the read is
+            # announced after it.
             await pubsub.subscribe(interest_changed(layer.prefix))
-            state = await node_interest(layer)
+            async with asyncio.timeout(INTEREST_RESYNC):
+                while (await pubsub.get_message(timeout=INTEREST_RESYNC) or {}).get("type") != "subscribe":
+                    pass
+            state, dropped = await node_interest(layer), set[str]()
             sink.publish(state.groups)
             check_at, full_at = loop.time() + INTEREST_RESYNC, loop.time() + FULL_RESYNC
             while True:
@@ -103,11 +122,11 @@ def watch_redis_interest(layer: RedisLayer, sink: InterestSink) -> Round:
                     await _apply_notice(layer, state, message["data"], sink)
                 now = loop.time()
                 if now >= full_at:
-                    state = await node_interest(layer)
+                    state, dropped = await node_interest(layer), set()
                     sink.publish(state.groups)
                     check_at, full_at = now + INTEREST_RESYNC, now + FULL_RESYNC
                 elif now >= check_at:
-                    await _drop_dead(layer, state, sink)
+                    await _check_liveness(layer, state, dropped, sink)
                     check_at = now + INTEREST_RESYNC
         finally:
             await pubsub.aclose()

@@ -67,8 +67,17 @@ class QueuePopper:
         return [waited[1]] if waited else []
 
     async def close(self) -> None:
-        """Drop the held connection (a new one is taken at the next pop)."""
+        """Drop the held connection (a new one is taken at the next pop); never raises, so it
+        cannot hide the error or cancellation that made the caller close."""
         connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.disconnect()
-            await self.client.connection_pool.release(connection)
+        if connection is None:
+            return
+        try:
+            await connection.disconnect(nowait=True)
+        except Exception as exc:  # a socket already broken: nothing left to close
+            logger.debug("closing the fan-out's pop connection: %r", exc)
+        finally:
+            try:
+                await self.client.connection_pool.release(connection)
+            except Exception as exc:  # a pool closed meanwhile: the connection is dropped with it
+                logger.debug("returning the fan-out's pop connection: %r", exc)

@@ -292,13 +292,14 @@ async def _purge_memberships(layer: RedisLayer, connection: Any, verdicts: Liven
             if owner is not None and await verdicts.dead(owner):
                 stale.append(member)
         if stale:
-            # What ZREM removed, not what we found: another process purging at the same time
-            # (several daphnes started together) must not make both count the same member.
-            removed += await connection.zrem(key, *stale)
-            # The dead process's clients may resume elsewhere: the group's history goes on a while.
+            # The dead process's clients may resume elsewhere: the group's history goes on a
+            # while. Marked before the removal, so a refused mark leaves the members in place.
             async with layer.connection(0).pipeline(transaction=False) as pipe:
                 layer.mark_left(pipe, group_of_key(layer.prefix, key.decode("utf-8", "replace")))
                 await pipe.execute()
+            # What ZREM removed, not what we found: another process purging at the same time
+            # (several daphnes started together) must not make both count the same member.
+            removed += await connection.zrem(key, *stale)
     return removed
 
 

@@ -14,6 +14,7 @@ local over_capacity = 0
 local current_time = ARGV[#ARGV - 1]
 local expiry = ARGV[#ARGV]
 local cutoff = math.floor(tonumber(current_time)) - tonumber(expiry)
+local stale = {}
 for i = 1, #KEYS do
     local expired = redis.call('ZCOUNT', KEYS[i], 0, cutoff)
     if redis.call('ZCARD', KEYS[i]) - expired < tonumber(ARGV[i + #KEYS]) then
@@ -22,8 +23,9 @@ for i = 1, #KEYS do
     else
         over_capacity = over_capacity + 1
     end
-    if expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, cutoff) end
+    if expired > 0 then table.insert(stale, KEYS[i]) end
 end
+for _, key in ipairs(stale) do redis.call('ZREMRANGEBYSCORE', key, 0, cutoff) end
 return over_capacity
 """
 
@@ -55,21 +57,24 @@ end
 local cutoff = math.floor(tonumber(ARGV[2])) - tonumber(ARGV[3])
 local others = {}
 local over = 0
+local stale = {}
 for _, member in ipairs(members) do
     if string.sub(member, 1, 7) == 'fanout.' then
         local key = ARGV[6] .. member
-        local stale = redis.call('ZCOUNT', key, 0, cutoff)
-        if redis.call('ZCARD', key) - stale < tonumber(ARGV[5]) then
+        local old = redis.call('ZCOUNT', key, 0, cutoff)
+        if redis.call('ZCARD', key) - old < tonumber(ARGV[5]) then
             redis.call('ZADD', key, ARGV[2], blob)
             redis.call('EXPIRE', key, ARGV[3])
         else
             over = over + 1
         end
-        if stale > 0 then redis.call('ZREMRANGEBYSCORE', key, 0, cutoff) end
+        if old > 0 then table.insert(stale, key) end
     else
         table.insert(others, member)
     end
 end
+-- Clean-ups last, once every write that could be refused at maxmemory has been tried.
+for _, key in ipairs(stale) do redis.call('ZREMRANGEBYSCORE', key, 0, cutoff) end
 if expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[4]) end
 return {over, others, message_id}
 """
