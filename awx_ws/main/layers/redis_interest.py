@@ -68,10 +68,17 @@ async def _apply_notice(layer: RedisLayer, state: NodeInterest, data: Any, sink:
     if reread or process not in state.by_process:
         # A process seen for the first time (or again, after it was taken for dead) may hold
         # more than this change: read its whole set.
-        members = await layer.connection(0).smembers(interest_key(layer.prefix, process))
-        gained, lost = state.replace(process, {member.decode() for member in members})
-    else:
-        gained, lost = state.change(process, notice.get("join", ()), notice.get("leave", ()))
+        await _reread(layer, state, process, sink)
+        return
+    gained, lost = state.change(process, notice.get("join", ()), notice.get("leave", ()))
+    if gained or lost:
+        sink.update(gained, lost)
+
+
+async def _reread(layer: RedisLayer, state: NodeInterest, process: str, sink: InterestSink) -> None:
+    """Take one process's whole set as what it holds; tell sink what the node gained and lost."""
+    members = await layer.connection(0).smembers(interest_key(layer.prefix, process))
+    gained, lost = state.replace(process, {member.decode() for member in members})
     if gained or lost:
         sink.update(gained, lost)
 
@@ -95,7 +102,7 @@ async def _check_liveness(
                 dropped.discard(process)  # purged: it will not come back
             continue
         dropped.discard(process)
-        await _apply_notice(layer, state, change_notice(process, [], [], reread=True), sink)
+        await _reread(layer, state, process, sink)
 
 
 def watch_redis_interest(layer: RedisLayer, sink: InterestSink) -> Round:
