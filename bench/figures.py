@@ -17,7 +17,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from bench.harness import STATE, Clients, Server, cpu_seconds, percentile
+from bench.harness import STATE, Clients, Server, cpu_seconds, mark_left, percentile
 from bench.scenarios import emit_cost
 from tests.servers import Gunicorn, RedisServer
 
@@ -50,14 +50,14 @@ def emit_rates(redis: RedisServer, batches: int = 200) -> list[dict[str, Any]]:
     a distinct job_events group (history on); then as many messages, one emit_channel_notification
     call each, also each to a distinct fresh group, so both emit the same kind of message. Fresh
     groups keep no history (nobody could resume them): the last row emits batches to groups marked
-    as left lately (`asgi:watched:<group>`), so every message is appended to its group's stream."""
+    as a leave marks them (harness.mark_left), so every message is appended to its group's stream."""
     from awx_ws.main.emit import emit_channel_notification, emit_channel_notifications
 
     count = batches * BATCH_SIZE
     batched = [(group, {"n": n}) for n, group in enumerate(fresh_groups(1_000_000, count))]
     single = [(group, {"n": n}) for n, group in enumerate(fresh_groups(2_000_000, count))]
     kept = [(group, {"n": n}) for n, group in enumerate(fresh_groups(3_000_000, count))]
-    mark_watched(redis, [group for group, _ in kept])
+    mark_left(redis, [group for group, _ in kept])
     emit_channel_notifications([(f"job_events-{GROUP_BASE - 1}", {"warm": True})])
     seconds = []
     for plan in (batched, kept):
@@ -74,20 +74,6 @@ def emit_rates(redis: RedisServer, batches: int = 200) -> list[dict[str, Any]]:
         rate_row("emit, one call each", count, single_s),
         rate_row(f"emit, batches of {BATCH_SIZE}, history written", count, seconds[1]),
     ]
-
-
-def mark_watched(redis: RedisServer, groups: list[str]) -> None:
-    """Mark groups as left lately, as a leave does (their history is kept for an hour)."""
-    import redis as redis_py
-
-    client = redis_py.Redis.from_url(redis.url)
-    try:
-        with client.pipeline(transaction=False) as pipe:
-            for group in groups:
-                pipe.set(f"asgi:watched:{group}", 1, ex=3600)
-            pipe.execute()
-    finally:
-        client.close()
 
 
 def rate_row(scenario: str, messages: int, seconds: float) -> dict[str, Any]:

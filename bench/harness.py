@@ -257,6 +257,23 @@ class Clients:
         self.proc.wait(60)
 
 
+def mark_left(redis: RedisServer, groups: list[str]) -> None:
+    """Mark groups as a member's leave marks them (the layer's mark_left): their history is
+    written while the mark lasts, as for a group someone could resume."""
+    import redis as redis_py
+    from channels.layers import get_channel_layer
+
+    layer: Any = get_channel_layer()
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for group in groups:
+                layer.mark_left(pipe, group)
+            pipe.execute()
+    finally:
+        client.close()
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-quantile of values (nan for none)."""
     if not values:

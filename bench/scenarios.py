@@ -19,6 +19,7 @@ from bench.harness import (
     connections_to,
     cpu_seconds,
     log,
+    mark_left,
     percentile,
     wait_floor_subscribed,
 )
@@ -287,15 +288,11 @@ def emit_cost(redis: RedisServer, groups: list[str], scenario: str, warm: str = 
 def watched_emit_cost(redis: RedisServer, token: str, calls: int = 2000) -> dict[str, Any]:
     """The sync emit to a `jobs` group whose history is written (history on)."""
     # A group keeps history while someone could resume it: it has a member, or one left lately
-    # (`asgi:watched:<group>`, set by every leave). The mark is set here, as a leave sets it, so the
+    # (`asgi:watched:<group>`, set by every leave). The mark is set here as a leave sets it, so the
     # figure is the emit's own cost with its history append, not shared with a server's delivery
     # work on the same 2 cores (a live subscriber made the Redis round trip itself 5x slower).
-    from redis import Redis
-
     group = "jobs-emitcost"
-    client = Redis.from_url(redis.url)
-    client.set(f"asgi:watched:{group}", 1, ex=3600)
-    client.close()
+    mark_left(redis, [group])
     return emit_cost(redis, [group] * calls, "sync emit")
 
 

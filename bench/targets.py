@@ -108,28 +108,36 @@ def fanout_cpu(rows: Rows) -> Target:
 
 def fanout_vs_floor(rows: Rows) -> Target:
     """Fan-out to 1,000 subscribers at 50 msgs/s: ours ≤ 0.6× the floor's CPU per 1,000."""
-    figure, target = "fan-out 1,000 subscribers at 50 msgs/s: CPU vs floor", "≤ 0.6× floor"
-    ours, floor = find(rows, FANOUT_1000), find(rows, FANOUT_1000, "floor")
-    if ours is None or floor is None:
-        return unmeasured(figure, target)
-    times = ratio(ours["cpu_ms_per_1000"], floor["cpu_ms_per_1000"])
-    measured = f"{times:.2f}× ({ours['cpu_ms_per_1000']:.1f} / {floor['cpu_ms_per_1000']:.1f} ms)"
-    return Target(figure, measured, target, times <= 0.6)
+    return ratio_target(
+        "fan-out 1,000 subscribers at 50 msgs/s: CPU vs floor",
+        "≤ 0.6× floor",
+        (find(rows, FANOUT_1000), find(rows, FANOUT_1000, "floor")),
+        ("cpu_ms_per_1000", ".1f"),
+        0.6,
+    )
 
 
 def subscribe_leave(rows: Rows) -> Target:
     """A subscribe + leave with 10,000 groups held: within 2× of the same with 10 (relay + fan-out)."""
-    figure = "subscribe/leave, 10,000 groups held: CPU per change vs 10 held"
-    target = "≤ 2× (relay + fan-out)"
-    many, few = (
-        find(rows, "subscribe+leave, 10000 groups held"),
-        find(rows, "subscribe+leave, 10 groups held"),
+    return ratio_target(
+        "subscribe/leave, 10,000 groups held: CPU per change vs 10 held",
+        "≤ 2× (relay + fan-out)",
+        (find(rows, "subscribe+leave, 10000 groups held"), find(rows, "subscribe+leave, 10 groups held")),
+        ("cpu_ms_per_change", ".2f"),
+        2,
     )
-    if many is None or few is None:
+
+
+def ratio_target(
+    figure: str, target: str, pair: tuple[Any, Any], field: tuple[str, str], limit: float
+) -> Target:
+    """A figure read as the ratio of two rows' values of one field (name, format), met at ≤ limit."""
+    (measured_row, base_row), (name, fmt) = pair, field
+    if measured_row is None or base_row is None:
         return unmeasured(figure, target)
-    times = ratio(many["cpu_ms_per_change"], few["cpu_ms_per_change"])
-    measured = f"{times:.2f}× ({many['cpu_ms_per_change']:.2f} / {few['cpu_ms_per_change']:.2f} ms)"
-    return Target(figure, measured, target, times <= 2)
+    times = ratio(measured_row[name], base_row[name])
+    measured = f"{times:.2f}× ({measured_row[name]:{fmt}} / {base_row[name]:{fmt}} ms)"
+    return Target(figure, measured, target, times <= limit)
 
 
 def flood(rows: Rows) -> Target:
