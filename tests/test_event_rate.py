@@ -21,7 +21,7 @@ from tests.sse import open_sse
 from tests.test_api_notifications import api, member_client
 from tests.test_metrics import moved, scrape
 
-pytestmark = pytest.mark.usefixtures("shared_db")
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
 
 OUTLINE = ["playbook_on_start", "playbook_on_play_start", "playbook_on_task_start"]
 
