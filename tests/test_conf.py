@@ -10,6 +10,7 @@ from django.test import override_settings
 
 from awx_ws.main import conf
 from awx_ws.main.conf import SETTINGS, SettingError, from_environment, validate, ws_settings
+from awx_ws.main.history import HistoryPolicy, history_policy
 
 pytestmark = pytest.mark.unit
 
@@ -110,6 +111,21 @@ def test_overrides_are_read_and_held_to_the_same_rules():
     with pytest.raises(SettingError, match="AWX_WS_SUBSCRIBE_RATE=-3: must be at least 1"):
         with override_settings(AWX_WS={"SUBSCRIBE_RATE": -3}):
             pass
+
+
+def test_history_policies_are_kept_per_kind_and_follow_an_override():
+    """history_policy answers each kind from memory on every emit, and forgets when AWX_WS changes."""
+    default = history_policy("schedules-1")
+    assert default is not None and default.length == SETTINGS["HISTORY_LENGTH"].default
+    assert history_policy("schedules-2") is default
+    kinds = {"schedules": {"length": 5, "age": 60}, "jobs": None}
+    with override_settings(AWX_WS={**settings.AWX_WS, "HISTORY_KINDS": kinds}):
+        assert history_policy("schedules-1") == HistoryPolicy(
+            5, 60.0, ws_settings.HISTORY_MAX_BYTES, ws_settings.HISTORY_TOTAL_BYTES
+        )
+        assert history_policy("jobs-1") is None
+    assert history_policy("schedules-1") == default
+    assert history_policy("jobs-1") is not None
 
 
 def test_a_renamed_variable_is_still_read_under_its_former_name_and_said_to_be_deprecated():

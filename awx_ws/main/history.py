@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.core.signals import setting_changed
+
 from awx_ws.main.conf import ws_settings
 
 # Largest sequence number of a Redis stream id: "<ms>-<this>" sorts after every id of that ms.
@@ -52,9 +54,21 @@ class HistoryPolicy:
 def history_policy(group: str) -> HistoryPolicy | None:
     """The history kept for group's kind (HISTORY_LENGTH/AGE, HISTORY_KINDS), None if none.
 
-    The values were validated at start (conf.validate): nothing here can fail on a bad setting.
+    Asked on every emit, so each kind's answer is kept until AWX_WS changes. The values were
+    validated at start (conf.validate): nothing here can fail on a bad setting.
     """
     kind = group.split("-", 1)[0]
+    try:
+        return _policies[kind]
+    except KeyError:
+        policy = _policies[kind] = _policy_of(kind)
+        return policy
+
+
+_policies: dict[str, HistoryPolicy | None] = {}
+
+
+def _policy_of(kind: str) -> HistoryPolicy | None:
     chosen = ws_settings.HISTORY_KINDS.get(kind, {})
     if chosen is None:
         return None
@@ -63,6 +77,14 @@ def history_policy(group: str) -> HistoryPolicy | None:
     return HistoryPolicy(
         int(length), float(age), int(ws_settings.HISTORY_MAX_BYTES), int(ws_settings.HISTORY_TOTAL_BYTES)
     )
+
+
+def _forget_policies(*, setting: str, **kwargs: Any) -> None:
+    if setting == "AWX_WS":
+        _policies.clear()
+
+
+setting_changed.connect(_forget_policies)
 
 
 def resumable_for(policy: HistoryPolicy) -> int:

@@ -10,6 +10,7 @@ processes are retired at each scrape, so a daphne killed with -9 does not haunt 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 from pathlib import Path
@@ -123,6 +124,16 @@ def layer_error(operation: str) -> None:
     """Count a failed channel-layer operation (under both names while the old one lives)."""
     LAYER_ERRORS.labels(operation).inc()
     REDIS_ERRORS_DEPRECATED.labels(operation).inc()
+
+
+def count_emitted(group: str) -> None:
+    """Count one client message emitted to group (awx_ws_messages_emitted, by kind)."""
+    _emitted(group.split("-", 1)[0]).inc()
+
+
+@functools.cache  # per emit, labels() costs more than the inc(): find each kind's child once
+def _emitted(kind: str) -> Counter:
+    return EMITTED.labels(kind)
 
 
 def group_kind(group: str) -> str:

@@ -287,7 +287,7 @@ class RabbitmqChannelLayer(ServiceLayer, core.RabbitmqChannelLayer):
                 f"connection to RabbitMQ at {self.describe_hosts()} lost while sending to {group!r}"
             ) from exc
         if is_client_message(group, message):
-            metrics.EMITTED.labels(metrics.group_kind(group)).inc()
+            metrics.count_emitted(group)
 
 
 def _remember_nonce_in_database(nonce: str, ttl: float) -> bool:

@@ -261,7 +261,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         if message_id:
             message["id"] = message_id.decode()
         if is_client_message(group, message):
-            metrics.EMITTED.labels(metrics.group_kind(group)).inc()
+            metrics.count_emitted(group)
         return others
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
@@ -279,7 +279,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         if self.ring_size > 1:  # fan-out keys may live on other shards: channels_redis's way
             await super().group_send(group, message)
             if is_client_message(group, message):
-                metrics.EMITTED.labels(metrics.group_kind(group)).inc()
+                metrics.count_emitted(group)
             return
         connection = self.connection(0)
         keys, args = self.fanout_call(group, message)
