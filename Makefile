@@ -79,6 +79,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 sysdeps:
 	@need=""; \
 	command -v redis-server >/dev/null || need="$$need redis-server"; \
+	command -v redis-sentinel >/dev/null || need="$$need redis-sentinel"; \
 	command -v nginx >/dev/null || need="$$need nginx"; \
 	if [ -n "$$need" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \

@@ -195,6 +195,53 @@ def _redis_url() -> str:
 
 
 REDIS_URL = _redis_url()
+
+
+def _sentinels(text: str) -> list[tuple[str, int]]:
+    """REDIS_SENTINELS ("host:port,host:port") as addresses, naming the variable when malformed."""
+    found = []
+    for item in (part.strip() for part in text.split(",")):
+        name, sep, port = item.rpartition(":")
+        if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ImproperlyConfigured(f"REDIS_SENTINELS={text!r}: expected host:port,... ({item!r})")
+        found.append((name.strip("[]"), int(port)))
+    return found
+
+
+def redis_host() -> dict[str, Any]:
+    """The Redis host of the channel layer (channels_redis's `hosts` entry): REDIS_URL's address,
+    or, when REDIS_SENTINELS is set, the master REDIS_SENTINEL_MASTER that those sentinels name,
+    logged in to with REDIS_URL's password and database (layers/redis_connect.py)."""
+    common = {
+        # Fail fast when Redis is unreachable instead of hanging on connect.
+        "socket_connect_timeout": env_float("REDIS_CONNECT_TIMEOUT", 2.0),
+        # Per process; at the limit callers wait for a free connection (layers/redis.py).
+        "max_connections": env_int("REDIS_MAX_CONNECTIONS", 50),
+    }
+    sentinels = os.environ.get("REDIS_SENTINELS", "").strip()
+    if not sentinels:
+        return {"address": REDIS_URL, **common}
+    master = os.environ.get("REDIS_SENTINEL_MASTER", "").strip()
+    if not master:
+        raise ImproperlyConfigured(
+            "REDIS_SENTINELS is set but REDIS_SENTINEL_MASTER is empty: name the master the sentinels monitor"
+        )
+    # Sentinels answer quickly or not at all: a dead one must not hold up finding the master.
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": common["socket_connect_timeout"]}
+    sentinel_kwargs["socket_timeout"] = common["socket_connect_timeout"]
+    if os.environ.get("REDIS_SENTINEL_PASSWORD"):
+        sentinel_kwargs["password"] = os.environ["REDIS_SENTINEL_PASSWORD"]
+    return {
+        "sentinels": _sentinels(sentinels),
+        "master_name": master,
+        "sentinel_kwargs": sentinel_kwargs,
+        # How to log in to the master (password, database); its host and port are the sentinels' to say.
+        "url": os.environ.get("REDIS_URL") or "redis://",
+        **common,
+    }
+
+
+REDIS_HOST = redis_host()
 # Messages a channel may have queued in Redis before channels_redis drops new ones for it.
 CHANNEL_LAYER_CAPACITY = env_int("CHANNEL_LAYER_CAPACITY", 1000)
 if CHANNEL_LAYER_CAPACITY < 1:
@@ -207,15 +254,7 @@ def channel_layer_config(backend: str) -> dict[str, Any]:
         return {
             "BACKEND": "awx_ws.main.layers.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [
-                    {
-                        "address": REDIS_URL,
-                        # Fail fast when Redis is unreachable instead of hanging on connect.
-                        "socket_connect_timeout": env_float("REDIS_CONNECT_TIMEOUT", 2.0),
-                        # Per process; at the limit callers wait for a free connection (layers.py).
-                        "max_connections": env_int("REDIS_MAX_CONNECTIONS", 50),
-                    }
-                ],
+                "hosts": [REDIS_HOST],
                 "prefix": os.environ.get("CHANNEL_LAYER_PREFIX", "asgi"),
                 "capacity": CHANNEL_LAYER_CAPACITY,
                 "expiry": 60,
@@ -254,6 +293,19 @@ def channel_layer_config(backend: str) -> dict[str, Any]:
 CHANNEL_LAYER_BACKEND = os.environ.get("CHANNEL_LAYER_BACKEND", "redis").lower()
 CHANNEL_LAYERS = {"default": channel_layer_config(CHANNEL_LAYER_BACKEND)}
 
+
+def _cache_sentinels(host: dict[str, Any]) -> dict[str, Any]:
+    """OPTIONS that make Django's Redis cache find the master through the sentinels, if any."""
+    if "master_name" not in host:
+        return {}
+    return {
+        "pool_class": "awx_ws.main.layers.redis_connect.SyncSentinelPool",
+        "sentinels": host["sentinels"],
+        "master_name": host["master_name"],
+        "sentinel_kwargs": host["sentinel_kwargs"],
+    }
+
+
 # Throttle and failed-login counts, shared by every API worker and daphne process of the node: in
 # the node's Redis, or, on RabbitMQ (no Redis), in its database (`manage.py createcachetable`).
 if CHANNEL_LAYER_BACKEND == "redis":
@@ -263,7 +315,7 @@ if CHANNEL_LAYER_BACKEND == "redis":
             "BACKEND": "awx_ws.main.layers.redis_cache.FallbackRedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": "awx_ws-cache",
-            "OPTIONS": {"socket_connect_timeout": 2.0, "socket_timeout": 5.0},
+            "OPTIONS": {"socket_connect_timeout": 2.0, "socket_timeout": 5.0, **_cache_sentinels(REDIS_HOST)},
         }
     }
 else:

@@ -57,3 +57,18 @@ def test_a_given_secret_key_is_used_and_none_is_written(tmp_path):
     done = run(code, var, SECRET_KEY="given-by-the-environment")
     assert done.stdout.strip() == "given-by-the-environment", done.stderr
     assert not (var / "secret_key").exists()
+
+
+def test_sentinels_need_a_master_name_and_host_port_addresses(tmp_path):
+    missing = run("import config.settings", tmp_path, SECRET_KEY="k", REDIS_SENTINELS="127.0.0.1:26379")
+    assert missing.returncode == 1
+    assert "REDIS_SENTINELS is set but REDIS_SENTINEL_MASTER is empty" in missing.stderr
+    malformed = run(
+        "import config.settings",
+        tmp_path,
+        SECRET_KEY="k",
+        REDIS_SENTINELS="127.0.0.1:26379,nowhere",
+        REDIS_SENTINEL_MASTER="m",
+    )
+    assert malformed.returncode == 1
+    assert "REDIS_SENTINELS='127.0.0.1:26379,nowhere': expected host:port,... ('nowhere')" in malformed.stderr

@@ -18,16 +18,14 @@ from django.core.exceptions import ImproperlyConfigured
 
 # A blocking client, for emit_channel_notification's sync callers only: emit refuses to run on a
 # thread with a running event loop, so this never blocks a loop.
-from redis import BlockingConnectionPool as SyncBlockingPool
 from redis import Redis as BlockingRedis
-from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from awx_ws.main import metrics, retry
-from awx_ws.main.exceptions import RedisUnavailable, StartupError, redact_url
+from awx_ws.main.exceptions import RedisUnavailable, StartupError
 from awx_ws.main.history import GroupPosition, Replay, history_policy, resumable_for
-from awx_ws.main.layers import redis_batch, redis_history, redis_keys, redis_presence
+from awx_ws.main.layers import redis_batch, redis_connect, redis_history, redis_keys, redis_presence
 from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.layers.redis_counts import RedisConnectionStore
 from awx_ws.main.layers.redis_fanout import RedisFanout
@@ -164,18 +162,16 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         """A bounded pool per Redis host: at the limit callers wait for a free connection.
 
         channels_redis's pool opens a connection for every concurrent caller and keeps them all,
-        so a burst of 500 subscribing clients would leave 500 idle connections to Redis.
+        so a burst of 500 subscribing clients would leave 500 idle connections to Redis. A host
+        named by sentinels gets the same bound, and follows its master (redis_connect.py).
         """
         host = dict(self.hosts[index])
-        address = host.pop("address", None)
-        if address is None:  # sentinels: channels_redis's own pool
-            return super().create_pool(index)
         host.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
         host.setdefault("timeout", POOL_WAIT)
         # A connection whose peer vanished without a reset (a network partition) would otherwise
         # hang its caller, and with it the fan-out's loops, for good. Longer than any blocking pop.
         host.setdefault("socket_timeout", SOCKET_TIMEOUT)
-        return AsyncBlockingPool.from_url(address, **host)
+        return redis_connect.async_pool(host)
 
     def group_key(self, group: str) -> str:
         """The Redis key of group's members (channels_redis's format, `<prefix>:group:<name>`)."""
@@ -184,9 +180,8 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         return bytes(self._group_key(group)).decode()
 
     def describe_hosts(self) -> str:
-        """The Redis addresses of this layer for messages (passwords redacted), naming REDIS_URL."""
-        addresses = [redact_url(str(host.get("address", host))) for host in self.hosts]
-        return "REDIS_URL=" + ",".join(addresses)
+        """Where this layer's Redis is, for messages (no passwords), naming the settings that say so."""
+        return ",".join(redis_connect.describe(host) for host in self.hosts)
 
     async def open_position(self, group: str) -> GroupPosition:
         """The position of a client subscribing to group now (redis_history.py)."""
@@ -303,14 +298,11 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
                 self._blocking, self._blocking_pid = {}, os.getpid()
             if index not in self._blocking:
                 host = dict(self.hosts[index])
-                address = host.pop("address", None)
-                if address is None:
-                    raise TypeError("sync emit needs Redis hosts given by address (no sentinels)")
                 host.setdefault("socket_timeout", timeout)
                 host.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
                 # Threads past the limit wait for a connection (up to the emit timeout) rather than fail.
-                pool = SyncBlockingPool.from_url(address, timeout=timeout, **host)
-                self._blocking[index] = BlockingRedis(connection_pool=pool)
+                host["timeout"] = timeout
+                self._blocking[index] = BlockingRedis(connection_pool=redis_connect.sync_pool(host))
             return self._blocking[index]
 
     @classmethod

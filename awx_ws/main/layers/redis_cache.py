@@ -19,7 +19,7 @@ from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 from redis.exceptions import RedisError
 
-from awx_ws.main.exceptions import redact_url
+from awx_ws.main.layers import redis_connect
 from awx_ws.main.retry import FailureLog
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ class FallbackRedisCache(RedisCache):
         super().__init__(server, params)
         self._local = LocMemCache(f"awx_ws-fallback-{id(self)}", params)
         self._down_until = 0.0
-        where = redact_url(server)
-        self._failures = FailureLog(f"shared cache at REDIS_URL={where} (counting per process)", 60.0, logger)
+        options = params.get("OPTIONS", {})
+        where = redis_connect.describe(options if redis_connect.is_sentinel(options) else {"address": server})
+        self._failures = FailureLog(f"shared cache at {where} (counting per process)", 60.0, logger)
 
     def _either(self, name: str, *args: Any, **kwargs: Any) -> Any:
         if time.monotonic() >= self._down_until:

@@ -162,9 +162,12 @@ class Liveness:
         pipe.pexpire(stats, ttl_ms)
 
     async def _write(self) -> None:
-        async with self.layer.connection(0).pipeline(transaction=False) as pipe:
-            self.write_into(pipe)
-            await pipe.execute()
+        try:
+            async with self.layer.connection(0).pipeline(transaction=False) as pipe:
+                self.write_into(pipe)
+                await pipe.execute()
+        except RedisError as exc:  # logged by the retry loop: say where, as every Redis user does
+            raise self.layer.unavailable(exc) from exc
 
     async def _begin(self) -> None:
         await self._write()

@@ -1,0 +1,119 @@
+"""How the service reaches Redis: at an address (REDIS_URL) or as the master a set of Redis
+Sentinels names (REDIS_SENTINELS, REDIS_SENTINEL_MASTER), with bounded pools either way.
+
+A host is a dict in channels_redis's `hosts` format: `{"address": url, ...}`, or
+`{"sentinels": [(host, port), ...], "master_name": name, "sentinel_kwargs": {...}, ...}` with
+the master's own connection options beside them (password, db), or in a REDIS_URL-style "url"
+whose host is ignored. Every Redis user of a process
+builds its pool here (the layer's async pool, the sync emit's, the shared cache's), so each one
+follows the master through a failover the same way: a new connection asks the sentinels where
+the master is, and a connection to a master that was demoted is dropped at its first refused
+write (redis-py's SentinelManagedConnection).
+
+channels_redis builds an unbounded pool for sentinels; ours wait at the limit, as they do for
+an address (layers/redis.py, create_pool).
+"""
+
+from __future__ import annotations
+
+from queue import Empty
+from typing import Any
+
+from redis import BlockingConnectionPool as SyncBlockingPool
+from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
+from redis.connection import parse_url
+from redis.sentinel import Sentinel as SyncSentinel
+from redis.sentinel import SentinelConnectionPool as SyncSentinelConnectionPool
+
+from awx_ws.main.exceptions import redact_url
+
+
+class AsyncSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingPool):
+    """redis.asyncio's pool for a Sentinel-managed master, bounded: at the limit callers wait."""
+
+
+class SyncSentinelPool(SyncSentinelConnectionPool, SyncBlockingPool):
+    """redis-py's blocking pool for a Sentinel-managed master, bounded: at the limit callers wait."""
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        """Close the pool's connections; only the idle ones when inuse_connections is False.
+
+        redis-py's Sentinel pool asks for the idle ones when the master moves, and its blocking
+        pool takes no argument (every connection, even one another thread is using): the idle
+        ones are those in its queue, taken out, closed and put back.
+        """
+        if inuse_connections:
+            super().disconnect()  # type: ignore[no-untyped-call]
+            return
+        taken = []
+        try:
+            while True:
+                taken.append(self.pool.get_nowait())
+        except Empty:
+            pass
+        for connection in taken:
+            if connection is not None:
+                connection.disconnect()
+        for connection in taken:
+            self.pool.put_nowait(connection)
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> SyncSentinelPool:
+        """The pool for Django's cache (OPTIONS["pool_class"]): url gives the master's password
+        and database, kwargs the sentinels as in a host."""
+        return sync_pool({**kwargs, "url": url})  # type: ignore[no-any-return]
+
+
+def master_options(url: str) -> dict[str, Any]:
+    """The connection options url gives beside its host (password, username, db, ...): with
+    sentinels, the sentinels say where the master is, and REDIS_URL how to log in to it."""
+    options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    options.pop("host", None)
+    options.pop("port", None)
+    options.pop("path", None)  # a unix socket: the sentinels give a TCP address
+    return options
+
+
+def is_sentinel(host: dict[str, Any]) -> bool:
+    """True if host names a Sentinel-managed master rather than an address."""
+    return "master_name" in host
+
+
+def _sentinel_parts(host: dict[str, Any]) -> tuple[str, list[Any], Any, dict[str, Any]]:
+    """(master name, sentinels, sentinel_kwargs, the master's connection options) of host."""
+    options = dict(host)
+    master = options.pop("master_name")
+    sentinels = options.pop("sentinels")
+    sentinel_kwargs = options.pop("sentinel_kwargs", None)
+    url = options.pop("url", None)
+    if url is not None:
+        options = {**master_options(url), **options}
+    return master, sentinels, sentinel_kwargs, options
+
+
+def async_pool(host: dict[str, Any]) -> Any:
+    """A bounded redis.asyncio pool for host (an address or a Sentinel-managed master)."""
+    return _pool(host, AsyncBlockingPool, AsyncSentinelPool, AsyncSentinel)
+
+
+def sync_pool(host: dict[str, Any]) -> Any:
+    """A bounded blocking redis-py pool for host (an address or a Sentinel-managed master)."""
+    return _pool(host, SyncBlockingPool, SyncSentinelPool, SyncSentinel)
+
+
+def _pool(host: dict[str, Any], by_address: Any, by_sentinels: Any, sentinel: Any) -> Any:
+    if not is_sentinel(host):
+        options = dict(host)
+        return by_address.from_url(options.pop("address"), **options)
+    master, sentinels, sentinel_kwargs, options = _sentinel_parts(host)
+    return by_sentinels(master, sentinel(sentinels, sentinel_kwargs=sentinel_kwargs), **options)
+
+
+def describe(host: dict[str, Any]) -> str:
+    """Where host is, for messages, naming the settings that say so (no passwords)."""
+    if is_sentinel(host):
+        sentinels = ",".join(f"{name}:{port}" for name, port in host["sentinels"])
+        return f"REDIS_SENTINELS={sentinels} (REDIS_SENTINEL_MASTER={host['master_name']})"
+    return "REDIS_URL=" + redact_url(str(host.get("address", host)))

@@ -1,0 +1,203 @@
+"""The service on a Sentinel-managed Redis (REDIS_SENTINELS, REDIS_SENTINEL_MASTER): every Redis
+user finds the master through the sentinels, and follows it when the master dies.
+
+Each test has a set of its own: a master, a replica and three sentinels (tests/sentinel.py).
+REDIS_URL names a port nothing listens on, so nothing can reach Redis except through them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from tests.client import open_ws
+from tests.factories import adb, create_token, create_user
+from tests.sentinel import sentinel_set
+from tests.servers import ROOT, Gunicorn
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.both_runners
+
+# The emitter's pace through the failover (the issue's figure) and how long it runs at most.
+RATE = 20.0
+EMITS = 500
+# Emits must succeed again this soon after the master is killed.
+RECOVERY = 15.0
+EMIT_TIMEOUT = 5.0
+
+
+@pytest.fixture
+def sentinels(state_dir):
+    with sentinel_set(state_dir / f"sentinels-{secrets.token_hex(3)}") as servers:
+        yield servers
+
+
+def manage_env(sentinels) -> dict[str, str]:
+    return {**os.environ, **sentinels.env, "AWX_WS_EMIT_TIMEOUT": str(EMIT_TIMEOUT)}
+
+
+def manage(sentinels, *args: str) -> str:
+    """`manage.py ARGS` on the sentinels' Redis; its output (it must succeed)."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=manage_env(sentinels),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+class Emitter:
+    """tests.sentinel_emitter in a process of its own, its report read line by line."""
+
+    def __init__(self, sentinels, group: str, count: int) -> None:
+        argv = [sys.executable, "-m", "tests.sentinel_emitter", group, str(count), str(RATE)]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=manage_env(sentinels), **pipes)
+        self.lines: list[dict[str, Any]] = []
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        """Every emit's line once the run is over (it ends by itself after its count)."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            raise AssertionError(f"the emitter did not finish in {timeout}s (an emit hung?)\n{err}") from None
+        assert self.proc.returncode == 0, f"the emitter failed with something not ours:\n{err}"
+        return [json.loads(line) for line in out.splitlines()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+async def receive_numbers(client, wanted: set[int], timeout: float) -> list[int]:
+    """The `n` of every message the client receives until it has all of wanted (or timeout)."""
+    received: list[int] = []
+    deadline = time.monotonic() + timeout
+    while not wanted <= set(received) and time.monotonic() < deadline:
+        try:
+            message = await client.recv_json(timeout=max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            break
+        received.append(message["n"])
+    return received
+
+
+async def test_a_failover_loses_no_acknowledged_emit_and_keeps_clients_connected(
+    sentinels, daphne_factory, token
+):
+    node = daphne_factory(sentinels.env)
+    group = f"schedules-failover{secrets.token_hex(3)}"
+    client = await open_ws(node.url, headers={"Authorization": f"Token {token}"})
+    await client.subscribe({"schedules": [group.split("-", 1)[1]]})
+
+    emitter = Emitter(sentinels, group, EMITS)
+    try:
+        # Deliveries flow through the first master...
+        before = await receive_numbers(client, set(range(20)), timeout=10)
+        assert set(range(20)) <= set(before)
+        sentinels.wait_replicated()  # the subscription too: a replica in service has it
+        killed_at = time.time()
+        sentinels.master.kill()  # SIGKILL: no goodbye to anyone
+        # ...and through the replica the sentinels promote.
+        await eventually(lambda: sentinels.master_port() == sentinels.replica.port, timeout=RECOVERY)
+        after = await receive_numbers(client, {EMITS - 1}, timeout=EMITS / RATE + RECOVERY)
+        lines = emitter.finish(timeout=EMITS / RATE + RECOVERY)
+    finally:
+        emitter.stop()
+
+    assert [line["n"] for line in lines] == list(range(EMITS))
+    # None hung: an emit either succeeds or raises within the emit timeout (plus a connect).
+    slowest = max(lines, key=lambda line: line["took"])
+    assert slowest["took"] < EMIT_TIMEOUT + 2.5, slowest
+    failed = [line for line in lines if line["error"]]
+    assert all(line["error"].startswith("RedisUnavailable: ") for line in failed), failed[:3]
+    assert all(line["at"] >= killed_at - 1 for line in failed), "emits failed before the master died"
+    # Within RECOVERY seconds of the kill, emits succeed again (and go on succeeding).
+    recovered = [line for line in lines if line["at"] > killed_at and not line["error"]]
+    assert recovered and recovered[0]["at"] - killed_at <= RECOVERY
+    assert not [line for line in lines if line["at"] > recovered[0]["at"] and line["error"]]
+
+    # Every acknowledged emit was delivered, once, on the connection opened before the failover.
+    received = before + after
+    acknowledged = {line["n"] for line in lines if not line["error"]}
+    assert acknowledged <= set(received), sorted(acknowledged - set(received))[:10]
+    assert len(received) == len(set(received)), "a message was delivered twice"
+    assert set(received) <= set(range(EMITS))
+
+
+async def test_the_start_up_purge_and_the_sync_emit_find_the_master_through_the_sentinels(
+    sentinels, daphne_factory, token
+):
+    group = f"schedules-sentinelpurge{secrets.token_hex(3)}"
+    master = Redis(port=sentinels.master.port)
+    try:
+        first = daphne_factory(sentinels.env)
+        client = await open_ws(first.url, headers={"Authorization": f"Token {token}"})
+        await client.subscribe({"schedules": [group.split("-", 1)[1]]})
+        (dead_member,) = await master.zrange(f"asgi:group:{group}", 0, -1)
+        first.kill()  # its membership and liveness record stay behind in the master
+
+        second = daphne_factory(sentinels.env)  # its start-up purge removes them
+        assert await master.zrange(f"asgi:group:{group}", 0, -1) == []
+        dead = dead_member.decode().split(".", 1)[1]
+        assert not await master.exists(f"asgi:alive:{dead}")
+
+        client = await open_ws(second.url, headers={"Authorization": f"Token {token}"})
+        await client.subscribe({"schedules": [group.split("-", 1)[1]]})
+        manage(sentinels, "emit", group, '{"n": 7}')
+        assert (await client.recv_json())["n"] == 7
+
+        # The operator's view reads the same master: the second daphne, holding the group.
+        async def listed() -> bool:
+            shown = await asyncio.to_thread(manage, sentinels, "connections", "--groups")
+            return [group, str(second.pid)] in [line.split() for line in shown.splitlines()]
+
+        await eventually(listed, timeout=10)
+    finally:
+        await master.aclose()
+
+
+async def test_the_api_finds_the_master_for_readiness_throttles_and_emits(
+    sentinels, daphne_factory, state_dir, shared_db
+):
+    staff = await adb(create_user, superuser=True)
+    key = await adb(create_token, staff)
+    api = Gunicorn(state_dir / "logs", {**sentinels.env, "AWX_WS_EMIT_RATE": "3/min"}).start()
+    master = Redis(port=sentinels.master.port)
+    try:
+        node = daphne_factory(sentinels.env)
+        group = f"schedules-sentinelapi{secrets.token_hex(3)}"
+        client = await open_ws(node.url, headers={"Authorization": f"Token {key}"})
+        await client.subscribe({"schedules": [group.split("-", 1)[1]]})
+        headers = {"Authorization": f"Token {key}"}
+        async with httpx.AsyncClient(base_url=api.http_url, headers=headers) as http:
+            ready = await http.get("/api/v2/ready/")
+            assert ready.status_code == 200, ready.text
+            codes = [
+                (await http.post("/api/v2/emit/", json={"group": group, "payload": {"n": n}})).status_code
+                for n in range(4)
+            ]
+        assert codes == [202, 202, 202, 429]
+        assert [(await client.recv_json())["n"] for _ in range(3)] == [0, 1, 2]
+        # The throttle's counts are in the master, shared by every worker (not in the process).
+        assert [key async for key in master.scan_iter("awx_ws-cache:*")]
+    finally:
+        await master.aclose()
+        api.stop()
