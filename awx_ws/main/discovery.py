@@ -33,6 +33,7 @@ from psycopg import sql
 
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import DatabaseUnavailable, StartupError
+from awx_ws.main.peerauth import peer_url
 from awx_ws.main.retry import RetryPolicy, supervise
 from awx_ws.main.setting_rules import peers as check_peers
 
@@ -265,8 +266,8 @@ class Discovery:
         answer = False
         for payload in payloads:
             said = parse_announcement(payload, self.cluster)
-            if said is None or said.address == self.address:
-                continue
+            if said is None or peer_url(said.address) == peer_url(self.address):
+                continue  # this node's own words (a relay dialling itself would double every message)
             if said.action == "offline":
                 if self.table.forget(said.address):
                     logger.info("peer discovery dropped %s: node %s went offline", said.address, said.node)

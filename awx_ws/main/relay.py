@@ -99,7 +99,8 @@ class Relay:
 
     def add_peer(self, peer: str, seen: float) -> None:
         """Dial peer (found through discovery) if it is new; seen is when it was last heard."""
-        link = self.links.get(peer)
+        # The same node written two ways (host:port and its URL) is one link, not two copies.
+        link = next((link for link in self.links.values() if link.url == peer_url(peer)), None)
         if link is None:
             link = self.links[peer] = PeerLink(self, peer)
             link.status.source = "discovered"
