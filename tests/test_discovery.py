@@ -79,8 +79,8 @@ class Cluster:
         self.nodes: list[Node] = []
         self.started = 0.0
 
-    def add(self, names: list[str], cluster: str = CLUSTER) -> list[Node]:
-        extra = {**SETTINGS, "DATABASE_URL": self.postgres.url, "AWX_WS_CLUSTER_ID": cluster}
+    def add(self, names: list[str], cluster: str = CLUSTER, **env: str) -> list[Node]:
+        extra = {**SETTINGS, "DATABASE_URL": self.postgres.url, "AWX_WS_CLUSTER_ID": cluster, **env}
         nodes = make_nodes(self.state_dir, [f"disc-{name}" for name in names], extra)
         self.nodes += nodes
         for node in nodes:
@@ -262,11 +262,25 @@ async def test_a_database_restart_is_survived(cluster, clients, token):
     # The nodes kept each other through the outage: its silence was the database's, not theirs.
     assert await listed(a) == {address(b): "discovered", address(c): "discovered"}
 
-    (e,) = cluster.add(["E"])  # joins after the restart: heard only on the new connections
+    # E joins after the restart (heard only on the new connections), with A as a static peer too,
+    # written as a URL: one link to A all the same (each message once, below).
+    a_url = f"ws://{address(a)}/websocket/broadcast/"
+    (e,) = cluster.add(["E"], BROADCAST_WEBSOCKET_PEERS=a_url)
     try:
         for node in (a, b, c):
             await eventually(lambda node=node: connected(node, e), 30, f"{node.name} to find E")
+        for node in (b, c):
             await eventually(lambda node=node: connected(e, node), 30, f"E to find {node.name}")
+
+        async def static_link_up() -> bool:
+            redis = redis_at(e.redis.url)
+            try:
+                return await redis.hget(f"asgi:relay-status:{a_url}", "state") == b"connected"
+            finally:
+                await redis.aclose()
+
+        await eventually(static_link_up, 30, "E's static link to A")
+        assert await listed(e) == {a_url: "static", address(b): "discovered", address(c): "discovered"}
         group = topic("restart")
         for node in (a, b, c, e):
             await subscribed(node, token, group, clients)
