@@ -32,6 +32,7 @@ from awx_ws.main.setting_rules import (
     integer,
     json_value,
     number,
+    one_of,
     peers,
     rate,
     seconds,
@@ -169,6 +170,19 @@ SETTINGS: dict[str, Setting] = {
         "BROADCAST_WEBSOCKET_PING_INTERVAL", 10.0, number, seconds(),
         "Seconds between pings on a relay link; a peer silent for twice this is dropped.",
     ),
+    "BROADCAST_WEBSOCKET_DISCOVERY": _s(
+        "BROADCAST_WEBSOCKET_DISCOVERY", "static", text, one_of("static", "postgres"),
+        "How the relay finds its peers: static (BROADCAST_WEBSOCKET_PEERS only) or postgres "
+        "(nodes announce themselves over the PostgreSQL database, as well as the static peers).",
+    ),
+    "BROADCAST_WEBSOCKET_HEARTBEAT": _s(
+        "BROADCAST_WEBSOCKET_HEARTBEAT", 15.0, number, seconds(),
+        "Seconds between a node's discovery announcements; a peer silent for 3 of them is dropped.",
+    ),
+    "CLUSTER_ID": _s(
+        "AWX_WS_CLUSTER_ID", "default", text, string(empty=False),
+        "The cluster a node belongs to: discovery only sees nodes of the same id on the database.",
+    ),
     "HISTORY_LENGTH": _s(
         "AWX_WS_HISTORY_LENGTH", 1000, integer, int_at_least(1),
         "Messages of history kept per group for resuming streams.",
@@ -305,6 +319,12 @@ def validate(values: Mapping[str, Any], environ: Mapping[str, str] = os.environ)
         raise SettingError(
             f"AWX_WS_HISTORY_TOTAL_BYTES={merged['HISTORY_TOTAL_BYTES']} must be 0 or at least "
             f"AWX_WS_HISTORY_MAX_BYTES={merged['HISTORY_MAX_BYTES']}"
+        )
+    if merged["BROADCAST_WEBSOCKET_DISCOVERY"] == "postgres" and "BROADCAST_WEBSOCKET_SELF" not in values:
+        # The default (127.0.0.1:<daphne port>) is not an address other machines can dial.
+        raise SettingError(
+            "BROADCAST_WEBSOCKET_DISCOVERY='postgres' needs BROADCAST_WEBSOCKET_SELF: the address "
+            "other nodes dial to reach this one (host:port or a ws:// / wss:// URL), which it announces"
         )
     if merged["RETRY_DELAY"] > merged["RETRY_MAX_DELAY"]:
         raise SettingError(

@@ -5,27 +5,26 @@ tells it which groups this node's clients hold (interest.py) and injects what th
 into the local channel layer, marked `relayed` so no BroadcastConsumer here sends it on again.
 Links reconnect with exponential backoff and jitter, log once per state change (AWX #7266 logged
 every attempt), and keep their figures in the layer's node records (Redis) for
-`run_wsbroadcast --status`. On a layer without records (RabbitMQ) interest comes from the
-fan-outs' announcements on the layer, and the figures are in the metrics only. What a link
-says is peer_protocol.py's.
+`run_wsbroadcast --status` (relay_status.py). Peers are BROADCAST_WEBSOCKET_PEERS (static:
+dialled for good) and, with BROADCAST_WEBSOCKET_DISCOVERY=postgres, the nodes discovery.py hears
+(dialled while they announce themselves: `add_peer`, `drop_peer`). On a layer without records
+(RabbitMQ) interest comes from the fan-outs' announcements on the layer, and the figures are in
+the metrics only. What a link says is peer_protocol.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
-from collections import deque
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import InvalidStatus
 
 from awx_ws.main import metrics
 from awx_ws.main.conf import SettingError, ws_settings
+from awx_ws.main.discovery import Discovery
 from awx_ws.main.exceptions import LayerUnavailable, StartupError
 from awx_ws.main.interest import LayerInterestWatcher
 from awx_ws.main.layers import NodeRecords, ServiceLayer, service_layer
@@ -39,6 +38,7 @@ from awx_ws.main.peer_protocol import (
     read_frame,
 )
 from awx_ws.main.peerauth import peer_url
+from awx_ws.main.relay_status import LinkStatus, describe
 from awx_ws.main.retry import RetryPolicy, spawn, supervise
 
 logger = logging.getLogger(__name__)
@@ -47,82 +47,6 @@ logger = logging.getLogger(__name__)
 HEALTHY_AFTER = 30.0
 # The links' figures are rewritten this often; resumes judge a relay stopped by their age.
 STATUS_EVERY = 1.0
-
-
-@dataclass
-class LinkStatus:
-    """One link's state and counters."""
-
-    peer: str
-    state: str = "connecting"
-    since: float = field(default_factory=time.time)
-    received_total: int = 0
-    dropped_total: int = 0
-    reconnects: int = 0
-    last_error: str = ""
-    # (second, count) buckets of the last minute
-    _recent: deque[list[int]] = field(default_factory=deque)
-
-    def __post_init__(self) -> None:
-        metrics.RELAY_UP.labels(self.peer).set(0)
-
-    def received(self) -> None:
-        """Count one message."""
-        self.received_total += 1
-        metrics.RELAY_RECEIVED.labels(self.peer).inc()
-        now = int(time.time())
-        if self._recent and self._recent[-1][0] == now:
-            self._recent[-1][1] += 1
-        else:
-            self._recent.append([now, 1])
-
-    def last_minute(self) -> int:
-        """Messages received in the last 60 seconds."""
-        cutoff = int(time.time()) - 60
-        while self._recent and self._recent[0][0] <= cutoff:
-            self._recent.popleft()
-        return sum(count for _, count in self._recent)
-
-    def move_to(self, state: str) -> bool:
-        """Change state; True when it really changed (the caller logs it)."""
-        if state == self.state:
-            return False
-        self.state, self.since = state, time.time()
-        metrics.RELAY_UP.labels(self.peer).set(1 if state == "connected" else 0)
-        return True
-
-    def as_mapping(self) -> dict[str, str]:
-        """The figures as stored in Redis."""
-        return {
-            "peer": self.peer,
-            "state": self.state,
-            "since": f"{self.since:.3f}",
-            "received_total": str(self.received_total),
-            "received_last_minute": str(self.last_minute()),
-            "dropped_total": str(self.dropped_total),
-            "reconnects": str(self.reconnects),
-            "last_error": self.last_error,
-            "updated": f"{time.time():.3f}",
-        }
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line reason for a failed or lost link."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            f"TLS certificate not trusted: {exc.verify_message} (the peer's certificate must be signed "
-            "by a CA in BROADCAST_WEBSOCKET_CA_BUNDLE, or the system's CAs)"
-        )
-    if isinstance(exc, InvalidStatus):
-        code = exc.response.status_code
-        hint = (
-            " (check BROADCAST_WEBSOCKET_SECRET, that the peer's BROADCAST_WEBSOCKET_SELF is this entry, "
-            "or whether the peer has started)"
-            if code == 403
-            else ""
-        )
-        return f"HTTP {code} at handshake{hint}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class Relay:
@@ -139,7 +63,11 @@ class Relay:
         # The node's interest: what its clients hold (interest.py), kept by changes.
         self.interest: set[str] = set()
         self._changed = asyncio.Event()
-        self.links = [PeerLink(self, peer) for peer in peers]
+        self.links = {peer: PeerLink(self, peer) for peer in peers}
+        # Set by from_settings with BROADCAST_WEBSOCKET_DISCOVERY=postgres.
+        self.discovery: Discovery | None = None
+        # The links' tasks once run() has started them.
+        self._tasks: dict[str, asyncio.Task[None]] | None = None
 
     @classmethod
     def from_settings(cls, given: Any) -> Relay:
@@ -152,17 +80,43 @@ class Relay:
             )
         peers = configured_peers()
         secret = ws_settings.BROADCAST_WEBSOCKET_SECRET
-        if peers and not secret:
+        discover = ws_settings.BROADCAST_WEBSOCKET_DISCOVERY == "postgres"
+        if (peers or discover) and not secret:
             raise StartupError(
                 "BROADCAST_WEBSOCKET_SECRET is empty: set the same secret on every node to relay "
-                f"to {', '.join(peers)}"
+                f"to {', '.join(peers) or 'the nodes discovery finds'}"
             )
-        for peer in peers:
+        # A CA bundle that cannot be read stops the relay at once (a discovered peer may be wss://).
+        for peer in [*peers, *(["wss://discovered"] if discover else [])]:
             try:
-                peer_ssl(peer_url(peer))  # a CA bundle that cannot be read stops the relay at once
+                peer_ssl(peer_url(peer))
             except SettingError as exc:
                 raise StartupError(str(exc)) from exc
-        return cls(layer, peers, secret, ws_settings.NODE_NAME)
+        relay = cls(layer, peers, secret, ws_settings.NODE_NAME)
+        if discover:
+            relay.discovery = Discovery.from_settings(relay)
+        return relay
+
+    def add_peer(self, peer: str, seen: float) -> None:
+        """Dial peer (found through discovery) if it is new; seen is when it was last heard."""
+        # The same node written two ways (host:port and its URL) is one link, not two copies.
+        link = next((link for link in self.links.values() if link.url == peer_url(peer)), None)
+        if link is None:
+            link = self.links[peer] = PeerLink(self, peer)
+            link.status.source = "discovered"
+            if self._tasks is not None:
+                self._tasks[peer] = link.start()
+        link.status.last_seen = max(link.status.last_seen, seen)
+
+    def drop_peer(self, peer: str) -> None:
+        """Stop dialling a discovered peer (a static one stays)."""
+        if peer in self.peers or peer not in self.links:
+            return
+        link = self.links.pop(peer)
+        task = self._tasks.pop(peer, None) if self._tasks is not None else None
+        if task is not None:
+            task.cancel()
+        link.status.move_to("dropped")
 
     def changed(self) -> asyncio.Event:
         """An event set at the next interest change (take it before reading `interest`)."""
@@ -178,24 +132,27 @@ class Relay:
             return
         self.interest |= gained
         self.interest -= lost
-        for link in self.links:
+        for link in self.links.values():
             link.note(gained, lost)
         previous, self._changed = self._changed, asyncio.Event()
         previous.set()
 
     async def run(self) -> None:
         """Relay until cancelled."""
-        if not self.peers:
+        if not self.peers and self.discovery is None:
             logger.info("no peers in BROADCAST_WEBSOCKET_PEERS besides this node: nothing to relay")
             await asyncio.Event().wait()
-        logger.info("relay of node %s to %s", self.node, ", ".join(self.peers))
+        found = " and the nodes discovery finds" if self.discovery is not None else ""
+        logger.info("relay of node %s to %s%s", self.node, ", ".join(self.peers) or "no static peer", found)
         records = self.records
         if records is not None:
             watch = records.watch_interest(self)
         else:
             watch = LayerInterestWatcher(self.layer, self.publish).round
         tasks = [spawn("relay interest", watch, metric="relay_interest")]
-        tasks += [link.start() for link in self.links]
+        self._tasks = {peer: link.start() for peer, link in self.links.items()}
+        if self.discovery is not None:
+            tasks.append(self.discovery.start())
         if records is not None:
             tasks.append(
                 spawn("relay status", lambda failures: self._write_status(records), metric="relay_status")
@@ -203,13 +160,19 @@ class Relay:
         try:
             await asyncio.gather(*tasks)
         finally:
+            tasks += self._tasks.values()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _write_status(self, records: NodeRecords) -> float:
-        for link in self.links:
+        links = list(self.links.values())  # discovery may add or drop links meanwhile
+        now = time.time()
+        for link in links:
+            if link.status.state == "connected":
+                link.status.last_seen = now
             await records.write_link_status(link.peer, link.status.as_mapping())
+        await records.write_peers({link.peer: link.status.source for link in links})
         return STATUS_EVERY
 
 

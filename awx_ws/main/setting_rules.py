@@ -88,6 +88,13 @@ def flag(value: Any) -> str | None:
 _RATE_RE = re.compile(r"^\d+/(s|m|h|d)[a-z]*$")
 
 
+def one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
 def rate(value: Any) -> str | None:
     if isinstance(value, str) and _RATE_RE.match(value):
         return None

@@ -92,6 +92,14 @@ class NodeRecords(Protocol):
         """One relay link's last figures; empty when none were written."""
         ...
 
+    async def write_peers(self, peers: Mapping[str, str]) -> None:
+        """Store the relay's peers now, {peer: "static" or "discovered"} (replacing the last list)."""
+        ...
+
+    async def peers(self) -> dict[str, str]:
+        """The relay's peers as it last wrote them; empty when none."""
+        ...
+
     async def reset_forwarding(self, peer: str) -> None:
         """Forget which groups peer forwards here (its link is new)."""
         ...

@@ -101,6 +101,11 @@ def link_status_key(prefix: str, peer: str) -> str:
     return f"{prefix}:relay-status:{peer}"
 
 
+def relay_peers_key(prefix: str) -> str:
+    """The relay's peers now, each static or discovered (a hash the relay rewrites every second)."""
+    return f"{prefix}:relay-peers"
+
+
 def forwarding_key(prefix: str, peer: str) -> str:
     """The groups a peer has confirmed it forwards to this node (a set resumes wait on)."""
     return f"{prefix}:relay-forwarding:{peer}"

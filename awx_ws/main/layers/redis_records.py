@@ -78,6 +78,27 @@ class RedisRecords:
             raise self.layer.unavailable(exc) from exc
         return _text(raw)
 
+    async def write_peers(self, peers: Mapping[str, str]) -> None:
+        """Store the relay's peers now (replacing the last list)."""
+        key = keys.relay_peers_key(self.layer.prefix)
+        try:
+            async with self.layer.connection(0).pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if peers:
+                    pipe.hset(key, mapping=dict(peers))
+                    pipe.expire(key, LINK_STATUS_TTL)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self.layer.unavailable(exc) from exc
+
+    async def peers(self) -> dict[str, str]:
+        """The relay's peers as it last wrote them (kept an hour); empty when none."""
+        try:
+            raw = await self.layer.connection(0).hgetall(keys.relay_peers_key(self.layer.prefix))
+        except (RedisError, OSError) as exc:
+            raise self.layer.unavailable(exc) from exc
+        return _text(raw)
+
     async def reset_forwarding(self, peer: str) -> None:
         """Forget which groups peer forwards here."""
         try:

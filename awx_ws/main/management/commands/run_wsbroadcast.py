@@ -10,6 +10,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import LayerUnavailable, StartupError
 from awx_ws.main.layers import service_layer
 from awx_ws.main.management.tables import ago, format_table
@@ -21,7 +22,10 @@ STALE_AFTER = 10.0
 
 
 class Command(BaseCommand):
-    help = "Relay group messages between this node and its peers (BROADCAST_WEBSOCKET_PEERS)."
+    help = (
+        "Relay group messages between this node and its peers (BROADCAST_WEBSOCKET_PEERS, and those "
+        "found with BROADCAST_WEBSOCKET_DISCOVERY=postgres)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--status", action="store_true", help="print each peer link's state and exit")
@@ -58,23 +62,29 @@ async def status_table() -> str:
             "--status reads the figures the relay writes to Redis; with the RabbitMQ layer see "
             "GET /api/v2/metrics (awx_ws_relay_link_up, awx_ws_relay_received)"
         )
-    peers = configured_peers()
-    if not peers:
-        return "no peers configured (BROADCAST_WEBSOCKET_PEERS)"
     try:
+        # The static peers, and those the running relay dials (discovered ones included).
+        peers = dict.fromkeys(configured_peers(), "static") | await records.peers()
         rows = [await records.link_status(peer) for peer in peers]
     except LayerUnavailable as exc:
         raise CommandError(f"cannot read relay status from {layer.service} ({exc.where}): {exc}") from exc
+    if not peers:
+        if ws_settings.BROADCAST_WEBSOCKET_DISCOVERY == "postgres":
+            return "no peers found yet (BROADCAST_WEBSOCKET_DISCOVERY=postgres)"
+        return "no peers configured (BROADCAST_WEBSOCKET_PEERS)"
     now = time.time()
-    header = ("PEER", "STATE", "SINCE", "RECEIVED", "LAST MIN", "RECONNECTS", "LAST ERROR")
-    lines = [header]
-    for peer, row in zip(peers, rows, strict=True):
+    header = ("PEER", "STATE", "SINCE", "RECEIVED", "LAST MIN", "RECONNECTS", "SOURCE", "LAST SEEN")
+    lines = [(*header, "LAST ERROR")]
+    for (peer, source), row in zip(peers.items(), rows, strict=True):
         if not row:
-            lines.append((peer, "unknown", "-", "-", "-", "-", "no status: is run_wsbroadcast running?"))
+            lines.append(
+                (peer, "unknown", "-", "-", "-", "-", source, "-", "no status: is run_wsbroadcast running?")
+            )
             continue
         state = row["state"]
         if now - float(row["updated"]) > STALE_AFTER:
             state = f"stale ({state})"
+        seen = float(row.get("last_seen") or 0)
         lines.append(
             (
                 peer,
@@ -83,6 +93,8 @@ async def status_table() -> str:
                 row["received_total"],
                 row["received_last_minute"],
                 row["reconnects"],
+                row.get("source", source),
+                ago(seen, now) if seen else "never",
                 row["last_error"],
             )
         )
