@@ -81,6 +81,18 @@ def find_program(name: str) -> str:
     return found
 
 
+def run_manage(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`manage.py ARGS` in a process of its own, the test's environment plus env; its result."""
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 class Process:
     """A child process with its output in a log file, stopped for sure at the end."""
 

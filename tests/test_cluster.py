@@ -396,7 +396,9 @@ async def test_a_relay_drops_a_dialled_node_that_cannot_prove_the_secret(cluster
 
     async with serve(impostor, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
-        env = {**a.env, "BROADCAST_WEBSOCKET_PEERS": f"127.0.0.1:{port}", "AWX_WS_NODE_NAME": "A-second"}
+        # A second relay of node A (a relay under another name on A's Redis would be another node
+        # sharing A's layer, which topology.py refuses).
+        env = {**a.env, "BROADCAST_WEBSOCKET_PEERS": f"127.0.0.1:{port}"}
         relay = Relay(a.workdir, f"A-impostor{port}", env).start()
         try:
             on_a = await open_ws(a.url, headers={"Authorization": f"Token {token}"})

@@ -11,8 +11,6 @@ import decimal
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import uuid
 
@@ -21,19 +19,7 @@ import pytest
 
 from awx_ws.main.emit import aemit_channel_notification, emit_channel_notification
 from awx_ws.main.exceptions import EmitError, InvalidGroupName
-from tests.servers import ROOT, free_port
-
-
-def run_manage(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
+from tests.servers import free_port, run_manage
 
 pytestmark = [pytest.mark.usefixtures("fresh_in_process_layer"), pytest.mark.both_runners]
 

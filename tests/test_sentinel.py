@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from tests.client import open_ws
 from tests.factories import adb, create_token, create_user
 from tests.sentinel import sentinel_set
-from tests.servers import ROOT, Gunicorn
+from tests.servers import ROOT, Gunicorn, run_manage
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.both_runners
@@ -48,14 +48,7 @@ def manage_env(sentinels) -> dict[str, str]:
 
 def manage(sentinels, *args: str) -> str:
     """`manage.py ARGS` on the sentinels' Redis; its output (it must succeed)."""
-    done = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=manage_env(sentinels),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_manage(*args, env={**sentinels.env, "AWX_WS_EMIT_TIMEOUT": str(EMIT_TIMEOUT)})
     assert done.returncode == 0, done.stderr
     return done.stdout
 

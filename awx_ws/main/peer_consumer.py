@@ -12,9 +12,10 @@ from typing import Any
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from awx_ws.main import peer_protocol
+from awx_ws.main import peer_protocol, topology
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.history import GroupPosition, Replay
+from awx_ws.main.layers import service_layer
 from awx_ws.main.membership import keep_joined
 
 logger = logging.getLogger(__name__)
@@ -30,13 +31,30 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
     joined: set[str]
 
     async def connect(self) -> None:
-        """Accept the authenticated peer."""
+        """Accept the authenticated peer, unless it is a node on this node's own channel layer."""
         self.joined = set()
+        reason = await self._shares_our_layer()
+        if reason is not None:
+            await self.accept()
+            await self.send(text_data=peer_protocol.refusal_frame(reason))
+            await self.close(code=4409)
+            return
         self._refresher = keep_joined(self.channel_layer, self.channel_name, lambda: self.joined)
         await self.accept()
         # First frame: proof that this node holds the secret, for this handshake (peerauth.py).
         await self.send(text_data=peer_protocol.proof_frame(self.scope["peer_proof"]))
         logger.info("peer relay %s connected from %s", self.scope.get("peer"), self.scope.get("client"))
+
+    async def _shares_our_layer(self) -> str | None:
+        """Why this peer must not relay here (it lives on our channel layer: every message would
+        arrive twice, topology.py), or None."""
+        layer = service_layer(self.channel_layer)
+        peer = self.scope.get("peer")
+        if layer is None or peer is None or peer not in await topology.other_nodes_on(layer):
+            return None
+        reason = topology.shared_layer_message("the relay", layer, {ws_settings.NODE_NAME})
+        logger.warning("peer relay %s refused: it shares this node's channel layer", peer)
+        return reason
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Run the consumer; however it ends (a crash when Redis restarts too), leave its groups."""

@@ -164,6 +164,15 @@ def peer_ssl(url: str) -> ssl.SSLContext | None:
     return context
 
 
+class PeerRefused(Exception):
+    """The peer admitted the relay and then refused to serve it, saying why (refusal_frame)."""
+
+
+def refusal_frame(reason: str) -> str:
+    """The frame a peer sends in place of its proof when it will not serve this relay."""
+    return json.dumps({"refused": reason})
+
+
 @asynccontextmanager
 async def open_peer(peer: str, secret: str, node: str, **options: Any) -> AsyncIterator[ClientConnection]:
     """A websocket to peer's BroadcastConsumer, once the peer has proved it holds the secret
@@ -174,9 +183,11 @@ async def open_peer(peer: str, secret: str, node: str, **options: Any) -> AsyncI
     async with connect(url, ssl=peer_ssl(url), additional_headers=credentials.headers(node), **options) as ws:
         try:
             async with asyncio.timeout(options["open_timeout"]):
-                first = await ws.recv()
-            offered = json.loads(first).get("proof")
-        except (ValueError, AttributeError, TimeoutError) as exc:
+                first = json.loads(await ws.recv())
+            if "refused" in first:
+                raise PeerRefused(f"{peer} refused this relay: {first['refused']}")
+            offered = first.get("proof")
+        except (ValueError, AttributeError, TimeoutError, TypeError) as exc:
             raise peerauth.PeerAuthError(f"{peer} sent no proof first ({type(exc).__name__})") from exc
         peerauth.check_proof(secret, credentials, offered)
         yield ws
@@ -196,6 +207,7 @@ async def fetch_history(peer: str, positions: dict[str, GroupPosition]) -> dict[
         TimeoutError,
         WebSocketException,
         peerauth.PeerAuthError,
+        PeerRefused,
         ValueError,
         SettingError,
     ) as exc:

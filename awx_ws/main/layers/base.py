@@ -84,6 +84,10 @@ class NodeRecords(Protocol):
         """Every live process's figures and groups."""
         ...
 
+    async def live_nodes(self) -> set[str]:
+        """The names (AWX_WS_NODE_NAME) of the nodes with a live process on this store."""
+        ...
+
     async def write_link_status(self, peer: str, figures: Mapping[str, str]) -> None:
         """Store one relay link's figures (kept an hour after the relay stops writing them)."""
         ...

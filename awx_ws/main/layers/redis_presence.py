@@ -76,11 +76,14 @@ class ProcessRecord:
     node: str
     pid: int
     started: float = field(default=0.0)
+    # The service node it serves (AWX_WS_NODE_NAME): several nodes may share one Redis (topology.py).
+    name: str = ""
 
     @classmethod
     def current(cls) -> ProcessRecord:
         """The record of the calling process."""
-        return cls(node=node_id(), pid=os.getpid(), started=psutil.Process().create_time())
+        started = psutil.Process().create_time()
+        return cls(node=node_id(), pid=os.getpid(), started=started, name=ws_settings.NODE_NAME)
 
     def dumps(self) -> str:
         """Serialise for Redis."""
@@ -91,7 +94,8 @@ class ProcessRecord:
         """Parse a stored record; None if it is not one of ours."""
         try:
             data = json.loads(raw)
-            return cls(node=str(data["node"]), pid=int(data["pid"]), started=float(data["started"]))
+            node, pid, started = str(data["node"]), int(data["pid"]), float(data["started"])
+            return cls(node=node, pid=pid, started=started, name=str(data.get("name", "")))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -210,6 +214,12 @@ class LivenessJudge:
             raw: Any = await self.layer.connection(0).get(key)
             self.cache[client_prefix] = self._judge(raw)
         return self.cache[client_prefix]
+
+    async def live_record(self, client_prefix: str) -> ProcessRecord | None:
+        """The record of the process owning client_prefix; None when that process is gone."""
+        raw: Any = await self.layer.connection(0).get(alive_key(self.layer.prefix, client_prefix))
+        dead = self.cache[client_prefix] = self._judge(raw)
+        return None if dead else ProcessRecord.loads(raw)
 
     def _judge(self, raw: bytes | None) -> bool:
         if raw is None:

@@ -59,6 +59,22 @@ class RedisRecords:
                 found.append(ProcessFigures(figures, {member.decode() for member in members}))
         return found
 
+    async def live_nodes(self) -> set[str]:
+        """The names (AWX_WS_NODE_NAME) of the nodes with a live process on this Redis."""
+        connection = self.layer.connection(0)
+        judge = LivenessJudge(self.layer)
+        prefix = keys.alive_key(self.layer.prefix, "")
+        names = set()
+        try:
+            async for raw_key in connection.scan_iter(match=prefix + "*", count=500):
+                # None for a killed process whose record has not expired yet
+                record = await judge.live_record(raw_key.decode()[len(prefix) :])
+                if record is not None and record.name:
+                    names.add(record.name)
+        except (RedisError, OSError) as exc:
+            raise self.layer.unavailable(exc) from exc
+        return names
+
     async def write_link_status(self, peer: str, figures: Mapping[str, str]) -> None:
         """Store one relay link's figures."""
         key = keys.link_status_key(self.layer.prefix, peer)

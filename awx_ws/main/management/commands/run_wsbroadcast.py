@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from typing import Any
@@ -10,12 +11,15 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from awx_ws.main import topology
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import LayerUnavailable, StartupError
 from awx_ws.main.layers import service_layer
 from awx_ws.main.management.tables import ago, format_table
 from awx_ws.main.peer_protocol import configured_peers
 from awx_ws.main.relay import Relay
+
+logger = logging.getLogger(__name__)
 
 # A status older than this means the relay is not running (it rewrites it every second).
 STALE_AFTER = 10.0
@@ -41,8 +45,13 @@ class Command(BaseCommand):
 async def _run_until_signalled() -> None:
     try:
         relay = Relay.from_settings(get_channel_layer())
+        await topology.refuse_relay_on_shared_layer(relay.layer, "run_wsbroadcast")
     except StartupError as exc:
         raise CommandError(str(exc)) from exc
+    except LayerUnavailable as exc:
+        # Redis down at start: the relay retries as it runs, and a node on our layer that dials
+        # a peer of ours is refused by that peer (peer_consumer.py).
+        logger.warning("could not check whether other nodes share this channel layer: %s", exc)
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
