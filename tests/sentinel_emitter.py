@@ -1,6 +1,7 @@
-"""`python -m tests.sentinel_emitter GROUP COUNT RATE`: emit_channel_notification COUNT times at
-RATE per second, as a job runner would, printing one JSON line per emit: its number, when it
-started (time.time()), how long it took, and the error it raised, if any.
+"""`python -m tests.sentinel_emitter GROUP COUNT RATE [FIRST]`: emit_channel_notification COUNT
+times at RATE per second (payloads numbered from FIRST, 0 by default), as a job runner would,
+printing one JSON line per emit: its number, when it started (time.time()), how long it took,
+and the error it raised, if any.
 
 Only the service's own errors (EmitError and its kinds) are caught: anything else ends the run
 with a traceback, which the test reads as a failure.
@@ -19,15 +20,16 @@ import django
 def main() -> None:
     """Emit and report, one line per emit."""
     group, count, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    first = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     django.setup()
     from awx_ws.main.emit import emit_channel_notification
     from awx_ws.main.exceptions import EmitError
 
     started = time.monotonic()
-    for n in range(count):
+    for n in range(first, first + count):
         # On a fixed schedule: a slow or failed emit does not push the later ones back.
-        time.sleep(max(0.0, started + n / rate - time.monotonic()))
+        time.sleep(max(0.0, started + (n - first) / rate - time.monotonic()))
         began = time.time()
         error = None
         try:

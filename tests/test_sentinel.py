@@ -24,6 +24,7 @@ from tests.client import open_ws
 from tests.factories import adb, create_token, create_user
 from tests.sentinel import sentinel_set
 from tests.servers import ROOT, Gunicorn, run_manage
+from tests.sse import open_sse
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.both_runners
@@ -56,8 +57,8 @@ def manage(sentinels, *args: str) -> str:
 class Emitter:
     """tests.sentinel_emitter in a process of its own, its report read line by line."""
 
-    def __init__(self, sentinels, group: str, count: int) -> None:
-        argv = [sys.executable, "-m", "tests.sentinel_emitter", group, str(count), str(RATE)]
+    def __init__(self, sentinels, group: str, count: int, first: int = 0) -> None:
+        argv = [sys.executable, "-m", "tests.sentinel_emitter", group, str(count), str(RATE), str(first)]
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=manage_env(sentinels), **pipes)
         self.lines: list[dict[str, Any]] = []
@@ -194,3 +195,29 @@ async def test_the_api_finds_the_master_for_readiness_throttles_and_emits(
     finally:
         await master.aclose()
         api.stop()
+
+
+def emitted_all(sentinels, group: str, numbers: range) -> None:
+    """Emit each of numbers (as {"n": n}) through the sentinels; every emit must succeed."""
+    lines = Emitter(sentinels, group, len(numbers), first=numbers.start).finish(timeout=60)
+    assert [(line["n"], line["error"]) for line in lines] == [(n, None) for n in numbers]
+
+
+async def test_a_stream_resumes_across_a_failover_from_the_replicas_history(sentinels, daphne_factory, token):
+    node = daphne_factory(sentinels.env)
+    group = f"schedules-sentinelsse{secrets.token_hex(3)}"
+    auth = {"Authorization": f"Token {token}"}
+    async with open_sse(node.http_url, group, headers=auth) as stream:
+        await stream.wait_ready()
+        await asyncio.to_thread(emitted_all, sentinels, group, range(1))
+        assert await stream.payloads(1) == [{"n": 0}]
+        last_id = stream.last_id
+    # Missed while away: three before the failover, three after it.
+    await asyncio.to_thread(emitted_all, sentinels, group, range(1, 4))
+    sentinels.wait_replicated()
+    sentinels.master.kill()
+    await eventually(lambda: sentinels.master_port() == sentinels.replica.port, timeout=RECOVERY)
+    await asyncio.to_thread(emitted_all, sentinels, group, range(4, 7))
+    async with open_sse(node.http_url, group, headers=auth, last_event_id=last_id) as stream:
+        assert await stream.payloads(6) == [{"n": n} for n in range(1, 7)]
+        await stream.assert_silent(0.5)
