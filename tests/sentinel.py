@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +21,45 @@ MASTER_NAME = "awxws"
 DOWN_AFTER_MS = 1000
 
 
+@dataclass(frozen=True)
+class Passwords:
+    """The master's and replica's `requirepass`, and the sentinels' own (empty: none)."""
+
+    master: str = ""
+    sentinels: str = ""
+
+
 class ReplicaServer(RedisServer):
     """redis-server replicating another one."""
 
-    def __init__(self, port: int, workdir: Path, master_port: int):
+    def __init__(self, port: int, workdir: Path, master_port: int, password: str):
         super().__init__(port, workdir)
         self.argv += ["--replicaof", "127.0.0.1", str(master_port)]
+        if password:
+            self.argv += ["--masterauth", password]
 
 
 class SentinelServer(Process):
     """redis-sentinel watching one master; its configuration file is its own (Sentinel rewrites it)."""
 
-    def __init__(self, port: int, workdir: Path, master_port: int):
+    def __init__(self, port: int, workdir: Path, master_port: int, passwords: Passwords):
         self.port = port
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / f"sentinel-{port}.conf"
-        config.write_text(
-            "\n".join(
-                [
-                    "bind 127.0.0.1",
-                    f"port {port}",
-                    f"dir {workdir}",
-                    f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2",
-                    f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
-                    f"sentinel failover-timeout {MASTER_NAME} 10000",
-                    f"sentinel parallel-syncs {MASTER_NAME} 1",
-                    "",
-                ]
-            )
-        )
+        lines = [
+            "bind 127.0.0.1",
+            f"port {port}",
+            f"dir {workdir}",
+            f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2",
+            f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
+            f"sentinel failover-timeout {MASTER_NAME} 10000",
+            f"sentinel parallel-syncs {MASTER_NAME} 1",
+        ]
+        if passwords.master:
+            lines.append(f"sentinel auth-pass {MASTER_NAME} {passwords.master}")
+        if passwords.sentinels:
+            lines.append(f"requirepass {passwords.sentinels}")  # asked of clients and other sentinels
+        config.write_text("\n".join([*lines, ""]))
         argv = [find_program("redis-sentinel"), str(config)]
         super().__init__(f"sentinel:{port}", argv, workdir / f"sentinel-{port}.log")
 
@@ -61,25 +72,34 @@ class SentinelServer(Process):
 class Sentinels:
     """The running set: master, replica, sentinels, and how the service is pointed at them."""
 
-    def __init__(self, master: RedisServer, replica: RedisServer, sentinels: list[SentinelServer]):
+    def __init__(
+        self, master: RedisServer, replica: RedisServer, sentinels: list[SentinelServer], passwords: Passwords
+    ):
         self.master = master
         self.replica = replica
         self.sentinels = sentinels
-        self.by_port = {master.port: master, replica.port: replica}
+        self.passwords = passwords
 
     @property
     def env(self) -> dict[str, str]:
         """The service's settings for this set. REDIS_URL names a port nothing listens on: the
         sentinels, not REDIS_URL's host, must say where the master is."""
+        auth = f":{self.passwords.master}@" if self.passwords.master else ""
         return {
             "REDIS_SENTINELS": ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels),
             "REDIS_SENTINEL_MASTER": MASTER_NAME,
-            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "REDIS_SENTINEL_PASSWORD": self.passwords.sentinels,
+            "REDIS_URL": f"redis://{auth}127.0.0.1:1/0",
         }
+
+    def redis(self, server: RedisServer) -> Redis:
+        """A sync client of the master or the replica (with the password)."""
+        return Redis(port=server.port, password=self.passwords.master or None, socket_timeout=1)
 
     def state(self, sentinel: SentinelServer) -> dict[str, Any]:
         """What one sentinel says of the master (SENTINEL MASTER), {} if it does not answer."""
-        client = Redis(port=sentinel.port, socket_timeout=1, decode_responses=True)
+        password = self.passwords.sentinels or None
+        client = Redis(port=sentinel.port, password=password, socket_timeout=1, decode_responses=True)
         try:
             return dict(client.sentinel_master(MASTER_NAME))
         except (RedisConnectionError, RedisTimeoutError):
@@ -106,7 +126,7 @@ class Sentinels:
 
     def replica_offset(self) -> int | None:
         """How far the replica has applied the master's stream; None while its link is down."""
-        client = Redis(port=self.replica.port, socket_timeout=1)
+        client = self.redis(self.replica)
         try:
             info = client.info("replication")
         finally:
@@ -119,7 +139,7 @@ class Sentinels:
         Replication is asynchronous: only what reached the replica survives the master's death.
         A replica in service has long caught up; one just started may still be syncing.
         """
-        client = Redis(port=self.master.port, socket_timeout=1)
+        client = self.redis(self.master)
         try:
             written = int(client.info("replication")["master_repl_offset"])
         finally:
@@ -137,14 +157,19 @@ class Sentinels:
 
 
 @contextmanager
-def sentinel_set(workdir: Path) -> Iterator[Sentinels]:
+def sentinel_set(workdir: Path, passwords: Passwords = Passwords()) -> Iterator[Sentinels]:
     """A master, its replica and three sentinels, started and ready; all stopped at the end."""
     master_port, replica_port, *sentinel_ports = free_ports(5)
     master = RedisServer(master_port, workdir / "master")
     master.argv += ["--repl-diskless-sync-delay", "0"]  # a replica syncs at once, not after 5 s
-    replica = ReplicaServer(replica_port, workdir / "replica", master_port)
-    sentinels = [SentinelServer(port, workdir / f"sentinel-{port}", master_port) for port in sentinel_ports]
-    servers = Sentinels(master, replica, sentinels)
+    replica = ReplicaServer(replica_port, workdir / "replica", master_port, passwords.master)
+    for server in (master, replica):
+        if passwords.master:
+            server.argv += ["--requirepass", passwords.master]
+    sentinels = [
+        SentinelServer(port, workdir / f"sentinel-{port}", master_port, passwords) for port in sentinel_ports
+    ]
+    servers = Sentinels(master, replica, sentinels, passwords)
     try:
         master.start()
         replica.start()

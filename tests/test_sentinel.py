@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from tests.client import open_ws
 from tests.factories import adb, create_token, create_user
-from tests.sentinel import sentinel_set
+from tests.sentinel import Passwords, sentinel_set
 from tests.servers import ROOT, Gunicorn, run_manage
 from tests.sse import open_sse
 from tests.waiting import eventually
@@ -221,3 +221,21 @@ async def test_a_stream_resumes_across_a_failover_from_the_replicas_history(sent
     async with open_sse(node.http_url, group, headers=auth, last_event_id=last_id) as stream:
         assert await stream.payloads(6) == [{"n": n} for n in range(1, 7)]
         await stream.assert_silent(0.5)
+
+
+async def test_the_master_and_the_sentinels_may_each_ask_for_a_password(state_dir, daphne_factory, token):
+    passwords = Passwords(master=secrets.token_hex(8), sentinels=secrets.token_hex(8))
+    with sentinel_set(state_dir / f"sentinels-{secrets.token_hex(3)}", passwords) as sentinels:
+        node = daphne_factory(sentinels.env)
+        group = f"schedules-sentinelauth{secrets.token_hex(3)}"
+        client = await open_ws(node.url, headers={"Authorization": f"Token {token}"})
+        await client.subscribe({"schedules": [group.split("-", 1)[1]]})
+        await asyncio.to_thread(manage, sentinels, "emit", group, '{"n": 1}')
+        assert await client.recv_json() == {"n": 1}
+
+        wrong = {**sentinels.env, "REDIS_SENTINEL_PASSWORD": "not-the-password"}
+        refused = await asyncio.to_thread(run_manage, "emit", group, '{"n": 2}', env=wrong)
+        assert refused.returncode == 1
+        assert f"Redis at REDIS_SENTINELS={sentinels.env['REDIS_SENTINELS']}" in refused.stderr
+        assert "the sentinels refused the password (REDIS_SENTINEL_PASSWORD)" in refused.stderr
+        await client.assert_silent(0.5)

@@ -318,7 +318,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
         if isinstance(exc, RedisUnavailable) and exc.where:
             return exc
         timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
-        return RedisUnavailable(str(exc), where=self.describe_hosts(), timed_out=timed_out)
+        return RedisUnavailable(redis_connect.explain(exc), where=self.describe_hosts(), timed_out=timed_out)
 
     @classmethod
     def ping_blocking(cls, timeout: float) -> None:

@@ -21,9 +21,11 @@ from typing import Any
 
 from redis import BlockingConnectionPool as SyncBlockingPool
 from redis.asyncio import BlockingConnectionPool as AsyncBlockingPool
+from redis.asyncio.sentinel import MasterNotFoundError as AsyncMasterNotFoundError
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.connection import parse_url
+from redis.sentinel import MasterNotFoundError
 from redis.sentinel import Sentinel as SyncSentinel
 from redis.sentinel import SentinelConnectionPool as SyncSentinelConnectionPool
 
@@ -109,6 +111,19 @@ def _pool(host: dict[str, Any], by_address: Any, by_sentinels: Any, sentinel: An
         return by_address.from_url(options.pop("address"), **options)
     master, sentinels, sentinel_kwargs, options = _sentinel_parts(host)
     return by_sentinels(master, sentinel(sentinels, sentinel_kwargs=sentinel_kwargs), **options)
+
+
+def explain(exc: BaseException) -> str:
+    """exc's text for an error message, with the setting to check when it points at one."""
+    text = str(exc)
+    if isinstance(exc, MasterNotFoundError | AsyncMasterNotFoundError):
+        if "AuthenticationError" in text:
+            return f"the sentinels refused the password (REDIS_SENTINEL_PASSWORD): {text}"
+        return (
+            "the sentinels name no usable master (a failover under way, or not the one "
+            f"REDIS_SENTINEL_MASTER names): {text}"
+        )
+    return text
 
 
 def describe(host: dict[str, Any]) -> str:
