@@ -130,13 +130,13 @@ def test_discovery_needs_a_known_choice_and_an_address_of_its_own():
         validate({"BROADCAST_WEBSOCKET_HEARTBEAT": 0}, environ={})
 
 
-def test_discovery_refuses_a_database_that_is_not_postgresql(settings):
-    settings.AWX_WS = {"BROADCAST_WEBSOCKET_DISCOVERY": "postgres", "BROADCAST_WEBSOCKET_SELF": "a:1"}
-    engine = settings.DATABASES["default"]["ENGINE"]
-    if "postgresql" in engine:
-        pytest.skip("this pass runs on PostgreSQL")
-    with pytest.raises(discovery.StartupError, match=f"needs the database .* PostgreSQL, not {engine}"):
-        discovery.Discovery.from_settings(SimpleNamespace())  # type: ignore[arg-type]
+def test_discovery_refuses_a_database_that_is_not_postgresql():
+    sqlite = {"ENGINE": "django.db.backends.sqlite3", "NAME": "db.sqlite3"}
+    with pytest.raises(
+        discovery.StartupError, match="needs the database .* PostgreSQL, not django.db.backends.sqlite3"
+    ):
+        discovery.require_postgresql(sqlite)
+    discovery.require_postgresql({"ENGINE": "django.db.backends.postgresql", "NAME": "awx_ws"})
 
 
 def test_the_relay_dials_discovered_peers_and_never_drops_a_static_one():

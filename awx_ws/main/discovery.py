@@ -159,6 +159,17 @@ def connect_args(database: Mapping[str, Any]) -> dict[str, Any]:
     return args
 
 
+def require_postgresql(database: Mapping[str, Any]) -> None:
+    """StartupError unless the Django DATABASES entry is PostgreSQL (LISTEN/NOTIFY is its own)."""
+    engine = database.get("ENGINE", "")
+    if engine not in POSTGRES_ENGINES:
+        raise StartupError(
+            "BROADCAST_WEBSOCKET_DISCOVERY='postgres' needs the database (DATABASE_URL) to be "
+            f"PostgreSQL, not {engine}: use BROADCAST_WEBSOCKET_DISCOVERY=static with "
+            "BROADCAST_WEBSOCKET_PEERS instead"
+        )
+
+
 class Discovery:
     """One node's announcements, and what it hears of the others, over one LISTEN connection."""
 
@@ -178,13 +189,7 @@ class Discovery:
     def from_settings(cls, peers: PeerSet) -> Discovery:
         """Discovery as AWX_WS configures it; StartupError when the database is not PostgreSQL."""
         database = settings.DATABASES["default"]
-        engine = database.get("ENGINE", "")
-        if engine not in POSTGRES_ENGINES:
-            raise StartupError(
-                "BROADCAST_WEBSOCKET_DISCOVERY='postgres' needs the database (DATABASE_URL) to be "
-                f"PostgreSQL, not {engine}: use BROADCAST_WEBSOCKET_DISCOVERY=static with "
-                "BROADCAST_WEBSOCKET_PEERS instead"
-            )
+        require_postgresql(database)
         found = cls(
             peers,
             connect_args(database),
