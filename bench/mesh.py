@@ -284,6 +284,7 @@ def mesh_rows(token: str, scale: float = 1.0) -> list[Row]:
         kind = "single node" if len(names) == 1 else f"mesh {len(names)} nodes"
         label = f"relay mesh: {3 * per_node} subs, {messages} msgs at {rate:.0f}/s"
         log(f"{label}: {kind}")
+        load_avg = os.getloadavg()[0]  # the machine is shared: a busy one makes noisy figures
         nodes = start_nodes(names)
         try:
             if len(nodes) > 1:
@@ -292,7 +293,8 @@ def mesh_rows(token: str, scale: float = 1.0) -> list[Row]:
         finally:
             stop_nodes(nodes)
         row.update(kind=kind, scenario=label, section="mesh", nodes=len(names), clients=3 * per_node)
-        rows.append({**row, "messages": messages, "rate": rate, "expected": 3 * per_node * messages})
+        row.update(messages=messages, rate=rate, expected=3 * per_node * messages, load_avg_1m=load_avg)
+        rows.append(row)
     return rows
 
 
@@ -301,9 +303,11 @@ def table(rows: list[Row]) -> str:
     mesh = [r for r in rows if r.get("section") == "mesh"]
     if not mesh:
         return ""
+    loads = ", ".join(f"{r['load_avg_1m']:.2f}" for r in mesh)
     out = [
         f"relay mesh (3 nodes) vs single node: {mesh[0]['clients']} clients in one group, a third on "
-        f"each node; {mesh[0]['messages']} messages at {mesh[0]['rate']:.0f}/s emitted on the first",
+        f"each node; {mesh[0]['messages']} messages at {mesh[0]['rate']:.0f}/s emitted on the first "
+        f"(load average before each: {loads})",
         f"{'setup':<14} {'got/expected':>15} {'dup':>4} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'on A p50/p99':>13} {'B,C p50/p99':>13} {'CPU ms/1k':>10} {'daphne+relay':>13} "
         f"{'layer CPU ms/1k':>16}",
