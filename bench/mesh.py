@@ -200,11 +200,14 @@ async def probe(nodes: list[Node], token: str, timeout: float = 30.0) -> int:
 def snapshot(nodes: list[Node]) -> dict[str, Any]:
     """CPU seconds so far: per service program over all nodes, and of the Redis servers."""
     parts: dict[str, float] = {}
+    by_node: dict[str, float] = {}
     for node in nodes:
         for name, value in node.cpu_parts().items():
             parts[name] = parts.get(name, 0.0) + value
+            by_node[node.name] = by_node.get(node.name, 0.0) + value
     return {
         "parts": parts,
+        "nodes": by_node,
         "layer": sum(cpu_seconds(node.redis) for node in nodes),
     }
 
@@ -271,6 +274,8 @@ def figures(
         "wall_s": wall,
         "server_cpu_s": cpu,
         "server_cpu_by_process_s": parts,
+        # daphne + relay of each node: A's includes forwarding to the peers
+        "server_cpu_by_node_s": {name: cpu - before["nodes"][name] for name, cpu in after["nodes"].items()},
         "client_cpu_s": sum(r["cpu_s"] for r in results) - before["clients"],
     }
 
