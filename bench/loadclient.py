@@ -73,10 +73,8 @@ async def main(args: argparse.Namespace) -> None:
 
 async def timed(args: argparse.Namespace, sockets: list[ClientConnection]) -> dict[str, object]:
     """Time what arrives until every socket has --expect messages (or --timeout), then --linger.
-
-    Frames with a `probe` key are readiness probes (bench.mesh), not counted. A frame whose `seq`
-    a socket already had is a duplicate: counted apart, not timed.
-    """
+    Frames with a `probe` key (bench.mesh's readiness probes) are skipped; a `seq` a socket already
+    had is a duplicate, counted apart."""
     latencies: list[float] = []
     counts = [0] * len(sockets)
     seen: list[set[object]] = [set() for _ in sockets]
