@@ -208,15 +208,17 @@ class Clients:
         hold: bool = False,
         timeout: float = 90,
         groups_per_socket: int = 1,
+        linger: float = 0.0,
     ):
         # Every "ours" kind speaks the same protocol.
-        """Start the load-client process (its sockets connect in the background)."""
+        """Start the load-client process (its sockets connect in the background; linger: seconds
+        it keeps reading once complete, for late duplicates)."""
         client_kind = "ours" if server.kind.startswith("ours") else server.kind
         argv = [
             sys.executable, "-m", "bench.loadclient", "--kind", client_kind, "--url", server.url,
             "--count", str(count), "--groups", groups_argument(groups), "--token", token,
             "--expect", str(expect), "--timeout", str(timeout),
-            "--groups-per-socket", str(groups_per_socket),
+            "--groups-per-socket", str(groups_per_socket), "--linger", str(linger),
         ]  # fmt: skip
         if hold:
             argv.append("--hold")
@@ -249,6 +251,15 @@ class Clients:
                 self.proc.wait(30)
                 return json.loads(line[len("result ") :])
         raise RuntimeError("load client died without a result")
+
+    def stop(self) -> None:
+        """Kill the process if it still runs (a scenario that failed midway)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
 
     def release(self) -> None:
         """End a --hold client: its sockets close, the process exits."""

@@ -65,29 +65,61 @@ async def main(args: argparse.Namespace) -> None:
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
         say("result " + json.dumps({"received": 0, "latencies_ms": []}))
         return
+    result = await timed(args, sockets)
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    result["cpu_s"] = time.process_time()
+    say("result " + json.dumps(result))
+
+
+async def timed(args: argparse.Namespace, sockets: list[ClientConnection]) -> dict[str, object]:
+    """Time what arrives until every socket has --expect messages (or --timeout), then --linger.
+    Frames with a `probe` key (bench.mesh's readiness probes) are skipped; a `seq` a socket already
+    had is a duplicate, counted apart."""
     latencies: list[float] = []
     counts = [0] * len(sockets)
+    seen: list[set[object]] = [set() for _ in sockets]
+    tally = {"duplicates": 0, "extra": 0}
+    complete = asyncio.Event()
+    left = [len(sockets)]
+    if args.expect <= 0:
+        complete.set()
 
     async def read(i: int, ws: ClientConnection) -> None:
-        """Timestamp socket i's frames until it has the expected count."""
+        """Timestamp socket i's frames (the first --expect of them), count duplicates and extras."""
         async for frame in ws:
-            now = time.time()
-            latencies.append((now - json.loads(frame)["t"]) * 1000)
-            counts[i] += 1
+            now, data = time.time(), json.loads(frame)
+            if "probe" in data:
+                continue
+            seq = data.get("seq")
+            if seq is not None:
+                if seq in seen[i]:
+                    tally["duplicates"] += 1
+                    continue
+                seen[i].add(seq)
             if counts[i] >= args.expect:
-                return
+                tally["extra"] += 1
+                continue
+            latencies.append((now - data["t"]) * 1000)
+            counts[i] += 1
+            if counts[i] == args.expect:
+                left[0] -= 1
+                if not left[0]:
+                    complete.set()
 
     readers = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(sockets)]
+    waiter = asyncio.create_task(complete.wait())
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline and not all(r.done() for r in readers):
-        await asyncio.wait(readers, timeout=1.0)
+    while time.monotonic() < deadline and not complete.is_set() and not all(r.done() for r in readers):
+        await asyncio.wait([waiter], timeout=1.0)
         say(f"progress {len(latencies)}")
+    waiter.cancel()
+    if args.linger > 0:  # late duplicates or extras still count
+        await asyncio.sleep(args.linger)
     for reader in readers:
         reader.cancel()
     await asyncio.gather(*readers, return_exceptions=True)
-    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
-    cpu = time.process_time()
-    say("result " + json.dumps({"received": len(latencies), "latencies_ms": latencies, "cpu_s": cpu}))
+    short = sum(1 for count in counts if count < args.expect)
+    return {"received": len(latencies), "latencies_ms": latencies, "short_sockets": short, **tally}
 
 
 def read_groups(value: str) -> list[str]:
@@ -110,4 +142,6 @@ if __name__ == "__main__":
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--hold", action="store_true")
+    # Seconds to keep reading once every socket has its --expect messages (late duplicates).
+    parser.add_argument("--linger", type=float, default=0.0)
     asyncio.run(main(parser.parse_args()))

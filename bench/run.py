@@ -7,6 +7,8 @@ layer's server (redis-server or RabbitMQ's beam) is reported beside it as `layer
 "ours" runs on the Redis layer under `python -m awx_ws.server` (direct writes), "ours-daphne" the
 same under plain `daphne` (the ASGI send path), "ours-rabbitmq" on the RabbitMQ layer. The floor
 (bench/floor_server.py) holds one Redis pub/sub subscription per group its clients are on.
+Delivery through a 3-node relay mesh beside a single node (bench/mesh.py) is a table of its own;
+`python -m bench.mesh` runs only that.
 Prints a table with ratios to the baseline, the other figures (bench/figures.py and the rest),
 issue 17's targets with met/missed (bench/targets.py), and writes bench/results/<time>.json.
 """
@@ -21,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from bench import backends, figures, targets
+from bench import backends, figures, mesh, targets
 from bench.harness import (
     ROOT,
     STATE,
@@ -53,7 +55,7 @@ def table(rows: Rows) -> str:
         f"{'p50 ms':>8} {'p99 ms':>9} {'got/expected':>14} {'layer CPU ms/1k':>16}"
     ]
     for r in rows:
-        if "cpu_ms_per_1000" not in r:
+        if "cpu_ms_per_1000" not in r or r.get("section") == "mesh":  # mesh.table prints those
             continue
         ref = base.get(r["scenario"])
         ratio = (
@@ -173,6 +175,7 @@ def measure(redis: RedisServer, quick: bool) -> Rows:
     rows += backends.tls_figures(STATE, token, jobs[0], handshakes, int(5000 * scale) or 500)
 
     rows += issue_17_figures(redis, token)
+    rows += mesh.mesh_rows(token, scale)
     return rows
 
 
@@ -239,6 +242,9 @@ def main() -> None:
 
     print()
     print(table(rows))
+    print()
+    print(mesh.table(rows))
+    print()
     print(describe(rows))
     print(describe_multi(rows))
     print(figures.describe(rows))
