@@ -1,7 +1,7 @@
 """`python -m tests.sentinel_emitter GROUP COUNT RATE [FIRST]`: emit_channel_notification COUNT
 times at RATE per second (payloads numbered from FIRST, 0 by default), as a job runner would,
 printing one JSON line per emit: its number, when it started (time.time()), how long it took,
-and the error it raised, if any.
+and the error it raised, if any. SIGTERM ends the run early, after the emit under way.
 
 Only the service's own errors (EmitError and its kinds) are caught: anything else ends the run
 with a traceback, which the test reads as a failure.
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import django
@@ -26,8 +28,12 @@ def main() -> None:
     from awx_ws.main.emit import emit_channel_notification
     from awx_ws.main.exceptions import EmitError
 
+    stopping = threading.Event()  # SIGTERM: stop after the emit under way, reporting all
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     started = time.monotonic()
     for n in range(first, first + count):
+        if stopping.is_set():
+            break
         # On a fixed schedule: a slow or failed emit does not push the later ones back.
         time.sleep(max(0.0, started + (n - first) / rate - time.monotonic()))
         began = time.time()
