@@ -126,6 +126,17 @@ def test_redis_key_formats_are_those_deployed_nodes_already_use():
     assert keys.queue_key("asgi", "fanout.x!y") == "asgifanout.x!y"
 
 
+def test_a_liveness_record_of_the_previous_version_is_still_read():
+    """Records written before they named their node (AWX_WS_NODE_NAME) still say who is alive."""
+    from awx_ws.main.layers.redis_presence import ProcessRecord
+
+    old = ProcessRecord.loads('{"node": "host/boot", "pid": 7, "started": 1.5}')
+    assert old == ProcessRecord(node="host/boot", pid=7, started=1.5, name="")
+    current = ProcessRecord(node="host/boot", pid=7, started=1.5, name="B")
+    assert ProcessRecord.loads(current.dumps()) == current
+    assert ProcessRecord.loads("not json") is None
+
+
 def test_the_redis_backend_declares_its_library_errors_expected_in_background_loops():
     from redis.exceptions import ConnectionError as RedisConnectionError
 
