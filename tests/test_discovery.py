@@ -24,7 +24,8 @@ import pytest
 from awx_ws.main.discovery import channel_name
 from tests.client import WsClient, open_ws, redis_at
 from tests.servers import ROOT, PostgresServer, free_port
-from tests.test_cluster import Node, make_nodes, members, relay_status
+from tests.test_cluster import Node, make_nodes, members, relay_status, wait_for
+from tests.test_cluster_recovery import _is, connect, data_frames, seen_one
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow]
@@ -176,6 +177,23 @@ async def test_nodes_with_no_peer_list_find_each_other_and_messages_cross_once(c
         row = await a.row(other)  # PEER STATE SINCE(2) RECEIVED LAST-MIN RECONNECTS SOURCE LAST-SEEN(2)
         assert (row[1], row[7], row[9]) == ("connected", "discovered", "ago"), table
     assert a.relay is not None and "peer discovery listening" in a.relay.output()
+
+
+async def test_a_resume_asks_the_discovered_peers_for_their_part(cluster, token):
+    a, b = cluster.nodes[:2]
+    item = f"foundresume{time.monotonic_ns()}"
+    group = f"schedules-{item}"
+    last_id = await seen_one(a, token, item)
+    # While the client is away, B emits: only B's history holds it (nobody on A wants it live).
+    await wait_for(lambda: _is(members(b, group), 0), 10, "B to stop forwarding to nobody")
+    await b.emit(group, {"n": "B while away"})
+    on_a = await connect(a, token)
+    errors, _ = await on_a.subscribe({"schedules": [item]}, recover={group: last_id})
+    assert errors == []
+    assert await data_frames(on_a, 1) == [{"n": "B while away"}]
+    summary = await on_a.recv_json()
+    assert summary["recovered"] == {group: 1} and summary["reset"] == {}
+    await on_a.close()
 
 
 async def test_a_killed_node_is_dropped_and_taken_back_when_it_returns(cluster, clients, token):

@@ -161,6 +161,15 @@ class Stream:
         self.layer.fanout.leave(group, self)
 
 
+async def cluster_peers(records: NodeRecords | None) -> list[str]:
+    """The peers a resume must hear from: the static ones and, with discovery, those the relay
+    found (as it last wrote them to the records). LayerUnavailable when they cannot be read."""
+    peers = configured_peers()
+    if records is not None and ws_settings.BROADCAST_WEBSOCKET_DISCOVERY == "postgres":
+        peers += [peer for peer in await records.peers() if peer not in peers]
+    return peers
+
+
 async def wait_until_forwarded(records: NodeRecords, groups: set[str]) -> dict[str, str]:
     """In a cluster, wait (RECOVER_TIMEOUT at most) until every peer forwards groups here.
 
@@ -171,7 +180,7 @@ async def wait_until_forwarded(records: NodeRecords, groups: set[str]) -> dict[s
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ws_settings.RECOVER_TIMEOUT
-    waiting = {peer: "this node's relay has no link to it" for peer in configured_peers()}
+    waiting = {peer: "this node's relay has no link to it" for peer in await cluster_peers(records)}
     failed: dict[str, str] = {}
     while waiting:
         for peer in list(waiting):
@@ -216,7 +225,7 @@ async def collect_replays(layer: ServiceLayer, recover: dict[str, GroupPosition]
 
     for group, position in recover.items():
         take(group, *await _local_history(layer, group, position))
-    peers = configured_peers()
+    peers = await cluster_peers(layer.records)
     results = await asyncio.gather(*(fetch_history(peer, recover) for peer in peers))
     for peer, result in zip(peers, results, strict=True):
         for group in recover:
