@@ -236,7 +236,7 @@ def redis_host() -> dict[str, Any]:
         "master_name": master,
         "sentinel_kwargs": sentinel_kwargs,
         # How to log in to the master (password, database); its host and port are the sentinels' to say.
-        "url": os.environ.get("REDIS_URL") or "redis://",
+        "url": REDIS_URL,
         **common,
     }
 

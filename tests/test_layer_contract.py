@@ -137,6 +137,21 @@ def test_a_liveness_record_of_the_previous_version_is_still_read():
     assert ProcessRecord.loads("not json") is None
 
 
+def test_with_sentinels_redis_url_gives_only_how_to_log_in_to_the_master():
+    """Its host is the sentinels' to say; TLS (rediss://) is kept as ssl=True, whose connection
+    class redis-py's Sentinel pool chooses itself."""
+    from awx_ws.main.layers.redis_connect import master_options
+
+    assert master_options("redis://:pw@ignored:1/2") == {"password": "pw", "db": 2}
+    assert master_options("rediss://user:pw@ignored:1/0") == {
+        "username": "user",
+        "password": "pw",
+        "db": 0,
+        "ssl": True,
+    }
+    assert master_options("unix:///run/redis.sock?db=3") == {"db": 3}
+
+
 def test_the_redis_backend_declares_its_library_errors_expected_in_background_loops():
     from redis.exceptions import ConnectionError as RedisConnectionError
 

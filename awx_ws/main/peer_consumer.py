@@ -36,7 +36,7 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
         reason = await self._shares_our_layer()
         if reason is not None:
             await self.accept()
-            await self.send(text_data=peer_protocol.refusal_frame(reason))
+            await self.send(text_data=peer_protocol.refusal_frame(reason, self.scope["peer_proof"]))
             await self.close(code=4409)
             return
         self._refresher = keep_joined(self.channel_layer, self.channel_name, lambda: self.joined)
@@ -50,7 +50,13 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
         arrive twice, topology.py), or None."""
         layer = service_layer(self.channel_layer)
         peer = self.scope.get("peer")
-        if layer is None or peer is None or peer not in await topology.other_nodes_on(layer):
+        if layer is None or peer is None:
+            return None
+        try:
+            if peer not in await topology.other_nodes_on(layer):
+                return None
+        except OSError as exc:  # LayerUnavailable: the link's own group joins will say so too
+            logger.info("peer relay %s: could not check for a shared layer: %s", peer, exc)
             return None
         reason = topology.shared_layer_message("the relay", layer, {ws_settings.NODE_NAME})
         logger.warning("peer relay %s refused: it shares this node's channel layer", peer)

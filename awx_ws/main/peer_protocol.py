@@ -168,9 +168,10 @@ class PeerRefused(Exception):
     """The peer admitted the relay and then refused to serve it, saying why (refusal_frame)."""
 
 
-def refusal_frame(reason: str) -> str:
-    """The frame a peer sends in place of its proof when it will not serve this relay."""
-    return json.dumps({"refused": reason})
+def refusal_frame(reason: str, proof: str) -> str:
+    """The peer's first frame when it will not serve this relay: its proof, and why (a refusal
+    counts only from a peer that proved it holds the secret)."""
+    return json.dumps({"proof": proof, "refused": reason})
 
 
 @asynccontextmanager
@@ -184,12 +185,12 @@ async def open_peer(peer: str, secret: str, node: str, **options: Any) -> AsyncI
         try:
             async with asyncio.timeout(options["open_timeout"]):
                 first = json.loads(await ws.recv())
-            if "refused" in first:
-                raise PeerRefused(f"{peer} refused this relay: {first['refused']}")
             offered = first.get("proof")
         except (ValueError, AttributeError, TimeoutError, TypeError) as exc:
             raise peerauth.PeerAuthError(f"{peer} sent no proof first ({type(exc).__name__})") from exc
         peerauth.check_proof(secret, credentials, offered)
+        if "refused" in first:
+            raise PeerRefused(f"{peer} refused this relay: {first['refused']}")
         yield ws
 
 

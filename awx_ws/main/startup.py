@@ -25,7 +25,7 @@ from channels.layers import get_channel_layer
 
 from awx_ws.main import connlimit, revocation, topology
 from awx_ws.main.conf import deprecated_in_use, ws_settings
-from awx_ws.main.exceptions import StartupError
+from awx_ws.main.exceptions import LayerUnavailable, StartupError
 from awx_ws.main.layers import service_layer
 from awx_ws.main.retry import spawn
 
@@ -42,7 +42,10 @@ async def start_process(wait: float | None) -> None:
         hint = getattr(given, "startup_hint", None) or "use CHANNEL_LAYER_BACKEND"
         raise StartupError(f"CHANNEL_LAYERS names {type(given).__name__}: {hint}")
     await layer.start_process(wait)
-    await topology.refuse_relay_on_shared_layer(layer, f"daphne pid {os.getpid()}")
+    try:
+        await topology.refuse_relay_on_shared_layer(layer, f"daphne pid {os.getpid()}")
+    except LayerUnavailable as exc:  # Redis lost just after it answered: a start-up failure like any
+        raise StartupError(f"could not check which nodes share the channel layer: {exc}") from exc
     keeper = layer.connection_counts.keep_synced(connlimit.counter)
     if keeper is not None:
         layer.fanout.adopt(keeper)

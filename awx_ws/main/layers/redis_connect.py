@@ -58,7 +58,7 @@ class SyncSentinelPool(SyncSentinelConnectionPool, SyncBlockingPool):
         for connection in taken:
             if connection is not None:
                 connection.disconnect()
-        for connection in taken:
+        for connection in reversed(taken):  # back in the order they came out (LIFO)
             self.pool.put_nowait(connection)
 
     @classmethod
@@ -75,6 +75,11 @@ def master_options(url: str) -> dict[str, Any]:
     options.pop("host", None)
     options.pop("port", None)
     options.pop("path", None)  # a unix socket: the sentinels give a TCP address
+    # The Sentinel pool picks its own connection class (one that asks the sentinels); for
+    # rediss:// it picks the TLS one when told ssl=True.
+    connection_class = options.pop("connection_class", None)
+    if connection_class is not None and "SSL" in connection_class.__name__:
+        options["ssl"] = True
     return options
 
 
