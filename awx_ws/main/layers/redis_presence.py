@@ -210,9 +210,7 @@ class LivenessJudge:
     async def dead(self, client_prefix: str) -> bool:
         """True when the process owning client_prefix is gone (see the module docstring)."""
         if client_prefix not in self.cache:
-            key = alive_key(self.layer.prefix, client_prefix)
-            raw: Any = await self.layer.connection(0).get(key)
-            self.cache[client_prefix] = self._judge(raw)
+            await self.live_record(client_prefix)  # judges, and caches the verdict
         return self.cache[client_prefix]
 
     async def live_record(self, client_prefix: str) -> ProcessRecord | None:
