@@ -55,6 +55,11 @@ DJANGO_OPTIONS = frozenset(
 FIELDS = ("cluster", "node", "address", "action")
 
 
+def enabled() -> bool:
+    """True when this node finds its peers through PostgreSQL (BROADCAST_WEBSOCKET_DISCOVERY)."""
+    return bool(ws_settings.BROADCAST_WEBSOCKET_DISCOVERY == "postgres")
+
+
 def channel_name(cluster: str) -> str:
     """The LISTEN/NOTIFY channel of a cluster: any text may be an id, an identifier is <= 63 bytes."""
     return CHANNEL_PREFIX + hashlib.sha256(cluster.encode()).hexdigest()[:32]

@@ -22,7 +22,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 
-from awx_ws.main import metrics
+from awx_ws.main import discovery, metrics
 from awx_ws.main.conf import SettingError, ws_settings
 from awx_ws.main.discovery import Discovery
 from awx_ws.main.exceptions import LayerUnavailable, StartupError
@@ -80,7 +80,7 @@ class Relay:
             )
         peers = configured_peers()
         secret = ws_settings.BROADCAST_WEBSOCKET_SECRET
-        discover = ws_settings.BROADCAST_WEBSOCKET_DISCOVERY == "postgres"
+        discover = discovery.enabled()
         if (peers or discover) and not secret:
             raise StartupError(
                 "BROADCAST_WEBSOCKET_SECRET is empty: set the same secret on every node to relay "

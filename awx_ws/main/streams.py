@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from awx_ws.main import discovery
 from awx_ws.main.audience import Viewer, allowed
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.history import GroupPosition, Replay, parse_message_id
@@ -165,7 +166,7 @@ async def cluster_peers(records: NodeRecords | None) -> list[str]:
     """The peers a resume must hear from: the static ones and, with discovery, those the relay
     found (as it last wrote them to the records). LayerUnavailable when they cannot be read."""
     peers = configured_peers()
-    if records is not None and ws_settings.BROADCAST_WEBSOCKET_DISCOVERY == "postgres":
+    if records is not None and discovery.enabled():
         peers += [peer for peer in await records.peers() if peer not in peers]
     return peers
 

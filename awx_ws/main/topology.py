@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 
+from awx_ws.main import discovery
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.layers import ServiceLayer
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def relays() -> bool:
     """True when this node is configured to relay: static peers, or peers found by discovery."""
-    return bool(configured_peers()) or ws_settings.BROADCAST_WEBSOCKET_DISCOVERY == "postgres"
+    return bool(configured_peers()) or discovery.enabled()
 
 
 async def other_nodes_on(layer: ServiceLayer) -> set[str]:

@@ -11,8 +11,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from awx_ws.main import topology
-from awx_ws.main.conf import ws_settings
+from awx_ws.main import discovery, topology
 from awx_ws.main.exceptions import LayerUnavailable, StartupError
 from awx_ws.main.layers import service_layer
 from awx_ws.main.management.tables import ago, format_table
@@ -78,7 +77,7 @@ async def status_table() -> str:
     except LayerUnavailable as exc:
         raise CommandError(f"cannot read relay status from {layer.service} ({exc.where}): {exc}") from exc
     if not peers:
-        if ws_settings.BROADCAST_WEBSOCKET_DISCOVERY == "postgres":
+        if discovery.enabled():
             return "no peers found yet (BROADCAST_WEBSOCKET_DISCOVERY=postgres)"
         return "no peers configured (BROADCAST_WEBSOCKET_PEERS)"
     now = time.time()
