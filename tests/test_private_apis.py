@@ -50,3 +50,24 @@ def test_channels_redis_maps_channels_to_their_keys_as_the_group_send_plan_expec
     assert list(messages) == ["asgispecific.abc!"] and list(capacities) == ["asgispecific.abc!"]
     keys, args = layer.group_send_plan([b"specific.abc!x"], {"type": "t"})
     assert keys == ["asgispecific.abc!"] and len(args) == 4  # message, capacity, now, expiry
+
+
+def test_the_blocking_sentinel_pool_closes_only_its_idle_connections_when_the_master_moves():
+    """redis-py's Sentinel pool calls disconnect(inuse_connections=False) when the master moves;
+    its blocking pool takes no argument. Ours (layers/redis_connect.py) reads the blocking pool's
+    queue of idle connections (`pool`) and must leave one in use alone."""
+    from redis.sentinel import Sentinel
+
+    from awx_ws.main.layers.redis_connect import SyncSentinelPool
+
+    pool = SyncSentinelPool("m", Sentinel([("127.0.0.1", 1)]), max_connections=3)
+    idle, busy = pool.make_connection(), pool.make_connection()
+    for _ in range(3):
+        pool.pool.get_nowait()  # the slots, taken as checkouts take them
+    pool.pool.put_nowait(idle)
+    closed = []
+    idle.disconnect = lambda *args: closed.append("idle")  # type: ignore[method-assign]
+    busy.disconnect = lambda *args: closed.append("busy")  # type: ignore[method-assign]
+    pool.disconnect(inuse_connections=False)
+    assert closed == ["idle"]
+    assert pool.pool.get_nowait() is idle  # back in its place
