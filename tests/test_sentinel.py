@@ -21,9 +21,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from awx_ws.main.layers import RedisChannelLayer
 from tests.client import open_ws
 from tests.factories import adb, create_token, create_user
-from tests.sentinel import Passwords, sentinel_set
+from tests.sentinel import MASTER_NAME, Passwords, sentinel_set
 from tests.servers import ROOT, Gunicorn, run_manage
 from tests.sse import open_sse
 from tests.waiting import eventually
@@ -171,6 +172,14 @@ async def test_the_start_up_purge_and_the_sync_emit_find_the_master_through_the_
         await client.subscribe({"schedules": [group.split("-", 1)[1]]})
         manage(sentinels, "emit", group, '{"n": 7}')
         assert (await client.recv_json())["n"] == 7
+        # Channels' own group_send, from a producer whose layer names the sentinels, not an address.
+        host = {"sentinels": [("127.0.0.1", s.port) for s in sentinels.sentinels], "master_name": MASTER_NAME}
+        producer = RedisChannelLayer(hosts=[host])
+        try:
+            await producer.group_send(group, {"type": "internal.message", "text": '{"n": 8}'})
+        finally:
+            await producer.close_pools()
+        assert (await client.recv_json())["n"] == 8
 
         # The operator's view reads the same master: the second daphne, holding the group.
         async def listed() -> bool:

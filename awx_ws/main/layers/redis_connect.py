@@ -35,6 +35,14 @@ from awx_ws.main.exceptions import redact_url
 class AsyncSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingPool):
     """redis.asyncio's pool for a Sentinel-managed master, bounded: at the limit callers wait."""
 
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """Close the pool's connections; closing all of them (the layer's close_pools) closes
+        those to the sentinels too, which redis-py's pool leaves open."""
+        await super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.connection_pool.disconnect()
+
 
 class SyncSentinelPool(SyncSentinelConnectionPool, SyncBlockingPool):
     """redis-py's blocking pool for a Sentinel-managed master, bounded: at the limit callers wait."""
