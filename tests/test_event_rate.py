@@ -77,8 +77,19 @@ async def test_over_the_rate_the_watcher_gets_the_outline_and_the_rate_and_rest_
         await api(user, "post", f"/api/v2/jobs/{job.pk}/job_events/", batch)
 
         sent = [*range(1, 34), 45]
+        # Then the notice of what was held back (held_back.py): 34-43, and 44 beside them, which
+        # had nothing to show and was not sent either.
+        notice = {
+            "group_name": "events_held_back",
+            "unified_job_id": job.pk,
+            "type": "job",
+            "held_back": 10,
+            "ranges": [[34, 44]],
+        }
         assert [(await watcher.recv_json())["counter"] for _ in sent] == sent
-        assert [m["counter"] for m in await live.payloads(len(sent))] == sent
+        assert await watcher.recv_json() == notice
+        received = await live.payloads(len(sent) + 1)
+        assert [m["counter"] for m in received[:-1]] == sent and received[-1] == notice
         stored = await api(user, "get", f"/api/v2/jobs/{job.pk}/job_events/?page_size=100")
         assert [e["counter"] for e in stored["results"]] == list(range(1, 46))
 
@@ -91,7 +102,8 @@ async def test_over_the_rate_the_watcher_gets_the_outline_and_the_rate_and_rest_
         }
     # History holds what went live, no more: a resume from before the batch replays the same.
     async with open_sse(node.http_url, group, headers=headers, last_event_id=start) as resumed:
-        assert [m["counter"] for m in await resumed.payloads(len(sent))] == sent
+        replayed = await resumed.payloads(len(sent) + 1)
+        assert [m["counter"] for m in replayed[:-1]] == sent and replayed[-1] == notice
         await resumed.assert_silent()
     await watcher.close()
 
@@ -140,10 +152,20 @@ async def test_the_rate_holds_per_job_across_api_processes(node, user, two_api_p
     end = {"counter": 101, "event": "playbook_on_stats", "stdout": "PLAY RECAP"}
     async with httpx.AsyncClient(base_url=one.http_url, headers=headers, timeout=30) as http:
         assert (await http.post(f"/api/v2/jobs/{job.pk}/job_events/", json=end)).status_code == 201
-    received = []
-    while (counter := (await watcher.recv_json(timeout=10))["counter"]) != 101:
-        received.append(counter)
+    # Read up to it, and until notices (held_back.py) have named every event not sent.
+    received: list[int] = []
+    notices: list[dict[str, Any]] = []
+    while 101 not in received or sum(n["held_back"] for n in notices) < 100 - (len(received) - 1):
+        message = await watcher.recv_json(timeout=10)
+        if message["group_name"] == "events_held_back":
+            notices.append(message)
+        else:
+            received.append(message["counter"])
+    received.remove(101)
     assert 5 <= len(received) <= allowed, (len(received), seconds)
+    # The notices name exactly the counters the watcher was not sent.
+    named = {c for notice in notices for first, last in notice["ranges"] for c in range(first, last + 1)}
+    assert named == set(range(1, 101)) - set(received)
     after = await scrape(one.http_url)
     assert moved(before, after, "awx_ws_job_events_not_sent_total", reason="rate") == 100 - len(received)
     stored = await api(user, "get", f"/api/v2/jobs/{job.pk}/job_events/?page_size=200")

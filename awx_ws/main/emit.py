@@ -13,6 +13,7 @@ from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
 from django.utils.module_loading import import_string
 
 from awx_ws.main import metrics
@@ -162,3 +163,19 @@ def emit_channel_notifications(messages: Iterable[tuple[str, Any]]) -> None:
     except BatchEmitError:
         metrics.layer_error("emit")
         raise
+
+
+def _emit_committed(messages: list[tuple[str, Any]]) -> None:
+    try:
+        emit_channel_notifications(messages)  # one batch: one round trip on Redis
+    except EmitError as exc:
+        # The change is committed; the notifications are what is lost. Say so, loudly enough.
+        groups = sorted({group for group, _ in messages})
+        logger.error("notifications to %s not all delivered: %s", ", ".join(groups), exc)
+
+
+def emit_on_commit(messages: list[tuple[str, Any]]) -> None:
+    """Emit messages, in order, as one batch after the current transaction commits; never if it
+    rolls back. A failure is logged: the change stays committed and clients catch up over REST."""
+    if messages:
+        transaction.on_commit(lambda: _emit_committed(messages))

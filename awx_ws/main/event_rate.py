@@ -3,8 +3,9 @@
 AWX survives floods by not sending: at most MAX_WEBSOCKET_EVENT_RATE events per second per job
 go to the websocket (30 by default, 0 for no limit), except the events a client needs to draw the
 job's outline, which always go. Events with nothing to show (no stdout, no lines) never go. The
-REST API keeps every event; a client that was sent fewer learns how many from the job's summary
-(`skipped_events`) and fetches the rest.
+REST API keeps every event. AWX leaves it there: its classic UI shows a stale page until reloaded
+(ansible/awx#15420, #14662, #9747). Here the job's viewers are told, at most once a second per job,
+which counters were held back (held_back.py sends the notice), and fetch those from REST.
 
 The window is AWX's: an event goes out if fewer than `rate` went out in the second before it. Its
 state, the send times of the last `rate` events, is kept per job in the database the API
@@ -69,3 +70,51 @@ def admit(events: Sequence[Event], recent: Sequence[float], now: float, rate: in
             verdict.held_back += 1
             verdict.reasons[index] = "rate"
     return verdict
+
+
+# --- what a job's viewers are told of the events held back ------------------------------------
+
+# A notice names at most this many counter ranges. Past that, its last range spans all the rest,
+# and may then take in counters that went out: a client skips the counters it already has.
+MAX_RANGES = 100
+Ranges = list[list[int]]  # [[first, last], ...], inclusive, ascending, disjoint
+
+
+def held_back_ranges(counters: Sequence[int], verdict: Verdict) -> Ranges:
+    """The runs of consecutive counters of a batch (sorted by counter) that were not sent, keeping
+    the runs that hold an event the rate held back. An event with nothing to show may stand inside
+    a run (it was not sent either: fetching it duplicates nothing); a counter the batch does not
+    hold ends a run, since another request may have sent it."""
+    ranges: Ranges = []
+    run: list[int] | None = None
+    held = False
+    for index, counter in enumerate(counters):
+        if verdict.send[index] or (run is not None and counter != run[1] + 1):
+            if run is not None and held:
+                ranges.append(run)
+            run, held = None, False
+        if not verdict.send[index]:
+            run = [run[0], counter] if run is not None else [counter, counter]
+            held = held or verdict.reasons.get(index) == "rate"
+    if run is not None and held:
+        ranges.append(run)
+    return ranges
+
+
+def merge_ranges(first: Ranges, second: Ranges) -> Ranges:
+    """Both lists as one, touching ranges joined, at most MAX_RANGES long (see there)."""
+    merged: Ranges = []
+    for start, end in sorted([*first, *second]):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    if len(merged) > MAX_RANGES:
+        merged = [*merged[: MAX_RANGES - 1], [merged[MAX_RANGES - 1][0], merged[-1][1]]]
+    return merged
+
+
+def notice_due(pending: Ranges, announced: float, now: float) -> bool:
+    """A notice goes out when something is pending and none went out in the last WINDOW: at most
+    one a second per job, however many requests a flood is posted in."""
+    return bool(pending) and now - announced >= WINDOW

@@ -126,13 +126,19 @@ class JobEvent(models.Model):
 
 
 class WebsocketEventRate(models.Model):
-    """A job's websocket event window (event_rate.py): when its last events went out, and how
-    many were held back over AWX_WS_MAX_WEBSOCKET_EVENT_RATE (its summary says so)."""
+    """A job's websocket event window (event_rate.py): when its last events went out, how many
+    were held back over AWX_WS_MAX_WEBSOCKET_EVENT_RATE (its summary says so), and which of them
+    its viewers have not yet been told of (held_back.py)."""
 
     job = models.OneToOneField(Job, on_delete=models.CASCADE, primary_key=True, related_name="websocket_rate")
     # Send times (seconds since the epoch) of the job's last events, at most the rate of them.
     recent = models.JSONField(default=list)
     held_back = models.PositiveIntegerField(default=0)
+    # Counter ranges held back since the last notice ([[first, last], ...]), their event count,
+    # and when the last notice went out (seconds since the epoch, 0: never).
+    pending = models.JSONField(default=list)
+    pending_count = models.PositiveIntegerField(default=0)
+    announced = models.FloatField(default=0.0)
 
     def __str__(self) -> str:
         return f"job {self.job_id}: {self.held_back} held back"

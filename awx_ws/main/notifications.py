@@ -11,11 +11,10 @@ from typing import Any
 
 from django.db import transaction
 
-from awx_ws.main import metrics
+from awx_ws.main import held_back, metrics
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.emit import emit_channel_notifications
-from awx_ws.main.event_rate import Verdict, admit
-from awx_ws.main.exceptions import EmitError
+from awx_ws.main.emit import emit_on_commit
+from awx_ws.main.event_rate import WINDOW, Ranges, Verdict, admit, held_back_ranges
 from awx_ws.main.models import Job, JobEvent, WebsocketEventRate
 from awx_ws.main.protocol import EVENT_KINDS
 
@@ -100,21 +99,6 @@ def event_payload(job: Job, event: JobEvent) -> dict[str, Any]:
     }
 
 
-def _emit_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
-    try:
-        emit_channel_notifications(messages)  # one batch: one round trip on Redis
-    except EmitError as exc:
-        # The change is committed; the notifications are what is lost. Say so, loudly enough.
-        groups = sorted({group for group, _ in messages})
-        logger.error("notifications to %s not all delivered: %s", ", ".join(groups), exc)
-
-
-def emit_on_commit(messages: list[tuple[str, dict[str, Any]]]) -> None:
-    """Emit messages, in order, after the current transaction commits; never if it rolls back."""
-    if messages:
-        transaction.on_commit(lambda: _emit_all(messages))
-
-
 def job_status_changed(job: Job) -> None:
     """Schedule the status message, and the summary when the job has finished."""
     messages = [("jobs-status_changed", status_payload(job))]
@@ -127,30 +111,46 @@ def job_status_changed(job: Job) -> None:
 
 def job_events_created(job: Job, events: Iterable[JobEvent]) -> None:
     """Schedule the messages of the events the flood policy lets through (event_rate.py), in
-    counter order, as one batch, for after the commit of the transaction that stores them."""
+    counter order, as one batch, for after the commit of the transaction that stores them; and
+    the notice of those it held back (held_back.py), now or within the second."""
     group = event_group(job)
     ordered = sorted(events, key=lambda event: event.counter)
-    verdict = _admit(job, ordered)
+    verdict, notice, later = _admit(job, ordered)
     if verdict.reasons:
         reasons = Counter(verdict.reasons.values())
         transaction.on_commit(lambda: _count_not_sent(reasons))
     sent = [event for event, send in zip(ordered, verdict.send, strict=True) if send]
-    emit_on_commit([(group, event_payload(job, event)) for event in sent])
+    messages = [(group, event_payload(job, event)) for event in sent]
+    if notice is not None:
+        messages.append((group, held_back.notice_payload(job.pk, job.kind, *notice)))
+    emit_on_commit(messages)
+    if later is not None:
+        transaction.on_commit(lambda: held_back.timer.schedule(job.pk, group, job.kind, later))
 
 
-def _admit(job: Job, ordered: list[JobEvent]) -> Verdict:
+def _admit(job: Job, ordered: list[JobEvent]) -> tuple[Verdict, tuple[Ranges, int] | None, float | None]:
+    """The verdict on a batch, the held-back notice to send with it, and when the timer should
+    send one instead (seconds since the epoch)."""
     rate = ws_settings.MAX_WEBSOCKET_EVENT_RATE
-    if rate == 0:  # no limit: no window to keep
-        return admit(ordered, [], time.time(), rate)
+    if rate == 0:  # no limit: no window to keep, nothing held back
+        return admit(ordered, [], time.time(), rate), None, None
     # The job's window row stays locked until the outer transaction commits: API processes and
     # nodes storing the same job's events take turns, and a rollback leaves the window as it was.
     with transaction.atomic():
         window, _ = WebsocketEventRate.objects.select_for_update().get_or_create(job=job)
-        verdict = admit(ordered, window.recent, time.time(), rate)
+        now = time.time()
+        verdict = admit(ordered, window.recent, now, rate)
         window.recent = verdict.recent
         window.held_back += verdict.held_back
-        window.save(update_fields=["recent", "held_back"])
-    return verdict
+        notice, later = None, None
+        # Pending ranges go too: a process that delayed them may have died before its timer fired.
+        if verdict.held_back or window.pending:
+            ranges = held_back_ranges([event.counter for event in ordered], verdict)
+            notice = held_back.record(window, ranges, verdict.held_back, now)
+            if notice is None:
+                later = window.announced + WINDOW
+        window.save(update_fields=["recent", "held_back", "pending", "pending_count", "announced"])
+    return verdict, notice, later
 
 
 def _count_not_sent(reasons: Counter[str]) -> None:
