@@ -142,7 +142,67 @@ async def test_the_job_view_fills_what_the_event_rate_held_back_from_the_api(job
     await api_call(front, token, "PATCH", f"/api/v2/jobs/{job.pk}/", {"status": "canceled"})
     assert await wait_lines(page, 161) == [line(n) for n in range(1, 162)]
     live = await page.evaluate("window.awxLive")
-    assert live["gapFills"] == 2 and live["refetches"] == 0 and live["errors"] == []
+    # Merged reads, not one per event: how the notices, the jump at 101 and the summary fall
+    # together depends on timing, but each read covers all that was wanted when it started.
+    assert 1 <= live["gapFills"] <= 4 and live["eventReads"] <= 6, live
+    assert live["refetches"] == 0 and live["errors"] == []
+
+
+async def set_running(front: Nginx, token: str, job: Any) -> None:
+    for status in ("pending", "waiting", "running"):
+        await api_call(front, token, "PATCH", f"/api/v2/jobs/{job.pk}/", {"status": status})
+
+
+def event_reads(page: Any) -> list[str]:
+    """The URLs of the page's reads of job events from the API, as the browser sends them."""
+    reads: list[str] = []
+    page.on("request", lambda request: reads.append(request.url) if "/job_events/" in request.url else None)
+    return reads
+
+
+async def test_bursts_on_a_running_job_are_all_on_the_page_without_a_reload(job, page, front, user):
+    """39, 500 and 5,000 events posted in single requests while the job runs: the rate sends 30 of
+    each, the notice of the rest (held_back.py) brings them in; nothing else happens meanwhile."""
+    token = await adb(create_token, user)
+    await set_running(front, token, job)
+    await page.click(f'tr[data-job-id="{job.pk}"]')
+    await page.wait_for_selector("#job-pane:not([hidden])")
+    reads = event_reads(page)
+    shown = 0
+    for size in (39, 500, 5000):
+        before = len(reads)
+        await post_events(front, token, job, range(shown + 1, shown + size + 1))
+        posted = time.monotonic()
+        shown += size
+        assert await wait_lines(page, shown, timeout=30) == [line(n) for n in range(1, shown + 1)]
+        took, count = time.monotonic() - posted, len(reads) - before
+        print(f"burst of {size}: all lines shown {took:.2f}s after the POST's response; {count} API reads")
+        # A few reads whatever the burst: pages of 1000, merged gaps.
+        assert count <= 2 + size // 1000, reads[before:]
+    assert (await api_call(front, token, "GET", f"/api/v2/jobs/{job.pk}/", None))["status"] == "running"
+    assert (await page.evaluate("window.awxLive"))["errors"] == []
+
+
+async def test_a_viewer_who_opens_a_job_in_the_middle_of_a_flood_sees_every_line(job, page, front, user):
+    token = await adb(create_token, user)
+    await set_running(front, token, job)
+    batches = [range(first, first + 200) for first in range(1, 4001, 200)]  # 20 requests, 4,000 events
+
+    async def flood() -> None:
+        for counters in batches:
+            await post_events(front, token, job, counters)
+
+    flooding = asyncio.create_task(flood())
+    path = f"/api/v2/jobs/{job.pk}/job_events/?page_size=1000"
+    deadline = time.monotonic() + 30
+    while len((await api_call(front, token, "GET", path, None))["results"]) < 600 and not flooding.done():
+        assert time.monotonic() < deadline
+    assert not flooding.done() or flooding.result() is None  # a failed POST fails the test here
+    await page.click(f'tr[data-job-id="{job.pk}"]')  # a flood under way
+    await flooding
+    assert await wait_lines(page, 4000, timeout=30) == [line(n) for n in range(1, 4001)]
+    live = await page.evaluate("window.awxLive")
+    assert live["errors"] == [] and live["refetches"] == 0
 
 
 async def test_the_bundled_client_with_a_token_keeps_it_out_of_urls_and_logs(browser, front, user):

@@ -4,14 +4,22 @@
 //   const client = new AwxWsClient({ onState: (state) => ... });
 //   client.subscribe({ jobs: ["status_changed"], job_events: [42] });
 //   client.on("jobs-status_changed", (data) => ...);
-//   client.on("job_events-42", (data) => ..., { onReset: (reason) => refetch() });
+//   client.on("job_events-42", (data) => ..., {
+//     onReset: (reason) => refetch(),
+//     onHeldBack: (notice) => fetchCounters(notice.ranges), // events over the server's rate
+//   });
 //
 // Authentication: the session cookie with the csrftoken cookie as xrftoken (a logged-in page), or
 // a token (`new AwxWsClient({ token })`), set as AWX's `token` cookie for this site: browsers
 // cannot set headers on a websocket, and a token in the URL would end up in logs and history. The client asks for ids, keeps each group's position, and after a reconnect
 // re-subscribes with `recover`: the server replays what was missed, then live messages follow, so
 // handlers see every message once. When the history cannot reach back the group's onReset is
-// called: the page refetches over the API. Protocol: docs/channels.md.
+// called: the page refetches over the API. Over its event rate the server stores a job's events
+// but sends only some, then names the others in a notice (`"group_name": "events_held_back"`,
+// docs/api.md): onHeldBack gets it, onMessage never does. Protocol: docs/channels.md.
+
+// The group_name of the server's notice of events held back over its rate (awx_ws/main/held_back.py).
+const HELD_BACK = "events_held_back";
 
 function cookie(name) {
   const match = document.cookie.match(new RegExp("(?:^|; )" + name + "=([^;]*)"));
@@ -76,9 +84,10 @@ export class AwxWsClient {
   }
 
   // Call onMessage(data, {group, id}) for each message of group; onReset(reason) when missed
-  // messages cannot be replayed. Returns a function that removes the handler.
-  on(group, onMessage, { onReset = () => {} } = {}) {
-    const entry = { onMessage, onReset };
+  // messages cannot be replayed; onHeldBack(notice) when the server held events of the group
+  // back (fetch notice.ranges from the API). Returns a function that removes the handler.
+  on(group, onMessage, { onReset = () => {}, onHeldBack = () => {} } = {}) {
+    const entry = { onMessage, onReset, onHeldBack };
     if (!this.handlers.has(group)) this.handlers.set(group, []);
     this.handlers.get(group).push(entry);
     return () => this.handlers.set(group, this.handlers.get(group).filter((e) => e !== entry));
@@ -146,8 +155,10 @@ export class AwxWsClient {
       this.onError(frame.error);
     } else if ("group" in frame) {
       if (frame.id) this.positions.set(frame.group, frame.id);
+      const heldBack = frame.data?.group_name === HELD_BACK;
       for (const handler of this.handlers.get(frame.group) || []) {
-        handler.onMessage(frame.data, { group: frame.group, id: frame.id });
+        if (heldBack) handler.onHeldBack(frame.data);
+        else handler.onMessage(frame.data, { group: frame.group, id: frame.id });
       }
     }
   }

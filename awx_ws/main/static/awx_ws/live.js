@@ -20,8 +20,9 @@ const eventsBox = document.getElementById("events");
 
 // What tests and curious operators can read: how the page got its lines.
 // refetches: the stream could not be resumed; gapFills: events the server held back over its
-// event rate (AWX_WS_MAX_WEBSOCKET_EVENT_RATE), read from the API instead.
-const live = (window.awxLive = { reconnects: 0, refetches: 0, gapFills: 0, errors: [] });
+// event rate (AWX_WS_MAX_WEBSOCKET_EVENT_RATE), read from the API instead; eventReads: pages of
+// events read from the API.
+const live = (window.awxLive = { reconnects: 0, refetches: 0, gapFills: 0, eventReads: 0, errors: [] });
 
 const client = new AwxWsClient({
   onState: (state) => {
@@ -85,56 +86,79 @@ async function loadJobs() {
 
 let current = null; // { job, group, lines: Map(counter -> element), off }
 
-function addLine(event) {
-  if (!current || current.lines.has(event.counter)) return; // the API and the stream may overlap
-  const line = document.createElement("div");
-  line.className = "line";
-  line.dataset.counter = event.counter;
-  line.textContent = event.stdout || event.event;
-  current.lines.set(event.counter, line);
-  current.last = Math.max(current.last, event.counter);
+// Lines in counter order, whatever order they come in; the API and the stream may overlap.
+function addLines(events) {
+  if (!current) return;
   // Follow the output while the reader is at its end; leave the scroll alone otherwise.
   const following = eventsBox.scrollTop + eventsBox.clientHeight >= eventsBox.scrollHeight - 4;
-  // Keep counter order even when an event arrives before an earlier one.
-  const after = [...eventsBox.children].find((el) => Number(el.dataset.counter) > event.counter);
-  eventsBox.insertBefore(line, after || null);
+  for (const event of events) {
+    if (current.lines.has(event.counter)) continue;
+    const line = document.createElement("div");
+    line.className = "line";
+    line.dataset.counter = event.counter;
+    line.textContent = event.stdout || event.event;
+    current.lines.set(event.counter, line);
+    current.last = Math.max(current.last, event.counter);
+    // From the end back: a line read from the API lands just before the few live ones after it.
+    let after = null;
+    for (let el = eventsBox.lastElementChild; el && Number(el.dataset.counter) > event.counter; el = el.previousElementSibling) {
+      after = el;
+    }
+    eventsBox.insertBefore(line, after);
+  }
   if (following) eventsBox.scrollTop = eventsBox.scrollHeight;
 }
 
+// The API's largest page: a burst of thousands costs a few requests, not one per hundred events.
+const PAGE_SIZE = 1000;
+
 async function fetchEvents(after, before) {
   const job = current.job;
-  let url = `/api/v2/jobs/${job.id}/job_events/?counter__gt=${after}`;
+  let url = `/api/v2/jobs/${job.id}/job_events/?counter__gt=${after}&page_size=${PAGE_SIZE}`;
   if (before !== undefined) url += `&counter__lt=${before}`;
   while (url && current?.job === job) {
+    live.eventReads += 1;
     const page = await api(url);
-    page.results.forEach(addLine);
+    addLines(page.results);
     url = page.next;
   }
 }
 
 // Over its event rate the server stores a job's events but does not send them all (AWX's flood
-// policy), and it never sends events with nothing to show: a counter that jumps shows a gap, the
-// job's summary (final_counter) a missing tail. Either way the API has them. Until the first read
-// of the API is done it covers both. Gaps are merged and read a moment after the first shows, one
-// request at a time: a flood costs the API a few requests a second per viewer, not one per event.
+// policy); within a second it names the counters it held back (onHeldBack, docs/api.md). It never
+// sends events with nothing to show: a counter that jumps shows those. The job's summary
+// (final_counter) shows a missing tail. The API has them all. Gaps are merged and read a moment
+// after the first shows, one read at a time, once the first read of the API is done (it covers
+// what came before): a flood costs the API a few requests a second per viewer, not one per event.
 const GAP_DELAY_MS = 250;
 
+function want(view, after, before) {
+  view.gap.after = Math.min(view.gap.after, after);
+  view.gap.before = Math.max(view.gap.before, before);
+  if (view.gap.timer === null) view.gap.timer = setTimeout(() => fillGap(view), GAP_DELAY_MS);
+}
+
 function onEvent(event) {
-  if (current?.loaded && event.counter > current.last + 1) {
-    const gap = current.gap;
-    gap.after = Math.min(gap.after, current.last);
-    gap.before = Math.max(gap.before, event.counter);
-    if (gap.timer === null) gap.timer = setTimeout(() => fillGap(current), GAP_DELAY_MS);
-  }
-  addLine(event);
+  if (current?.loaded && event.counter > current.last + 1) want(current, current.last, event.counter);
+  addLines([event]);
+}
+
+function onHeldBack(notice) {
+  const first = Math.min(...notice.ranges.map(([start]) => start));
+  const last = Math.max(...notice.ranges.map(([, end]) => end));
+  want(current, first - 1, last + 1);
 }
 
 async function fillGap(view) {
+  if (view !== current) return;
   const gap = view.gap;
+  if (!view.loaded) {
+    gap.timer = setTimeout(() => fillGap(view), GAP_DELAY_MS);
+    return;
+  }
   const [after, before] = [gap.after, gap.before];
   gap.after = Infinity;
   gap.before = 0;
-  if (view !== current) return;
   live.gapFills += 1;
   try {
     await fetchEvents(after, before);
@@ -146,8 +170,7 @@ async function fillGap(view) {
 client.on("jobs-summary", (data) => {
   // Counters run from 1 to final_counter: fewer lines than that, and some are missing.
   if (current?.loaded && current.job.id === data.unified_job_id && current.lines.size < data.final_counter) {
-    live.gapFills += 1;
-    fetchEvents(0);
+    want(current, 0, data.final_counter + 1);
   }
 });
 
@@ -171,6 +194,7 @@ async function openJob(job) {
   // Subscribe first and wait until the server has it, then read what is already there: nothing
   // falls in between (an event emitted before the subscription took effect is in the API's list).
   current.off = client.on(group, onEvent, {
+    onHeldBack,
     onReset: () => {
       live.refetches += 1;
       fetchEvents(current.last); // the history could not reach back: ask the API
