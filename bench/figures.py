@@ -1,5 +1,6 @@
 """Issue 17's figures: emit throughput in batches, the emit to never-watched groups, a job's event
-flood through the REST API, and the cost of a subscribe and leave with many groups held.
+flood through the REST API and the cost of its catch-up (held_back.py's notices, then the reads
+they name), and the cost of a subscribe and leave with many groups held.
 
 Each is bounded in count and time and returns rows of the results; describe() prints them.
 Groups named after jobs that do not exist (`job_events-<n>` from GROUP_BASE on) are fresh: no job,
@@ -116,21 +117,51 @@ async def subscribe(ws: ClientConnection, groups: dict[str, list[Any]]) -> dict[
             return reply
 
 
-async def watch_events(ws: ClientConnection, job: int, seen: dict[str, int]) -> None:
-    """Count the job's events reaching ws until the final playbook_on_stats."""
+async def watch_events(ws: ClientConnection, job: int, seen: dict[str, Any]) -> None:
+    """Count the job's events reaching ws, and keep its held-back notices, until the final
+    playbook_on_stats has come and the notices name every event that did not."""
     async for frame in ws:
         message = json.loads(frame)
-        if message.get("group_name") == "job_events" and message.get("job") == job:
+        if message.get("group_name") == "events_held_back" and message.get("unified_job_id") == job:
+            seen["notices"].append(message)
+        elif message.get("group_name") == "job_events" and message.get("job") == job:
             seen["received"] += 1
-            if message.get("event") == "playbook_on_stats":
-                seen["final"] = 1
-                return
+            seen["final"] = seen["final"] or int(message.get("event") == "playbook_on_stats")
+        named = sum(notice["held_back"] for notice in seen["notices"])
+        if seen["final"] and named >= FLOOD_FINAL["counter"] - seen["received"]:
+            return
+
+
+def catch_up(api: Gunicorn, token: str, job: int, notices: list[dict[str, Any]]) -> dict[str, Any]:
+    """Read what the notices name from the API, as docs/api.md says a client catches up: the
+    reads it takes, the API's CPU for them, and the counters they brought."""
+    before = cpu_seconds(api)
+    reads, counters = 0, []
+    started = time.perf_counter()
+    for notice in notices:
+        for first, last in notice["ranges"]:
+            url: str | None = (
+                f"{api.http_url}/api/v2/jobs/{job}/job_events/"
+                f"?counter__gt={first - 1}&counter__lt={last + 1}&page_size=1000"
+            )
+            while url:
+                page = api_request("GET", url, token)
+                reads += 1
+                counters += [event["counter"] for event in page["results"]]
+                url = page["next"]
+    return {
+        "catch_up_reads": reads,
+        "catch_up_events": len(counters),
+        "catch_up_distinct": len(set(counters)),
+        "catch_up_s": time.perf_counter() - started,
+        "catch_up_cpu_s": cpu_seconds(api) - before,
+    }
 
 
 async def post_flood(api_url: str, ws_url: str, token: str, job: int) -> dict[str, Any]:
     """Post the flood and the final event while a watcher of the job's events counts arrivals."""
     url = f"{api_url}/api/v2/jobs/{job}/job_events/"
-    seen = {"received": 0, "final": 0}
+    seen: dict[str, Any] = {"received": 0, "final": 0, "notices": []}
     async with connect(f"{ws_url}/websocket/?token={token}", max_queue=None) as ws:
         await ws.recv()  # {"accept": true, ...}
         await subscribe(ws, {"job_events": [job]})
@@ -147,7 +178,7 @@ async def post_flood(api_url: str, ws_url: str, token: str, job: int) -> dict[st
         await asyncio.to_thread(api_request, "POST", url, token, [FLOOD_FINAL])
         try:
             await asyncio.wait_for(watcher, 60)
-        except TimeoutError:  # the final event never came: report what did
+        except TimeoutError:  # the final event or a notice never came: report what did
             pass
     return {**seen, "span_s": span}
 
@@ -166,6 +197,7 @@ def flood(redis: RedisServer, token: str, job: int) -> dict[str, Any]:
     try:
         api_request("GET", f"{api.http_url}/api/v2/jobs/{job}/", token)  # its worker is up, the job visible
         seen = asyncio.run(post_flood(api.http_url, server.url, token, job))
+        caught_up = catch_up(api, token, job, seen["notices"])
         stored = api_event_count(api.http_url, token, job)
     finally:
         server.stop()
@@ -184,6 +216,9 @@ def flood(redis: RedisServer, token: str, job: int) -> dict[str, Any]:
         "seconds_spanned": seconds,
         "always_sent": 1,
         "received_bound": rate * seconds + 1 if rate else FLOOD_FINAL["counter"],
+        "notices": len(seen["notices"]),
+        "held_back": sum(notice["held_back"] for notice in seen["notices"]),
+        **caught_up,
     }
 
 
@@ -252,6 +287,14 @@ def describe(rows: list[dict[str, Any]]) -> str:
                 f"{r['scenario']}: posted {r['posted']} over {r['span_s']:.2f} s, watcher received "
                 f"{r['received']} (final event {'in' if r['final_received'] else 'MISSING'}), API lists "
                 f"{r['api_count']}"
+            )
+            skipped = r["held_back"] / 1000 or float("nan")
+            lines.append(
+                f"catch-up after the flood: {r['notices']} notices named {r['held_back']} held-back events; "
+                f"reading them took {r['catch_up_reads']} API requests ({r['catch_up_reads'] / skipped:.1f} "
+                f"per 1,000 skipped), {r['catch_up_s']:.2f} s, API CPU "
+                f"{r['catch_up_cpu_s'] * 1000 / skipped:.0f} ms per 1,000 skipped; received live + read = "
+                f"{r['received'] + r['catch_up_distinct']}/{r['posted']} distinct"
             )
         elif "cpu_ms_per_change" in r:
             lines.append(
