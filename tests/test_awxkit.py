@@ -86,6 +86,28 @@ async def test_wsclient_subscribes_to_a_pending_jobs_events_by_itself(nginx, use
         ws.close()
 
 
+async def test_wsclient_following_a_job_through_a_burst_ignores_the_held_back_notice(nginx, user, token):
+    """Over the event rate the job's group carries a notice (held_back.py) that awxkit queues like
+    any message and acts on in no way: no re-subscription, its job's events and status go on."""
+    from tests.test_api_notifications import api
+
+    job = await adb(create_job, await adb(create_org, user))
+    ws = await connect(token=token, port=nginx.port)
+    try:
+        ws.job_details(job.pk)
+        await asyncio.to_thread(collect, ws, has(lambda m: "groups_current" in m))
+        burst = [{"counter": n, "event": "runner_on_ok", "stdout": f"ok {n}"} for n in range(1, 41)]
+        await api(user, "post", f"/api/v2/jobs/{job.pk}/job_events/", burst)
+        got = await asyncio.to_thread(collect, ws, has(lambda m: m.get("group_name") == "events_held_back"))
+        assert [m["counter"] for m in got if m.get("group_name") == "job_events"] == list(range(1, 31))
+        assert got[-1]["ranges"] == [[31, 40]]
+        await api(user, "patch", f"/api/v2/jobs/{job.pk}/", {"status": "pending"})
+        later = await asyncio.to_thread(collect, ws, has(lambda m: m.get("status") == "pending"))
+        assert not [m for m in got + later if "groups_current" in m]  # it never subscribed again
+    finally:
+        ws.close()
+
+
 async def test_session_wsclient_with_csrftoken(nginx, user):
     ws = await connect(session_id=await adb(session_cookie, user), csrftoken="c" * 32, port=nginx.port)
     try:
