@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -292,8 +293,27 @@ class Relay(Process):
         super().__init__(f"relay:{name}", argv, workdir / f"relay-{name}.log", env)
 
 
+def nginx_argv(prefix: Path) -> list[str]:
+    """nginx in the foreground on prefix/nginx.conf, as supervisord starts it."""
+    conf = prefix / "nginx.conf"
+    return [
+        find_program("nginx"),
+        "-p",
+        str(prefix),
+        "-e",
+        str(prefix / "error.log"),
+        "-c",
+        str(conf),
+        "-g",
+        "daemon off;",
+    ]
+
+
 class Nginx(Process):
-    """nginx rendered from nginx/nginx.conf.template in front of a daphne and an API port."""
+    """nginx rendered from nginx/nginx.conf.template in front of a daphne and an API port.
+
+    With as_user (and this process root): started as that user, as a non-root deployment starts
+    it, on a prefix that user owns."""
 
     def __init__(
         self,
@@ -302,8 +322,9 @@ class Nginx(Process):
         api_port: int,
         tls: tuple[Path, Path] | None = None,
         limits: Any = None,
+        as_user: str | None = None,
     ):
-        from awx_ws.main.management.commands.nginx_conf import AddressLimits, render
+        from awx_ws.main.management.commands.nginx_conf import AddressLimits, Workers, render
 
         self.port = free_port()
         self.http_url = f"http://127.0.0.1:{self.port}"
@@ -313,19 +334,25 @@ class Nginx(Process):
         daphnes = [f"127.0.0.1:{port}" for port in ports]
         tls_listen = (f"127.0.0.1:{self.tls_port}", *tls) if tls else None
         self.prefix_dir = prefix
+        self.workers = Workers(None) if as_user else Workers.for_this_process()
+        self.temp_dir = self.workers.temp_root(prefix)
         api = f"127.0.0.1:{api_port}"
-        conf = render(prefix, f"127.0.0.1:{self.port}", daphnes, api, tls_listen, limits or AddressLimits())
-        argv = [
-            find_program("nginx"),
-            "-p",
-            str(prefix),
-            "-e",
-            str(prefix / "error.log"),
-            "-c",
-            str(conf),
-            "-g",
-            "daemon off;",
-        ]
+        render(
+            prefix,
+            f"127.0.0.1:{self.port}",
+            daphnes,
+            api,
+            tls_listen,
+            limits or AddressLimits(),
+            self.workers,
+        )
+        argv = nginx_argv(prefix)
+        if as_user and os.geteuid() == 0:
+            account = pwd.getpwnam(as_user)
+            for path in [prefix, *prefix.rglob("*")]:
+                os.chown(path, account.pw_uid, account.pw_gid)
+            ids = [f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
+            argv = [find_program("setpriv"), *ids, *argv]
         super().__init__(f"nginx:{self.port}", argv, prefix / "nginx.out", None)
 
     def start(self) -> Nginx:
@@ -334,6 +361,12 @@ class Nginx(Process):
         if self.tls_port:
             self.wait_for_port(self.tls_port)
         return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        code = super().stop(sig, timeout)
+        if not self.temp_dir.is_relative_to(self.prefix_dir):  # root's workers' own, in TMPDIR
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return code
 
 
 def postgres_bin(program: str) -> str:

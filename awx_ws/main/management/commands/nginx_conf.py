@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import grp
+import hashlib
+import os
+import pwd
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -47,6 +54,112 @@ class AddressLimits:
         return "\n        ".join(lines) or "# every address is limited"
 
 
+# nginx's own default worker user; Debian builds it with the group nogroup (the user's own group).
+DEFAULT_WORKER_USER = "nobody"
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Who nginx's worker processes run as: `user` when root starts nginx (never root itself),
+    None when someone else does (then the workers are that user, var/'s owner)."""
+
+    user: str | None
+
+    @classmethod
+    def for_this_process(cls, user: str = DEFAULT_WORKER_USER) -> Workers:
+        """The workers nginx will have when this process's user starts it."""
+        return cls(user if os.geteuid() == 0 else None)
+
+    def account(self) -> pwd.struct_passwd:
+        """The worker user's account (only when root starts nginx)."""
+        try:
+            entry = pwd.getpwnam(self.user or "")
+        except KeyError as exc:
+            raise CommandError(
+                f"nginx's workers would run as {self.user!r}, which this system has no account for "
+                "(nginx_conf --worker-user)"
+            ) from exc
+        if entry.pw_uid == 0:
+            raise CommandError(f"nginx's workers must not run as root (nginx_conf --worker-user {self.user})")
+        return entry
+
+    def directive(self) -> str:
+        """The `user` line: explicit as root, absent otherwise (nginx ignores it, with a warning)."""
+        if self.user is None:
+            return "# Started by a user other than root: the workers run as that user, var/'s owner."
+        group = grp.getgrgid(self.account().pw_gid).gr_name
+        return f"user {self.user} {group};"
+
+    def temp_root(self, prefix: Path) -> Path:
+        """Where the workers buffer bodies and responses: prefix/tmp when they are var/'s owner,
+        else a directory of the worker user's own under the system's temporary directory."""
+        if self.user is None:
+            return prefix / "tmp"
+        # Started by root, nginx makes each temporary path its workers' own (ngx_create_paths), but
+        # they must also traverse every directory above it, and var/ (0700) is closed to them: the
+        # first body over 8k failed with "open() ... failed (13: Permission denied)" and a 500.
+        digest = hashlib.sha256(f"{prefix}\0{self.user}".encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()).resolve() / f"awx_ws-nginx-{digest}"
+
+    def temp_comment(self) -> str:
+        """Why the temporary files live where they do, for the rendered config."""
+        if self.user is None:
+            return (
+                "# Started by var/'s owner, the workers are that user: the prefix's tmp/ is theirs already."
+            )
+        return "\n    ".join(
+            [
+                f"# Started by root, the workers run as {self.user}, who may not enter var/ (0700, the",
+                "# service user's only): a directory of their own (0700) in the system's temporary one.",
+            ]
+        )
+
+    def prepare(self, prefix: Path) -> Path:
+        """Create the temporary root, the worker user's only (0700), and return it."""
+        root = self.temp_root(prefix)
+        if self.user is None:
+            root.mkdir(mode=0o700, exist_ok=True)
+            return root
+        entry = self.account()
+        blocked = _untraversable_parent(root, entry)
+        if blocked is not None:
+            raise CommandError(
+                f"nginx's workers ({self.user}) cannot reach {root}: {blocked} is closed to them "
+                "(set TMPDIR to a directory every user may traverse, such as /tmp)"
+            )
+        with contextlib.suppress(FileExistsError):
+            root.mkdir(mode=0o700)
+        # Never through a link: the directory sits where every user may create entries.
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise CommandError(f"nginx's temporary directory {root} is not a directory: {exc}") from exc
+        try:
+            if os.fstat(fd).st_uid not in (0, entry.pw_uid):
+                raise CommandError(f"{root} belongs to another user: remove it, nginx_conf makes it anew")
+            os.fchown(fd, entry.pw_uid, entry.pw_gid)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+        return root
+
+
+def _untraversable_parent(path: Path, account: pwd.struct_passwd) -> Path | None:
+    """The first directory above path that account may not traverse, if any."""
+    groups = set(os.getgrouplist(account.pw_name, account.pw_gid))
+    for parent in reversed(path.parents):
+        info = parent.stat()
+        if info.st_uid == account.pw_uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid in groups:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return parent
+    return None
+
+
 def render(
     prefix: Path,
     listen: str,
@@ -54,18 +167,24 @@ def render(
     api: str,
     tls: tuple[str, Path, Path] | None = None,
     limits: AddressLimits = AddressLimits(),
+    workers: Workers | None = None,
 ) -> Path:
     """Write prefix/nginx.conf from the template (creating prefix) and return its path.
 
     daphne is one address or several (one daphne process per core behind one upstream); tls is
-    (listen address, certificate, key) for a second, HTTPS/WSS port.
+    (listen address, certificate, key) for a second, HTTPS/WSS port; workers, by default those
+    nginx started by this process's user would have.
     """
+    workers = workers or Workers.for_this_process()
     prefix.mkdir(parents=True, exist_ok=True)
-    (prefix / "tmp").mkdir(exist_ok=True)
+    temp = workers.prepare(prefix)
     addresses = [daphne] if isinstance(daphne, str) else daphne
     servers = "\n        ".join(f"server {address};" for address in addresses)
     text = _BracedTemplate(TEMPLATE.read_text()).substitute(
         prefix=str(prefix),
+        worker_user=workers.directive(),
+        temp=str(temp),
+        temp_comment=workers.temp_comment(),
         listen=listen,
         daphne_servers=servers,
         api=api,
@@ -107,6 +226,10 @@ class Command(BaseCommand):
             "--unlimited", default=",".join(defaults.unlimited),
             help="client addresses not limited, separated by commas (this machine's by default)",
         )  # fmt: skip
+        parser.add_argument(
+            "--worker-user", default=DEFAULT_WORKER_USER,
+            help="who nginx's workers run as when root starts nginx (not root; best an account of their own)",
+        )  # fmt: skip
 
     def handle(self, *args: Any, **options: Any) -> None:
         daphnes = options["daphne"].split(",")
@@ -125,7 +248,14 @@ class Command(BaseCommand):
             options["handshake_burst"],
             tuple(address for address in options["unlimited"].split(",") if address),
         )
+        workers = Workers.for_this_process(options["worker_user"])
         path = render(
-            Path(options["prefix"]).resolve(), options["listen"], daphnes, options["api"], tls, limits
+            Path(options["prefix"]).resolve(),
+            options["listen"],
+            daphnes,
+            options["api"],
+            tls,
+            limits,
+            workers,
         )
         self.stdout.write(str(path))
