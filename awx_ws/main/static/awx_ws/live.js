@@ -116,11 +116,16 @@ async function fetchEvents(after, before) {
   const job = current.job;
   let url = `/api/v2/jobs/${job.id}/job_events/?counter__gt=${after}&page_size=${PAGE_SIZE}`;
   if (before !== undefined) url += `&counter__lt=${before}`;
-  while (url && current?.job === job) {
+  const read = (next) => {
     live.eventReads += 1;
-    const page = await api(url);
-    addLines(page.results);
-    url = page.next;
+    return api(next);
+  };
+  // The next page is on its way while this one's lines go in.
+  let reading = read(url);
+  while (reading) {
+    const page = await reading;
+    reading = page.next && current?.job === job ? read(page.next) : null;
+    if (current?.job === job) addLines(page.results);
   }
 }
 
@@ -132,10 +137,10 @@ async function fetchEvents(after, before) {
 // what came before): a flood costs the API a few requests a second per viewer, not one per event.
 const GAP_DELAY_MS = 250;
 
-function want(view, after, before) {
+function want(view, after, before, delay = GAP_DELAY_MS) {
   view.gap.after = Math.min(view.gap.after, after);
   view.gap.before = Math.max(view.gap.before, before);
-  if (view.gap.timer === null) view.gap.timer = setTimeout(() => fillGap(view), GAP_DELAY_MS);
+  if (view.gap.timer === null) view.gap.timer = setTimeout(() => fillGap(view), delay);
 }
 
 function onEvent(event) {
@@ -146,7 +151,8 @@ function onEvent(event) {
 function onHeldBack(notice) {
   const first = Math.min(...notice.ranges.map(([start]) => start));
   const last = Math.max(...notice.ranges.map(([, end]) => end));
-  want(current, first - 1, last + 1);
+  // The server sends at most one notice a second per job: read at once, nothing to merge.
+  want(current, first - 1, last + 1, 0);
 }
 
 async function fillGap(view) {
