@@ -168,6 +168,10 @@ async def test_the_rate_holds_per_job_across_api_processes(node, user, two_api_p
     assert named == set(range(1, 101)) - set(received)
     after = await scrape(one.http_url)
     assert moved(before, after, "awx_ws_job_events_not_sent_total", reason="rate") == 100 - len(received)
+    by_request = moved(before, after, "awx_ws_held_back_notices_total", sent_by="request")
+    assert by_request >= 1 and by_request + moved(
+        before, after, "awx_ws_held_back_notices_total", sent_by="timer"
+    ) == len(notices)
     stored = await api(user, "get", f"/api/v2/jobs/{job.pk}/job_events/?page_size=200")
     assert len(stored["results"]) == 101
     await watcher.close()

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from awx_ws.main.event_rate import MAX_RANGES, admit, held_back_ranges, merge_ranges, notice_due
+from awx_ws.main.models import WebsocketEventRate
 from tests.client import WsClient, open_ws
 from tests.factories import adb, create_job, create_org, create_token
 from tests.sse import open_sse
@@ -167,3 +168,26 @@ async def test_the_notice_reaches_sse_streams_and_their_history(node, user):
         }
     async with open_sse(node.http_url, group, headers=headers, last_event_id=start) as resumed:
         assert (await resumed.payloads(31))[30]["ranges"] == [[31, 39]]  # a resume replays it too
+
+
+async def test_ranges_a_dead_process_left_pending_go_out_with_the_jobs_next_events(user, watched):
+    job, client = watched
+    # The job's window as an API process killed within the second leaves it: ranges pending, no
+    # timer left to send them.
+    await adb(
+        WebsocketEventRate.objects.create,
+        job=job,
+        pending=[[1, 5]],
+        pending_count=5,
+        announced=time.time() - 5,
+    )
+    await api(user, "post", f"/api/v2/jobs/{job.pk}/job_events/", [ok(6)])
+    assert (await client.recv_json())["counter"] == 6
+    assert await client.recv_json() == {
+        "group_name": "events_held_back",
+        "unified_job_id": job.pk,
+        "type": "job",
+        "held_back": 5,
+        "ranges": [[1, 5]],
+    }
+    await client.close()

@@ -31,6 +31,7 @@ from typing import Any
 
 from django.db import close_old_connections, transaction
 
+from awx_ws.main import metrics
 from awx_ws.main.emit import emit_on_commit
 from awx_ws.main.event_rate import WINDOW, Ranges, merge_ranges, notice_due
 from awx_ws.main.models import WebsocketEventRate
@@ -94,7 +95,9 @@ class Timer:
             try:
                 self.flush(job_id, group, kind)
             except Exception:
-                # A lost database: this notice is lost, the job's summary still counts its events.
+                # A lost database: the ranges stay pending, for the job's next stored events; the
+                # job's summary counts them in any case. The thread goes on with the next job.
+                metrics.BACKGROUND_FAILURES.labels("held_back_notices").inc()
                 logger.exception("could not send the held-back notice of job %s", job_id)
 
     def flush(self, job_id: int, group: str, kind: str) -> None:
@@ -111,6 +114,7 @@ class Timer:
             notice = notice_payload(job_id, kind, window.pending, window.pending_count)
             window.pending, window.pending_count, window.announced = [], 0, now
             window.save(update_fields=["pending", "pending_count", "announced"])
+            transaction.on_commit(metrics.HELD_BACK_NOTICES.labels("timer").inc)  # counted, then sent
             emit_on_commit([(group, notice)])
 
 

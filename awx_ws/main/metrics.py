@@ -45,6 +45,11 @@ EVENTS_NOT_SENT = Counter(
     "Job events stored but not sent to the websocket: over the rate, or with nothing to show",
     ["reason"],
 )
+HELD_BACK_NOTICES = Counter(
+    "awx_ws_held_back_notices",
+    "Notices naming job events held back over the rate: with a request's events, or by the timer",
+    ["sent_by"],
+)
 SLOW_CLIENT_CLOSES = Counter(
     "awx_ws_slow_client_closes", "Client connections closed because they stopped reading"
 )

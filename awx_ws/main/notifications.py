@@ -123,6 +123,7 @@ def job_events_created(job: Job, events: Iterable[JobEvent]) -> None:
     messages = [(group, event_payload(job, event)) for event in sent]
     if notice is not None:
         messages.append((group, held_back.notice_payload(job.pk, job.kind, *notice)))
+        transaction.on_commit(metrics.HELD_BACK_NOTICES.labels("request").inc)  # counted, then sent
     emit_on_commit(messages)
     if later is not None:
         transaction.on_commit(lambda: held_back.timer.schedule(job.pk, group, job.kind, later))
