@@ -14,7 +14,8 @@ pytestmark = pytest.mark.unit
 
 
 def test_an_interest_update_reads_back_as_sent():
-    request = pp.read_request(pp.interest_frame({"jobs-status_changed", "job_events-42"}, {"job_events-7"}))
+    [frame] = pp.interest_frames({"jobs-status_changed", "job_events-42"}, {"job_events-7"})
+    request = pp.read_request(frame)
     assert request == pp.InterestUpdate(join=["job_events-42", "jobs-status_changed"], leave=["job_events-7"])
 
 
@@ -51,7 +52,8 @@ def test_a_message_without_history_id_reads_back_without_one():
 
 
 def test_an_acknowledgement_reads_back_as_the_groups_applied():
-    read = pp.read_frame(pp.forwarding_frame(["b", "a"], ["c"]))
+    [frame] = pp.forwarding_frames(["b", "a"], ["c"])
+    read = pp.read_frame(frame)
     assert read == pp.ForwardingAck(forwarding=["a", "b"], dropped=["c"])
 
 

@@ -49,8 +49,8 @@ def keep_joined(layer: Any, channel: str, groups: Callable[[], Iterable[str]]) -
             except TimeoutError:
                 pass
         lost.clear()
-        for group in list(groups()):
-            await layer.group_add(group, channel)
+        # In bulk (ServiceLayer.group_add_many): a peer's link may hold 100,000 groups.
+        await layer.group_add_many(sorted(groups()), channel)
         return 0.0
 
     task = spawn(f"membership refresh {channel}", refresh, metric="membership_refresh")

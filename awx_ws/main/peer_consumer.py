@@ -20,6 +20,9 @@ from awx_ws.main.membership import keep_joined
 
 logger = logging.getLogger(__name__)
 
+# Groups left per call when the link ends: what is left stays known if the leave is cut short.
+LEAVE_BATCH = 1000
+
 
 class BroadcastConsumer(AsyncWebsocketConsumer):
     """A peer node's relay: joins the groups it asks for here and forwards what this node emits.
@@ -80,11 +83,13 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
             refresher.cancel()  # a dead channel must not be re-added every refresh
         held: set[str] = getattr(self, "joined", set())
         try:
-            # One at a time, each forgotten once discarded: a cancel half-way leaves the rest
-            # for the next try (disconnect, then the end of __call__).
-            for group in sorted(held):
-                await self.channel_layer.group_discard(group, self.channel_name)
-                held.discard(group)
+            # In batches, each forgotten once discarded: a cancel half-way leaves the rest for the
+            # next try (disconnect, then the end of __call__).
+            pending = sorted(held)
+            for start in range(0, len(pending), LEAVE_BATCH):
+                batch = pending[start : start + LEAVE_BATCH]
+                await self.channel_layer.group_discard_many(batch, self.channel_name)
+                held.difference_update(batch)
         except OSError as exc:  # LayerUnavailable
             # Redis lost them already (a restart), or drops them at group_expiry.
             logger.info("peer relay %s: could not leave its groups: %s", self.scope.get("peer"), exc)
@@ -100,14 +105,16 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
             await self._answer_history(request.positions)
             return
         join, leave = request.join, request.leave
-        for group in set(leave) & self.joined:
-            await self.channel_layer.group_discard(group, self.channel_name)
-            self.joined.discard(group)
-        for group in set(join) - self.joined:
-            await self.channel_layer.group_add(group, self.channel_name)
-            self.joined.add(group)
+        # In bulk (ServiceLayer.group_add_many): a new link's interest may be 100,000 groups.
+        leaving = sorted(set(leave) & self.joined)
+        await self.channel_layer.group_discard_many(leaving, self.channel_name)
+        self.joined.difference_update(leaving)
+        joining = sorted(set(join) - self.joined)
+        self.joined.update(joining)  # first: if the write fails half-way, the leave covers it
+        await self.channel_layer.group_add_many(joining, self.channel_name)
         # The peer's resuming clients wait for this: from here on, these groups are forwarded.
-        await self.send(text_data=peer_protocol.forwarding_frame(join, leave))
+        for frame in peer_protocol.forwarding_frames(join, leave):
+            await self.send(text_data=frame)
         logger.debug("peer relay %s now holds %d groups", self.scope.get("peer"), len(self.joined))
 
     async def _answer_history(self, positions: dict[str, GroupPosition]) -> None:

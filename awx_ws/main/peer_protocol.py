@@ -4,12 +4,22 @@ A link is a websocket from one node's relay (relay.py) to a peer's BroadcastCons
 (/websocket/broadcast/), authenticated both ways (peerauth.py). Frames, all JSON text:
 
 - peer → dialer, first: `{"proof": ...}`, the peer holds the secret too;
-- dialer → peer: `{"join": [groups], "leave": [groups]}`, what this node's clients now hold;
-- peer → dialer: `{"forwarding": [groups], "dropped": [groups]}`, the update is applied;
+- dialer → peer: `{"join": [groups], "leave": [groups]}`, a change of what this node's clients
+  hold (a new link starts empty: its first changes join the node's whole interest);
+- peer → dialer: `{"forwarding": [groups], "dropped": [groups]}`, that change is applied;
 - peer → dialer: `{"group": g, "text": payload, "id": message id or absent}`, a message emitted
   on the peer;
 - dialer → peer: `{"history": [{"group", "position"}]}`, a resume's request, answered by
   `{"history": [{"group", "origin", "entries": [[id, text]], "reset"}]}` on a short-lived link.
+
+Every frame the dialer sends stays under FRAME_BUDGET, far below the 1 MiB daphne accepts: a
+change of interest too large for one frame goes as several changes (`frames`), each applied and
+acknowledged on its own, in order. A group counts as forwarded (streams.wait_until_forwarded)
+once the acknowledgement of its own part is in, so a half-sent interest promises nothing it
+has not got. The peer answers each part with an acknowledgement of that part (cut the same way)
+and each history request with one reply. Parts are ordinary frames: a peer of an earlier
+release applies and answers them one by one just the same, and an earlier dialer, which sent a
+change whole, reached any peer only while it fitted in 1 MiB (no more nor less than before).
 
 Both ends build and read frames only here.
 """
@@ -20,7 +30,7 @@ import asyncio
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +50,13 @@ logger = logging.getLogger(__name__)
 # A frame larger than this closes a link (a history reply may carry a whole window of a group).
 LINK_MAX_SIZE = 2**24
 HISTORY_MAX_SIZE = 2**26
+# The most a frame to a peer may weigh. daphne 4.2.2 and later drop an incoming websocket
+# message over 1 MiB (--websocket_max_message_size, its fix for a denial-of-service report):
+# sent whole, a node's interest (13,000 long group names, 50,000 `job_events-<id>` groups, or
+# what two users arrange on purpose) was dropped with its link at every reconnect. A quarter of
+# that leaves room for a peer that lowered its limit, and keeps each part's work on the peer,
+# and its acknowledgement, small (about 12,000 ordinary groups).
+FRAME_BUDGET = 256 * 1024
 
 
 def configured_peers() -> list[str]:
@@ -85,9 +102,9 @@ def proof_frame(proof: str) -> str:
     return json.dumps({"proof": proof})
 
 
-def forwarding_frame(join: list[str], leave: list[str]) -> str:
-    """The peer's acknowledgement of an interest update."""
-    return json.dumps({"forwarding": sorted(join), "dropped": sorted(leave)})
+def forwarding_frames(join: list[str], leave: list[str]) -> list[str]:
+    """The peer's acknowledgement of an interest update, in frames under FRAME_BUDGET."""
+    return [json.dumps(part) for part in frames({"forwarding": sorted(join), "dropped": sorted(leave)})]
 
 
 def message_frame(event: dict[str, Any]) -> str:
@@ -141,9 +158,32 @@ def read_frame(frame: str | bytes) -> ForwardingAck | RelayedMessage:
     return RelayedMessage(group, text, message_id)
 
 
-def interest_frame(join: AbstractSet[str], leave: AbstractSet[str]) -> str:
-    """An interest update for the peer."""
-    return json.dumps({"join": sorted(join), "leave": sorted(leave)})
+def frames(lists: dict[str, list[Any]], budget: int = FRAME_BUDGET) -> Iterator[dict[str, list[Any]]]:
+    """lists cut, in order, into frames ({key: part of its list}) whose JSON stays within budget
+    bytes (one item heavier than budget goes alone); one empty frame when all are empty."""
+    part: dict[str, list[Any]] = {key: [] for key in lists}
+    empty = size = len(json.dumps(part))
+    for key, items in lists.items():
+        for item in items:
+            # json.dumps escapes non-ASCII (ensure_ascii): characters are bytes; ", " between items.
+            weight = len(json.dumps(item))
+            if size + weight + (2 if part[key] else 0) > budget and size > empty:
+                yield part
+                part, size = {key: [] for key in lists}, empty
+            size += weight + (2 if part[key] else 0)
+            part[key].append(item)
+    yield part
+
+
+def interest_frames(join: AbstractSet[str], leave: AbstractSet[str]) -> list[str]:
+    """An interest update for the peer, as changes in frames under FRAME_BUDGET (groups sorted)."""
+    return [json.dumps(part) for part in frames({"join": sorted(join), "leave": sorted(leave)})]
+
+
+def history_requests(positions: dict[str, GroupPosition]) -> list[str]:
+    """A resume's request for the peer, in frames under FRAME_BUDGET; each is answered alone."""
+    items = [{"group": g, "position": str(p)} for g, p in sorted(positions.items())]
+    return [json.dumps(part) for part in frames({"history": items})]
 
 
 def peer_ssl(url: str) -> ssl.SSLContext | None:
@@ -196,13 +236,14 @@ async def open_peer(peer: str, secret: str, node: str, **options: Any) -> AsyncI
 
 async def fetch_history(peer: str, positions: dict[str, GroupPosition]) -> dict[str, Any] | str:
     """{group: (origin, Replay)} from one peer, or why it failed (logged at INFO)."""
-    request = {"history": [{"group": g, "position": str(p)} for g, p in sorted(positions.items())]}
     secret, node = ws_settings.BROADCAST_WEBSOCKET_SECRET, ws_settings.NODE_NAME
     try:
         async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
             async with open_peer(peer, secret, node, max_size=HISTORY_MAX_SIZE) as ws:
-                await ws.send(json.dumps(request))
-                reply = json.loads(await ws.recv())
+                requests = history_requests(positions)
+                for request in requests:  # the peer answers them in order, one reply each
+                    await ws.send(request)
+                replies = [json.loads(await ws.recv()) for _ in requests]
     except (
         OSError,
         TimeoutError,
@@ -216,7 +257,7 @@ async def fetch_history(peer: str, positions: dict[str, GroupPosition]) -> dict[
         return str(exc) or type(exc).__name__
     results: dict[str, Any] = {}
     try:
-        for item in reply.get("history", []):
+        for item in (item for reply in replies for item in reply.get("history", [])):
             entries = [(str(message_id), str(text)) for message_id, text in item.get("entries", [])]
             results[item["group"]] = (item.get("origin"), Replay(entries, item.get("reset")))
     except (AttributeError, KeyError, TypeError, ValueError) as exc:

@@ -32,7 +32,7 @@ from awx_ws.main.peer_protocol import (
     LINK_MAX_SIZE,
     ForwardingAck,
     configured_peers,
-    interest_frame,
+    interest_frames,
     open_peer,
     peer_ssl,
     read_frame,
@@ -275,7 +275,10 @@ class PeerLink:
             join = {group for group, held in pending.items() if held and group not in sent}
             leave = {group for group, held in pending.items() if not held and group in sent}
             if join or leave:
-                await ws.send(interest_frame(join, leave))
+                # In parts under the peer's frame limit (peer_protocol.FRAME_BUDGET), each a change
+                # of its own that the peer acknowledges on its own.
+                for frame in interest_frames(join, leave):
+                    await ws.send(frame)
                 sent |= join
                 sent -= leave
             await changed.wait()

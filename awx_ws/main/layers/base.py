@@ -151,6 +151,16 @@ class ServiceLayer(abc.ABC):
 
         async def group_discard(self, group: str, channel: str) -> None: ...
 
+    async def group_add_many(self, groups: Sequence[str], channel: str) -> None:
+        """group_add of each group (a backend may write many per round trip)."""
+        for group in groups:
+            await self.group_add(group, channel)
+
+    async def group_discard_many(self, groups: Sequence[str], channel: str) -> None:
+        """group_discard of each group (a backend may write many per round trip)."""
+        for group in groups:
+            await self.group_discard(group, channel)
+
     @property
     @abc.abstractmethod
     def fanout(self) -> Fanout:

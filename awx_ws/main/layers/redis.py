@@ -30,6 +30,7 @@ from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.layers.redis_counts import RedisConnectionStore
 from awx_ws.main.layers.redis_fanout import RedisFanout
 from awx_ws.main.layers.redis_history import ensure_origin, total_keys
+from awx_ws.main.layers.redis_members import add_many, discard_many
 from awx_ws.main.layers.redis_presence import Liveness
 from awx_ws.main.layers.redis_records import RedisRecords
 from awx_ws.main.layers.redis_scripts import FANOUT_SHA, GROUP_SEND_FANOUT_LUA, GROUP_SEND_LUA
@@ -142,6 +143,20 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
             await super().group_discard(group, channel)
         except RedisError as exc:
             raise self.unavailable(exc) from exc
+
+    async def group_add_many(self, groups: Sequence[str], channel: str) -> None:
+        """group_add of each group, many per round trip (redis_members.py); RedisUnavailable."""
+        if self.ring_size > 1:  # group keys on several shards: channels_redis's own calls
+            await super().group_add_many(groups, channel)
+        else:
+            await add_many(self, channel, groups)
+
+    async def group_discard_many(self, groups: Sequence[str], channel: str) -> None:
+        """group_discard of each group, many per round trip (redis_members.py); RedisUnavailable."""
+        if self.ring_size > 1:
+            await super().group_discard_many(groups, channel)
+        else:
+            await discard_many(self, channel, groups)
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """channels_redis's send; RedisUnavailable when Redis fails."""

@@ -57,6 +57,8 @@ _CHANNEL_RE = re.compile(r"^(?:(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!|fanout\.([0-
 # <layer prefix>specific.<32 hex>!, its in-flight backup <...>!$inflight, or <layer prefix>fanout.<32 hex>
 _QUEUE_RE = re.compile(r"^(?:(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!(?:\$inflight)?|fanout\.([0-9a-f]{32}))$")
 _OWNER_RE = re.compile(r"^[0-9a-f]{32}$")
+# Group keys the start-up purge reads per round trip.
+PURGE_PAGE = 500
 
 
 @cache
@@ -295,23 +297,45 @@ async def _purge(layer: RedisLayer) -> PurgeReport:
 async def _purge_memberships(layer: RedisLayer, connection: Any, verdicts: LivenessJudge) -> int:
     """Remove dead processes' channels from the group sets of one shard; how many."""
     removed = 0
+    page: list[bytes] = []
     # SCAN, not KEYS: KEYS blocks Redis for every other client while it walks the keyspace.
-    async for key in connection.scan_iter(match=group_pattern(layer.prefix), count=500):
-        stale = []
-        for member in await connection.zrange(key, 0, -1):
+    async for key in connection.scan_iter(match=group_pattern(layer.prefix), count=PURGE_PAGE):
+        page.append(key)
+        if len(page) >= PURGE_PAGE:
+            removed += await _purge_page(layer, connection, verdicts, page)
+            page = []
+    return removed + await _purge_page(layer, connection, verdicts, page)
+
+
+async def _purge_page(layer: RedisLayer, connection: Any, verdicts: LivenessJudge, keys: list[bytes]) -> int:
+    """_purge_memberships for one page of group keys, in three round trips (a dead peer link's
+    100,000 groups are 200 pages, not 200,000 round trips)."""
+    if not keys:
+        return 0
+    async with connection.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.zrange(key, 0, -1)
+        members = await pipe.execute()
+    stale: dict[bytes, list[bytes]] = {}
+    for key, held in zip(keys, members, strict=True):
+        for member in held:
             owner = channel_owner(member.decode("utf-8", "replace"))
             if owner is not None and await verdicts.dead(owner):
-                stale.append(member)
-        if stale:
-            # The dead process's clients may resume elsewhere: the group's history goes on a
-            # while. Marked before the removal, so a refused mark leaves the members in place.
-            async with layer.connection(0).pipeline(transaction=False) as pipe:
-                layer.mark_left(pipe, group_of_key(layer.prefix, key.decode("utf-8", "replace")))
-                await pipe.execute()
-            # What ZREM removed, not what we found: another process purging at the same time
-            # (several daphnes started together) must not make both count the same member.
-            removed += await connection.zrem(key, *stale)
-    return removed
+                stale.setdefault(key, []).append(member)
+    if not stale:
+        return 0
+    # The dead process's clients may resume elsewhere: the group's history goes on a while.
+    # Marked before the removal, so a refused mark leaves the members in place.
+    async with layer.connection(0).pipeline(transaction=False) as pipe:
+        for key in stale:
+            layer.mark_left(pipe, group_of_key(layer.prefix, key.decode("utf-8", "replace")))
+        await pipe.execute()
+    # What ZREM removed, not what we found: another process purging at the same time (several
+    # daphnes started together) must not make both count the same member.
+    async with connection.pipeline(transaction=False) as pipe:
+        for key, dead in stale.items():
+            pipe.zrem(key, *dead)
+        return sum(await pipe.execute())
 
 
 async def _purge_queues(layer: RedisLayer, connection: Any, verdicts: LivenessJudge) -> int:

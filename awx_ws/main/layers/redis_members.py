@@ -1,0 +1,81 @@
+"""Group memberships on Redis in bulk: one channel joining or leaving many groups at once.
+
+channels_redis's group_add takes two round trips per group (ZADD, EXPIRE) and our group_discard
+one more for the leave's mark: a peer's relay link asking for 100,000 groups would cost its
+BroadcastConsumer 200,000 round trips, and as many again at each membership refresh and when
+the link ends. Even pipelined, redis-py spends some 10 s of CPU packing 200,000 commands. Here a
+Lua script writes MEMBERSHIP_BATCH groups per call, exactly what the single calls would write:
+the member with the join time as score and the group's expiry; on a leave, the group's mark
+(RedisChannelLayer.mark_left) before the member goes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from awx_ws.main.history import history_policy, resumable_for
+from awx_ws.main.layers.redis_keys import watched_key
+
+if TYPE_CHECKING:
+    from awx_ws.main.layers.redis_types import RedisLayer
+
+# Groups per script call: a call of a few milliseconds, during which Redis serves nobody else.
+MEMBERSHIP_BATCH = 1000
+
+# KEYS: group keys; ARGV: channel, join time, group expiry.
+ADD_LUA = """
+for _, key in ipairs(KEYS) do
+    redis.call('ZADD', key, ARGV[2], ARGV[1])
+    redis.call('EXPIRE', key, ARGV[3])
+end
+"""
+
+# KEYS: (group key, its mark's key) per group; ARGV: channel, then per group how long its mark
+# keeps the history (0: a kind without history, no mark).
+DISCARD_LUA = """
+for i = 1, #KEYS, 2 do
+    local keep = tonumber(ARGV[1 + (i + 1) / 2])
+    if keep > 0 then redis.call('SET', KEYS[i + 1], 1, 'EX', keep) end
+    redis.call('ZREM', KEYS[i], ARGV[1])
+end
+"""
+
+
+async def add_many(layer: RedisLayer, channel: str, groups: Sequence[str]) -> None:
+    """channel joins every group (one shard: the caller checks ring_size); RedisUnavailable when
+    Redis fails (the batches written before stay written)."""
+    script = layer.connection(0).register_script(ADD_LUA)
+    for batch in _batches(layer, groups):
+        keys = [layer.group_key(group) for group in batch]
+        await _run(layer, script, keys, [channel, time.time(), layer.group_expiry])
+
+
+async def discard_many(layer: RedisLayer, channel: str, groups: Sequence[str]) -> None:
+    """channel leaves every group, each marked first as group_discard does (one shard: the caller
+    checks ring_size); RedisUnavailable when Redis fails."""
+    script = layer.connection(0).register_script(DISCARD_LUA)
+    for batch in _batches(layer, groups):
+        keys: list[str] = []
+        keeps: list[int] = []
+        for group in batch:
+            keys += [layer.group_key(group), watched_key(layer.prefix, group)]
+            policy = history_policy(group)
+            keeps.append(resumable_for(policy) if policy is not None else 0)
+        await _run(layer, script, keys, [channel, *keeps])
+
+
+def _batches(layer: RedisLayer, groups: Sequence[str]) -> list[Sequence[str]]:
+    for group in groups:
+        layer.require_valid_group_name(group)
+    return [groups[start : start + MEMBERSHIP_BATCH] for start in range(0, len(groups), MEMBERSHIP_BATCH)]
+
+
+async def _run(layer: RedisLayer, script: Any, keys: list[str], args: list[Any]) -> None:
+    try:
+        await script(keys=keys, args=args)
+    except RedisError as exc:
+        raise layer.unavailable(exc) from exc
