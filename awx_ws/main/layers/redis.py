@@ -30,7 +30,7 @@ from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.layers.redis_counts import RedisConnectionStore
 from awx_ws.main.layers.redis_fanout import RedisFanout
 from awx_ws.main.layers.redis_history import ensure_origin, total_keys
-from awx_ws.main.layers.redis_members import add_many, discard_many
+from awx_ws.main.layers.redis_members import add_many, discard_many, mark_keep
 from awx_ws.main.layers.redis_presence import Liveness
 from awx_ws.main.layers.redis_records import RedisRecords
 from awx_ws.main.layers.redis_scripts import FANOUT_SHA, GROUP_SEND_FANOUT_LUA, GROUP_SEND_LUA
@@ -259,9 +259,9 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
     def mark_left(self, pipe: Any, group: str) -> None:
         """Queue the mark of a member leaving group: its history is kept a while longer for the
         clients that may resume it (GROUP_SEND_FANOUT_LUA). Nothing for kinds without history."""
-        policy = history_policy(group)
-        if policy is not None:
-            pipe.set(redis_keys.watched_key(self.prefix, group), 1, ex=resumable_for(policy))
+        keep = mark_keep(group)
+        if keep:
+            pipe.set(redis_keys.watched_key(self.prefix, group), 1, ex=keep)
 
     def after_fanout(self, group: str, message: dict[str, Any], reply: Any) -> list[bytes]:
         """Report drops, put the history id into message; the members still to be sent to."""

@@ -6,7 +6,9 @@ BroadcastConsumer 200,000 round trips, and as many again at each membership refr
 the link ends. Even pipelined, redis-py spends some 10 s of CPU packing 200,000 commands. Here a
 Lua script writes MEMBERSHIP_BATCH groups per call, exactly what the single calls would write:
 the member with the join time as score and the group's expiry; on a leave, the group's mark
-(RedisChannelLayer.mark_left) before the member goes.
+(RedisChannelLayer.mark_left) before the member goes. The start-up purge reads and clears its
+pages of group keys the same way (redis_presence.py): a process that died holding a peer link's
+100,000 groups cost its successor 300,000 pipelined commands, some 20 s, before it could listen.
 """
 
 from __future__ import annotations
@@ -32,6 +34,30 @@ for _, key in ipairs(KEYS) do
     redis.call('ZADD', key, ARGV[2], ARGV[1])
     redis.call('EXPIRE', key, ARGV[3])
 end
+"""
+
+# KEYS: group keys; each one's members, in one reply.
+READ_LUA = """
+local members = {}
+for i, key in ipairs(KEYS) do members[i] = redis.call('ZRANGE', key, 0, -1) end
+return members
+"""
+
+# KEYS: (group key, its mark's key) per group; ARGV: per group how long its mark keeps the
+# history (0: none), how many members go, then those members. The mark is written before the
+# members go (a refused write stops the script with them in place); ZREM takes 1,000 at a time,
+# well within Lua's stack. Returns how many ZREM removed.
+REMOVE_LUA = """
+local removed, at = 0, 1
+for i = 1, #KEYS, 2 do
+    local keep, last = tonumber(ARGV[at]), at + 1 + tonumber(ARGV[at + 1])
+    if keep > 0 then redis.call('SET', KEYS[i + 1], 1, 'EX', keep) end
+    for first = at + 2, last, 1000 do
+        removed = removed + redis.call('ZREM', KEYS[i], unpack(ARGV, first, math.min(first + 999, last)))
+    end
+    at = last + 1
+end
+return removed
 """
 
 # KEYS: (group key, its mark's key) per group; ARGV: channel, then per group how long its mark
@@ -63,9 +89,35 @@ async def discard_many(layer: RedisLayer, channel: str, groups: Sequence[str]) -
         keeps: list[int] = []
         for group in batch:
             keys += [layer.group_key(group), watched_key(layer.prefix, group)]
-            policy = history_policy(group)
-            keeps.append(resumable_for(policy) if policy is not None else 0)
+            keeps.append(mark_keep(group))
         await _run(layer, script, keys, [channel, *keeps])
+
+
+def mark_keep(group: str) -> int:
+    """How long a leave's mark keeps group's history (RedisChannelLayer.mark_left); 0: no mark."""
+    policy = history_policy(group)
+    return resumable_for(policy) if policy is not None else 0
+
+
+async def read_members(connection: Any, keys: list[bytes]) -> list[list[bytes]]:
+    """The members of each group key, in one round trip (the start-up purge's page)."""
+    if not keys:
+        return []
+    members: list[list[bytes]] = await connection.register_script(READ_LUA)(keys=keys)
+    return members
+
+
+async def remove_members(
+    layer: RedisLayer, connection: Any, stale: dict[str, list[bytes]], mark: bool
+) -> int:
+    """Remove members from groups ({group: members}) in one round trip on connection, marking
+    each group first when mark is True (its mark's key on the same Redis); how many went."""
+    keys: list[str] = []
+    args: list[Any] = []
+    for group, members in stale.items():
+        keys += [layer.group_key(group), watched_key(layer.prefix, group)]
+        args += [mark_keep(group) if mark else 0, len(members), *members]
+    return int(await connection.register_script(REMOVE_LUA)(keys=keys, args=args)) if keys else 0
 
 
 def _batches(layer: RedisLayer, groups: Sequence[str]) -> list[Sequence[str]]:

@@ -43,6 +43,7 @@ from awx_ws.main.layers.redis_keys import (
     queue_patterns,
     stats_key,
 )
+from awx_ws.main.layers.redis_members import read_members, remove_members
 from awx_ws.main.retry import Backoff, RetryPolicy, spawn
 from awx_ws.main.stats import process_stats
 
@@ -308,34 +309,28 @@ async def _purge_memberships(layer: RedisLayer, connection: Any, verdicts: Liven
 
 
 async def _purge_page(layer: RedisLayer, connection: Any, verdicts: LivenessJudge, keys: list[bytes]) -> int:
-    """_purge_memberships for one page of group keys, in three round trips (a dead peer link's
-    100,000 groups are 200 pages, not 200,000 round trips)."""
-    if not keys:
-        return 0
-    async with connection.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.zrange(key, 0, -1)
-        members = await pipe.execute()
-    stale: dict[bytes, list[bytes]] = {}
-    for key, held in zip(keys, members, strict=True):
+    """_purge_memberships for one page of group keys, in two round trips (redis_members.py)."""
+    stale: dict[str, list[bytes]] = {}
+    for key, held in zip(keys, await read_members(connection, keys), strict=True):
         for member in held:
             owner = channel_owner(member.decode("utf-8", "replace"))
             if owner is not None and await verdicts.dead(owner):
-                stale.setdefault(key, []).append(member)
+                group = group_of_key(layer.prefix, key.decode("utf-8", "replace"))
+                stale.setdefault(group, []).append(member)
     if not stale:
         return 0
-    # The dead process's clients may resume elsewhere: the group's history goes on a while.
-    # Marked before the removal, so a refused mark leaves the members in place.
-    async with layer.connection(0).pipeline(transaction=False) as pipe:
-        for key in stale:
-            layer.mark_left(pipe, group_of_key(layer.prefix, key.decode("utf-8", "replace")))
-        await pipe.execute()
+    # The dead process's clients may resume elsewhere: the group's history goes on a while. Each
+    # group is marked before its members go, so a refused mark leaves them in place. The marks
+    # live on the first shard: with several, they are written there first.
+    together = layer.ring_size == 1
+    if not together:
+        async with layer.connection(0).pipeline(transaction=False) as pipe:
+            for group in stale:
+                layer.mark_left(pipe, group)
+            await pipe.execute()
     # What ZREM removed, not what we found: another process purging at the same time (several
     # daphnes started together) must not make both count the same member.
-    async with connection.pipeline(transaction=False) as pipe:
-        for key, dead in stale.items():
-            pipe.zrem(key, *dead)
-        return sum(await pipe.execute())
+    return await remove_members(layer, connection, stale, mark=together)
 
 
 async def _purge_queues(layer: RedisLayer, connection: Any, verdicts: LivenessJudge) -> int:
