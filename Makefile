@@ -40,7 +40,9 @@ run: bootstrap
 	@echo "Starting on http://127.0.0.1:$(AWX_WS_NGINX_PORT)/ and https://127.0.0.1:$(AWX_WS_TLS_PORT)/ (websocket /websocket/); Ctrl-C stops it."
 	umask 077 && exec $(VENV)/bin/supervisord -n -c supervisord.conf
 
-# The whole suite on SQLite (the default), under plain daphne and under awx_ws.server; then on
+# The whole suite on SQLite (the default), under plain daphne and under awx_ws.server (the modules
+# marked every_server, delivery, purge, resumes, revocation and slow clients, under uvicorn and
+# hypercorn too); then on
 # PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database),
 # under awx_ws.server only: the database is that pass's point.
 # Two pytest-xdist workers, a test file each at a time, each with servers of its own (and ports of
