@@ -9,7 +9,7 @@ from typing import Any
 from channels.routing import ProtocolTypeRouter, URLRouter
 from django.urls import re_path
 
-from awx_ws.main import daphne_hooks
+from awx_ws.main import daphne_hooks, master_watch
 from awx_ws.main.auth import PeerAuthMiddleware, WebsocketAuthStack, deny_websocket
 from awx_ws.main.backlog import CONNECTION_EXTENSION, Outbox
 from awx_ws.main.consumers import EventConsumer
@@ -122,8 +122,11 @@ class AWXProtocolTypeRouter(ProtocolTypeRouter):
                 try:
                     await self.startup.run()
                 except StartupError as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
+                    if master_watch.master() is None:
+                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        return
+                    # A worker under a server's master: stay up and retry (startup.py says why).
+                    self.startup.keep_trying(exc)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.startup.stop()

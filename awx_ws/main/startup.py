@@ -10,6 +10,9 @@ Who runs it:
   the server listens; if it fails the server exits with the reason. A worker process that a
   server's master spawned (hypercorn's, uvicorn's with --workers) ends with its master
   (master_watch.py): it does not stay behind, alive, when the master is killed.
+- a worker process of a server's master (hypercorn's, uvicorn's with --workers) fails no
+  lifespan: it keeps running and retries as below. hypercorn 0.18's master exits 0 when its
+  worker fails (`run()` loses the worker's exit code), so a supervisor would never restart it.
 - plain `daphne` sends no lifespan: the router starts the work when daphne's reactor starts
   (daphne_hooks.when_server_runs), and every websocket and stream waits for it before it is
   accepted. If the wait runs out the process keeps running: it refuses those connections while
@@ -82,8 +85,11 @@ class Startup:
             logger.exception("start-up failed unexpectedly")
             self.failure = StartupError(f"start-up failed: {exc!r}")
             raise self.failure from exc
-        self.done = True
-        logger.info("process %s start-up complete", os.getpid())
+        self._started("process %s start-up complete")
+
+    def _started(self, line: str) -> None:
+        self.done, self.failure = True, None
+        logger.info(line, os.getpid())
         if master_watch.master() is not None and self._watch is None:
             self._watch = spawn("master watch", self._end_with_master, metric="master_watch")
 
@@ -99,19 +105,22 @@ class Startup:
         self._task.add_done_callback(self._after_first_attempt)
 
     def _after_first_attempt(self, task: asyncio.Future[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
+        if not task.cancelled() and task.exception() is not None:
+            self.keep_trying(task.exception())
+
+    def keep_trying(self, failure: BaseException | None) -> None:
+        """After a failed start-up: keep running, refusing websockets and streams, while a
+        supervised loop retries it (no exit, so no crash loop: AWX #8696)."""
         logger.error(
-            "daphne pid %s cannot start: %s; refusing websockets and streams while retrying",
+            "process %s cannot start: %s; refusing websockets and streams while retrying",
             os.getpid(),
-            task.exception(),
+            failure,
         )
         self._retrying = spawn("start-up", self._retry, metric="startup")
 
     async def _retry(self, failures: int) -> None:
         await start_process(None)
-        self.done, self.failure = True, None
-        logger.info("process %s start-up complete: the channel layer is reachable again", os.getpid())
+        self._started("process %s start-up complete: the channel layer is reachable again")
         await asyncio.Event().wait()  # done: nothing more to do until cancelled
 
     async def ready(self) -> bool:
