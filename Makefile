@@ -59,7 +59,8 @@ test-unit: bootstrap
 test-postgres: bootstrap testdeps
 	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"
 
-# Benchmark against the Channels tutorial baseline and a no-Django floor (under 10 minutes).
+# Benchmark against the Channels tutorial baseline and a no-Django floor (about 11 minutes);
+# `$(PY) -m bench.run --runners` runs only the comparison of the four ASGI servers (about 4).
 bench: bootstrap rabbitmq postgresql
 	$(PY) -m bench.run
 
