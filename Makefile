@@ -40,7 +40,9 @@ run: bootstrap
 	@echo "Starting on http://127.0.0.1:$(AWX_WS_NGINX_PORT)/ and https://127.0.0.1:$(AWX_WS_TLS_PORT)/ (websocket /websocket/); Ctrl-C stops it."
 	umask 077 && exec $(VENV)/bin/supervisord -n -c supervisord.conf
 
-# The whole suite on SQLite (the default), under plain daphne and under awx_ws.server; then on
+# The whole suite on SQLite (the default), under plain daphne and under awx_ws.server (the modules
+# marked every_server, delivery, purge, resumes, revocation and slow clients, under uvicorn and
+# hypercorn too); then on
 # PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database),
 # under awx_ws.server only: the database is that pass's point.
 # Two pytest-xdist workers, a test file each at a time, each with servers of its own (and ports of
@@ -57,7 +59,8 @@ test-unit: bootstrap
 test-postgres: bootstrap testdeps
 	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"
 
-# Benchmark against the Channels tutorial baseline and a no-Django floor (under 10 minutes).
+# Benchmark against the Channels tutorial baseline and a no-Django floor (about 11 minutes);
+# `$(PY) -m bench.run --runners` runs only the comparison of the four ASGI servers (about 4).
 bench: bootstrap rabbitmq postgresql
 	$(PY) -m bench.run
 

@@ -90,6 +90,15 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
+# The runner comparison: our application on the Redis layer under each ASGI server, by kind.
+RUNNER_KINDS = {
+    "ours": "awx_ws.server",
+    "ours-daphne": "daphne",
+    "ours-uvicorn": "uvicorn",
+    "ours-hypercorn": "hypercorn",
+}
+
+
 class Server:
     """One server kind: its processes (for CPU and RSS) and its client URL."""
 
@@ -105,12 +114,12 @@ class Server:
         self.kind = kind
         self.processes: list[Process] = []
         logs = STATE / "logs"
-        if kind in ("ours", "ours-daphne", "ours-rabbitmq"):
+        if kind in (*RUNNER_KINDS, "ours-rabbitmq"):
             # Every load client is the one bench user: its 1,000 sockets are past the per-user limit.
             env = {"LOG_LEVEL": "WARNING", "AWX_WS_MAX_CONNECTIONS_PER_USER": "100000"}
             env.update(rabbitmq_env() if kind == "ours-rabbitmq" else {})
             env.update(env_extra or {})
-            runner = "daphne" if kind == "ours-daphne" else "awx_ws.server"
+            runner = RUNNER_KINDS.get(kind, "awx_ws.server")
             nodes = [DaphneNode(logs, env, runner=runner).start() for _ in range(daphnes)]
             self.processes += nodes
             if front:

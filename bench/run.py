@@ -5,7 +5,9 @@ the same 2 cores, so absolute rates are shared-CPU figures. The fair figure is t
 CPU time per 1,000 deliveries (psutil: user + system of the server processes only); the channel
 layer's server (redis-server or RabbitMQ's beam) is reported beside it as `layer CPU`.
 "ours" runs on the Redis layer under `python -m awx_ws.server` (direct writes), "ours-daphne" the
-same under plain `daphne` (the ASGI send path), "ours-rabbitmq" on the RabbitMQ layer. The floor
+same under plain `daphne` (the ASGI send path), "ours-uvicorn" and "ours-hypercorn" under those
+servers (the ASGI send through a per-connection outbox, backlog.py), "ours-rabbitmq" on the
+RabbitMQ layer. `python -m bench.run --runners` runs only the runner comparison (2 scenarios). The floor
 (bench/floor_server.py) holds one Redis pub/sub subscription per group its clients are on.
 Delivery through a 3-node relay mesh beside a single node (bench/mesh.py) is a table of its own;
 `python -m bench.mesh` runs only that.
@@ -51,7 +53,7 @@ def table(rows: Rows) -> str:
     """The delivery scenarios, one line each, with ours' ratio to the baseline."""
     base = {r["scenario"]: r for r in rows if r["kind"] == "baseline" and "cpu_ms_per_1000" in r}
     out = [
-        f"{'scenario':<34} {'server':<13} {'deliv/s':>9} {'CPU ms/1k':>10} {'x base':>7} "
+        f"{'scenario':<34} {'server':<15} {'deliv/s':>9} {'CPU ms/1k':>10} {'x base':>7} "
         f"{'p50 ms':>8} {'p99 ms':>9} {'got/expected':>14} {'layer CPU ms/1k':>16}"
     ]
     for r in rows:
@@ -62,7 +64,7 @@ def table(rows: Rows) -> str:
             ref["cpu_ms_per_1000"] / r["cpu_ms_per_1000"] if ref and r["cpu_ms_per_1000"] else float("nan")
         )
         out.append(
-            f"{r['scenario']:<34} {r['kind']:<13} {r['deliveries_per_s']:>9.0f} "
+            f"{r['scenario']:<34} {r['kind']:<15} {r['deliveries_per_s']:>9.0f} "
             f"{r['cpu_ms_per_1000']:>10.1f} "
             f"{ratio:>7.2f} {r['p50_ms']:>8.1f} {r['p99_ms']:>9.1f} {r['received']:>7}/{r['expected']:<6} "
             f"{r.get('layer_cpu_ms_per_1000', float('nan')):>16.1f}"
@@ -70,16 +72,48 @@ def table(rows: Rows) -> str:
     return "\n".join(out)
 
 
+# Every server kind of the delivery scenarios; the other ASGI servers in the runner comparison.
+KINDS = ("baseline", "floor", "ours", "ours-daphne", "ours-rabbitmq")
+OTHER_SERVERS = ("ours-uvicorn", "ours-hypercorn")
+
+
+def fan_out_1000(redis: RedisServer, token: str, scale: float, kinds: tuple[str, ...]) -> Rows:
+    """1,000 subscribers of one group, 50 msgs/s (issue 17 compares it with the floor's)."""
+    label = "fan-out 1 group x 1000"
+    plan = ["jobs-bench"] * (int(50 * scale) or 5)
+    rows = []
+    for kind in kinds:
+        log(f"{label}: {kind}")
+        rows.append(deliveries(kind, redis, token, 1000, ["jobs-bench"], plan, 50.0, label))
+    return rows
+
+
+def latency_1000(redis: RedisServer, token: str, scale: float, kinds: tuple[str, ...]) -> Rows:
+    """1,000 subscribers of one group at 10 msgs/s: latency more than throughput."""
+    label = "1000 subs x 10 msg/s (latency)"
+    plan = ["jobs-latency"] * int(100 * scale or 20)
+    rows = []
+    for kind in kinds:
+        log(f"{label}: {kind}")
+        rows.append(deliveries(kind, redis, token, 1000, ["jobs-latency"], plan, 10.0, label))
+    return rows
+
+
+def runner_comparison(redis: RedisServer, token: str, scale: float) -> Rows:
+    """The application under every ASGI server, in the two scenarios that tell them apart."""
+    kinds = ("ours", "ours-daphne", *OTHER_SERVERS)
+    return fan_out_1000(redis, token, scale, kinds) + latency_1000(redis, token, scale, kinds)
+
+
 def delivery_scenarios(redis: RedisServer, token: str, jobs: list[int], scale: float) -> Rows:
     """Fan-out, job status, own group and latency, for each server kind."""
+    label = "fan-out 1 group x 100"
     rows = []
-    # Both at 50 msgs/s (issue 17 compares the 1,000-subscriber case with the floor at that rate).
-    for subscribers, messages, rate in [(100, 50, 50.0), (1000, int(50 * scale) or 5, 50.0)]:
-        label = f"fan-out 1 group x {subscribers}"
-        for kind in ("baseline", "floor", "ours", "ours-daphne", "ours-rabbitmq"):
-            log(f"{label}: {kind}")
-            plan = ["jobs-bench"] * messages
-            rows.append(deliveries(kind, redis, token, subscribers, ["jobs-bench"], plan, rate, label))
+    for kind in KINDS:
+        log(f"{label}: {kind}")
+        plan = ["jobs-bench"] * 50
+        rows.append(deliveries(kind, redis, token, 100, ["jobs-bench"], plan, 50.0, label))
+    rows += fan_out_1000(redis, token, scale, (*KINDS, *OTHER_SERVERS))
 
     # Job statuses go only to subscribers who may see the job (audience.py): the same fan-out
     # with that check, beside the unfiltered one above.
@@ -95,16 +129,11 @@ def delivery_scenarios(redis: RedisServer, token: str, jobs: list[int], scale: f
     count = int(1000 * scale) or 100
     groups = [f"job_events-{job}" for job in jobs[:count]]
     label = f"{count} clients, own group each"
-    for kind in ("baseline", "floor", "ours", "ours-daphne", "ours-rabbitmq"):
+    for kind in KINDS:
         log(f"{label}: {kind}")
         rows.append(deliveries(kind, redis, token, count, groups, groups * 5, 1000.0, label))
 
-    label = "1000 subs x 10 msg/s (latency)"
-    for kind in ("baseline", "floor", "ours", "ours-daphne", "ours-rabbitmq"):
-        log(f"{label}: {kind}")
-        plan = ["jobs-latency"] * int(100 * scale or 20)
-        rows.append(deliveries(kind, redis, token, 1000, ["jobs-latency"], plan, 10.0, label))
-    return rows
+    return rows + latency_1000(redis, token, scale, (*KINDS, *OTHER_SERVERS))
 
 
 def emit_costs(redis: RedisServer, token: str) -> Rows:
@@ -231,12 +260,19 @@ def main() -> None:
     """Run everything, print the table, the other figures and the targets, save the results."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
+    parser.add_argument("--runners", action="store_true", help="only the runner comparison")
     args = parser.parse_args()
     started = time.monotonic()
     log(
         f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
         "load clients share the cores"
     )
+    if args.runners:
+        with redis_server() as redis:
+            setup_django(redis.port)
+            rows = runner_comparison(redis, make_token_and_jobs(1)[0], 0.2 if args.quick else 1.0)
+        print(table(rows))
+        return
     with redis_server() as redis, rabbitmq_server():
         rows = measure(redis, args.quick)
 

@@ -14,6 +14,7 @@ import psutil
 
 from bench.harness import (
     RABBITMQ,
+    RUNNER_KINDS,
     Clients,
     Server,
     connections_to,
@@ -61,7 +62,7 @@ def emitter(kind: str, redis_url: str):
 
         send_rabbitmq.close = close  # type: ignore[attr-defined]
         return send_rabbitmq
-    if kind in ("ours", "ours-daphne"):
+    if kind in RUNNER_KINDS:
         # Configured as our settings configure it (capacity and all), as the API would emit.
         from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
 

@@ -91,14 +91,17 @@ async def open_ws(
     path: str = "/websocket/",
     headers: dict[str, str] | None = None,
     origin: str | None = None,
+    compression: str | None = "deflate",
 ) -> WsClient:
-    """Connect and read the accept frame; raises InvalidStatus when the handshake is refused."""
+    """Connect and read the accept frame; raises InvalidStatus when the handshake is refused.
+    compression=None offers no permessage-deflate (uvicorn and hypercorn accept it, daphne not)."""
     ws = await connect(
         base_url + path,
         additional_headers=headers or {},
         origin=origin,  # type: ignore[arg-type]
         open_timeout=10,
         max_size=2**24,
+        compression=compression,
     )
     hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
     return WsClient(ws, hello)

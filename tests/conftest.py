@@ -4,7 +4,9 @@ Everything is real: a redis-server on a free loopback port, daphne processes, an
 shared between this process and the servers. Two axes run the same tests through every door:
 
 - `runner`: modules marked `both_runners` run each test against plain `daphne` (as the Channels
-  docs and AWX start it) and against `python -m awx_ws.server`; others use awx_ws.server.
+  docs and AWX start it) and against `python -m awx_ws.server`; modules marked `every_server`
+  (delivery, the purge, resumes, revocation) under uvicorn and hypercorn as well; others use
+  awx_ws.server.
 - `layer_backend`: modules that spell out behaviour both channel layers must share override
   `node` with `layer_node`, a node on Redis and one on RabbitMQ (a rabbitmq-server started here).
 """
@@ -26,6 +28,7 @@ import pytest
 from tests.client import WsClient, close_left_open, open_ws
 from tests.factories import adb, create_token, create_user
 from tests.servers import (
+    ASGI_SERVERS,
     RUNNERS,
     DaphneNode,
     Gunicorn,
@@ -162,26 +165,39 @@ def shared_db(database: None, django_db_setup: None, django_db_blocker: Any) -> 
         yield
 
 
+def module_runners(definition: pytest.Function) -> tuple[str, ...]:
+    """The servers a test runs under: every ASGI server (`every_server`), the daphne runners
+    (`both_runners`), else none (the `runner` fixture's default)."""
+    if definition.get_closest_marker("every_server"):
+        return ASGI_SERVERS
+    if definition.get_closest_marker("both_runners"):
+        return RUNNERS
+    return ()
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    # Modules marked both_runners: every test that starts or talks to a daphne node runs on each,
-    # unless the test names its runner itself (behaviour only one of them has).
-    if "runner" not in metafunc.fixturenames or not metafunc.definition.get_closest_marker("both_runners"):
+    # Modules marked every_server or both_runners: every test that starts or talks to a server
+    # runs on each of theirs, unless the test names its runner itself (behaviour only one has).
+    runners = module_runners(metafunc.definition)
+    if "runner" not in metafunc.fixturenames or not runners:
         return
     for mark in metafunc.definition.iter_markers("parametrize"):
         if "runner" in mark.args[0]:
             return
-    # AWX_WS_TEST_RUNNERS=awx_ws.server narrows a pass to one runner (make test's PostgreSQL pass:
-    # the database is its point; the SQLite pass proves both runners).
+    # AWX_WS_TEST_RUNNERS=awx_ws.server narrows a pass to the runners it names (make test's
+    # PostgreSQL pass: the database is its point; the SQLite pass proves every server).
     wanted = os.environ.get("AWX_WS_TEST_RUNNERS")
-    runners = wanted.split(",") if wanted else list(RUNNERS)
-    if not set(runners) <= set(RUNNERS):
-        raise pytest.UsageError(f"AWX_WS_TEST_RUNNERS={wanted!r}: use {', '.join(RUNNERS)}")
+    if wanted:
+        if not set(wanted.split(",")) <= set(ASGI_SERVERS):
+            raise pytest.UsageError(f"AWX_WS_TEST_RUNNERS={wanted!r}: use {', '.join(ASGI_SERVERS)}")
+        runners = tuple(runner for runner in runners if runner in wanted.split(","))
     metafunc.parametrize("runner", runners, indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")
 def runner(request: pytest.FixtureRequest) -> str:
-    """How daphne nodes of this module run: "awx_ws.server" unless parametrised (both_runners)."""
+    """How server nodes of this module run: "awx_ws.server" unless parametrised (every_server,
+    both_runners)."""
     return str(getattr(request, "param", "awx_ws.server"))
 
 
@@ -308,13 +324,16 @@ async def fresh_in_process_layer() -> AsyncIterator[None]:
 def daphne_factory(
     redis_server: RedisServer, state_dir: Path, runner: str
 ) -> Iterator[Callable[..., DaphneNode]]:
-    """Start extra daphne processes (the module's runner) for one test; all are stopped afterwards."""
+    """Start extra server processes (the module's runner) for one test; all are stopped afterwards."""
     started: list[DaphneNode] = []
 
     def start(
-        env: dict[str, str] | None = None, wait: bool = True, options: tuple[str, ...] = ()
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        options: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> DaphneNode:
-        server = DaphneNode(state_dir / "logs", env, runner=runner, options=options)
+        server = DaphneNode(state_dir / "logs", env, port=port, runner=runner, options=options)
         started.append(server)
         if wait:
             return server.start()

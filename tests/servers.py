@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -149,10 +151,34 @@ class Process:
         raise RuntimeError(f"{self.name} did not listen on {port} in {timeout}s:\n{self.output()}")
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would."""
+        """SIGKILL to the process and all it started (hypercorn's worker too), as a crash would;
+        returns once none of them runs (holds a connection or a port) any more."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+            self.wait_group_gone(10)
+
+    def group(self) -> list[psutil.Process]:
+        """The processes of this one's process group still running (zombies are gone: they hold
+        no socket), the process itself included."""
+        assert self.proc is not None
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) == self.proc.pid and process.status() != psutil.STATUS_ZOMBIE:
+                    found.append(process)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                continue
+        return found
+
+    def wait_group_gone(self, timeout: float) -> None:
+        """Until no process of the group runs: a server's workers outlive the main process by the
+        moments their exit takes (or for good, if nothing ends them: RuntimeError)."""
+        deadline = time.monotonic() + timeout
+        while (left := self.group()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if left:
+            raise RuntimeError(f"{self.name}: {[p.pid for p in left]} still run {timeout}s after it ended")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         """Ask the process group to stop, kill it if it will not; returns the exit code."""
@@ -167,6 +193,11 @@ class Process:
                 self.proc.wait(10)
             except ProcessLookupError:
                 pass
+        try:
+            self.wait_group_gone(timeout)
+        except RuntimeError:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.wait_group_gone(10)
         return self.proc.returncode
 
 
@@ -207,10 +238,30 @@ PROCESS_CONNECTIONS = 4
 # The ways to run the service that the suite proves: our runner (daphne with lifespan and direct
 # writes, as supervisord.conf starts it) and plain `daphne`, as the Channels docs and AWX start it.
 RUNNERS = ("awx_ws.server", "daphne")
+# Every ASGI server users run Channels under: the daphne runners, and uvicorn and hypercorn
+# (requirements-dev.txt only; docs/channels.md, "Which runner"). Modules marked `every_server`
+# run under each of these; `both_runners` modules under the daphne runners.
+ASGI_SERVERS = (*RUNNERS, "uvicorn", "hypercorn")
+
+
+def server_command(runner: str, port: int, options: tuple[str, ...], app: str) -> list[str]:
+    """The command line of one server on 127.0.0.1:port, as a user types it (console scripts from
+    the virtualenv); options are the server's own (each server spells them its own way)."""
+    scripts = Path(sys.executable).parent
+    if runner == "awx_ws.server":
+        return [sys.executable, "-m", "awx_ws.server", "-b", "127.0.0.1", "-p", str(port), *options, app]
+    if runner == "daphne":
+        return [str(scripts / "daphne"), "-b", "127.0.0.1", "-p", str(port), *options, app]
+    if runner == "uvicorn":
+        return [str(scripts / "uvicorn"), "--host", "127.0.0.1", "--port", str(port), *options, app]
+    if runner == "hypercorn":
+        return [str(scripts / "hypercorn"), "-b", f"127.0.0.1:{port}", *options, app]
+    raise ValueError(f"unknown runner {runner!r}: one of {ASGI_SERVERS}")
 
 
 class DaphneNode(Process):
-    """One daphne process serving config.asgi: `python -m awx_ws.server` or plain `daphne`."""
+    """One server process serving config.asgi: `python -m awx_ws.server`, plain `daphne`,
+    `uvicorn` or `hypercorn` (ASGI_SERVERS)."""
 
     def __init__(
         self,
@@ -221,8 +272,8 @@ class DaphneNode(Process):
         app: str = "config.asgi:application",
         options: tuple[str, ...] = (),
     ):
-        if runner not in RUNNERS:
-            raise ValueError(f"unknown runner {runner!r}: one of {RUNNERS}")
+        if runner not in ASGI_SERVERS:
+            raise ValueError(f"unknown runner {runner!r}: one of {ASGI_SERVERS}")
         self.runner = runner
         self.port = port or free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
@@ -232,19 +283,15 @@ class DaphneNode(Process):
         # Peers sign for the node they dial (peerauth.py): this node is who it listens as.
         env.setdefault("BROADCAST_WEBSOCKET_SELF", f"127.0.0.1:{self.port}")
         self.self_address = env["BROADCAST_WEBSOCKET_SELF"]
-        if runner == "daphne":
-            # The console script from the virtualenv, exactly as a user types it.
-            command = [str(Path(sys.executable).parent / "daphne")]
-        else:
-            command = [sys.executable, "-m", "awx_ws.server"]
-        argv = [*command, "-b", "127.0.0.1", "-p", str(self.port), *options, app]
-        super().__init__(f"{runner}:{self.port}", argv, workdir / f"daphne-{self.port}.log", env)
+        argv = server_command(runner, self.port, options, app)
+        super().__init__(f"{runner}:{self.port}", argv, workdir / f"{runner}-{self.port}.log", env)
 
     def start(self, timeout: float = 30.0) -> DaphneNode:
-        """Start, and wait until it listens and its start-up work is done (under both runners).
+        """Start, and wait until it listens and its start-up work is done (under every server).
 
         The stream endpoint answers only once start-up is done (plain daphne holds requests to
-        it until then): 401 without credentials when it is, 503 when start-up failed.
+        it until then; the others, which send ASGI lifespan, listen only then): 401 without
+        credentials when it is, 503 when start-up failed.
         """
         super().start()
         try:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
+import signal
 import time
 
 import pytest
@@ -17,7 +19,7 @@ from awx_ws.main.layers.redis_presence import ProcessRecord, node_id
 from tests.client import emit_to, open_ws, redis_at
 from tests.waiting import eventually
 
-pytestmark = pytest.mark.both_runners
+pytestmark = pytest.mark.every_server
 
 
 @pytest.fixture
@@ -29,8 +31,9 @@ async def redis(own_redis):
 
 @pytest.fixture
 def start_daphne(daphne_factory, own_redis):
-    """Start a daphne (the module's runner) on the test's own Redis."""
-    return lambda: daphne_factory({"REDIS_URL": own_redis.url})
+    """Start a server (the module's runner) on the test's own Redis, on a port of its own or on
+    the one given."""
+    return lambda port=None: daphne_factory({"REDIS_URL": own_redis.url}, port=port)
 
 
 def owner(channel: bytes) -> str:
@@ -60,6 +63,31 @@ async def test_state_of_a_killed_daphne_is_gone_after_restart(start_daphne, own_
     assert not await redis.exists(f"asgi:alive:{dead}")
     # Exactly the dead process's state: one membership, one queue, its records.
     assert "removed 1 group memberships, 1 message queues" in second.output()
+
+
+async def test_kill_9_of_the_servers_pid_leaves_no_state_behind(start_daphne, token, redis):
+    # What a user does: `kill -9` the pid they started (not its process group), then start the
+    # server again on the same port. hypercorn serves from a worker process its master spawned:
+    # the worker must not live on as an orphan that holds the port, serves, and stays "alive".
+    first = start_daphne()
+    group = f"schedules-pid{secrets.token_hex(4)}"
+    clients = [await open_ws(first.url, headers={"Authorization": f"Token {token}"}) for _ in range(20)]
+    for client in clients:
+        await client.subscribe({"schedules": [group.split("-", 1)[1]]})
+    [member] = await redis.zrange(f"asgi:group:{group}", 0, -1)
+
+    os.kill(first.pid, signal.SIGKILL)
+    for client in clients:  # every process that served them is gone: their connections end
+        await asyncio.wait_for(client.ws.wait_closed(), 30)
+    await asyncio.to_thread(first.wait_group_gone, 30)
+
+    second = start_daphne(port=first.port)
+    assert await redis.zrange(f"asgi:group:{group}", 0, -1) == []
+    assert not await redis.exists(f"asgi:alive:{owner(member)}")
+    client = await open_ws(second.url, headers={"Authorization": f"Token {token}"})
+    await client.subscribe({"schedules": [group.split("-", 1)[1]]})
+    [served] = await redis.zrange(f"asgi:group:{group}", 0, -1)
+    assert owner(served) != owner(member)
 
 
 async def test_a_second_daphne_leaves_clients_of_the_first_alone(start_daphne, own_redis, token, redis):
@@ -122,7 +150,9 @@ async def test_a_live_daphne_keeps_its_record_fresh(start_daphne, redis):
     server = start_daphne()
     keys = [key async for key in redis.scan_iter(match="asgi:alive:*")]
     records = [ProcessRecord.loads(await redis.get(key)) for key in keys]
-    assert [record.pid for record in records if record] == [server.pid]
+    # The process that serves: the server's own, or the worker it started (hypercorn).
+    [record] = [record for record in records if record]
+    assert record.pid in [process.pid for process in server.group()]
     ours = keys[0]
     first_ttl = await redis.pttl(ours)
     previous = first_ttl

@@ -13,7 +13,7 @@ from awx_ws.main.emit import aemit_channel_notification
 from awx_ws.main.history import GroupPosition
 from tests.client import WsClient, open_ws
 
-pytestmark = pytest.mark.both_runners
+pytestmark = pytest.mark.every_server
 
 
 def topic(label: str) -> str:

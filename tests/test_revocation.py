@@ -17,7 +17,7 @@ from tests.client import WsClient, emit_to, open_ws
 from tests.factories import adb, create_job, create_org, create_token, create_user, session_cookie
 from tests.sse import open_sse
 
-pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.every_server]
 
 REVOKED = 4003
 DEADLINE = 5.0  # the promise: within 5 s of the change

@@ -21,7 +21,7 @@ from tests.factories import adb, create_job, create_org, create_token, create_us
 from tests.sse import open_sse, refused
 from tests.waiting import eventually
 
-pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
+pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.every_server]
 
 
 def unique(label: str) -> str:

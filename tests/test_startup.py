@@ -49,7 +49,8 @@ def test_awx_ws_server_stops_with_one_clear_message_when_redis_stays_unreachable
     assert "Traceback" not in log
 
 
-@pytest.mark.parametrize("runner", ["daphne"], indirect=True)
+# hypercorn's worker too: its master would exit 0 if the worker failed, unnoticed by a supervisor.
+@pytest.mark.parametrize("runner", ["daphne", "hypercorn"], indirect=True)
 async def test_plain_daphne_refuses_clients_while_redis_is_unreachable_then_serves(
     daphne_factory, state_dir, token
 ):

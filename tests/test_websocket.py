@@ -23,7 +23,7 @@ from tests.waiting import eventually
 pytestmark = [
     pytest.mark.usefixtures("shared_db"),
     pytest.mark.usefixtures("fresh_in_process_layer"),
-    pytest.mark.both_runners,
+    pytest.mark.every_server,
 ]
 
 

@@ -6,11 +6,19 @@ Past AWX_WS SLOW_CLIENT_MAX_BYTES (or SLOW_CLIENT_MAX_MESSAGES frames) waiting, 
 closed with SLOW_CLIENT_CLOSE_CODE and an SSE stream is cut. The check runs after every write:
 in awx_ws.server's websocket protocol, and in the consumer's ASGI send path under plain daphne,
 where the router hands the connection's daphne protocol over in the scope (CONNECTION_EXTENSION).
+
+Other servers (uvicorn, hypercorn) wait in their ASGI send while the socket's buffer is full: one
+client that stops reading would hold up the process's fan-out, which writes to every subscriber in
+turn. There the router gives each client connection an `Outbox`: sends queue and return at once,
+one task writes them in order, and the same limits apply to what waits in the queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from awx_ws.main.conf import ws_settings
@@ -95,3 +103,119 @@ def _peer(transport: Any) -> str:
         return f"{address.host}:{address.port}"
     except (AttributeError, OSError):
         return "?"
+
+
+# How long a connection's last frames (a close, the end of a stream) may take to reach a client
+# once the application is done with it, before the server is left to drop the connection.
+FINAL_DRAIN_SECONDS = 10.0
+
+Channel = Callable[..., Awaitable[Any]]
+
+
+def _endings(scope: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """For a cut-off connection: what is sent last, what the application receives next, and the
+    log's words (SlowReader's under daphne)."""
+    if scope["type"] == "websocket":
+        reason = "slow client: messages not read in time"
+        close = {"type": "websocket.close", "code": SLOW_CLIENT_CLOSE_CODE, "reason": reason}
+        return close, {"type": "websocket.disconnect", "code": SLOW_CLIENT_CLOSE_CODE}, "closing slow client"
+    end = {"type": "http.response.body", "body": b"", "more_body": False}
+    return end, {"type": "http.disconnect"}, "cutting off slow stream of"
+
+
+class Outbox:
+    """A connection's ASGI send and receive, for servers whose send waits for the client: sends
+    queue and one task writes them in order. Past SLOW_CLIENT_MAX_BYTES or _MESSAGES waiting, the
+    queue is dropped, the close (or the stream's end) is all that is left to write, and the
+    application receives the disconnect at once (it lets go of its groups as when a client
+    leaves); what it sends after that is dropped."""
+
+    def __init__(self, scope: dict[str, Any], receive: Channel, send: Channel) -> None:
+        self._receive, self._send = receive, send
+        self._last, self._gone, self._cut_off_words = _endings(scope)
+        self._peer = scope.get("client")
+        self._queue: deque[tuple[dict[str, Any], int]] = deque()
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing queued, nothing being written
+        self._idle.set()
+        self._cut = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self.done = False  # cut off, or the connection is gone
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Queue one ASGI message for the client; never waits for the socket."""
+        if self.done:
+            return
+        size = len(message.get("bytes") or message.get("text") or message.get("body") or b"")
+        self._queue.append((message, size))
+        self._bytes += size
+        limits = ws_settings.SLOW_CLIENT_MAX_BYTES, ws_settings.SLOW_CLIENT_MAX_MESSAGES
+        if self._bytes > limits[0] or len(self._queue) > limits[1]:
+            self._cut_off(*limits)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+        self._idle.clear()
+        self._wake.set()
+
+    async def receive(self) -> dict[str, Any]:
+        """The server's next message for the application; the disconnect once cut off."""
+        if not self._cut.is_set():
+            incoming = asyncio.ensure_future(self._receive())
+            cut = asyncio.ensure_future(self._cut.wait())
+            try:
+                await asyncio.wait({incoming, cut}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the application stops receiving (cancelled)
+                cut.cancel()
+                if not incoming.done():
+                    incoming.cancel()  # a queue's get: nothing is lost by cancelling it
+            if not incoming.cancelled():
+                return dict(incoming.result())
+        return dict(self._gone)
+
+    def _cut_off(self, max_bytes: int, max_frames: int) -> None:
+        from awx_ws.main import metrics  # after the settings (see SlowReader.too_slow)
+
+        metrics.SLOW_CLIENT_CLOSES.inc()
+        logger.warning(
+            "%s %s: %d bytes in %d messages not taken (limits %d bytes, %d messages)",
+            self._cut_off_words,
+            self._peer,
+            self._bytes,
+            len(self._queue),
+            max_bytes,
+            max_frames,
+        )
+        self._queue.clear()
+        self._queue.append((self._last, 0))
+        self._bytes = 0
+        self.done = True
+        self._cut.set()
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    message, size = self._queue.popleft()
+                    self._bytes -= size
+                    await self._send(message)
+                self._idle.set()
+        except Exception as exc:  # the connection is gone (each server says so its own way)
+            logger.debug("client %s gone: %r", self._peer, exc)
+            self.done = True
+            self._queue.clear()
+            self._idle.set()
+
+    async def finish(self) -> None:
+        """Once the application is done: let the last frames out (bounded), then stop writing."""
+        if self._writer is None:
+            return
+        try:
+            async with asyncio.timeout(FINAL_DRAIN_SECONDS):
+                await self._idle.wait()
+        except TimeoutError:
+            logger.info("client %s took nothing for %gs: left to the server", self._peer, FINAL_DRAIN_SECONDS)
+        self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)

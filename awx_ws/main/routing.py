@@ -9,9 +9,9 @@ from typing import Any
 from channels.routing import ProtocolTypeRouter, URLRouter
 from django.urls import re_path
 
-from awx_ws.main import daphne_hooks
+from awx_ws.main import daphne_hooks, master_watch
 from awx_ws.main.auth import PeerAuthMiddleware, WebsocketAuthStack, deny_websocket
-from awx_ws.main.backlog import CONNECTION_EXTENSION
+from awx_ws.main.backlog import CONNECTION_EXTENSION, Outbox
 from awx_ws.main.consumers import EventConsumer
 from awx_ws.main.exceptions import StartupError
 from awx_ws.main.peer_consumer import BroadcastConsumer
@@ -84,6 +84,17 @@ class AWXProtocolTypeRouter(ProtocolTypeRouter):
             scope = dict(
                 scope, extensions={**(scope.get("extensions") or {}), CONNECTION_EXTENSION: protocol}
             )
+        elif _client_connection(scope):
+            # Another server (uvicorn, hypercorn): its send waits while the client does not read,
+            # which would hold up the fan-out; an outbox queues, and cuts off slow readers.
+            outbox = Outbox(scope, receive, send)
+            try:
+                return await self._serve(scope, outbox.receive, outbox.send)
+            finally:
+                await outbox.finish()
+        return await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         if scope["type"] == "websocket":
             self._warn_about_timeout(send)
         if scope["type"] == "websocket" or scope.get("path") == STREAM_PATH:
@@ -111,13 +122,23 @@ class AWXProtocolTypeRouter(ProtocolTypeRouter):
                 try:
                     await self.startup.run()
                 except StartupError as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
+                    if master_watch.master() is None:
+                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        return
+                    # A worker under a server's master: stay up and retry (startup.py says why).
+                    self.startup.keep_trying(exc)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.startup.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _client_connection(scope: dict[str, Any]) -> bool:
+    """A client's websocket or event stream (not a peer's relay link, not a Django request)."""
+    if scope["type"] == "websocket":
+        return bool(scope.get("path") != "/websocket/broadcast/")
+    return bool(scope["type"] == "http" and scope.get("path") == STREAM_PATH)
 
 
 async def _unavailable(scope: dict[str, Any], receive: Any, send: Any, reason: Exception | None) -> None:

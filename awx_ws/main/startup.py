@@ -7,7 +7,12 @@ loop keeping the node's connection counts (connlimit.py). It waits a bounded tim
 
 Who runs it:
 - `python -m awx_ws.server` (and uvicorn, hypercorn...) send ASGI lifespan: start-up runs before
-  the server listens; if it fails the server exits with the reason.
+  the server listens; if it fails the server exits with the reason. A worker process that a
+  server's master spawned (hypercorn's, uvicorn's with --workers) ends with its master
+  (master_watch.py): it does not stay behind, alive, when the master is killed.
+- a worker process of a server's master (hypercorn's, uvicorn's with --workers) fails no
+  lifespan: it keeps running and retries as below. hypercorn 0.18's master exits 0 when its
+  worker fails (`run()` loses the worker's exit code), so a supervisor would never restart it.
 - plain `daphne` sends no lifespan: the router starts the work when daphne's reactor starts
   (daphne_hooks.when_server_runs), and every websocket and stream waits for it before it is
   accepted. If the wait runs out the process keeps running: it refuses those connections while
@@ -23,7 +28,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
-from awx_ws.main import connlimit, revocation, topology
+from awx_ws.main import connlimit, master_watch, revocation, topology
 from awx_ws.main.conf import deprecated_in_use, ws_settings
 from awx_ws.main.exceptions import LayerUnavailable, StartupError
 from awx_ws.main.layers import service_layer
@@ -58,6 +63,7 @@ class Startup:
     def __init__(self) -> None:
         self._task: asyncio.Future[None] | None = None
         self._retrying: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.done = False
         self.failure: StartupError | None = None
 
@@ -79,8 +85,17 @@ class Startup:
             logger.exception("start-up failed unexpectedly")
             self.failure = StartupError(f"start-up failed: {exc!r}")
             raise self.failure from exc
-        self.done = True
-        logger.info("process %s start-up complete", os.getpid())
+        self._started("process %s start-up complete")
+
+    def _started(self, line: str) -> None:
+        self.done, self.failure = True, None
+        logger.info(line, os.getpid())
+        if master_watch.master() is not None and self._watch is None:
+            self._watch = spawn("master watch", self._end_with_master, metric="master_watch")
+
+    async def _end_with_master(self, failures: int) -> None:
+        await master_watch.end_with_master(self.stop)
+        await asyncio.Event().wait()  # the process is ending: nothing more to do
 
     def begin(self) -> None:
         """Start the work in the background (no lifespan); a failure is retried, not fatal."""
@@ -90,19 +105,22 @@ class Startup:
         self._task.add_done_callback(self._after_first_attempt)
 
     def _after_first_attempt(self, task: asyncio.Future[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
+        if not task.cancelled() and task.exception() is not None:
+            self.keep_trying(task.exception())
+
+    def keep_trying(self, failure: BaseException | None) -> None:
+        """After a failed start-up: keep running, refusing websockets and streams, while a
+        supervised loop retries it (no exit, so no crash loop: AWX #8696)."""
         logger.error(
-            "daphne pid %s cannot start: %s; refusing websockets and streams while retrying",
+            "process %s cannot start: %s; refusing websockets and streams while retrying",
             os.getpid(),
-            task.exception(),
+            failure,
         )
         self._retrying = spawn("start-up", self._retry, metric="startup")
 
     async def _retry(self, failures: int) -> None:
         await start_process(None)
-        self.done, self.failure = True, None
-        logger.info("process %s start-up complete: the channel layer is reachable again", os.getpid())
+        self._started("process %s start-up complete: the channel layer is reachable again")
         await asyncio.Event().wait()  # done: nothing more to do until cancelled
 
     async def ready(self) -> bool:
@@ -120,7 +138,9 @@ class Startup:
     async def stop(self) -> None:
         """Stop the loops, withdraw this process's memberships and liveness record (once; best
         effort)."""
-        unfinished = [t for t in (self._retrying, self._task) if t is not None and not t.done()]
+        ours = [t for t in (self._retrying, self._task, self._watch) if t is not None]
+        # The master watch stops the process itself: it must not cancel its own stop.
+        unfinished = [t for t in ours if t is not asyncio.current_task() and not t.done()]
         for task in unfinished:
             task.cancel()  # a start-up finishing now would write its state again
         await asyncio.gather(*unfinished, return_exceptions=True)

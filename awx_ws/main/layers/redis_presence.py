@@ -6,9 +6,10 @@ channel name `specific.<client prefix>!<id>` belongs to the process with that cl
 group member or a queued-message key is stale when its process is dead:
 
 - no liveness record at all (it expired: the process stopped heartbeating), or
-- a record written on this very node (same hostname and boot id) whose pid no longer runs, or runs
-  a process started at another time (pid reuse). This catches `kill -9` followed by a restart
-  faster than the TTL, which is how supervisord restarts daphne.
+- a record written on this very node (same hostname and boot id) whose pid no longer runs (gone,
+  or a zombie not reaped yet), or runs a process started at another time (pid reuse). This
+  catches `kill -9` followed by a restart faster than the TTL, which is how supervisord restarts
+  daphne.
 
 A record from another node is trusted until it expires: we cannot see its process table.
 """
@@ -105,10 +106,14 @@ class ProcessRecord:
     def runs_here(self) -> bool:
         """True if this record's process still runs on this node (pid reuse excluded)."""
         try:
-            started = psutil.Process(self.pid).create_time()
+            process = psutil.Process(self.pid)
+            started = process.create_time()
+            # Killed but not yet reaped by its parent (a shell that has not waited, a container's
+            # init that never does): a zombie holds no socket and serves nobody.
+            zombie = process.status() == psutil.STATUS_ZOMBIE
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return False
-        return abs(started - self.started) < 1.0
+        return not zombie and abs(started - self.started) < 1.0
 
 
 def channel_owner(channel: str) -> str | None:
