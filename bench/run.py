@@ -7,8 +7,9 @@ layer's server (redis-server or RabbitMQ's beam) is reported beside it as `layer
 "ours" runs on the Redis layer under `python -m awx_ws.server` (direct writes), "ours-daphne" the
 same under plain `daphne` (the ASGI send path), "ours-uvicorn" and "ours-hypercorn" under those
 servers (the ASGI send through a per-connection outbox, backlog.py), "ours-rabbitmq" on the
-RabbitMQ layer. `python -m bench.run --runners` runs only the runner comparison (2 scenarios). The floor
-(bench/floor_server.py) holds one Redis pub/sub subscription per group its clients are on.
+RabbitMQ layer. `python -m bench.run --runners` runs only the runner comparison (2 scenarios),
+`--flood` only the job-event flood and its catch-up. The floor (bench/floor_server.py) holds one
+Redis pub/sub subscription per group its clients are on.
 Delivery through a 3-node relay mesh beside a single node (bench/mesh.py) is a table of its own;
 `python -m bench.mesh` runs only that.
 Prints a table with ratios to the baseline, the other figures (bench/figures.py and the rest),
@@ -261,6 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     parser.add_argument("--runners", action="store_true", help="only the runner comparison")
+    parser.add_argument("--flood", action="store_true", help="only the job-event flood and its catch-up")
     args = parser.parse_args()
     started = time.monotonic()
     log(
@@ -272,6 +274,11 @@ def main() -> None:
             setup_django(redis.port)
             rows = runner_comparison(redis, make_token_and_jobs(1)[0], 0.2 if args.quick else 1.0)
         print(table(rows))
+        return
+    if args.flood:
+        with redis_server() as redis:
+            setup_django(redis.port)
+            print(figures.describe([figures.flood(redis, make_token_and_jobs(1)[0], add_jobs(1)[0])]))
         return
     with redis_server() as redis, rabbitmq_server():
         rows = measure(redis, args.quick)

@@ -7,12 +7,12 @@ loop keeping the node's connection counts (connlimit.py). It waits a bounded tim
 
 Who runs it:
 - `python -m awx_ws.server` (and uvicorn, hypercorn...) send ASGI lifespan: start-up runs before
-  the server listens; if it fails the server exits with the reason. A worker process that a
-  server's master spawned (hypercorn's, uvicorn's with --workers) ends with its master
-  (master_watch.py): it does not stay behind, alive, when the master is killed.
-- a worker process of a server's master (hypercorn's, uvicorn's with --workers) fails no
-  lifespan: it keeps running and retries as below. hypercorn 0.18's master exits 0 when its
-  worker fails (`run()` loses the worker's exit code), so a supervisor would never restart it.
+  the server listens; if it fails the server exits with the reason.
+- a worker process that a server's master spawned (hypercorn's, uvicorn's with --workers) ends
+  with its master (master_watch.py): it does not stay behind, alive, when the master is killed.
+  It fails no lifespan either: it keeps running and retries as below, since hypercorn 0.18's
+  master exits 0 when its worker fails (`run()` loses the worker's exit code), so a supervisor
+  would never restart it.
 - plain `daphne` sends no lifespan: the router starts the work when daphne's reactor starts
   (daphne_hooks.when_server_runs), and every websocket and stream waits for it before it is
   accepted. If the wait runs out the process keeps running: it refuses those connections while
