@@ -127,20 +127,29 @@ def check_buffered_both_ways(base: str, error_log: Path) -> None:
     assert "Permission denied" not in error_log.read_text()
 
 
-def check_private(root: Path, workers_uid: int) -> None:
-    """The temporary root and each directory nginx keeps in it: the workers' own, 0700; another
-    user cannot even list them."""
+def as_user(account: pwd.struct_passwd, *command: str) -> subprocess.CompletedProcess[str]:
+    ids = [f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
+    return subprocess.run(["setpriv", *ids, *command], capture_output=True, text=True)
+
+
+def check_private(root: Path, workers_uid: int, root_owned: bool) -> None:
+    """Each directory nginx keeps under root: the workers' own, 0700. Started by root, root
+    itself is root's, 0710, so the workers cannot swap a directory for a link. Another user
+    cannot even list them."""
     for path in (root, *(root / name for name in TEMP_DIRS)):
         info = path.lstat()
         assert stat.S_ISDIR(info.st_mode), path
-        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (workers_uid, 0o700), path
+        owner = (0, 0o710) if path == root and root_owned else (workers_uid, 0o700)
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == owner, path
     other = pwd.getpwnam("daemon")
     assert other.pw_uid != workers_uid
     if os.geteuid() == 0:
-        ids = [f"--reuid={other.pw_uid}", f"--regid={other.pw_gid}", "--clear-groups"]
         for path in (root, root / "client_body"):
-            listing = subprocess.run(["setpriv", *ids, "ls", str(path)], capture_output=True, text=True)
+            listing = as_user(other, "ls", str(path))
             assert listing.returncode != 0 and "Permission denied" in listing.stderr, path
+    if root_owned:
+        moved = as_user(pwd.getpwuid(workers_uid), "mv", str(root / "client_body"), str(root / "elsewhere"))
+        assert moved.returncode != 0 and "Permission denied" in moved.stderr
 
 
 @pytest.fixture
@@ -176,7 +185,7 @@ def test_as_root_every_body_to_the_bound_and_large_responses_pass_and_stay_priva
         assert workers and {w.uids().real for w in workers} == {nobody}  # never root
 
         check_buffered_both_ways(f"http://127.0.0.1:{port}", prefix / "error.log")
-        check_private(temp, nobody)
+        check_private(temp, nobody, root_owned=True)
         # var/ stays the service user's only: the workers needed nothing in it.
         assert stat.S_IMODE(var.stat().st_mode) == 0o700
         assert not (prefix / "tmp").exists()
@@ -202,7 +211,7 @@ def test_as_another_user_every_body_to_the_bound_and_large_responses_pass_and_st
         workers = psutil.Process(nginx.pid).children(recursive=True)
         assert {w.uids().real for w in workers if w.name() == "nginx"} == {account.pw_uid}
         check_buffered_both_ways(nginx.http_url, prefix / "error.log")
-        check_private(prefix / "tmp", account.pw_uid)
+        check_private(prefix / "tmp", account.pw_uid, root_owned=False)
     finally:
         nginx.stop()
         if as_root:
@@ -226,11 +235,17 @@ def test_a_directory_the_workers_cannot_reach_or_do_not_own_is_refused(state_dir
     finally:
         monkeypatch.undo()
         closed.rmdir()
-    # Planted where the directory goes, by another user or as a link: not used.
+    # Planted where the directory goes, by another user (the workers' own included) or as a
+    # link, or left writable to others: not used.
     root = workers.temp_root(prefix)
     root.mkdir()
     try:
-        os.chown(root, pwd.getpwnam("daemon").pw_uid, -1)
+        for planter in ("daemon", "nobody"):
+            os.chown(root, pwd.getpwnam(planter).pw_uid, -1)
+            with pytest.raises(CommandError, match="belongs to another user"):
+                workers.prepare(prefix)
+        os.chown(root, 0, -1)
+        os.chmod(root, 0o777)
         with pytest.raises(CommandError, match="belongs to another user"):
             workers.prepare(prefix)
     finally:

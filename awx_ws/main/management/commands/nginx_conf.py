@@ -87,7 +87,13 @@ class Workers:
         """The `user` line: explicit as root, absent otherwise (nginx ignores it, with a warning)."""
         if self.user is None:
             return "# Started by a user other than root: the workers run as that user, var/'s owner."
-        group = grp.getgrgid(self.account().pw_gid).gr_name
+        gid = self.account().pw_gid
+        try:
+            group = grp.getgrgid(gid).gr_name
+        except KeyError as exc:
+            raise CommandError(
+                f"the group {gid} of nginx's worker user {self.user!r} has no name (nginx_conf --worker-user)"
+            ) from exc
         return f"user {self.user} {group};"
 
     def temp_root(self, prefix: Path) -> Path:
@@ -110,12 +116,14 @@ class Workers:
         return "\n    ".join(
             [
                 f"# Started by root, the workers run as {self.user}, who may not enter var/ (0700, the",
-                "# service user's only): a directory of their own (0700) in the system's temporary one.",
+                "# service user's only): root's directory in the system's temporary one, which only their",
+                "# group may enter (0710); nginx makes each directory in it theirs (0700).",
             ]
         )
 
     def prepare(self, prefix: Path) -> Path:
-        """Create the temporary root, the worker user's only (0700), and return it."""
+        """Create the temporary root (root's, 0710, the workers' group may only enter it) and
+        return it; nginx makes each temporary directory in it the workers' own (0700)."""
         root = self.temp_root(prefix)
         if self.user is None:
             root.mkdir(mode=0o700, exist_ok=True)
@@ -135,10 +143,15 @@ class Workers:
         except OSError as exc:
             raise CommandError(f"nginx's temporary directory {root} is not a directory: {exc}") from exc
         try:
-            if os.fstat(fd).st_uid not in (0, entry.pw_uid):
+            # Root's, and only root may add, remove or rename entries in it. Were it the workers',
+            # they could swap a temporary directory for a link (to /etc/shadow, say) that the root
+            # master follows when it chowns its temporary paths at the next start or reload
+            # (ngx_create_paths: stat, chown, chmod). Debian lays out /var/lib/nginx the same way.
+            info = os.fstat(fd)
+            if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
                 raise CommandError(f"{root} belongs to another user: remove it, nginx_conf makes it anew")
-            os.fchown(fd, entry.pw_uid, entry.pw_gid)
-            os.fchmod(fd, 0o700)
+            os.fchown(fd, 0, entry.pw_gid)
+            os.fchmod(fd, 0o710)
         finally:
             os.close(fd)
         return root
