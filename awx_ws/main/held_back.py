@@ -22,6 +22,7 @@ them, and the job's summary says how many were held back in all.
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import logging
 import os
@@ -71,44 +72,67 @@ class Timer:
 
     def __init__(self) -> None:
         self._wake = threading.Condition()
-        self._due: list[tuple[float, int, str, str]] = []  # (when, job id, group, job kind), a heap
+        self._jobs: dict[int, tuple[float, str, str]] = {}  # job id -> (when, group, job kind)
+        self._due: list[tuple[float, int]] = []  # (when, job id), a heap; stale entries skipped
         self._thread: threading.Thread | None = None
         self._pid = 0
 
     def schedule(self, job_id: int, group: str, kind: str, when: float) -> None:
-        """Send job_id's pending notice at when (seconds since the epoch), or soon after."""
+        """Send job_id's pending notice at when (seconds since the epoch), or soon after; one
+        entry per job, however many requests a flood comes in."""
         with self._wake:
-            heapq.heappush(self._due, (when, job_id, group, kind))
             # A forked worker (gunicorn) inherits the object but not the thread.
             if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                if self._pid == 0:
+                    # A worker that exits (gunicorn's max-requests, a HUP) sends what it holds.
+                    atexit.register(self.flush_all)
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, name="held-back notices", daemon=True)
                 self._thread.start()
-            self._wake.notify()
+            current = self._jobs.get(job_id)
+            if current is None or when < current[0]:
+                self._jobs[job_id] = (when, group, kind)
+                heapq.heappush(self._due, (when, job_id))
+                self._wake.notify()
 
     def _run(self) -> None:
         while True:
             with self._wake:
                 while not self._due or self._due[0][0] > time.time():
                     self._wake.wait(self._due[0][0] - time.time() if self._due else None)
-                _, job_id, group, kind = heapq.heappop(self._due)
-            try:
-                self.flush(job_id, group, kind)
-            except Exception:
-                # A lost database: the ranges stay pending, for the job's next stored events; the
-                # job's summary counts them in any case. The thread goes on with the next job.
-                metrics.BACKGROUND_FAILURES.labels("held_back_notices").inc()
-                logger.exception("could not send the held-back notice of job %s", job_id)
+                when, job_id = heapq.heappop(self._due)
+                if self._jobs.get(job_id, (None,))[0] != when:
+                    continue  # replaced by an earlier time, and sent then
+                _, group, kind = self._jobs.pop(job_id)
+            self._send(job_id, group, kind)
 
-    def flush(self, job_id: int, group: str, kind: str) -> None:
-        """Send the job's pending notice if its second is over; ask again later if not."""
+    def _send(self, job_id: int, group: str, kind: str, force: bool = False) -> None:
+        try:
+            self.flush(job_id, group, kind, force)
+        except Exception:
+            # A lost database: the ranges stay pending, for the job's next stored events; the
+            # job's summary counts them in any case. The thread goes on with the next job.
+            metrics.BACKGROUND_FAILURES.labels("held_back_notices").inc()
+            logger.exception("could not send the held-back notice of job %s", job_id)
+        finally:
+            close_old_connections()  # no idle connection kept between notices (CONN_MAX_AGE)
+
+    def flush_all(self) -> None:
+        """Send every pending notice now, due or not: this process is about to exit."""
+        with self._wake:
+            jobs, self._jobs, self._due = self._jobs, {}, []
+        for job_id, (_, group, kind) in jobs.items():
+            self._send(job_id, group, kind, force=True)
+
+    def flush(self, job_id: int, group: str, kind: str, force: bool = False) -> None:
+        """Send the job's pending notice if its second is over (or force); ask again later if not."""
         close_old_connections()  # this thread's connection may have outlived CONN_MAX_AGE
         with transaction.atomic():
             window = WebsocketEventRate.objects.select_for_update().filter(job_id=job_id).first()
             if window is None or not window.pending:
                 return  # a request sent it, or the job is gone
             now = time.time()
-            if not notice_due(window.pending, window.announced, now):
+            if not force and not notice_due(window.pending, window.announced, now):
                 self.schedule(job_id, group, kind, window.announced + WINDOW)
                 return
             notice = notice_payload(job_id, kind, window.pending, window.pending_count)

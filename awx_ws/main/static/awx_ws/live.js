@@ -168,8 +168,16 @@ async function fillGap(view) {
   live.gapFills += 1;
   try {
     await fetchEvents(after, before);
+    gap.failures = 0;
+  } catch (error) {
+    // The notice came once: a failed read is wanted again (backing off), not dropped.
+    live.errors.push(String(error));
+    gap.failures += 1;
+    gap.after = Math.min(gap.after, after);
+    gap.before = Math.max(gap.before, before);
   } finally {
-    gap.timer = gap.before ? setTimeout(() => fillGap(view), GAP_DELAY_MS) : null;
+    const delay = gap.failures ? Math.min(10000, GAP_DELAY_MS * 2 ** gap.failures) : GAP_DELAY_MS;
+    gap.timer = gap.before ? setTimeout(() => fillGap(view), delay) : null;
   }
 }
 
@@ -189,7 +197,7 @@ async function openJob(job) {
     group,
     lines: new Map(),
     last: 0, // the highest counter shown
-    gap: { after: Infinity, before: 0, timer: null }, // counters strictly between: to read
+    gap: { after: Infinity, before: 0, timer: null, failures: 0 }, // counters strictly between: to read
     loaded: false,
     off: () => {},
   };
