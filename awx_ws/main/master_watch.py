@@ -8,7 +8,8 @@ as an orphan that holds the port, serves its clients and renews its liveness rec
 memberships are a live process's, so no start-up purge may remove them, and a new server cannot
 bind the port.
 
-multiprocessing gives each process it starts a sentinel of its parent
+multiprocessing gives each process it starts (with the spawn method, which hypercorn and uvicorn
+use: with fork, sibling workers would inherit the pipe's writing end too) a sentinel of its parent
 (`multiprocessing.parent_process().sentinel`): a pipe whose writing end only the parent holds, so
 it reads as ready (end of file) once the parent is gone. The worker waits on it in its event loop
 (no thread, no polling); when it fires, the worker withdraws its state (its memberships and
@@ -27,6 +28,9 @@ import signal
 from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger(__name__)
+
+# Seconds a worker whose master is gone gives its server's own shutdown before it ends itself.
+EXIT_BOUND = 10.0
 
 
 def master() -> multiprocessing.process.BaseProcess | None:
@@ -66,3 +70,7 @@ async def end_with_master(withdraw: Callable[[], Awaitable[None]]) -> None:
         await withdraw()
     finally:
         signal.raise_signal(signal.SIGTERM)
+        # uvicorn's graceful shutdown waits, unbounded, for every open connection, and an event
+        # stream never ends by itself: its clients would stay on a process that no longer
+        # delivers. Past the bound the process ends regardless (its state is withdrawn already).
+        asyncio.get_running_loop().call_later(EXIT_BOUND, os._exit, 0)

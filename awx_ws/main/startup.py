@@ -90,6 +90,11 @@ class Startup:
     def _started(self, line: str) -> None:
         self.done, self.failure = True, None
         logger.info(line, os.getpid())
+        self._watch_master()
+
+    def _watch_master(self) -> None:
+        """Under a server's master, end with it (master_watch.py): once started, and as soon as
+        a first start-up failed, since the worker then stays up retrying, holding the port."""
         if master_watch.master() is not None and self._watch is None:
             self._watch = spawn("master watch", self._end_with_master, metric="master_watch")
 
@@ -117,6 +122,7 @@ class Startup:
             failure,
         )
         self._retrying = spawn("start-up", self._retry, metric="startup")
+        self._watch_master()
 
     async def _retry(self, failures: int) -> None:
         await start_process(None)
