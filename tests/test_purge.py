@@ -13,10 +13,12 @@ import secrets
 import signal
 import time
 
+import httpx
 import pytest
 
 from awx_ws.main.layers.redis_presence import ProcessRecord, node_id
 from tests.client import emit_to, open_ws, redis_at
+from tests.sse import open_sse
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.every_server
@@ -88,6 +90,32 @@ async def test_kill_9_of_the_servers_pid_leaves_no_state_behind(start_daphne, to
     await client.subscribe({"schedules": [group.split("-", 1)[1]]})
     [served] = await redis.zrange(f"asgi:group:{group}", 0, -1)
     assert owner(served) != owner(member)
+
+
+@pytest.mark.parametrize("runner", ["uvicorn"], indirect=True)
+async def test_a_uvicorn_worker_whose_master_was_killed_ends_even_with_a_stream_open(
+    daphne_factory, own_redis, token, redis
+):
+    """`uvicorn --workers 2` (with one, uvicorn serves from its own process), its master killed,
+    perhaps while a worker still starts: each worker sees it gone, withdraws its state and asks
+    uvicorn to stop, whose graceful shutdown would wait for ever on an open event stream; they
+    end anyway, and the port is free."""
+    first = daphne_factory({"REDIS_URL": own_redis.url}, options=("--workers", "2"))
+    group = f"schedules-workers{secrets.token_hex(4)}"
+    headers = {"Authorization": f"Token {token}"}
+    async with open_sse(first.http_url, group, headers=headers) as stream:
+        await stream.wait_ready()
+        [member] = await redis.zrange(f"asgi:group:{group}", 0, -1)
+        os.kill(first.pid, signal.SIGKILL)
+        with pytest.raises((httpx.HTTPError, StopAsyncIteration)):
+            while True:  # keep-alives until the worker is gone, then the stream breaks
+                await stream.next_event(timeout=60)
+    await asyncio.to_thread(first.wait_group_gone, 30)
+    assert await redis.zrange(f"asgi:group:{group}", 0, -1) == []  # withdrawn by the worker itself
+    assert not await redis.exists(f"asgi:alive:{owner(member)}")
+    assert "the server's master process" in first.output()
+    second = daphne_factory({"REDIS_URL": own_redis.url}, port=first.port)  # the port is free
+    assert "removed 0 group memberships" in second.output()
 
 
 async def test_a_second_daphne_leaves_clients_of_the_first_alone(start_daphne, own_redis, token, redis):

@@ -42,6 +42,9 @@ from awx_ws.main.retry import FailureLog, spawn
 
 logger = logging.getLogger(__name__)
 
+# Seconds the fan-out's loops get to end once cancelled, at a process's stop.
+STOP_WAIT = 5.0
+
 
 def fanout_channel(client_prefix: str) -> str:
     """The channel a process's fan-out joins groups with: `fanout.<client prefix>`."""
@@ -138,7 +141,17 @@ class Fanout:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: a receive loop cancelled within moments of its start was seen to stay
+        # "cancelling" for good inside redis-py's pool (a worker whose master died while it
+        # started); the withdrawal below must happen all the same.
+        stuck = (await asyncio.wait(tasks, timeout=STOP_WAIT))[1] if tasks else set()
+        if stuck:
+            logger.warning(
+                "fan-out %s: %s did not stop within %gs",
+                self.channel,
+                sorted(t.get_name() for t in stuck),
+                STOP_WAIT,
+            )
         self._started = None
         self._delivered.flush()
         self._dropped.flush()

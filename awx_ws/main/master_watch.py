@@ -66,11 +66,12 @@ async def end_with_master(withdraw: Callable[[], Awaitable[None]]) -> None:
         parent.pid,
         os.getpid(),
     )
+    # Whatever happens below, the process ends within the bound: uvicorn's graceful shutdown
+    # waits, unbounded, for every open connection, and an event stream never ends by itself (its
+    # clients would stay on a process that no longer delivers); a withdrawal may hang too. What
+    # was not withdrawn by then goes with the next start-up's purge (the pid no longer runs).
+    asyncio.get_running_loop().call_later(EXIT_BOUND, os._exit, 0)
     try:
         await withdraw()
     finally:
         signal.raise_signal(signal.SIGTERM)
-        # uvicorn's graceful shutdown waits, unbounded, for every open connection, and an event
-        # stream never ends by itself: its clients would stay on a process that no longer
-        # delivers. Past the bound the process ends regardless (its state is withdrawn already).
-        asyncio.get_running_loop().call_later(EXIT_BOUND, os._exit, 0)
