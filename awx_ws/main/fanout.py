@@ -144,7 +144,10 @@ class Fanout:
         # Bounded: a receive loop cancelled within moments of its start was seen to stay
         # "cancelling" for good inside redis-py's pool (a worker whose master died while it
         # started); the withdrawal below must happen all the same.
-        stuck = (await asyncio.wait(tasks, timeout=STOP_WAIT))[1] if tasks else set()
+        ended, stuck = await asyncio.wait(tasks, timeout=STOP_WAIT) if tasks else (set(), set())
+        for task in ended:  # retrieved, as gather would: supervise logged any failure already
+            if not task.cancelled():
+                task.exception()
         if stuck:
             logger.warning(
                 "fan-out %s: %s did not stop within %gs",
