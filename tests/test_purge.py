@@ -92,6 +92,7 @@ async def test_kill_9_of_the_servers_pid_leaves_no_state_behind(start_daphne, to
     assert owner(served) != owner(member)
 
 
+@pytest.mark.slow  # the server's behaviour, not the database's: not in the PostgreSQL pass
 @pytest.mark.parametrize("runner", ["uvicorn"], indirect=True)
 async def test_a_uvicorn_worker_whose_master_was_killed_ends_even_with_a_stream_open(
     daphne_factory, own_redis, token, redis
