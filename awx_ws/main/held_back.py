@@ -62,6 +62,11 @@ def record(window: WebsocketEventRate, ranges: Ranges, count: int, now: float) -
     window.pending_count += count
     if not notice_due(window.pending, window.announced, now):
         return None
+    return _take(window, now)
+
+
+def _take(window: WebsocketEventRate, now: float) -> tuple[Ranges, int]:
+    """The window's pending ranges and count, handed over to a notice sent now."""
     due = (window.pending, window.pending_count)
     window.pending, window.pending_count, window.announced = [], 0, now
     return due
@@ -135,8 +140,7 @@ class Timer:
             if not force and not notice_due(window.pending, window.announced, now):
                 self.schedule(job_id, group, kind, window.announced + WINDOW)
                 return
-            notice = notice_payload(job_id, kind, window.pending, window.pending_count)
-            window.pending, window.pending_count, window.announced = [], 0, now
+            notice = notice_payload(job_id, kind, *_take(window, now))
             window.save(update_fields=["pending", "pending_count", "announced"])
             transaction.on_commit(metrics.HELD_BACK_NOTICES.labels("timer").inc)  # counted, then sent
             emit_on_commit([(group, notice)])

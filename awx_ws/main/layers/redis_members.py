@@ -14,7 +14,7 @@ pages of group keys the same way (redis_presence.py): a process that died holdin
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -60,16 +60,6 @@ end
 return removed
 """
 
-# KEYS: (group key, its mark's key) per group; ARGV: channel, then per group how long its mark
-# keeps the history (0: a kind without history, no mark).
-DISCARD_LUA = """
-for i = 1, #KEYS, 2 do
-    local keep = tonumber(ARGV[1 + (i + 1) / 2])
-    if keep > 0 then redis.call('SET', KEYS[i + 1], 1, 'EX', keep) end
-    redis.call('ZREM', KEYS[i], ARGV[1])
-end
-"""
-
 
 async def add_many(layer: RedisLayer, channel: str, groups: Sequence[str]) -> None:
     """channel joins every group (one shard: the caller checks ring_size); RedisUnavailable when
@@ -83,14 +73,11 @@ async def add_many(layer: RedisLayer, channel: str, groups: Sequence[str]) -> No
 async def discard_many(layer: RedisLayer, channel: str, groups: Sequence[str]) -> None:
     """channel leaves every group, each marked first as group_discard does (one shard: the caller
     checks ring_size); RedisUnavailable when Redis fails."""
-    script = layer.connection(0).register_script(DISCARD_LUA)
     for batch in _batches(layer, groups):
-        keys: list[str] = []
-        keeps: list[int] = []
-        for group in batch:
-            keys += [layer.group_key(group), watched_key(layer.prefix, group)]
-            keeps.append(mark_keep(group))
-        await _run(layer, script, keys, [channel, *keeps])
+        try:
+            await remove_members(layer, layer.connection(0), {group: [channel] for group in batch}, mark=True)
+        except RedisError as exc:
+            raise layer.unavailable(exc) from exc
 
 
 def mark_keep(group: str) -> int:
@@ -108,7 +95,7 @@ async def read_members(connection: Any, keys: list[bytes]) -> list[list[bytes]]:
 
 
 async def remove_members(
-    layer: RedisLayer, connection: Any, stale: dict[str, list[bytes]], mark: bool
+    layer: RedisLayer, connection: Any, stale: Mapping[str, Sequence[str | bytes]], mark: bool
 ) -> int:
     """Remove members from groups ({group: members}) in one round trip on connection, marking
     each group first when mark is True (its mark's key on the same Redis); how many went."""
