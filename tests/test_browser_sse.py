@@ -75,7 +75,10 @@ async def test_chromium_event_source_resumes_after_the_server_drops_it(
         async def shown_30() -> bool:
             return len((await page_state(page))[0]) >= 30
 
-        await eventually(shown_30, 20, "the page to show the first 30 messages")
+        try:
+            await eventually(shown_30, 20, "the page to show the first 30 messages")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: [received, opens] = {await page_state(page)}") from None
         os.kill(holder.pid, signal.SIGKILL)  # the stream drops mid-way
         for n in range(30, 100):  # ...while messages keep coming
             await aemit_channel_notification(group, {"n": n})

@@ -16,16 +16,26 @@ from tests.waiting import eventually
 
 pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
 
-# Schedules groups keep 2 s of history here: a left group's mark lasts 2 + 1 (HISTORY_CLOCK_SKEW)
-# + 1 seconds (history.resumable_for).
-SHORT = {"control": None, "schedules": {"age": 2}}
+# Schedules groups keep 5 s of history here: a left group's mark lasts 5 + 1 (HISTORY_CLOCK_SKEW)
+# + 1 seconds (history.resumable_for). A resume must come within the age of its position, so the
+# age leaves room for a loaded machine between a test's read and its resume.
+SHORT = {"control": None, "schedules": {"age": 5}}
+# For tests whose steps (a kill, a daphne's start) take seconds of their own on a loaded machine: a
+# 2 s age would turn their resume into "older than the history age" before the purge is reached.
+LONG = {"control": None, "schedules": {"age": 600}}
 
 
 @pytest.fixture
-def node(daphne_factory, own_redis, settings):
+def kinds():
+    """The history settings of the test's daphnes and emits."""
+    return SHORT
+
+
+@pytest.fixture
+def node(daphne_factory, own_redis, settings, kinds):
     """A daphne on a Redis of the test's own; the test's emits use the same history settings."""
-    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_KINDS": SHORT}
-    return daphne_factory({"REDIS_URL": own_redis.url, "AWX_WS_HISTORY_KINDS": json.dumps(SHORT)})
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_KINDS": kinds}
+    return daphne_factory({"REDIS_URL": own_redis.url, "AWX_WS_HISTORY_KINDS": json.dumps(kinds)})
 
 
 @pytest.fixture
@@ -79,7 +89,7 @@ async def test_a_group_left_lately_keeps_history_until_nobody_could_resume_it(
         position = back.last_id
     # Once the mark is gone, no position can reach back that far: emits keep nothing again, and
     # a resume from before them says its history is gone instead of skipping them.
-    await eventually(_gone(redis, f"asgi:watched:{group}"), 15, "the leave mark to expire")
+    await eventually(_gone(redis, f"asgi:watched:{group}"), 30, "the leave mark to expire")
     await emit(own_redis, group, range(5, 7))
     assert await redis.exists(f"asgi:history:{group}") == 0
     async with open_sse(node.http_url, group, headers=auth_headers, last_event_id=position) as late:
@@ -95,8 +105,9 @@ def _gone(redis, key: str):
     return check
 
 
+@pytest.mark.parametrize("kinds", [LONG])
 async def test_a_killed_daphnes_groups_keep_history_through_the_purge(
-    daphne_factory, node, own_redis, redis, auth_headers
+    daphne_factory, node, own_redis, redis, auth_headers, kinds
 ):
     group = f"schedules-killed{time.monotonic_ns()}"
     async with open_sse(node.http_url, group, headers=auth_headers) as watcher:
@@ -108,7 +119,7 @@ async def test_a_killed_daphnes_groups_keep_history_through_the_purge(
         node.proc.wait(10)
     await emit(own_redis, group, range(1, 3))  # its membership is still there: kept
     # The next daphne's start-up purge removes the dead membership and marks the leave.
-    successor = daphne_factory({"REDIS_URL": own_redis.url, "AWX_WS_HISTORY_KINDS": json.dumps(SHORT)})
+    successor = daphne_factory({"REDIS_URL": own_redis.url, "AWX_WS_HISTORY_KINDS": json.dumps(kinds)})
     assert await redis.exists(f"asgi:watched:{group}") == 1
     await emit(own_redis, group, range(3, 5))
     async with open_sse(successor.http_url, group, headers=auth_headers, last_event_id=position) as back:
