@@ -388,7 +388,7 @@ def test_events_page_by_counter_and_catch_up(member, org):
     for lookup in ("counter__gt", "counter__lt"):
         bad = client.get(f"/api/v2/jobs/{job.pk}/job_events/?{lookup}=x")
         assert bad.status_code == 400
-        assert bad.json() == {lookup: ["must be a non-negative integer"]}
+        assert bad.json() == {lookup: ["must be an integer from 0 to 2147483647"]}
 
 
 # --- HTTP publish ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from awx_ws.main import connlimit, peerauth
 from awx_ws.main.audience import viewer_now
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.layers import service_layer
+from awx_ws.main.numbers import parse_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def same_origin(scope: dict[str, Any], scheme_too: bool) -> bool:
     domain, port_text = split_domain_port(host.decode("latin-1"))
     if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
         return False
-    host_port = int(port_text) if port_text.isdigit() else None
+    host_port = parse_bounded(port_text, 65535)
     if domain.strip("[]") != parts.hostname:
         return False
     if scheme_too:

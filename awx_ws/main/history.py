@@ -24,15 +24,19 @@ Design (docs/channels.md, "Resumable streams"):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.signals import setting_changed
 
 from awx_ws.main.conf import ws_settings
+from awx_ws.main.numbers import parse_bounded, parse_digits
 
 # Largest sequence number of a Redis stream id: "<ms>-<this>" sorts after every id of that ms.
 MAX_SEQ = 2**64 - 1
+# A Redis stream origin (redis_history.py): ASCII letters and digits, never "é" or "١".
+_ORIGIN_RE = re.compile(r"[A-Za-z0-9]{1,16}")
 
 
 class PositionError(ValueError):
@@ -96,16 +100,17 @@ def resumable_for(policy: HistoryPolicy) -> int:
 
 def parse_stream_id(text: str) -> tuple[int, int]:
     """(ms, seq) of a Redis stream id `<ms>-<seq>`; PositionError if it is not one."""
-    ms, sep, seq = text.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit() or len(ms) > 15 or len(seq) > 20:
+    ms_text, sep, seq_text = text.partition("-")
+    ms, seq = parse_digits(ms_text, 15), parse_bounded(seq_text, MAX_SEQ)
+    if not sep or ms is None or seq is None:
         raise PositionError(f"invalid stream id {text!r}: expected <ms>-<seq>")
-    return int(ms), int(seq)
+    return ms, seq
 
 
 def parse_message_id(text: str) -> tuple[str, tuple[int, int]]:
     """(origin, (ms, seq)) of a message id `<origin>:<ms>-<seq>`."""
     origin, sep, stream_id = text.partition(":")
-    if not sep or not origin.isalnum() or len(origin) > 16:
+    if not sep or not _ORIGIN_RE.fullmatch(origin):
         raise PositionError(f"invalid message id {text!r}: expected <origin>:<ms>-<seq>")
     return origin, parse_stream_id(stream_id)
 
@@ -146,13 +151,14 @@ class GroupPosition:
         if not isinstance(text, str) or not text or len(text) > 1024:
             raise PositionError(f"invalid position {text!r}: expected <floor ms>[,<origin>:<ms>-<seq>]...")
         floor, *components = text.split(",")
-        if not floor.isdigit() or len(floor) > 15:
+        floor_ms = parse_digits(floor, 15)
+        if floor_ms is None:
             raise PositionError(f"invalid position {text!r}: it must start with a time in ms")
         seen = {}
         for component in components:
             origin, stream_id = parse_message_id(component)
             seen[origin] = stream_id
-        return cls(int(floor), seen)
+        return cls(floor_ms, seen)
 
 
 def format_stream_position(positions: dict[str, GroupPosition]) -> str:

@@ -95,6 +95,10 @@ class Job(models.Model):
             self.finished = timezone.now()
 
 
+# The largest counter a job event may have: PositiveIntegerField's bound on every database.
+MAX_COUNTER = 2**31 - 1
+
+
 class JobEvent(models.Model):
     """One event of a job's output, as a runner reports it; counters order a job's events."""
 

@@ -14,9 +14,11 @@ from typing import Any
 
 from awx_ws.main.exceptions import InvalidGroupName
 from awx_ws.main.history import GroupPosition, PositionError
+from awx_ws.main.numbers import parse_bounded
 
 # Channels accepts group names of these characters, shorter than 100 (channels.layers.BaseChannelLayer).
-GROUP_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,99}$")
+# Matched with fullmatch: `$` would also match before a final "\n" (see validate_group_name).
+GROUP_NAME_RE = re.compile(r"[a-zA-Z0-9_.-]{1,99}")
 
 # Kinds any authenticated user may join, with any item: jobs-status_changed, schedules-changed, ...
 OPEN_KINDS = frozenset({"jobs", "schedules", "inventories"})
@@ -77,7 +79,7 @@ RESERVED_PREFIX = "awx_ws."
 
 def validate_group_name(name: Any) -> str:
     """Return name if it is a group name Channels accepts and no client-reserved one; else raise."""
-    if not isinstance(name, str) or not GROUP_NAME_RE.match(name):
+    if not isinstance(name, str) or not GROUP_NAME_RE.fullmatch(name):
         raise InvalidGroupName(
             f"invalid group name {name!r}: use 1-99 characters of a-z, A-Z, 0-9, '_', '.', '-'"
         )
@@ -122,11 +124,10 @@ def xrftoken_matches(message: dict[str, Any], csrf_cookie: str | None) -> bool:
 
 def _object_id(kind: str, item: object) -> int:
     # Accept AWX UI's numbers and their decimal strings; bool is an int subclass, refuse it.
-    if isinstance(item, str) and item.isascii() and item.isdigit() and len(item) <= 19:
-        item = int(item)
-    if isinstance(item, bool) or not isinstance(item, int) or not 0 < item <= MAX_OBJECT_ID:
+    number = parse_bounded(item, MAX_OBJECT_ID) if isinstance(item, str) else item
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 < number <= MAX_OBJECT_ID:
         raise ProtocolError(f"invalid id {item!r} in groups.{kind}: expected a positive integer")
-    return item
+    return number
 
 
 def _named_group(kind: str, item: Any) -> str:

@@ -38,6 +38,7 @@ from awx_ws.main.auth import session_expiry, still_authenticated
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import DatabaseUnavailable
 from awx_ws.main.models import AccessChange, Organization
+from awx_ws.main.numbers import parse_bounded
 from awx_ws.main.retry import FailureLog, spawn
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ def lost_groups(user: Any, groups: Iterable[str]) -> set[str]:
     by_kind: dict[str, dict[int, str]] = {}
     for group in groups:
         kind, _, item = group.partition("-")
-        if kind in protocol.EVENT_KINDS and item.isdigit():
-            by_kind.setdefault(kind, {})[int(item)] = group
+        job_id = parse_bounded(item, protocol.MAX_OBJECT_ID)
+        if kind in protocol.EVENT_KINDS and job_id is not None:
+            by_kind.setdefault(kind, {})[job_id] = group
     lost: set[str] = set()
     for kind, named in by_kind.items():
         readable = readable_job_ids(user, protocol.EVENT_KINDS[kind], named)

@@ -85,7 +85,9 @@ def flag(value: Any) -> str | None:
     return None if isinstance(value, bool) else "must be true or false"
 
 
-_RATE_RE = re.compile(r"^\d+/(s|m|h|d)[a-z]*$")
+# Patterns that validate are matched in full (fullmatch): `$` also matches before a final "\n",
+# and `\d` matches any Unicode digit.
+_RATE_RE = re.compile(r"[0-9]+/(s|m|h|d)[a-z]*")
 
 
 def one_of(*choices: str) -> Check:
@@ -96,18 +98,18 @@ def one_of(*choices: str) -> Check:
 
 
 def rate(value: Any) -> str | None:
-    if isinstance(value, str) and _RATE_RE.match(value):
+    if isinstance(value, str) and _RATE_RE.fullmatch(value):
         return None
     return "must be a DRF rate such as 1200/min (a count, '/', then s, m, h or d)"
 
 
-_PEER_RE = re.compile(r"^(wss?://\S+|[A-Za-z0-9_.\-\[\]:]+:\d{1,5})$")
+_PEER_RE = re.compile(r"wss?://[!-~]+|[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}")
 
 
 def peers(value: Any) -> str | None:
     if not isinstance(value, list) or not all(isinstance(peer, str) for peer in value):
         return "must be a list of host:port entries or ws:// / wss:// URLs"
-    bad = [peer for peer in value if not _PEER_RE.match(peer)]
+    bad = [peer for peer in value if not _PEER_RE.fullmatch(peer)]
     return f"{bad[0]!r} is neither host:port nor a ws:// or wss:// URL" if bad else None
 
 

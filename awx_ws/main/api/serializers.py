@@ -11,7 +11,7 @@ from rest_framework import serializers
 
 from awx_ws.main import notifications
 from awx_ws.main.exceptions import InvalidGroupName, InvalidTransition
-from awx_ws.main.models import Job, JobEvent, Organization
+from awx_ws.main.models import MAX_COUNTER, Job, JobEvent, Organization
 from awx_ws.main.protocol import RESERVED_KINDS, validate_group_name
 
 # A runner's burst goes in one request (AWX's callback receiver saves in bulk too); the body's
@@ -103,7 +103,7 @@ class JobSerializer(serializers.ModelSerializer[Job]):
 class JobEventSerializer(serializers.ModelSerializer[JobEvent]):
     """One job event; `counter` orders a job's events and is unique within the job."""
 
-    counter = serializers.IntegerField(min_value=1, max_value=2**31 - 1)
+    counter = serializers.IntegerField(min_value=1, max_value=MAX_COUNTER)
 
     class Meta:
         model = JobEvent
@@ -153,7 +153,8 @@ class JobEventBatchSerializer(serializers.ListSerializer[list[JobEvent]]):
 class EmitSerializer(serializers.Serializer[None]):
     """An HTTP publish: a valid, non-reserved group and any JSON payload."""
 
-    group = serializers.CharField()
+    # Not trimmed: a name with a space or line break around it is refused, not quietly changed.
+    group = serializers.CharField(trim_whitespace=False)
     payload = serializers.JSONField()
 
     def validate_group(self, value: str) -> str:

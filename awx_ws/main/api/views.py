@@ -35,7 +35,8 @@ from awx_ws.main.api.serializers import (
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.emit import emit_channel_notification
 from awx_ws.main.exceptions import EmitError
-from awx_ws.main.models import Job, Organization
+from awx_ws.main.models import MAX_COUNTER, Job, Organization
+from awx_ws.main.numbers import parse_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +167,12 @@ class JobViewSet(
             return self._create_events(request, job)
         events = job.events.all()
         for lookup in ("counter__gt", "counter__lt"):  # AWX's filters of the same names
-            bound = request.query_params.get(lookup)
-            if bound is not None:
-                if not bound.isdigit():
-                    raise ValidationError({lookup: ["must be a non-negative integer"]})
-                events = events.filter(**{lookup: int(bound)})
+            text = request.query_params.get(lookup)
+            if text is not None:
+                bound = parse_bounded(text, MAX_COUNTER)
+                if bound is None:
+                    raise ValidationError({lookup: [f"must be an integer from 0 to {MAX_COUNTER}"]})
+                events = events.filter(**{lookup: bound})
         # The stubs tie paginate_queryset to the view's model (Job); DRF pages any queryset.
         page = self.paginate_queryset(events)  # type: ignore[arg-type]
         return self.get_paginated_response(JobEventSerializer(page, many=True).data)

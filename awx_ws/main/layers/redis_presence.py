@@ -55,10 +55,10 @@ logger = logging.getLogger(__name__)
 
 # specific.<32 hex>!<anything> (channels_redis's uuid4().hex client prefix), or our fan-out's
 # fanout.<32 hex> (fanout.py)
-_CHANNEL_RE = re.compile(r"^(?:(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!|fanout\.([0-9a-f]{32})$)")
+_CHANNEL_RE = re.compile(r"(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!.*|fanout\.([0-9a-f]{32})", re.DOTALL)
 # <layer prefix>specific.<32 hex>!, its in-flight backup <...>!$inflight, or <layer prefix>fanout.<32 hex>
-_QUEUE_RE = re.compile(r"^(?:(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!(?:\$inflight)?|fanout\.([0-9a-f]{32}))$")
-_OWNER_RE = re.compile(r"^[0-9a-f]{32}$")
+_QUEUE_RE = re.compile(r"(?:[A-Za-z0-9_-]+\.)?([0-9a-f]{32})!(?:\$inflight)?|fanout\.([0-9a-f]{32})")
+_OWNER_RE = re.compile(r"[0-9a-f]{32}")
 # Group keys the start-up purge reads per round trip.
 PURGE_PAGE = 500
 
@@ -118,7 +118,7 @@ class ProcessRecord:
 
 def channel_owner(channel: str) -> str | None:
     """The client prefix of the process owning a process-specific channel name, else None."""
-    match = _CHANNEL_RE.match(channel)
+    match = _CHANNEL_RE.fullmatch(channel)
     return (match.group(1) or match.group(2)) if match else None
 
 
@@ -346,7 +346,7 @@ async def _purge_queues(layer: RedisLayer, connection: Any, verdicts: LivenessJu
         async for key in connection.scan_iter(match=pattern, count=500):
             if not key.startswith(queue_prefix):
                 continue
-            match = _QUEUE_RE.match(key[len(queue_prefix) :].decode("utf-8", "replace"))
+            match = _QUEUE_RE.fullmatch(key[len(queue_prefix) :].decode("utf-8", "replace"))
             if match and await verdicts.dead(match.group(1) or match.group(2)):
                 removed += await connection.delete(key)  # 0 if a purge beside us was first
     return removed
@@ -360,13 +360,13 @@ async def _purge_records(layer: RedisLayer, verdicts: LivenessJudge) -> int:
     interest_prefix = interest_key(layer.prefix, "").encode()
     async for key in connection.scan_iter(match=interest_key(layer.prefix, "*"), count=500):
         owner = key[len(interest_prefix) :].decode("utf-8", "replace")
-        if _OWNER_RE.match(owner) and await verdicts.dead(owner):
+        if _OWNER_RE.fullmatch(owner) and await verdicts.dead(owner):
             removed += await connection.delete(key)
     # Connection counts (redis_counts.py) of dead processes would hold their users' slots for good.
     counts_prefix = process_counts_key(layer.prefix, "").encode()
     async for key in connection.scan_iter(match=process_counts_key(layer.prefix, "*"), count=500):
         owner = key[len(counts_prefix) :].decode("utf-8", "replace")
-        if _OWNER_RE.match(owner) and await verdicts.dead(owner):
+        if _OWNER_RE.fullmatch(owner) and await verdicts.dead(owner):
             await forget_process(layer, owner)
             removed += 1
     return removed
