@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import pytest
 from channels.layers import get_channel_layer
 
@@ -14,6 +15,7 @@ from awx_ws.main.emit import aemit_channel_notification
 from tests.client import WsClient, open_ws
 from tests.factories import adb, create_job, create_org, create_token, create_user
 from tests.sse import open_sse
+from tests.test_metrics import Node, moved
 
 pytestmark = [pytest.mark.usefixtures("shared_db"), pytest.mark.both_runners]
 
@@ -94,3 +96,50 @@ async def test_sse_streams_and_replays_are_filtered_too(node, people):
     ) as stream:
         assert await stream.payloads(1) == [{"note": "after"}]
         await stream.assert_silent(0.3)
+
+
+async def emit_through_the_api(api: Any, payload: dict[str, Any]) -> None:
+    """POST /api/v2/emit/ as a superuser, to the API process (gunicorn)."""
+    admin_token = await adb(create_token, await adb(create_user, superuser=True))
+    async with httpx.AsyncClient(timeout=10, headers={"Authorization": f"Token {admin_token}"}) as http:
+        response = await http.post(
+            f"{api.http_url}/api/v2/emit/", json={"group": "jobs-status_changed", "payload": payload}
+        )
+    assert response.status_code == 202, response.text
+
+
+async def test_a_job_id_sent_as_a_string_is_filtered_like_a_number(node, api, people):
+    member, outsider, admin = [await watcher(node, people[k]) for k in ("member", "outsider", "admin")]
+    as_text = {**status(people["job"], "running"), "unified_job_id": str(people["job"].pk)}
+    await emit_through_the_api(api, as_text)
+    await emit_through_the_api(api, {"note": "marker"})  # names no job: everyone gets it
+    for client in (member, admin):
+        assert [await client.recv_json() for _ in range(2)] == [as_text, {"note": "marker"}]
+    assert await outsider.recv_json() == {"note": "marker"}  # the job's status passed it by
+    for client in (member, admin, outsider):
+        await client.close()
+
+
+# What a `unified_job_id` may carry that names no job.
+ODD_IDS = ["six", "6.0", " 6", "٦", 6.0, 6.5, -6, 0, None, True, [6], {"id": 6}, 2**70]
+
+
+async def test_a_job_id_that_names_no_job_reaches_superusers_only(daphne_factory, state_dir, people):
+    own = Node(daphne_factory, state_dir)  # its own metrics: the count moves only with this test
+    try:
+        server = own.daphne()
+        member, outsider, admin = [await watcher(server, people[k]) for k in ("member", "outsider", "admin")]
+        before = await own.scrape()
+        for odd_id in ODD_IDS:
+            unplaced = {**status(people["job"], "running"), "unified_job_id": odd_id}
+            await emit_through_the_api(own.api, unplaced)
+            await emit_through_the_api(own.api, {"note": "marker"})
+            assert [await admin.recv_json() for _ in range(2)] == [unplaced, {"note": "marker"}]
+            for client in (member, outsider):  # fail closed: not even the organization's members
+                assert await client.recv_json() == {"note": "marker"}, odd_id
+        after = await own.scrape()
+        assert moved(before, after, "awx_ws_unplaced_job_messages_total") == len(ODD_IDS)
+        for client in (member, admin, outsider):
+            await client.close()
+    finally:
+        own.api.stop()

@@ -5,9 +5,14 @@ user learns every job's id, status and kind. Here the fan-out reads the job id o
 message once, finds the job's organization (cached per process: a job never changes it), and
 writes the same prepared frame only to the subscribers whose user may see that organization's
 jobs: superusers, and members. Whatever the producer (our emit, Channels' group_send, a peer's
-relay, a replay from history), the check is made where the message meets the client. A message
-naming a job that does not exist reaches superusers only; one naming no job at all (a producer's
-own payload) reaches every subscriber, as in AWX.
+relay, a replay from history), the check is made where the message meets the client.
+
+The id is read whatever its JSON type: `6` and `"6"` name the same job (a string once slipped
+past a filter that only knew integers, and reached every subscriber). A message naming a job that
+does not exist, or carrying a `unified_job_id` that names no job at all (`"six"`, `6.5`, `null`,
+`[6]`), reaches superusers only: what cannot be placed fails closed, and is counted
+(`awx_ws_unplaced_job_messages_total`). A message without the key (a producer's own payload)
+reaches every subscriber, as in AWX.
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 
+from awx_ws.main import metrics
+from awx_ws.main.numbers import parse_bounded
+
 logger = logging.getLogger(__name__)
 
 # The groups whose messages name one job (`unified_job_id`).
 JOB_GROUPS = frozenset({"jobs-status_changed", "jobs-summary"})
 # Jobs whose organization a process remembers.
 CACHE_SIZE = 10_000
+# The largest job id (a bigint primary key).
+MAX_JOB_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -59,13 +69,32 @@ async def viewer_of(user: Any) -> Viewer:
     return await _viewer_of(user)
 
 
-def job_id_in(text: str) -> int | None:
-    """The job a message names (`unified_job_id`), or None."""
+@dataclass(frozen=True)
+class JobReference:
+    """What a message says of its job: whether it has a `unified_job_id`, and the job it names."""
+
+    present: bool
+    job_id: int | None = None
+
+
+NO_JOB = JobReference(present=False)
+UNPLACED = JobReference(present=True)
+
+
+def job_reference(text: str) -> JobReference:
+    """The job a message's `unified_job_id` names: an integer or its decimal string."""
     try:
-        value = json.loads(text).get("unified_job_id")
-    except (ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+        payload = json.loads(text)
+    except ValueError:
+        return NO_JOB  # not JSON: the fan-out only carries JSON, so nobody's job
+    if not isinstance(payload, dict) or "unified_job_id" not in payload:
+        return NO_JOB
+    value = payload["unified_job_id"]
+    if isinstance(value, str):
+        value = parse_bounded(value, MAX_JOB_ID)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_JOB_ID:
+        return UNPLACED
+    return JobReference(present=True, job_id=value)
 
 
 def _organization_of(job_id: int) -> int | None:
@@ -99,7 +128,10 @@ async def allowed(group: str, text: str, organizations: JobOrganizations) -> tup
     """(whether this message is filtered by job, the job's organization if so)."""
     if group not in JOB_GROUPS:
         return False, None
-    job_id = job_id_in(text)
-    if job_id is None:
-        return False, None  # names no job: a producer's own message, sent as AWX sends it
-    return True, await organizations.of(job_id)
+    reference = job_reference(text)
+    if not reference.present:
+        return False, None  # a producer's own message, sent as AWX sends it
+    if reference.job_id is None:
+        metrics.UNPLACED_JOB_MESSAGES.inc()  # superusers only: no organization
+        return True, None
+    return True, await organizations.of(reference.job_id)

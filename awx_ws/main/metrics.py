@@ -50,6 +50,10 @@ HELD_BACK_NOTICES = Counter(
     "Notices naming job events held back over the rate: with a request's events, or by the timer",
     ["sent_by"],
 )
+UNPLACED_JOB_MESSAGES = Counter(
+    "awx_ws_unplaced_job_messages",
+    "Job status messages whose unified_job_id names no job: shown to superusers only",
+)
 SLOW_CLIENT_CLOSES = Counter(
     "awx_ws_slow_client_closes", "Client connections closed because they stopped reading"
 )
@@ -91,7 +95,7 @@ RELAY_RECEIVED = Counter("awx_ws_relay_received", "Messages received from a peer
 RELAY_RECONNECTS = Counter("awx_ws_relay_reconnects", "Relay links re-established after a loss", ["peer"])
 
 # gauge_livesum_1234.db and the like: files of live-state gauges of one process
-_LIVE_FILE = re.compile(r"^gauge_live\w*_(\d+)\.db$")
+_LIVE_FILE = re.compile(r"gauge_live[a-z]*_([0-9]+)\.db")
 
 
 class Tally:
@@ -156,13 +160,19 @@ def forget_previous_owner_of_this_pid(directory: str | Path) -> None:
     multiprocess.mark_process_dead(os.getpid(), str(directory))
 
 
+def live_file_pid(name: str) -> int | None:
+    """The pid of a live-state gauge file's process (gauge_livesum_1234.db), else None."""
+    match = _LIVE_FILE.fullmatch(name)
+    return int(match[1]) if match else None
+
+
 def retire_dead_processes(directory: str | Path) -> list[int]:
     """Drop live-state gauge files of processes that no longer run here; their pids."""
     dead = set()
     for name in os.listdir(directory):
-        match = _LIVE_FILE.match(name)
-        if match and not psutil.pid_exists(int(match[1])):
-            dead.add(int(match[1]))
+        pid = live_file_pid(name)
+        if pid is not None and not psutil.pid_exists(pid):
+            dead.add(pid)
     for pid in dead:
         multiprocess.mark_process_dead(pid, str(directory))
     return sorted(dead)
