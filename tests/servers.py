@@ -322,6 +322,7 @@ class Gunicorn(Process):
         argv = [
             sys.executable, "-m", "gunicorn", "config.wsgi:application",
             "-b", f"127.0.0.1:{self.port}", "--workers", "1", "--access-logfile", "-",
+            "--logger-class", "awx_ws.main.log_redaction.GunicornLogger",
         ]  # fmt: skip
         env = {**os.environ, **(env_extra or {})}
         super().__init__(f"gunicorn:{self.port}", argv, workdir / f"gunicorn-{self.port}.log", env)

@@ -62,3 +62,22 @@ async def test_group_keys_are_named_as_channels_redis_names_them(redis_server):
         await layer.group_discard("jobs-keyformat", "specific.0123!x")
     finally:
         await layer.close_pools()
+
+
+def test_daphnes_access_log_leaves_credentials_out():
+    import datetime
+    import io
+
+    from daphne.access import AccessLogGenerator
+
+    assert daphne_hooks.redact_access_log()  # apps.py did it already; doing it again is harmless
+    assert daphne_hooks.redact_access_log()
+    stream = io.StringIO()
+    log = AccessLogGenerator(stream)
+    details = {"client": "127.0.0.1:5", "method": "GET", "status": 200, "size": 1}
+    log("http", "complete", {**details, "path": "/api/v2/stream/?groups=jobs-status_changed&token=s3cret"})
+    log("websocket", "connecting", {**details, "path": "/websocket/?token=s3cret"})
+    log.write_entry("h", datetime.datetime.now(), "GET /x?token=s3cret")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and "s3cret" not in stream.getvalue()
+    assert '"GET /api/v2/stream/?groups=jobs-status_changed&token=[redacted]" 200 1' in lines[0]

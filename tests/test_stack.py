@@ -20,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
+import websockets
 
 from tests.servers import ROOT, free_ports, port_open
 from tests.sse import open_sse
@@ -81,6 +83,27 @@ async def stream_while(base_url: str, token: str, action: Callable[[], None]) ->
         await stream.wait_ready(30)
         await asyncio.to_thread(action)
         return await stream.payloads(1, 30)
+
+
+async def use_tokens_in_urls(front: str, token: str) -> None:
+    """Requests with the token in their URL or Referer, through nginx: a stream (opened, and one
+    refused), a websocket, and API requests."""
+    referer = {"Referer": f"{front}/live/?job=1&token={token}"}
+    stream = f"{front}/api/v2/stream/"
+    async with httpx.AsyncClient(timeout=10, headers=referer) as http:
+        opened = {"groups": "jobs-status_changed", "token": token}
+        async with http.stream("GET", stream, params=opened) as live:
+            assert live.status_code == 200
+            async for line in live.aiter_lines():
+                if line.startswith("id:"):
+                    break  # subscribed: the stream is open
+        refused = await http.get(stream, params={"groups": "broadcast-all", "token": token})
+        assert refused.status_code == 400
+        assert (await http.get(f"{front}/api/v2/me/", params={"token": token})).status_code == 401
+        assert (await http.get(f"{front}/api/v2/ping/", params={"token": token})).status_code == 200
+    ws_url = front.replace("http://", "ws://") + f"/websocket/?token={token}"
+    async with websockets.connect(ws_url, additional_headers=referer, open_timeout=10) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["accept"] is True
 
 
 def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
@@ -198,6 +221,9 @@ def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
             assert json.loads(response.read())["ping"] == "pong"
         for program in ("daphne", "api", "redis", "nginx", "relay", "supervisord"):
             assert (var / "log" / f"{program}.log").exists()
+        # Clients that cannot set a header send ?token= (EventSource, a page's websocket), and a
+        # page opened with one sends it on as the Referer: every process's log must leave it out.
+        asyncio.run(use_tokens_in_urls(front, token[1]))
     finally:
         # Ctrl-C in a terminal signals the whole foreground process group.
         with contextlib.suppress(ProcessLookupError):  # already gone if make run failed
@@ -208,6 +234,12 @@ def test_make_run_serves_the_readme_client_and_stops_on_ctrl_c(tmp_path: Path):
             os.killpg(stack.pid, signal.SIGKILL)
             raise
     wait_until(lambda: not any(port_open(p) for p in ports.values()), 30, "ports to close", log)
+    # Stopped, so every log is flushed: the token is in none of them, and the requests are.
+    logs = {path: path.read_text(errors="replace") for path in var.rglob("*.log")}
+    assert [path for path, text in logs.items() if token[1] in text] == []
+    assert "token=[redacted]" in logs[var / "log" / "daphne.log"]  # daphne's access log
+    assert "token=[redacted]" in logs[var / "log" / "api.log"]  # gunicorn's
+    assert "[query left out]" in logs[var / "nginx" / "access.log"]  # nginx's, the Referer
     leftovers = [
         p.info
         for p in psutil.process_iter(["pid", "cmdline"])

@@ -10,7 +10,9 @@ on a connection's socket. Three things are still worth having under it:
   application with `send=functools.partial(server.handle_reply, protocol)`, so the protocol, and
   its Twisted transport, can be found from `send` (`connection_protocol`);
 - daphne's websocket timeout, which closes every websocket after 86,400 s unless daphne runs
-  with `--websocket_timeout -1` (AWX PR #3424): the application warns once (`websocket_timeout`).
+  with `--websocket_timeout -1` (AWX PR #3424): the application warns once (`websocket_timeout`);
+- daphne's access log, which writes each request's URI with its query string: a `?token=` in it
+  is redacted (`redact_access_log`, log_redaction.py).
 
 Each looks at daphne's private structure and gives up (None, False) when it is not what it
 expects, so the application still runs, unhooked, under any other ASGI server or daphne release.
@@ -24,6 +26,8 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from awx_ws.main.log_redaction import redact_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,27 @@ def websocket_timeout(send: Any) -> float | None:
     server = _daphne_server(send)
     timeout = getattr(server, "websocket_timeout", None)
     return float(timeout) if isinstance(timeout, int | float) and timeout > 0 else None
+
+
+def redact_access_log() -> bool:
+    """Make daphne's access log (daphne.access.AccessLogGenerator) redact credentials in the
+    URIs it writes; False if that class is not what it was. Called once per process (apps.py)."""
+    try:
+        from daphne.access import AccessLogGenerator  # datetime only: installs no reactor
+    except ImportError:
+        return False
+    write_entry = getattr(AccessLogGenerator, "write_entry", None)
+    if write_entry is None or getattr(write_entry, "redacts", False):
+        return write_entry is not None
+
+    @functools.wraps(write_entry)
+    def redacting_write_entry(self: Any, host: Any, date: Any, request: Any, *more: Any, **kw: Any) -> None:
+        request = redact_credentials(request) if isinstance(request, str) else request
+        write_entry(self, host, date, request, *more, **kw)
+
+    redacting_write_entry.redacts = True  # type: ignore[attr-defined]
+    AccessLogGenerator.write_entry = redacting_write_entry
+    return True
 
 
 def _reactor() -> Any | None:
