@@ -470,6 +470,28 @@ async def test_an_unreachable_peer_is_logged_once_not_per_attempt(state_dir):
     assert row.split()[1] in {"disconnected", "connecting"}
 
 
+async def test_a_relay_dialling_plain_ws_off_this_host_warns_once_per_peer_at_start(state_dir):
+    local = free_ports(1)[0]
+    plain = ["192.0.2.1:8051", "ws://192.0.2.2:8051/websocket/broadcast/"]  # TEST-NET: never answers
+    safe = ["wss://192.0.2.3:8443/websocket/broadcast/", f"127.0.0.1:{local}", f"localhost:{local}"]
+    peers = ",".join(plain + safe)
+    env = {**os.environ, "BROADCAST_WEBSOCKET_PEERS": peers, "BROADCAST_WEBSOCKET_SECRET": SECRET}
+    relay = Relay(state_dir, f"plain-{local}", env).start()
+    redis = redis_at(env["REDIS_URL"])
+    try:
+        # The links' status is written once they run, after the start-up warnings.
+        await eventually(
+            lambda: redis.exists(f"asgi:relay-status:127.0.0.1:{local}"), 30, "the relay to run its links"
+        )
+    finally:
+        relay.stop()
+        await redis.aclose()
+    warnings = [line for line in relay.output().splitlines() if "dials plain ws://" in line]
+    assert len(warnings) == len(plain), warnings
+    for peer, line in zip(plain, warnings, strict=True):
+        assert "WARNING" in line and f"relay to {peer} dials plain ws:// (BROADCAST_WEBSOCKET_PEERS)" in line
+
+
 async def test_a_frozen_peer_is_noticed_by_pings(cluster):
     """SIGSTOP keeps the TCP connection open: only the pings can tell the peer is gone."""
     a, c = cluster["A"], cluster["C"]

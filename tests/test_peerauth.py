@@ -69,3 +69,21 @@ def test_only_a_holder_of_the_secret_can_answer_a_fresh_nonce():
     ):
         with pytest.raises(peerauth.PeerAuthError, match="did not prove"):
             peerauth.check_proof(SECRET, credentials, offered)
+
+
+@pytest.mark.parametrize(
+    ("peer", "exposed"),
+    [
+        ("node2:8051", True),
+        ("10.0.0.2:8051", True),
+        ("ws://node2:8013/websocket/broadcast/", True),
+        ("ws://[2001:db8::2]:8051/websocket/broadcast/", True),
+        ("wss://node2:8443/websocket/broadcast/", False),
+        ("127.0.0.1:8051", False),
+        ("127.0.0.2:8051", False),
+        ("localhost:8051", False),
+        ("ws://[::1]:8051/websocket/broadcast/", False),
+    ],
+)
+def test_a_plain_hop_off_this_host_is_exposed(peer, exposed):
+    assert peerauth.exposed_hop(peer) is exposed

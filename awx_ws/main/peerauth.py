@@ -10,12 +10,18 @@ seen before on this node. So a header captured on one link opens nothing anywher
 The dialled node proves itself in turn: its first frame is `{"proof": <hexdigest>}`, HMAC-SHA256
 over the dialler's nonce and audience with a different label, which only a holder of the secret
 can compute for that fresh nonce. A dialler drops a peer whose first frame is anything else.
+
+What this cannot stop on a plain `ws://` hop: an active man-in-the-middle can hold a fresh header
+back from the node it was meant for and present it there once, within the window, as if it were
+the dialler; it is then a peer of that node (it may ask for the node's messages). Between
+machines, dial `wss://` (`exposed_hop` says which peers do not; the relay warns of each at start).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from dataclasses import dataclass
@@ -36,6 +42,20 @@ def peer_url(peer: str) -> str:
     if "://" in peer:
         return peer
     return f"ws://{peer}{BROADCAST_PATH}"
+
+
+def exposed_hop(peer: str) -> bool:
+    """True when peer is dialled over plain ws:// at an address that is not this host's loopback."""
+    parts = urlsplit(peer_url(peer))
+    if parts.scheme != "ws":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: another machine, as far as this node can tell
 
 
 def audience_of(peer: str) -> str:

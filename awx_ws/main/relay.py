@@ -37,7 +37,7 @@ from awx_ws.main.peer_protocol import (
     peer_ssl,
     read_frame,
 )
-from awx_ws.main.peerauth import peer_url
+from awx_ws.main.peerauth import exposed_hop, peer_url
 from awx_ws.main.relay_status import LinkStatus, describe
 from awx_ws.main.retry import RetryPolicy, spawn, supervise
 
@@ -104,6 +104,8 @@ class Relay:
         if link is None:
             link = self.links[peer] = PeerLink(self, peer)
             link.status.source = "discovered"
+            if exposed_hop(peer):
+                _warn_plain_hop(peer, "BROADCAST_WEBSOCKET_SELF of that node, announced by discovery")
             if self._tasks is not None:
                 self._tasks[peer] = link.start()
         link.status.last_seen = max(link.status.last_seen, seen)
@@ -144,6 +146,9 @@ class Relay:
             await asyncio.Event().wait()
         found = " and the nodes discovery finds" if self.discovery is not None else ""
         logger.info("relay of node %s to %s%s", self.node, ", ".join(self.peers) or "no static peer", found)
+        for peer in self.peers:
+            if exposed_hop(peer):
+                _warn_plain_hop(peer, "BROADCAST_WEBSOCKET_PEERS")
         records = self.records
         if records is not None:
             watch = records.watch_interest(self)
@@ -174,6 +179,15 @@ class Relay:
             await records.write_link_status(link.peer, link.status.as_mapping())
         await records.write_peers({link.peer: link.status.source for link in links})
         return STATUS_EVERY
+
+
+def _warn_plain_hop(peer: str, setting: str) -> None:
+    logger.warning(
+        "relay to %s dials plain ws:// (%s): a man-in-the-middle on that hop can hold back a fresh "
+        "relay header and use it once as this node; use wss:// between machines",
+        peer,
+        setting,
+    )
 
 
 class PeerLink:
