@@ -136,8 +136,10 @@ def make_nodes(
             "BROADCAST_WEBSOCKET_SECRET": SECRET,
             "BROADCAST_WEBSOCKET_SELF": f"127.0.0.1:{daphne_port}",
             "AWX_WS_NODE_NAME": name,
-            # Its own var: metrics, nginx and logs per node, as on separate machines.
+            # Its own var: metrics, nginx and logs per node, as on separate machines (the metrics
+            # directory named too: this process's own setting would be inherited otherwise).
             "AWX_WS_VAR": str(workdir / "var"),
+            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "var" / "metrics"),
             **(extra_env or {}),
         }
         nodes.append(Node(name, env, redis, daphne_port, workdir, runner))

@@ -247,11 +247,14 @@ async def test_another_cluster_on_the_same_database_stays_apart(cluster, clients
         assert {said["cluster"] for said in heard} == {OTHER_CLUSTER}
         # ...and a message naming its cluster on ours is ignored, and said so.
         async with await psycopg.AsyncConnection.connect(cluster.postgres.url, autocommit=True) as conn:
-            stray = {"cluster": OTHER_CLUSTER, "node": "disc-D", "address": address(d), "action": "hello"}
-            await conn.execute("SELECT pg_notify(%s, %s)", (channel_name(CLUSTER), json.dumps(stray)))
-        assert a.relay is not None
-        ignored = f"ignored node 'disc-D' of cluster '{OTHER_CLUSTER}'"
-        assert await asyncio.to_thread(a.relay.wait_for_output, ignored, 10), a.relay.output()
+            before = refused_counts(a).get("other_cluster", 0)
+            stray = json.dumps(heard[-1])  # signed by D (one secret for both clusters here)
+            await conn.execute("SELECT pg_notify(%s, %s)", (channel_name(CLUSTER), stray))
+
+        async def refused_as_foreign() -> bool:
+            return refused_counts(a).get("other_cluster", 0) == before + 1
+
+        await eventually(refused_as_foreign, 10, "A to refuse D's announcement as another cluster's")
         for node in (a, b, c):
             assert address(d) not in await listed(node)
         assert await listed(d) == {}
@@ -267,6 +270,90 @@ async def test_another_cluster_on_the_same_database_stays_apart(cluster, clients
     finally:
         d.stop()
         d.redis.stop()
+
+
+def refused_counts(node: Node) -> dict[str, float]:
+    """awx_ws_discovery_refused_total by reason, as node's relay wrote it (its own metrics dir)."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=node.env["PROMETHEUS_MULTIPROC_DIR"])
+    return {
+        sample.labels["reason"]: sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "awx_ws_discovery_refused_total"
+    }
+
+
+async def test_a_database_login_without_the_secret_steers_no_node(cluster, clients, token):
+    """A role that may only log in (no table rights) can LISTEN and NOTIFY on the cluster's
+    channel: it announces a bait address, 200 fake peers and `offline` for a real node, and
+    replays a genuine announcement. No node acts on any of it."""
+    a, b, c = cluster.nodes[:3]
+    postgres = cluster.postgres
+    async with await psycopg.AsyncConnection.connect(postgres.url, autocommit=True) as owner:
+        await owner.execute("DROP ROLE IF EXISTS intruder")
+        await owner.execute("CREATE ROLE intruder LOGIN")
+    dialled: list[int] = []
+
+    async def bait_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialled.append(1)
+        writer.close()
+
+    bait = await asyncio.start_server(bait_handler, "127.0.0.1", 0)
+    bait_address = f"127.0.0.1:{bait.sockets[0].getsockname()[1]}"
+    before = refused_counts(a)
+    assert a.relay is not None
+    logged_before = a.relay.output().count("peer discovery refused announcements")
+    channel = channel_name(CLUSTER)
+    intruder_url = postgres.url.replace("postgres@", "intruder@", 1)
+    try:
+        async with await psycopg.AsyncConnection.connect(intruder_url, autocommit=True) as conn:
+            await conn.execute(f'LISTEN "{channel}"')
+            genuine = None
+            while genuine is None:  # bounded: B says online every second; the wait is 20 s at most
+                async with asyncio.timeout(20):
+                    async for notice in conn.notifies(stop_after=1):
+                        said = json.loads(notice.payload)
+                        genuine = notice.payload if said["address"] == address(b) else None
+            fakes = [{"cluster": CLUSTER, "node": "bait", "address": bait_address, "action": "hello"}]
+            fakes += [
+                {
+                    "cluster": CLUSTER,
+                    "node": f"fake{n}",
+                    "address": f"127.0.0.{2 + n % 200}:9",
+                    "action": "online",
+                }
+                for n in range(200)
+            ]
+            offline = {**json.loads(genuine), "address": address(c), "node": c.name, "action": "offline"}
+            for payload in [*(json.dumps(f) for f in fakes), json.dumps(offline), genuine]:
+                await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+        async def all_refused() -> bool:
+            now = refused_counts(a)
+            moved = {reason: now.get(reason, 0) - before.get(reason, 0) for reason in now}
+            return moved.get("unsigned") == 201 and moved.get("forged") == 1 and moved.get("replayed") == 1
+
+        await eventually(all_refused, 20, "A to refuse every announcement of the intruder")
+        assert dialled == []  # nobody dialled the bait
+        for node in (a, b, c):
+            assert set(await listed(node)) == {address(o) for o in (a, b, c) if o is not node}
+        assert await connected(a, c) and await connected(b, c)  # the forged offline dropped nobody
+        assert a.relay is not None
+        logged = a.relay.output().count("peer discovery refused announcements") - logged_before
+        assert logged <= 1  # 203 refusals: at most one line a minute
+        group = topic("intruded")
+        for node in (a, b, c):
+            await subscribed(node, token, group, clients)
+        await joined_everywhere([a, b, c], group, 30)
+        await each_hears_every_emit_once([a, b, c], clients, group)
+    finally:
+        bait.close()
+        await bait.wait_closed()
+        async with await psycopg.AsyncConnection.connect(postgres.url, autocommit=True) as owner:
+            await owner.execute("DROP ROLE IF EXISTS intruder")
 
 
 async def test_a_database_restart_is_survived(cluster, clients, token):

@@ -10,15 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from awx_ws.main import discovery
+from awx_ws.main.announcements import Announcement, AnnouncementCheck
 from awx_ws.main.conf import SettingError, validate
-from awx_ws.main.discovery import (
-    CHANNEL_PREFIX,
-    Announcement,
-    PeerTable,
-    channel_name,
-    connect_args,
-    parse_announcement,
-)
+from awx_ws.main.discovery import CHANNEL_PREFIX, PeerTable, channel_name, connect_args
 from awx_ws.main.relay import Relay
 
 pytestmark = pytest.mark.unit
@@ -34,34 +28,92 @@ def test_a_channel_name_is_a_short_identifier_of_its_cluster_only():
     assert len({channel_name(c) for c in ("default", "Default", "default ", long_id)}) == 4
 
 
-def said(**fields: str) -> str:
-    return json.dumps(
-        {"cluster": "one", "node": "b", "address": "10.0.0.2:8051", "action": "online", **fields}
-    )
+SECRET = "discovery-rules-secret"
+WINDOW = 300.0
+NOW = 1_800_000_000.0
+
+
+def check() -> AnnouncementCheck:
+    return AnnouncementCheck("one", SECRET, WINDOW)
+
+
+def signed(now: float = NOW, secret: str = SECRET, **fields: str) -> str:
+    """A payload signed as a node holding secret signs it, with fields changed before signing."""
+    base = {"cluster": "one", "node": "b", "address": "10.0.0.2:8051", "action": "online"}
+    return Announcement(**{**base, **fields}).payload(secret, now)
+
+
+def tampered(payload: str, **fields: str) -> str:
+    """payload with fields changed after signing."""
+    return json.dumps({**json.loads(payload), **fields})
 
 
 def test_an_announcement_reads_back():
     sent = Announcement("one", "b", "wss://b.example/websocket/broadcast/", "hello")
-    assert parse_announcement(sent.payload(), "one") == sent
+    assert check().read(sent.payload(SECRET, NOW), NOW + 1) == sent
 
 
 @pytest.mark.parametrize(
-    ("payload", "logged"),
+    ("payload", "reason", "logged"),
     [
-        ("{not json", "not JSON"),
-        ("[1, 2]", "without cluster, node, address, action"),
-        (json.dumps({"cluster": "one", "node": "b", "action": "online"}), "without cluster"),
-        (said(address=7), "without cluster"),  # type: ignore[arg-type]
-        (said(cluster="two"), "node 'b' of cluster 'two' (this node is in 'one')"),
-        (said(action="reboot"), "unknown action 'reboot'"),
-        (said(address="not an address"), "is neither host:port nor"),
+        ("{not json", "malformed", "not JSON"),
+        ("[1, 2]", "malformed", "without cluster, node, address, action"),
+        (json.dumps({"cluster": "one", "node": "b", "address": "x:1"}), "malformed", "without"),
+        (
+            json.dumps({"cluster": "one", "node": "b", "address": "x:1", "action": "hello"}),
+            "unsigned",
+            "no time",
+        ),
+        (signed(cluster="two"), "other_cluster", "node 'b' of cluster 'two' (this node is in 'one')"),
+        (signed(secret="another"), "forged", "wrong MAC"),
+        (tampered(signed(), address="10.6.6.6:8051"), "forged", "wrong MAC"),
+        (tampered(signed(), action="offline"), "forged", "wrong MAC"),
+        (tampered(signed(), cluster="two"), "other_cluster", "of cluster 'two'"),
+        (signed(now=NOW - WINDOW - 1), "stale", "301s from our clock (window 300s)"),
+        (signed(now=NOW + WINDOW + 1), "stale", "from our clock"),
+        (signed(action="reboot"), "invalid", "unknown action 'reboot'"),
+        (signed(address="not an address"), "invalid", "is neither host:port nor"),
     ],
 )
-def test_a_bad_or_foreign_announcement_is_ignored_and_logged(payload, logged, caplog):
-    with caplog.at_level(logging.INFO, logger="awx_ws.main.discovery"):
-        assert parse_announcement(payload, "one") is None
+def test_an_announcement_that_does_not_verify_is_refused_counted_and_logged(payload, reason, logged, caplog):
+    from awx_ws.main import metrics
+
+    before = metrics.DISCOVERY_REFUSED.labels(reason)._value.get()
+    with caplog.at_level(logging.INFO, logger="awx_ws.main.announcements"):
+        assert check().read(payload, NOW) is None
     assert logged in caplog.text
-    assert all(record.levelno >= logging.INFO for record in caplog.records)
+    assert f"1 {reason}" in caplog.text
+    assert all(record.levelno <= logging.WARNING for record in caplog.records)
+    assert metrics.DISCOVERY_REFUSED.labels(reason)._value.get() == before + 1
+
+
+def test_an_announcement_heard_twice_is_a_replay():
+    reader, payload = check(), signed()
+    assert reader.read(payload, NOW) is not None
+    assert reader.read(payload, NOW + 1) is None  # the same nonce, within the window
+    assert reader.read(signed(), NOW + 1) is not None  # the node's next one has a nonce of its own
+
+
+def test_refusals_are_logged_at_most_once_a_minute(caplog):
+    reader = check()
+    with caplog.at_level(logging.INFO, logger="awx_ws.main.announcements"):
+        for n in range(1000):  # a flood from a role that may NOTIFY
+            assert (
+                reader.read(
+                    signed(secret="guess", node=f"fake{n}", address=f"10.9.{n // 250}.{n % 250}:1"), NOW
+                )
+                is None
+            )
+    assert len(caplog.records) == 1
+
+
+def test_nonces_are_kept_only_for_the_window():
+    reader = check()
+    for n in range(100):
+        assert reader.read(signed(now=NOW + n), NOW + n) is not None
+    assert len(reader._nonces) == 100
+    assert reader.read(signed(now=NOW + 1000), NOW + 1000) is not None
+    assert len(reader._nonces) == 1  # the others expired with the window
 
 
 def test_a_peer_silent_for_three_heartbeats_expires():
@@ -172,10 +224,12 @@ class Peers:
 
 def test_what_is_heard_is_told_to_the_relay_and_a_hello_is_answered():
     peers = Peers()
-    found = discovery.Discovery(peers, {}, "one", "a", "10.0.0.1:8051", interval=1)
+    found = discovery.Discovery(peers, {}, "one", "a", "10.0.0.1:8051", 1, SECRET, WINDOW)
 
     def hear(*announced: tuple[str, str]) -> bool:
-        payloads = [Announcement("one", "n", address, action).payload() for address, action in announced]
+        payloads = [
+            Announcement("one", "n", address, action).payload(SECRET) for address, action in announced
+        ]
         return found._hear(payloads)
 
     assert hear(("10.0.0.2:8051", "online")) is False
@@ -186,3 +240,8 @@ def test_what_is_heard_is_told_to_the_relay_and_a_hello_is_answered():
     assert hear(gone, gone, ("10.0.0.9:1", "offline")) is False  # dropped once; unknown: nothing
     assert peers.told == [("add", "10.0.0.2:8051"), ("add", "10.0.0.3:8051"), ("drop", "10.0.0.2:8051")]
     assert set(found.table.last_heard) == {"10.0.0.3:8051"}
+    # Unsigned, or signed with another secret: neither dialled nor answered.
+    unsigned = json.dumps({"cluster": "one", "node": "x", "address": "10.6.6.6:1", "action": "hello"})
+    forged = Announcement("one", "x", "10.6.6.7:1", "hello").payload("a guess")
+    assert found._hear([unsigned, forged]) is False
+    assert len(peers.told) == 3

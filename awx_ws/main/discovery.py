@@ -8,6 +8,12 @@ answers `online` at once, so a starting node knows its peers within a second, no
 stops cleanly. The relay dials each node it hears (Relay.add_peer) and drops one that says
 `offline` or stays silent for MISSED_HEARTBEATS heartbeats (Relay.drop_peer).
 
+Every announcement is signed with BROADCAST_WEBSOCKET_SECRET and checked (announcements.py):
+NOTIFY needs no privilege, so any role that may connect to the database could otherwise make
+every node dial an address of its choosing, announce hundreds of fake peers, or say `offline` for
+a real node. Checking one costs a JSON parse and one HMAC, what noise costs anyway, and a refused
+hello is never answered.
+
 The channel is named from a hash of AWX_WS_CLUSTER_ID, and every announcement carries the id
 too: two clusters sharing a database never see each other (AWX #15544 picked up a neighbour's
 nodes). The connection is in autocommit mode, without which notifications stay queued (AWX
@@ -20,29 +26,26 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import psycopg
 from django.conf import settings
 from psycopg import sql
 
+from awx_ws.main.announcements import Announcement, AnnouncementCheck
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import DatabaseUnavailable, StartupError
 from awx_ws.main.peerauth import peer_url
 from awx_ws.main.retry import RetryPolicy, supervise
-from awx_ws.main.setting_rules import peers as check_peers
 
 logger = logging.getLogger(__name__)
 
 # A discovered peer not heard for this many heartbeats is dropped.
 MISSED_HEARTBEATS = 3
 CHANNEL_PREFIX = "awx_ws_peers_"
-ACTIONS = frozenset({"hello", "online", "offline"})
 # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
 MAX_PAYLOAD = 7999
 # Seconds an announcement may take before the connection counts as lost.
@@ -52,7 +55,6 @@ POSTGRES_ENGINES = ("django.db.backends.postgresql", "django.contrib.gis.db.back
 DJANGO_OPTIONS = frozenset(
     {"isolation_level", "server_side_binding", "pool", "assume_role", "cursor_factory", "context"}
 )
-FIELDS = ("cluster", "node", "address", "action")
 
 
 def enabled() -> bool:
@@ -63,49 +65,6 @@ def enabled() -> bool:
 def channel_name(cluster: str) -> str:
     """The LISTEN/NOTIFY channel of a cluster: any text may be an id, an identifier is <= 63 bytes."""
     return CHANNEL_PREFIX + hashlib.sha256(cluster.encode()).hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """What a node says on its cluster's channel."""
-
-    cluster: str
-    node: str
-    address: str
-    action: str
-
-    def payload(self) -> str:
-        """As NOTIFY carries it."""
-        return json.dumps(asdict(self))
-
-
-def parse_announcement(payload: str, cluster: str) -> Announcement | None:
-    """The announcement in payload; None, logged, when it is malformed or of another cluster."""
-    try:
-        data = json.loads(payload)
-    except ValueError:
-        logger.warning("peer discovery ignored a notification that is not JSON: %.120r", payload)
-        return None
-    if not isinstance(data, dict) or not all(isinstance(data.get(key), str) for key in FIELDS):
-        logger.warning("peer discovery ignored a notification without %s: %.120r", ", ".join(FIELDS), payload)
-        return None
-    if data["cluster"] != cluster:
-        logger.warning(
-            "peer discovery ignored node %r of cluster %r (this node is in %r)",
-            data["node"],
-            data["cluster"],
-            cluster,
-        )
-        return None
-    problem = check_peers([data["address"]])
-    if data["action"] not in ACTIONS or problem:
-        logger.warning(
-            "peer discovery ignored node %r's announcement: %s",
-            data["node"],
-            problem or f"unknown action {data['action']!r}",
-        )
-        return None
-    return Announcement(*(data[key] for key in FIELDS))
 
 
 class PeerTable:
@@ -179,12 +138,22 @@ class Discovery:
     """One node's announcements, and what it hears of the others, over one LISTEN connection."""
 
     def __init__(
-        self, peers: PeerSet, args: dict[str, Any], cluster: str, node: str, address: str, interval: float
+        self,
+        peers: PeerSet,
+        args: dict[str, Any],
+        cluster: str,
+        node: str,
+        address: str,
+        interval: float,
+        secret: str,
+        window: float,
     ) -> None:
         self.peers = peers
         self.args = args
         self.cluster, self.node, self.address = cluster, node, address
         self.interval = interval
+        self.secret = secret
+        self.check = AnnouncementCheck(cluster, secret, window)
         self.channel = channel_name(cluster)
         self.table = PeerTable(interval)
         self.where = f"{args.get('host', 'localhost')}:{args.get('port', 5432)}/{args.get('dbname', '')}"
@@ -202,6 +171,8 @@ class Discovery:
             ws_settings.NODE_NAME,
             ws_settings.BROADCAST_WEBSOCKET_SELF,
             ws_settings.BROADCAST_WEBSOCKET_HEARTBEAT,
+            ws_settings.BROADCAST_WEBSOCKET_SECRET,
+            ws_settings.BROADCAST_WEBSOCKET_NONCE_WINDOW,
         )
         if len(found.say("online").encode()) > MAX_PAYLOAD:
             raise StartupError(
@@ -211,8 +182,8 @@ class Discovery:
         return found
 
     def say(self, action: str) -> str:
-        """This node's announcement (a payload)."""
-        return Announcement(self.cluster, self.node, self.address, action).payload()
+        """This node's announcement (a signed payload)."""
+        return Announcement(self.cluster, self.node, self.address, action).payload(self.secret)
 
     def start(self) -> asyncio.Task[None]:
         """Keep listening and announcing until cancelled (reconnecting with back-off)."""
@@ -275,7 +246,7 @@ class Discovery:
         """Apply what was heard; True when a node asked for an answer (a hello)."""
         answer = False
         for payload in payloads:
-            said = parse_announcement(payload, self.cluster)
+            said = self.check.read(payload, time.time())
             if said is None or peer_url(said.address) == peer_url(self.address):
                 continue  # this node's own words (a relay dialling itself would double every message)
             if said.action == "offline":

@@ -21,6 +21,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
     multiprocess,
 )
@@ -53,6 +54,16 @@ HELD_BACK_NOTICES = Counter(
 UNPLACED_JOB_MESSAGES = Counter(
     "awx_ws_unplaced_job_messages",
     "Job status messages whose unified_job_id names no job: shown to superusers only",
+)
+ACCESS_SWEEP_SECONDS = Histogram(
+    "awx_ws_access_sweep_seconds",
+    "Time a process took to compare its open connections' access with the database (revocation.py)",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+)
+DISCOVERY_REFUSED = Counter(
+    "awx_ws_discovery_refused",
+    "Peer discovery announcements not acted on, by reason (unsigned, forged, stale, replayed, ...)",
+    ["reason"],
 )
 SLOW_CLIENT_CLOSES = Counter(
     "awx_ws_slow_client_closes", "Client connections closed because they stopped reading"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -61,6 +62,15 @@ def exposed_hop(peer: str) -> bool:
 def audience_of(peer: str) -> str:
     """The name a node is signed for: its BROADCAST_WEBSOCKET_PEERS entry, as a URL."""
     return peer_url(peer)
+
+
+def announcement_mac(secret: str, fields: list[str]) -> str:
+    """HMAC-SHA256 of a discovery announcement's fields (discovery.py), keyed by the secret.
+
+    The fields are any text (a cluster id may hold anything), so they are joined as a JSON list:
+    no two different lists encode the same."""
+    message = json.dumps(["announce", *fields]).encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 def _digest(secret: str, *parts: str) -> str:
