@@ -33,6 +33,9 @@ FLOOD_FINAL = {
     "stdout": "PLAY RECAP",
 }
 FLOOD_SCENARIO = "flood: 5,000 events of one job in 5 posts, 1 watcher"
+SWEEP_SCENARIO = "access sweep: 10,000 websockets of 10,000 users"
+# Seconds between sweeps during the figure (30 by default: AWX_WS_REVOCATION_SWEEP).
+SWEEP_EVERY, SWEEP_WINDOW = 2.0, 20.0
 
 
 def fresh_groups(start: int, count: int) -> list[str]:
@@ -274,6 +277,80 @@ def subscribe_leave_cost(
     }
 
 
+def sweep_users(count: int) -> list[str]:
+    """count active users, members of the bench organization, and their API tokens (their keys)."""
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    from awx_ws.main.models import AccessChange, Organization
+
+    user_model = get_user_model()
+    stamp = time.monotonic_ns()
+    users = user_model.objects.bulk_create(
+        [user_model(username=f"sweep{stamp}-{n}", password="!") for n in range(count)]
+    )
+    org = Organization.objects.get(name="bench")
+    Organization.members.through.objects.bulk_create(
+        [Organization.members.through(organization_id=org.pk, user_id=user.pk) for user in users]
+    )
+    tokens = Token.objects.bulk_create([Token(user=user, key=Token.generate_key()) for user in users])
+    AccessChange.objects.all().delete()  # none is this figure's load (see make_token_and_jobs)
+    return [token.key for token in tokens]
+
+
+def sweep_histogram(metrics_dir: str) -> tuple[float, float]:
+    """(seconds, count) of awx_ws_access_sweep_seconds as the server's processes wrote it."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+    total = count = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == "awx_ws_access_sweep_seconds_sum":
+                total += sample.value
+            elif sample.name == "awx_ws_access_sweep_seconds_count":
+                count += sample.value
+    return total, count
+
+
+def access_sweep(redis: RedisServer, count: int = 10_000) -> dict[str, Any]:
+    """What the periodic access sweep (revocation.py) costs a daphne holding count websockets,
+    each of its own user and token: ms per sweep, and daphne's CPU with sweeps every SWEEP_EVERY s
+    against the same window with none."""
+    listing = STATE / f"sweep-tokens-{time.monotonic_ns()}.txt"
+    listing.write_text("\n".join(sweep_users(count)) + "\n")
+    cpu: dict[str, float] = {}
+    sweeps = (0.0, 0.0)
+    for label, every in (("off", "0"), ("on", str(SWEEP_EVERY))):
+        metrics_dir = STATE / f"metrics-sweep-{time.monotonic_ns()}"
+        env = {"AWX_WS_REVOCATION_SWEEP": every, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        server = Server("ours", redis, env_extra=env)
+        clients = Clients(server, count, ["jobs-idle"], f"@{listing}", hold=True, timeout=300)
+        try:
+            clients.wait_ready()
+            before = server.cpu()
+            time.sleep(SWEEP_WINDOW)
+            cpu[label] = server.cpu() - before
+            if label == "on":
+                sweeps = sweep_histogram(str(metrics_dir))
+            clients.release()
+        finally:
+            clients.stop()
+            server.stop()
+    seconds, done = sweeps
+    return {
+        "scenario": SWEEP_SCENARIO,
+        "sockets": count,
+        "sweeps": int(done),
+        "ms_per_sweep": seconds * 1000 / done if done else float("nan"),
+        "cpu_off_s": cpu["off"],
+        "cpu_on_s": cpu["on"],
+        "window_s": SWEEP_WINDOW,
+        "sweep_every_s": SWEEP_EVERY,
+    }
+
+
 def describe(rows: list[dict[str, Any]]) -> str:
     """The figures of this module as printed lines."""
     lines = []
@@ -295,6 +372,14 @@ def describe(rows: list[dict[str, Any]]) -> str:
                 f"per 1,000 skipped), {r['catch_up_s']:.2f} s, API CPU "
                 f"{r['catch_up_cpu_s'] * 1000 / skipped:.0f} ms per 1,000 skipped; received live + read = "
                 f"{r['received'] + r['catch_up_distinct']}/{r['posted']} distinct"
+            )
+        elif r["scenario"] == SWEEP_SCENARIO:
+            extra = (r["cpu_on_s"] - r["cpu_off_s"]) / max(r["sweeps"], 1) * 1000
+            lines.append(
+                f"{r['scenario']}: {r['ms_per_sweep']:.1f} ms per sweep ({r['sweeps']} sweeps every "
+                f"{r['sweep_every_s']:g} s); daphne CPU over {r['window_s']:g} s: {r['cpu_off_s']:.2f} s "
+                f"without sweeps, {r['cpu_on_s']:.2f} s with them ({extra:.0f} ms each); at the default "
+                f"30 s that is {r['ms_per_sweep'] / 30 / 10:.2f} % of one core"
             )
         elif "cpu_ms_per_change" in r:
             lines.append(

@@ -43,7 +43,8 @@ async def open_one(args: argparse.Namespace, index: int, gate: asyncio.Semaphore
     groups = groups_of(args, index)
     async with gate:
         if args.kind == "ours":
-            ws = await connect(f"{args.url}/websocket/?token={args.token}", max_queue=None, open_timeout=60)
+            token = args.tokens[index % len(args.tokens)]
+            ws = await connect(f"{args.url}/websocket/?token={token}", max_queue=None, open_timeout=60)
             await ws.recv()  # {"accept": true, ...}
             await ws.send(subscribe_frame(groups))
             while "groups_current" not in json.loads(await ws.recv()):
@@ -123,7 +124,7 @@ async def timed(args: argparse.Namespace, sockets: list[ClientConnection]) -> di
 
 
 def read_groups(value: str) -> list[str]:
-    """--groups: `a,b,c` or `@file` with one group per line."""
+    """--groups or --token: `a,b,c` or `@file` with one item per line."""
     if value.startswith("@"):
         with open(value[1:]) as given:
             return [line.strip() for line in given if line.strip()]
@@ -138,7 +139,8 @@ if __name__ == "__main__":
     # Comma-separated, or @path: a file of one group per line (10,000 names are past argv's limit).
     parser.add_argument("--groups", type=read_groups, required=True)
     parser.add_argument("--groups-per-socket", type=int, default=1)
-    parser.add_argument("--token", default="")
+    # One API token, or @file of one token per line (socket i takes line i, round-robin).
+    parser.add_argument("--token", dest="tokens", type=read_groups, default=[""])
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--hold", action="store_true")

@@ -175,6 +175,8 @@ def issue_17_figures(redis: RedisServer, token: str) -> Rows:
     rows = figures.emit_rates(redis)
     log("flood: 5,000 events of one job through the REST API")
     rows.append(figures.flood(redis, token, add_jobs(1)[0]))
+    log("access sweep: 10,000 websockets of 10,000 users")
+    rows.append(figures.access_sweep(redis))
     held = add_jobs(10_000)
     for count in (10, 10_000):
         log(f"subscribe + leave, {count} groups held")
@@ -263,6 +265,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     parser.add_argument("--runners", action="store_true", help="only the runner comparison")
     parser.add_argument("--flood", action="store_true", help="only the job-event flood and its catch-up")
+    parser.add_argument("--sweep", action="store_true", help="only the access sweep with 10,000 sockets")
     args = parser.parse_args()
     started = time.monotonic()
     log(
@@ -274,6 +277,12 @@ def main() -> None:
             setup_django(redis.port)
             rows = runner_comparison(redis, make_token_and_jobs(1)[0], 0.2 if args.quick else 1.0)
         print(table(rows))
+        return
+    if args.sweep:
+        with redis_server() as redis:
+            setup_django(redis.port)
+            make_token_and_jobs(1)
+            print(figures.describe([figures.access_sweep(redis)]))
         return
     if args.flood:
         with redis_server() as redis:

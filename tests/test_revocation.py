@@ -193,3 +193,78 @@ async def test_revocation_reaches_every_node_sharing_the_database(node, daphne_f
     await adb(lambda: Token.objects.filter(key=key).delete())
     assert await close_code(on_this) == REVOKED
     assert await close_code(on_other) == REVOKED
+
+
+# --- writes that bypass the signals: the sweep (AWX_WS_REVOCATION_SWEEP) -----------------------
+
+SWEEP = 1.0  # seconds between sweeps on the daphne of these tests (30 by default)
+
+
+@pytest.fixture
+def sweeping(daphne_factory: Any) -> Any:
+    """A daphne of the test's own that sweeps every SWEEP seconds."""
+    return daphne_factory({"AWX_WS_REVOCATION_SWEEP": str(SWEEP)})
+
+
+def run_sql(sql: str, *params: Any) -> None:
+    """A write straight to the database: no model, no signal, no AccessChange row."""
+    from django.db import connection, transaction
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+def recorded_changes(user: Any) -> int:
+    from awx_ws.main.models import AccessChange
+
+    return AccessChange.objects.filter(user_id=user.pk).count()
+
+
+async def test_a_user_deactivated_by_a_bulk_update_is_closed_by_the_sweep(
+    sweeping, member, member_token, token
+):
+    from django.contrib.auth.models import User
+
+    headers = {"Authorization": f"Token {member_token}"}
+    client = await open_ws(sweeping.url, headers=headers)
+    bystander = await open_ws(sweeping.url, headers={"Authorization": f"Token {token}"})
+    await bystander.subscribe({"jobs": ["status_changed"]})
+    async with open_sse(sweeping.http_url, "jobs-status_changed", headers=headers) as stream:
+        await stream.wait_ready()
+        await adb(lambda: User.objects.filter(pk=member.pk).update(is_active=False))
+        assert await adb(recorded_changes, member) == 0  # no signal: only the sweep can see it
+        assert await close_code(client, SWEEP + DEADLINE) == REVOKED
+        async with asyncio.timeout(SWEEP + DEADLINE):
+            with pytest.raises(StopAsyncIteration):
+                while True:
+                    await anext(stream.events)  # the server ends the response
+    await aemit_channel_notification("jobs-status_changed", {"still": "here"})
+    assert await bystander.recv_json() == {"still": "here"}  # the sweep left it alone
+    await bystander.close()
+    assert sweeping.wait_for_output("2 of 3 open connections changed without a record")
+
+
+async def test_a_token_deleted_in_sql_is_closed_by_the_sweep(sweeping, member, member_token):
+    client = await open_ws(sweeping.url, headers={"Authorization": f"Token {member_token}"})
+    await adb(run_sql, "DELETE FROM authtoken_token WHERE key = %s", member_token)
+    assert await close_code(client, SWEEP + DEADLINE) == REVOKED
+
+
+async def test_a_membership_deleted_in_sql_leaves_that_jobs_groups(sweeping, member, member_token):
+    from awx_ws.main.models import Organization
+
+    org = await adb(create_org, member)
+    job = await adb(create_job, org)
+    client = await open_ws(sweeping.url, headers={"Authorization": f"Token {member_token}"})
+    errors, reply = await client.subscribe({"jobs": ["status_changed"], "job_events": [job.pk]})
+    assert errors == []
+    table = Organization.members.through._meta.db_table
+    await adb(run_sql, f"DELETE FROM {table} WHERE user_id = %s", member.pk)  # noqa: S608 (our table name)
+    async with asyncio.timeout(SWEEP + DEADLINE):
+        notice = await client.recv_json()
+    assert notice == {
+        "groups_current": ["jobs-status_changed"],
+        "groups_left": [f"job_events-{job.pk}"],
+        "groups_joined": [],
+    }
+    await client.close()

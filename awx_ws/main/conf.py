@@ -118,6 +118,11 @@ SETTINGS: dict[str, Setting] = {
         "Seconds between a daphne process's reads of access changes (revoked tokens, sessions, "
         "memberships); open connections learn of one within this time.",
     ),
+    "REVOCATION_SWEEP": _s(
+        "AWX_WS_REVOCATION_SWEEP", 30.0, number, seconds(zero=True),
+        "Seconds between a daphne process's comparisons of its open connections' access with the "
+        "database, for writes that record no change (a bulk UPDATE, SQL); 0 turns them off.",
+    ),
     "MAX_WEBSOCKET_EVENT_RATE": _s(
         "AWX_WS_MAX_WEBSOCKET_EVENT_RATE", 30, integer, int_at_least(0),
         "Job events per second per job sent to the websocket (AWX's setting; 0: no limit); the "

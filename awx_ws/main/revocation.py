@@ -10,6 +10,12 @@ users named to check again: a connection whose credential is gone is closed (web
 4003, an SSE stream ends); one that may no longer read some of its groups leaves them and is told
 with AWX's groups reply. The database is what a cluster's nodes share, so every node sees every
 change. A session that simply expires is checked when its expiry date passes.
+
+A write that bypasses the signals (`User.objects.filter(...).update(is_active=False)`, a token or
+a membership deleted in SQL) writes no row. So every AWX_WS_REVOCATION_SWEEP seconds each process
+also compares what its open connections were admitted with against the database, in a few bulk
+queries whatever the number of connections (`sweep`): a token or session gone, a user inactive,
+a password, superuser flag or organization set that changed. Only those connections are rechecked.
 """
 
 from __future__ import annotations
@@ -31,10 +37,10 @@ from django.db.models.signals import m2m_changed, post_delete, post_save, pre_de
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from awx_ws.main import protocol
+from awx_ws.main import metrics, protocol
 from awx_ws.main.access import readable_job_ids
 from awx_ws.main.audience import Viewer, viewer_of
-from awx_ws.main.auth import session_expiry, still_authenticated
+from awx_ws.main.auth import session_expiry, still_authenticated, token_from_scope
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import DatabaseUnavailable
 from awx_ws.main.models import AccessChange, Organization
@@ -51,6 +57,8 @@ LOOKBACK = timedelta(seconds=30)
 RECENT = 10.0
 # Rows older than this are deleted by the next writer.
 KEEP = timedelta(hours=1)
+# Keys per query of a sweep (SQLite allows 32,766 parameters; PostgreSQL plans short lists best).
+SWEEP_CHUNK = 500
 
 
 # --- where changes happen -------------------------------------------------------------------
@@ -136,6 +144,14 @@ class Revocable(Protocol):
     def session_expiry(self) -> float | None:
         """When its session expires (epoch seconds); None for a token."""
 
+    @property
+    def scope(self) -> dict[str, Any]:
+        """The connection's scope: its user and credential (auth.py)."""
+
+    @property
+    def viewer(self) -> Viewer | None:
+        """What its user may see of jobs, as last read."""
+
     async def recheck(self) -> None:
         """Check the credential and the groups again; close or leave what is no longer allowed."""
 
@@ -176,6 +192,68 @@ async def reread(scope: dict[str, Any]) -> Access | None:
     return Access(user, await viewer_of(user), await session_expiry(scope))
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """What one open connection was admitted with, as a sweep compares it with the database."""
+
+    user_id: int
+    auth: str  # "token" or "session"
+    key: str | None  # the token's key, or the session's
+    password: str  # the user's password hash when last read (a change ends a session)
+    viewer: Viewer | None
+
+    @classmethod
+    def of(cls, connection: Revocable) -> Admitted:
+        """What connection holds now."""
+        scope = connection.scope
+        auth = str(scope.get("auth"))
+        if auth == "token":
+            key = token_from_scope(scope)
+        else:
+            key = getattr(scope.get("session"), "session_key", None)
+        return cls(connection.user_id, auth, key, str(scope["user"].password), connection.viewer)
+
+
+def _chunks(items: Iterable[Any]) -> Iterable[list[Any]]:
+    listed = sorted(set(items), key=str)
+    for start in range(0, len(listed), SWEEP_CHUNK):
+        yield listed[start : start + SWEEP_CHUNK]
+
+
+def sweep(admitted: list[Admitted]) -> set[int]:
+    """The indexes of admitted whose access changed in the database (sync: ORM, bulk queries)."""
+    users: dict[int, tuple[bool, str]] = {}
+    for ids in _chunks(a.user_id for a in admitted):
+        rows = get_user_model().objects.filter(pk__in=ids, is_active=True)
+        users.update(
+            (pk, (superuser, password))
+            for pk, superuser, password in rows.values_list("pk", "is_superuser", "password")
+        )
+    memberships: dict[int, set[int]] = {}
+    for ids in _chunks(users):
+        through = Organization.members.through.objects.filter(user_id__in=ids)
+        for user_id, organization_id in through.values_list("user_id", "organization_id"):
+            memberships.setdefault(user_id, set()).add(organization_id)
+    tokens: dict[str, int] = {}
+    for keys in _chunks(a.key for a in admitted if a.auth == "token" and a.key):
+        tokens.update(Token.objects.filter(key__in=keys).values_list("key", "user_id"))
+    sessions: set[str] = set()
+    for keys in _chunks(a.key for a in admitted if a.auth == "session" and a.key):
+        live = Session.objects.filter(session_key__in=keys, expire_date__gt=timezone.now())
+        sessions.update(live.values_list("session_key", flat=True))
+    stale = set()
+    for index, held in enumerate(admitted):
+        user = users.get(held.user_id)
+        if held.auth == "token":
+            credential_holds = held.key is not None and tokens.get(held.key) == held.user_id
+        else:
+            credential_holds = held.key in sessions and user is not None and user[1] == held.password
+        now = None if user is None else Viewer(user[0], frozenset(memberships.get(held.user_id, ())))
+        if user is None or not credential_holds or (held.viewer is not None and held.viewer != now):
+            stale.add(index)
+    return stale
+
+
 def _new_changes(seen: set[int]) -> tuple[list[tuple[int, int | None]], set[int]]:
     """(the changes not seen before as (id, user id), the ids now within the lookback)."""
     rows = list(AccessChange.objects.filter(created__gte=Now() - LOOKBACK).values_list("id", "user_id"))
@@ -192,6 +270,7 @@ class Watcher:
         self._recent: dict[int | None, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._rechecks: set[asyncio.Task[None]] = set()
+        self._next_sweep = time.monotonic() + float(ws_settings.REVOCATION_SWEEP)
         self._failures = FailureLog("access recheck", 60.0, logger)
 
     def add(self, connection: Revocable) -> None:
@@ -245,7 +324,27 @@ class Watcher:
         )
         for connection in due:
             await self._recheck(connection)
+        if ws_settings.REVOCATION_SWEEP and time.monotonic() >= self._next_sweep:
+            await self._sweep(due)
         return float(ws_settings.REVOCATION_POLL)
+
+    async def _sweep(self, checked: set[Revocable]) -> None:
+        """Recheck the connections whose access changed without a recorded change."""
+        self._next_sweep = time.monotonic() + float(ws_settings.REVOCATION_SWEEP)
+        connections = [c for held in self._by_user.values() for c in held if c not in checked]
+        if not connections:
+            return
+        started = time.perf_counter()
+        try:
+            stale = await database_sync_to_async(sweep)([Admitted.of(c) for c in connections])
+        except DatabaseError as exc:
+            raise DatabaseUnavailable(f"cannot sweep open connections' access (DATABASE_URL): {exc}") from exc
+        metrics.ACCESS_SWEEP_SECONDS.observe(time.perf_counter() - started)
+        if stale:
+            count, total = len(stale), len(connections)
+            logger.info("access sweep: %d of %d open connections changed without a record", count, total)
+        for index in sorted(stale):
+            await self._recheck(connections[index])
 
     async def _recheck(self, connection: Revocable) -> None:
         try:

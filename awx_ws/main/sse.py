@@ -24,7 +24,7 @@ from channels.sessions import CookieMiddleware, SessionMiddleware
 
 from awx_ws.main import connlimit, metrics, protocol, revocation
 from awx_ws.main.access import readable_job_ids
-from awx_ws.main.audience import viewer_of
+from awx_ws.main.audience import Viewer, viewer_of
 from awx_ws.main.auth import authenticate_scope, header, session_expiry
 from awx_ws.main.backlog import SlowReader, connection_transport
 from awx_ws.main.conf import ws_settings
@@ -250,6 +250,11 @@ class StreamAccess:
     def user_id(self) -> int:
         """The streaming user's id."""
         return int(self.scope["user"].pk)
+
+    @property
+    def viewer(self) -> Viewer | None:
+        """What the streaming user may see of jobs, as last read."""
+        return self.stream.viewer
 
     async def recheck(self) -> None:
         """End the stream if the credential is gone; leave groups the user may no longer read."""
