@@ -127,7 +127,16 @@ TEMPLATES = [
 
 DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}"
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+if DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3":
+    # A database server's connections are kept, each for up to a minute, checked before reuse.
+    # daphne runs every database call of the process (database_sync_to_async: Channels' default
+    # thread_sensitive) on asgiref's one sync thread, one after another: a connection opened per
+    # handshake (a PostgreSQL backend forked, about 20 ms with the machine busy) made 200
+    # concurrent handshakes take over daphne's 5 s open-handshake timeout, and autobahn aborted the
+    # last ones without an HTTP response. Kept, that thread's one connection serves them all.
+    DATABASES["default"]["CONN_MAX_AGE"] = 60
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+else:
     # Several processes (daphne, gunicorn, workers) share the file: WAL lets readers run beside a
     # writer, and a busy timeout waits for a lock instead of failing at once.
     DATABASES["default"]["OPTIONS"] = {

@@ -120,7 +120,7 @@ class Timer:
             metrics.BACKGROUND_FAILURES.labels("held_back_notices").inc()
             logger.exception("could not send the held-back notice of job %s", job_id)
         finally:
-            close_old_connections()  # no idle connection kept between notices (CONN_MAX_AGE)
+            close_old_connections()  # a connection past CONN_MAX_AGE or broken is not kept
 
     def flush_all(self) -> None:
         """Send every pending notice now, due or not: this process is about to exit."""
