@@ -38,6 +38,11 @@ def start_daphne(daphne_factory, own_redis):
     return lambda port=None: daphne_factory({"REDIS_URL": own_redis.url}, port=port)
 
 
+async def no_blocked_client(redis) -> bool:
+    """True when no client of this Redis waits in a blocking command (INFO clients)."""
+    return (await redis.info("clients"))["blocked_clients"] == 0
+
+
 def owner(channel: bytes) -> str:
     """The client prefix in specific.<prefix>!<id> or fanout.<prefix>."""
     return channel.decode().split(".", 1)[1].split("!", 1)[0]
@@ -54,6 +59,10 @@ async def test_state_of_a_killed_daphne_is_gone_after_restart(start_daphne, own_
 
     assert members[0] == f"fanout.{dead}".encode()  # the process's fan-out channel
     first.kill()  # SIGKILL: no chance to clean up
+    # Its fan-out was waiting in BZPOPMIN. Until Redis has read the killed process's closed
+    # socket, that client still counts as blocked, and Redis would hand it the message below (to
+    # be lost with it) instead of queueing it: wait until Redis has let the dead client go.
+    await eventually(lambda: no_blocked_client(redis), 10, "Redis to drop the killed process's receive")
     await emit_to(own_redis.url, group, {"queued": "for a dead consumer"})
     assert await redis.exists(f"asgifanout.{dead}")
     # Its liveness record has not expired yet: the pid check is what finds it dead.
