@@ -27,7 +27,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 
 from awx_ws.main import metrics
-from awx_ws.main.numbers import parse_bounded
+from awx_ws.main.numbers import parse_id
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ logger = logging.getLogger(__name__)
 JOB_GROUPS = frozenset({"jobs-status_changed", "jobs-summary"})
 # Jobs whose organization a process remembers.
 CACHE_SIZE = 10_000
-# The largest job id (a bigint primary key).
-MAX_JOB_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -89,12 +87,8 @@ def job_reference(text: str) -> JobReference:
         return NO_JOB  # not JSON: the fan-out only carries JSON, so nobody's job
     if not isinstance(payload, dict) or "unified_job_id" not in payload:
         return NO_JOB
-    value = payload["unified_job_id"]
-    if isinstance(value, str):
-        value = parse_bounded(value, MAX_JOB_ID)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_JOB_ID:
-        return UNPLACED
-    return JobReference(present=True, job_id=value)
+    job_id = parse_id(payload["unified_job_id"])
+    return UNPLACED if job_id is None else JobReference(present=True, job_id=job_id)
 
 
 def _organization_of(job_id: int) -> int | None:

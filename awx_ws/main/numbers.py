@@ -21,6 +21,19 @@ def parse_digits(text: object, max_digits: int) -> int | None:
     return int(text)
 
 
+# The largest object id (a bigint primary key).
+MAX_ID = 2**63 - 1
+
+
+def parse_id(value: object) -> int | None:
+    """An object id from a client's JSON: a positive integer (not a bool) or its ASCII decimal
+    string, at most MAX_ID; None for anything else."""
+    number = parse_bounded(value, MAX_ID) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 0 < number <= MAX_ID:
+        return None
+    return number
+
+
 def parse_bounded(text: object, maximum: int) -> int | None:
     """The integer text spells in ASCII digits if it is at most maximum; None for anything else."""
     value = parse_digits(text, len(str(maximum)))

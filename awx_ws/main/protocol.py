@@ -14,7 +14,7 @@ from typing import Any
 
 from awx_ws.main.exceptions import InvalidGroupName
 from awx_ws.main.history import GroupPosition, PositionError
-from awx_ws.main.numbers import parse_bounded
+from awx_ws.main.numbers import MAX_ID, parse_id
 
 # Channels accepts group names of these characters, shorter than 100 (channels.layers.BaseChannelLayer).
 # Matched with fullmatch: `$` would also match before a final "\n" (see validate_group_name).
@@ -40,7 +40,7 @@ CONTROL_KIND = "control"
 RESERVED_KINDS = frozenset({"broadcast", "awx_ws"})
 
 # Largest id a job can have (a signed 64-bit primary key).
-MAX_OBJECT_ID = 2**63 - 1
+MAX_OBJECT_ID = MAX_ID
 
 ACCESS_DENIED = "access denied to channel"
 
@@ -124,8 +124,8 @@ def xrftoken_matches(message: dict[str, Any], csrf_cookie: str | None) -> bool:
 
 def _object_id(kind: str, item: object) -> int:
     # Accept AWX UI's numbers and their decimal strings; bool is an int subclass, refuse it.
-    number = parse_bounded(item, MAX_OBJECT_ID) if isinstance(item, str) else item
-    if isinstance(number, bool) or not isinstance(number, int) or not 0 < number <= MAX_OBJECT_ID:
+    number = parse_id(item)
+    if number is None:
         raise ProtocolError(f"invalid id {item!r} in groups.{kind}: expected a positive integer")
     return number
 

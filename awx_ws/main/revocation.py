@@ -270,7 +270,8 @@ class Watcher:
         self._recent: dict[int | None, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._rechecks: set[asyncio.Task[None]] = set()
-        self._next_sweep = time.monotonic() + float(ws_settings.REVOCATION_SWEEP)
+        # When the next sweep is due; set by the first round (no setting read at import).
+        self._next_sweep: float | None = None
         self._failures = FailureLog("access recheck", 60.0, logger)
 
     def add(self, connection: Revocable) -> None:
@@ -324,6 +325,8 @@ class Watcher:
         )
         for connection in due:
             await self._recheck(connection)
+        if self._next_sweep is None:
+            self._next_sweep = time.monotonic() + float(ws_settings.REVOCATION_SWEEP)
         if ws_settings.REVOCATION_SWEEP and time.monotonic() >= self._next_sweep:
             await self._sweep(due)
         return float(ws_settings.REVOCATION_POLL)
