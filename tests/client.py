@@ -117,14 +117,14 @@ async def refused_status(base_url: str, **kwargs: Any) -> int:
     raise AssertionError("the handshake was accepted")
 
 
-async def emit_to(redis_url: str, group: str, payload: Any) -> None:
+async def emit_to(redis_url: str, group: str, payload: Any, share: str | None = None) -> None:
     """Emit into a Redis other than the session's (a node with a Redis of its own)."""
     from awx_ws.main.emit import build_message
     from awx_ws.main.layers import RedisChannelLayer
 
     layer = RedisChannelLayer(hosts=[{"address": redis_url}])
     try:
-        await layer.group_send(group, build_message(group, payload))
+        await layer.group_send(group, build_message(group, payload, share))
     finally:
         await layer.close_pools()
 

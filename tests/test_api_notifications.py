@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 from awx_ws.main.api.serializers import JobSerializer
 from awx_ws.main.models import Job
 from tests.client import WsClient, open_ws
-from tests.factories import adb, create_job, create_org, create_token
+from tests.factories import adb, create_job, create_org, create_token, create_user
 
 # Its tests create users, tokens and jobs the servers read (conftest.shared_db).
 pytestmark = pytest.mark.usefixtures("shared_db")
@@ -216,3 +216,70 @@ async def test_api_calls_through_nginx_reach_a_websocket_client_in_counter_order
         "successful",
     ]
     await ws.close()
+
+
+@pytest.fixture
+def api_on_own_redis(own_redis: Any, settings: Any) -> Any:
+    """This process's API emits into the test's own Redis (a node of its own)."""
+    from channels.layers import get_channel_layer
+
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "awx_ws.main.layers.RedisChannelLayer", "CONFIG": {"hosts": [own_redis.url]}}
+    }
+    yield own_redis
+    layer = get_channel_layer()
+    if layer._blocking:  # the pooled sockets of the API's sync emits, closed before Redis stops
+        layer.blocking_client(0, 1).connection_pool.disconnect()
+
+
+async def test_one_organizations_flood_through_the_api_empties_its_own_history_not_anothers(
+    api_on_own_redis, daphne_factory, settings
+):
+    """Issue 26 (7): with the node's history total reached, a member flooding their own
+    organization's jobs with large events loses their own history; another organization's
+    viewer, whose history is due to expire first, still resumes with nothing lost."""
+    redis = api_on_own_redis
+    bounds = {"HISTORY_MAX_BYTES": 6000, "HISTORY_TOTAL_BYTES": 12000}
+    server = daphne_factory({"REDIS_URL": redis.url, **{f"AWX_WS_{k}": str(v) for k, v in bounds.items()}})
+    settings.AWX_WS = {**settings.AWX_WS, **bounds, "MAX_WEBSOCKET_EVENT_RATE": 0}
+    viewer, flooder = await adb(create_user), await adb(create_user)
+    quiet_job = await adb(create_job, await adb(create_org, viewer))
+    flood_org = await adb(create_org, flooder)
+    flood_jobs = [await adb(create_job, flood_org) for _ in range(6)]
+
+    def headers(user: Any) -> dict[str, str]:
+        return {"Authorization": f"Token {create_token(user)}"}
+
+    def events(count: int) -> list[dict[str, Any]]:
+        return [{"counter": c, "event": "runner_on_ok", "stdout": "x" * 1000} for c in range(1, count + 1)]
+
+    quiet = await open_ws(server.url, headers=await adb(headers, viewer))
+    assert (await quiet.subscribe({"job_events": [quiet_job.pk]}, ids=True))[0] == []
+    await api(viewer, "post", f"/api/v2/jobs/{quiet_job.pk}/job_events/", events(3))
+    quiet_ids = [(await quiet.recv_json())["id"] for _ in range(3)]
+    await quiet.close()
+
+    loud = await open_ws(server.url, headers=await adb(headers, flooder))
+    assert (await loud.subscribe({"job_events": [job.pk for job in flood_jobs]}, ids=True))[0] == []
+    for job in flood_jobs:  # 6 x 4 events of about 1.3 KB: twice the node's total
+        await api(flooder, "post", f"/api/v2/jobs/{job.pk}/job_events/", events(4))
+    loud_ids = [(await loud.recv_json(timeout=10))["id"] for _ in range(24)]
+    await loud.close()
+
+    group = f"job_events-{quiet_job.pk}"
+    quiet = await open_ws(server.url, headers=await adb(headers, viewer))
+    errors, _ = await quiet.subscribe({"job_events": [quiet_job.pk]}, recover={group: quiet_ids[0]})
+    assert errors == []
+    frames = [await quiet.recv_json()]
+    while "recovered" not in frames[-1]:  # the replayed events, then the summary
+        frames.append(await quiet.recv_json())
+    assert frames[-1]["reset"] == {} and frames[-1]["recovered"] == {group: 2}
+    assert [frame["data"]["counter"] for frame in frames[:-1]] == [2, 3]
+    await quiet.close()
+
+    first = f"job_events-{flood_jobs[0].pk}"
+    loud = await open_ws(server.url, headers=await adb(headers, flooder))
+    errors, _ = await loud.subscribe({"job_events": [flood_jobs[0].pk]}, recover={first: loud_ids[0]})
+    assert errors == []
+    assert (await loud.recv_json())["reset"] == {first: "trimmed past the position"}
+    await loud.close()

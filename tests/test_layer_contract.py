@@ -118,6 +118,8 @@ def test_redis_key_formats_are_those_deployed_nodes_already_use():
         "asgi:history-sizes",
         "asgi:history-total",
         "asgi:history-expiry",
+        "asgi:history-owners",
+        "asgi:history-shares",
     ]
     assert keys.link_status_key("asgi", "b:8051") == "asgi:relay-status:b:8051"
     assert keys.forwarding_key("asgi", "b:8051") == "asgi:relay-forwarding:b:8051"

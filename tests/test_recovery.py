@@ -307,9 +307,8 @@ async def test_the_node_total_forgets_history_that_expired(own_redis, settings):
     await redis.aclose()
 
 
-async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_oldest_written(
-    own_redis, settings
-):
+async def test_within_a_share_the_node_total_empties_the_group_due_to_expire_soonest(own_redis, settings):
+    """Not the oldest written: the one whose history would go first anyway."""
     from tests.client import emit_to, redis_at, watch
 
     bounds = {
@@ -320,13 +319,68 @@ async def test_the_node_total_empties_the_group_due_to_expire_soonest_not_the_ol
     payload = {"stdout": "x" * 900}
     settings.AWX_WS = {**settings.AWX_WS, **bounds}
     await watch(own_redis.url, "schedules-long", "inventory_updates-short", "schedules-newest")
-    await emit_to(own_redis.url, "schedules-long", payload)  # written first, kept an hour
-    await emit_to(own_redis.url, "inventory_updates-short", payload)  # kept a minute
-    for _ in range(3):
-        await emit_to(own_redis.url, "schedules-newest", payload)  # 5 x 915 bytes: past 4,000 on the node
+    await emit_to(own_redis.url, "schedules-long", payload, "org-1")  # written first, kept an hour
+    await emit_to(own_redis.url, "inventory_updates-short", payload, "org-1")  # kept a minute
+    for _ in range(3):  # 5 x 915 bytes of one share: past 4,000 on the node
+        await emit_to(own_redis.url, "schedules-newest", payload, "org-1")
     redis = redis_at(own_redis.url)
     lengths = [await redis.xlen(f"asgi:history:{g}") for g in ("schedules-long", "inventory_updates-short")]
     assert lengths == [1, 0]
+    await redis.aclose()
+
+
+async def shares_of(redis: Any) -> dict[str, int]:
+    """Each history share's bytes, as the node's total counts them."""
+    scores = await redis.zrange("asgi:history-shares", 0, -1, withscores=True)
+    return {share.decode(): int(score) for share, score in scores}
+
+
+async def test_a_share_that_floods_the_node_total_empties_its_own_streams_first(own_redis, settings):
+    """Issue 26 (7): the one that floods evicts its own history, not another organization's, even
+    where its streams are the newest and the other's are due to expire first."""
+    from tests.client import emit_to, redis_at, watch
+
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_MAX_BYTES": 3000, "HISTORY_TOTAL_BYTES": 6000}
+    payload = {"stdout": "x" * 900}
+    size = len(json.dumps(payload))
+    quiet = [f"job_events-{n}" for n in (1, 2)]
+    flood = [f"job_events-{n}" for n in range(10, 20)]
+    await watch(own_redis.url, *quiet, *flood)
+    for group in quiet:  # written first: due to expire before any of the flood's
+        await emit_to(own_redis.url, group, payload, "org-1")
+    for group in flood:
+        await emit_to(own_redis.url, group, payload, "org-2")
+    redis = redis_at(own_redis.url)
+    assert [await redis.xlen(f"asgi:history:{g}") for g in quiet] == [1, 1]
+    kept = [await redis.xlen(f"asgi:history:{g}") for g in flood]
+    assert kept == [0] * 6 + [1] * 4  # 2 + 4 streams of 915 bytes fit in 6,000: its oldest went
+    assert await shares_of(redis) == {"org-1": 2 * size, "org-2": 4 * size}
+    assert int(await redis.get("asgi:history-total")) == 6 * size
+    await redis.aclose()
+
+
+async def test_a_share_whose_only_stream_floods_sheds_that_streams_oldest_entries(own_redis, settings):
+    """One job flooding: its own stream's oldest entries go, not the other organization's history."""
+    from tests.client import emit_to, redis_at, watch
+
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_MAX_BYTES": 3000, "HISTORY_TOTAL_BYTES": 4000}
+    payload = {"stdout": "x" * 900}
+    size = len(json.dumps(payload))
+    await watch(own_redis.url, "job_events-1", "job_events-2", "job_events-3")
+    await emit_to(own_redis.url, "job_events-1", payload, "org-1")
+    await emit_to(own_redis.url, "job_events-2", payload, "org-1")
+    for _ in range(3):  # 2,745 bytes of one stream: under its 3,000, past the node's 4,000
+        await emit_to(own_redis.url, "job_events-3", payload, "org-2")
+    redis = redis_at(own_redis.url)
+    lengths = [await redis.xlen(f"asgi:history:job_events-{n}") for n in (1, 2, 3)]
+    assert lengths == [1, 1, 2]
+    assert await shares_of(redis) == {"org-1": 2 * size, "org-2": 2 * size}
+    assert int(await redis.get("asgi:history-total")) == 4 * size
+    # The shed entry's id is the stream's max-deleted id: a resume from before it is told.
+    info = await redis.xinfo_stream("asgi:history:job_events-3")
+    first = (await redis.xrange("asgi:history:job_events-3", count=1))[0][0]
+    assert info["max-deleted-entry-id"] < first
+    assert info["max-deleted-entry-id"] != b"0-0"
     await redis.aclose()
 
 

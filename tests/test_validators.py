@@ -90,3 +90,20 @@ def test_metrics_live_files_match_in_full(trailer):
     assert live_file_pid("gauge_livesum_1234.db") == 1234
     assert live_file_pid(f"gauge_livesum_1234.db{trailer}") is None
     assert live_file_pid("gauge_livesum_١٢.db") is None
+
+
+def test_history_shares_are_ascii_names_checked_before_anything_is_sent():
+    from awx_ws.main.emit import build_message
+    from awx_ws.main.exceptions import InvalidHistoryShare
+    from awx_ws.main.history import history_share, organization_share
+
+    assert history_share("job_events-42") == "job_events"
+    assert history_share("job_events-42", "org-3") == "org-3"
+    assert organization_share(3) == "org-3" and organization_share(None) is None
+    assert build_message("job_events-42", {}, "org-3")["history_share"] == "org-3"
+    assert "history_share" not in build_message("job_events-42", {})
+    for bad in ["", "org 3", "org-3\n", "é", "x" * 65, 3, b"org-3"]:
+        with pytest.raises(InvalidHistoryShare):
+            history_share("job_events-42", bad)
+        with pytest.raises(InvalidHistoryShare):
+            build_message("job_events-42", {}, bad)  # type: ignore[arg-type]

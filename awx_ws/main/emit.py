@@ -19,20 +19,26 @@ from django.utils.module_loading import import_string
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import BatchEmitError, EmitError, LayerUnavailable
+from awx_ws.main.history import SHARE_KEY, history_share
 from awx_ws.main.layers import ServiceLayer, service_layer, service_layer_class
 from awx_ws.main.protocol import validate_group_name
 
 logger = logging.getLogger(__name__)
 
 
-def build_message(group: str, payload: Any) -> dict[str, str]:
+def build_message(group: str, payload: Any, share: str | None = None) -> dict[str, str]:
     """The channel-layer message for payload: its JSON serialised once, as AWX's consumers expect.
 
     Exactly what AWX sends, `{"type": "internal.message", "text": ...}`; the layer adds the group
-    when it sends (layers.with_group), as it does for any producer's group_send.
+    when it sends (layers.with_group), as it does for any producer's group_send. share names the
+    history share the group's history counts against (history.history_share; an organization,
+    `org-<id>`): the Redis layer takes it off before members receive the message.
     """
     validate_group_name(group)
-    return {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder)}
+    message = {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder)}
+    if share is not None:
+        message[SHARE_KEY] = history_share(group, share)
+    return message
 
 
 def _emit_error(exc: LayerUnavailable, group: str, timeout: float) -> LayerUnavailable:
@@ -61,9 +67,9 @@ async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, st
         raise _emit_error(unavailable(exc), group, timeout) from exc
 
 
-async def aemit_channel_notification(group: str, payload: Any) -> None:
+async def aemit_channel_notification(group: str, payload: Any, *, share: str | None = None) -> None:
     """Send payload to every subscriber of group; raises EmitError within EMIT_TIMEOUT on failure."""
-    await _group_send(get_channel_layer(), group, build_message(group, payload))
+    await _group_send(get_channel_layer(), group, build_message(group, payload, share))
 
 
 def layer_class() -> type[ServiceLayer] | None:
@@ -92,16 +98,17 @@ def _sync_backend(caller: str) -> type[ServiceLayer]:
     return backend
 
 
-def emit_channel_notification(group: str, payload: Any) -> None:
+def emit_channel_notification(group: str, payload: Any, *, share: str | None = None) -> None:
     """Send payload to every subscriber of group, from any thread without a running event loop.
 
     Raises InvalidGroupName for a bad group and EmitError (RedisUnavailable, BrokerUnavailable)
     within AWX_WS_EMIT_TIMEOUT per round trip when the layer cannot take the message. On Redis it
     runs in the calling thread on a pooled blocking connection: no event loop, no thread hop, no
     new connection per call (AWX created an event loop per call). On RabbitMQ it hands the publish
-    to the process's one emit loop thread (layers/rabbitmq_sync.BlockingEmitter).
+    to the process's one emit loop thread (layers/rabbitmq_sync.BlockingEmitter). share: the
+    history share of the group (build_message), by default its kind.
     """
-    message = build_message(group, payload)
+    message = build_message(group, payload, share)
     backend = _sync_backend("emit_channel_notification")
     timeout = ws_settings.EMIT_TIMEOUT
     try:
@@ -111,16 +118,18 @@ def emit_channel_notification(group: str, payload: Any) -> None:
         raise _emit_error(exc, group, timeout) from exc
 
 
-def _built(messages: Iterable[tuple[str, Any]]) -> list[tuple[str, dict[str, str]]]:
+def _built(messages: Iterable[tuple[str, Any]], share: str | None) -> list[tuple[str, dict[str, str]]]:
     """Every message built (and its group checked) before any is sent: a bad one sends nothing."""
-    return [(group, build_message(group, payload)) for group, payload in messages]
+    return [(group, build_message(group, payload, share)) for group, payload in messages]
 
 
-async def aemit_channel_notifications(messages: Iterable[tuple[str, Any]]) -> None:
+async def aemit_channel_notifications(
+    messages: Iterable[tuple[str, Any]], *, share: str | None = None
+) -> None:
     """Send each (group, payload) in order, as one batch: one round trip on Redis (AWX's callback
     receiver saves events in bulk, then emits each). BatchEmitError within AWX_WS_EMIT_TIMEOUT
     when it fails, saying which messages were sent, which not and which may have been."""
-    built = _built(messages)
+    built = _built(messages, share)
     if not built:
         return
     given = get_channel_layer()
@@ -151,10 +160,10 @@ async def _send_each(layer: BaseChannelLayer, built: list[tuple[str, dict[str, s
             ) from exc
 
 
-def emit_channel_notifications(messages: Iterable[tuple[str, Any]]) -> None:
+def emit_channel_notifications(messages: Iterable[tuple[str, Any]], *, share: str | None = None) -> None:
     """emit_channel_notification for a batch, from any thread without a running event loop: in
     order, in one round trip on Redis; BatchEmitError when it fails (see the async twin)."""
-    built = _built(messages)
+    built = _built(messages, share)
     if not built:
         return
     backend = _sync_backend("emit_channel_notifications")
@@ -165,17 +174,18 @@ def emit_channel_notifications(messages: Iterable[tuple[str, Any]]) -> None:
         raise
 
 
-def _emit_committed(messages: list[tuple[str, Any]]) -> None:
+def _emit_committed(messages: list[tuple[str, Any]], share: str | None) -> None:
     try:
-        emit_channel_notifications(messages)  # one batch: one round trip on Redis
+        emit_channel_notifications(messages, share=share)  # one batch: one round trip on Redis
     except EmitError as exc:
         # The change is committed; the notifications are what is lost. Say so, loudly enough.
         groups = sorted({group for group, _ in messages})
         logger.error("notifications to %s not all delivered: %s", ", ".join(groups), exc)
 
 
-def emit_on_commit(messages: list[tuple[str, Any]]) -> None:
+def emit_on_commit(messages: list[tuple[str, Any]], share: str | None = None) -> None:
     """Emit messages, in order, as one batch after the current transaction commits; never if it
     rolls back. A failure is logged: the change stays committed and clients catch up over REST."""
     if messages:
-        transaction.on_commit(lambda: _emit_committed(messages))
+        history_share("", share)  # a bad share fails now, in the caller's transaction
+        transaction.on_commit(lambda: _emit_committed(messages, share))

@@ -13,6 +13,10 @@ class InvalidGroupName(AwxWsError, ValueError):
     """A group name Channels would refuse, or one reserved for internal use."""
 
 
+class InvalidHistoryShare(AwxWsError, ValueError):
+    """A history share (emit's `share`) that is not 1 to 64 ASCII letters, digits, '_', '.' or '-'."""
+
+
 class InvalidTransition(AwxWsError, ValueError):
     """A job status change the state machine does not allow."""
 

@@ -35,7 +35,8 @@ from django.db import close_old_connections, transaction
 from awx_ws.main import metrics
 from awx_ws.main.emit import emit_on_commit
 from awx_ws.main.event_rate import WINDOW, Ranges, merge_ranges, notice_due
-from awx_ws.main.models import WebsocketEventRate
+from awx_ws.main.history import organization_share
+from awx_ws.main.models import Job, WebsocketEventRate
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ class Timer:
             notice = notice_payload(job_id, kind, *_take(window, now))
             window.save(update_fields=["pending", "pending_count", "announced"])
             transaction.on_commit(metrics.HELD_BACK_NOTICES.labels("timer").inc)  # counted, then sent
-            emit_on_commit([(group, notice)])
+            organization = Job.objects.filter(pk=job_id).values_list("organization_id", flat=True).first()
+            emit_on_commit([(group, notice)], share=organization_share(organization))
 
 
 timer = Timer()

@@ -16,6 +16,10 @@ Design (docs/channels.md, "Resumable streams"):
   seen from each origin: `1732406400000,1f0c9a7e:1732406400123-0`. Resuming replays, from every
   origin, what comes after its component (or after the floor, when nothing of that origin was
   seen). Positions of several groups (an SSE stream) join as `group@position;group@position`.
+- The node's total (HISTORY_TOTAL_BYTES) is shared out by *share*: each stream counts against the
+  share of its last writer, an organization (`org-3`, given by the emitter) or else its group's
+  kind. Past the total, the share holding the most bytes gives first, so a flood of one
+  organization or kind empties its own streams before anybody else's (layers/redis_history.py).
 - Only groups someone could resume keep history: those with a member now, or whose last member
   left within the history age (resumable_for). An emit to a group nobody watched in that time
   costs what an emit without history costs.
@@ -31,12 +35,18 @@ from typing import Any
 from django.core.signals import setting_changed
 
 from awx_ws.main.conf import ws_settings
+from awx_ws.main.exceptions import InvalidHistoryShare
 from awx_ws.main.numbers import parse_bounded, parse_digits
 
 # Largest sequence number of a Redis stream id: "<ms>-<this>" sorts after every id of that ms.
 MAX_SEQ = 2**64 - 1
 # A Redis stream origin (redis_history.py): ASCII letters and digits, never "é" or "١".
 _ORIGIN_RE = re.compile(r"[A-Za-z0-9]{1,16}")
+
+
+# The message key an emitter names a history share in (emit.py); the layer takes it off the message.
+SHARE_KEY = "history_share"
+_SHARE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class PositionError(ValueError):
@@ -89,6 +99,22 @@ def _forget_policies(*, setting: str, **kwargs: Any) -> None:
 
 
 setting_changed.connect(_forget_policies)
+
+
+def history_share(group: str, share: Any = None) -> str:
+    """The share group's history counts against: share when given (checked), else the group's kind."""
+    if share is None:
+        return group.split("-", 1)[0]
+    if not isinstance(share, str) or not _SHARE_RE.fullmatch(share):
+        raise InvalidHistoryShare(
+            f"invalid history share {share!r}: 1 to 64 ASCII letters, digits, '_', '.' or '-'"
+        )
+    return share
+
+
+def organization_share(organization_id: int | None) -> str | None:
+    """The history share of an organization's messages (None: no organization, the kind's)."""
+    return None if organization_id is None else f"org-{organization_id}"
 
 
 def resumable_for(policy: HistoryPolicy) -> int:

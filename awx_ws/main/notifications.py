@@ -15,6 +15,7 @@ from awx_ws.main import held_back, metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.emit import emit_on_commit
 from awx_ws.main.event_rate import WINDOW, Ranges, Verdict, admit, held_back_ranges
+from awx_ws.main.history import organization_share
 from awx_ws.main.models import Job, JobEvent, WebsocketEventRate
 from awx_ws.main.protocol import EVENT_KINDS
 
@@ -124,7 +125,9 @@ def job_events_created(job: Job, events: Iterable[JobEvent]) -> None:
     if notice is not None:
         messages.append((group, held_back.notice_payload(job.pk, job.kind, *notice)))
         transaction.on_commit(metrics.HELD_BACK_NOTICES.labels("request").inc)  # counted, then sent
-    emit_on_commit(messages)
+    # The job's organization owns its events' history: a flood of one organization empties its
+    # own history first when the node's total is reached (history.py).
+    emit_on_commit(messages, share=organization_share(job.organization_id))
     if later is not None:
         transaction.on_commit(lambda: held_back.timer.schedule(job.pk, group, job.kind, later))
 

@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from awx_ws.main import metrics, retry
 from awx_ws.main.exceptions import RedisUnavailable, StartupError
-from awx_ws.main.history import GroupPosition, Replay, history_policy, resumable_for
+from awx_ws.main.history import SHARE_KEY, GroupPosition, Replay, history_policy, history_share, resumable_for
 from awx_ws.main.layers import redis_batch, redis_connect, redis_history, redis_keys, redis_presence
 from awx_ws.main.layers.base import ServiceLayer
 from awx_ws.main.layers.redis_counts import RedisConnectionStore
@@ -231,7 +231,11 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
             logger.info("%s channels over capacity in group %s: message dropped for them", over, group)
 
     def fanout_call(self, group: str, message: dict[str, Any]) -> tuple[list[str], list[Any]]:
-        """(keys, args) of GROUP_SEND_FANOUT_LUA; keys name the history stream when one is kept."""
+        """(keys, args) of GROUP_SEND_FANOUT_LUA; keys name the history stream when one is kept.
+
+        Takes the history share (history.SHARE_KEY) off message: members never receive it.
+        """
+        share = history_share(group, message.pop(SHARE_KEY, None))
         now = time.time()
         capacity = self.get_capacity("fanout.any")
         keys = [self.group_key(group)]
@@ -253,7 +257,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
             ]
             ttl = max(1, math.ceil(policy.age))
             args += [policy.length, policy.age, ttl, self._serializer.random_prefix_length, policy.max_bytes]
-            args += [policy.total_bytes, resumable_for(policy)]
+            args += [policy.total_bytes, resumable_for(policy), share]
         return keys, args
 
     def mark_left(self, pipe: Any, group: str) -> None:

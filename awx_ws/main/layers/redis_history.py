@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from awx_ws.main.conf import ws_settings
-from awx_ws.main.history import GroupPosition, Replay, history_policy, parse_stream_id
+from awx_ws.main.history import GroupPosition, Replay, history_policy, history_share, parse_stream_id
 from awx_ws.main.layers import redis_keys as keys
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ async def ensure_origin(layer: RedisLayer) -> str:
 
 def total_keys(layer: RedisLayer) -> list[str]:
     """The keys of the node's history total (HISTORY_TOTAL_BYTES): each stream's bytes, their sum,
-    when each stream expires; none when no total is kept."""
+    when each stream expires, each stream's share and each share's bytes; none when no total is
+    kept."""
     if not ws_settings.HISTORY_TOTAL_BYTES:
         return []
     return keys.history_total_keys(layer.prefix)
@@ -62,24 +63,41 @@ local function sum_sizes(entries)
     for _, entry in ipairs(entries) do n = n + size_of(entry) end
     return n
 end
--- The node's total (HISTORY_TOTAL_BYTES): acct names a hash of each stream's bytes, their sum,
--- and a sorted set of when each stream expires; `max` is the bound (nil acct: not kept).
-local function accounts(first, max, now_ms)
+-- The node's total (HISTORY_TOTAL_BYTES): acct names a hash of each stream's bytes, their sum, a
+-- sorted set of when each stream expires, a hash of each stream's share (an organization or a
+-- group kind) and a sorted set of each share's bytes; `<expiry>:<share>` orders a share's streams
+-- by expiry. `max` is the bound; `share` the writer's share (nil for a read, which keeps the
+-- stream's own) and `default` the share of a stream counted by a read (nil acct: not kept).
+local function accounts(first, max, now_ms, share, default)
     if not KEYS[first] then return nil end
-    return {sizes = KEYS[first], total = KEYS[first + 1], expiry = KEYS[first + 2], max = max, now = now_ms}
+    return {sizes = KEYS[first], total = KEYS[first + 1], expiry = KEYS[first + 2], owners = KEYS[first + 3],
+            shares = KEYS[first + 4], max = max, now = now_ms, share = share, default = default}
 end
--- Record that key holds bytes; a stream counted is always in the expiry set too (at its real
--- expiry), so its bytes leave the total when it goes, whoever wrote or read it last.
+-- Record that key holds bytes; a stream counted is always in the expiry sets too (at its real
+-- expiry), so its bytes leave the total and its share when it goes, whoever wrote or read it last.
+-- The last writer's share owns a stream (a group's messages normally come from one).
 local function account(acct, key, bytes)
     if not acct then return end
     local old = tonumber(redis.call('HGET', acct.sizes, key) or '0')
+    local owner = redis.call('HGET', acct.owners, key)
+    if owner then
+        if tonumber(redis.call('ZINCRBY', acct.shares, -old, owner)) <= 0 then
+            redis.call('ZREM', acct.shares, owner)
+        end
+        redis.call('ZREM', acct.expiry .. ':' .. owner, key)
+    end
     local ttl = redis.call('PTTL', key)
     if bytes > 0 and ttl > 0 then
+        local share = acct.share or owner or acct.default
         redis.call('HSET', acct.sizes, key, bytes)
         redis.call('ZADD', acct.expiry, acct.now + ttl, key)
+        redis.call('HSET', acct.owners, key, share)
+        redis.call('ZINCRBY', acct.shares, bytes, share)
+        redis.call('ZADD', acct.expiry .. ':' .. share, acct.now + ttl, key)
     else
         bytes = 0
         redis.call('HDEL', acct.sizes, key)
+        redis.call('HDEL', acct.owners, key)
     end
     redis.call('INCRBY', acct.total, bytes - old)
 end
@@ -138,25 +156,61 @@ local function forget_expired(acct, now_ms)
         end
     end
 end
--- Past the node's total, empty whole streams, those to expire soonest first, never `keep` (the one
--- just written to). An emptied stream keeps its ids: its last one becomes its max-deleted id, so a
--- resume from before it is told what it missed is gone.
+-- The oldest entry of key (not its newest) deleted and accounted; the bytes freed, 0 if none.
+local function shed_oldest(acct, key)
+    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 2)
+    if #oldest < 2 then return 0 end
+    redis.call('XDEL', key, oldest[1][1])  -- XDEL moves the max-deleted id itself
+    local size = size_of(oldest[1])
+    local bytes = tonumber(redis.call('GET', key .. ':bytes') or '0') - size
+    redis.call('SET', key .. ':bytes', math.max(bytes, 0), 'KEEPTTL')
+    account(acct, key, math.max(bytes, 0))
+    return size
+end
+-- Empty a whole stream (found in the expiry set `from`); it keeps its ids: its last one becomes
+-- its max-deleted id, so a resume from before it is told what it missed is gone.
+local function empty(acct, victim, from)
+    if redis.call('EXISTS', victim) == 1 and redis.call('XLEN', victim) > 0 then
+        local last = stream_field(victim, 'last-generated-id')
+        redis.call('XTRIM', victim, 'MAXLEN', 0)
+        redis.call('XSETID', victim, last, 'MAXDELETEDID', last)
+    end
+    redis.call('DEL', victim .. ':bytes')
+    account(acct, victim, 0)
+    redis.call('ZREM', acct.expiry, victim)
+    redis.call('ZREM', from, victim)
+end
+-- Past the node's total, the share holding the most bytes gives first, so one that floods loses
+-- its own history before anybody else's: its stream due to expire soonest is emptied, or, when
+-- its only stream is `keep` (the one just written to), that stream's oldest entries go. Streams
+-- counted before shares were kept belong to none: they go soonest first once no share gives.
 local function evict(acct, keep)
     local total = tonumber(redis.call('GET', acct.total) or '0')
     while total > acct.max do
-        local soonest = redis.call('ZRANGE', acct.expiry, 0, 1)
-        local victim = soonest[1]
-        if victim == keep then victim = soonest[2] end
-        if not victim then break end
-        if redis.call('EXISTS', victim) == 1 and redis.call('XLEN', victim) > 0 then
-            local last = stream_field(victim, 'last-generated-id')
-            redis.call('XTRIM', victim, 'MAXLEN', 0)
-            redis.call('XSETID', victim, last, 'MAXDELETEDID', last)
+        local victim, from, freed = nil, acct.expiry, 0
+        for _, share in ipairs(redis.call('ZREVRANGE', acct.shares, 0, 1)) do
+            from = acct.expiry .. ':' .. share
+            for _, key in ipairs(redis.call('ZRANGE', from, 0, 1)) do
+                if key ~= keep then victim = key break end
+            end
+            if victim then break end
+            if redis.call('HGET', acct.owners, keep) == share then
+                freed = shed_oldest(acct, keep)
+                if freed > 0 then break end
+            end
         end
-        redis.call('DEL', victim .. ':bytes')
-        total = total - tonumber(redis.call('HGET', acct.sizes, victim) or '0')
-        account(acct, victim, 0)
-        redis.call('ZREM', acct.expiry, victim)
+        if not victim and freed == 0 then
+            from = acct.expiry
+            local soonest = redis.call('ZRANGE', acct.expiry, 0, 1)
+            victim = soonest[1]
+            if victim == keep then victim = soonest[2] end
+            if not victim then break end
+        end
+        if victim then
+            freed = tonumber(redis.call('HGET', acct.sizes, victim) or '0')
+            empty(acct, victim, from)
+        end
+        total = total - freed
     end
 end
 """
@@ -169,7 +223,7 @@ APPEND_LUA = (
     TRIM_LUA
     + """
 local function append_history(stream, origin_key, blob, plen, maxlen, age_s, ttl, max_bytes, total_max,
-                               total_first)
+                               total_first, share)
     local origin = redis.call('GET', origin_key)
     if not origin then return nil end
     local message = cmsgpack.unpack(string.sub(blob, plen + 1))
@@ -181,7 +235,7 @@ local function append_history(stream, origin_key, blob, plen, maxlen, age_s, ttl
     if fresh then redis.call('DEL', stream .. ':bytes') end
     redis.call('INCRBY', stream .. ':bytes', #message['text'])
     local min_ms = math.max(now_ms - age_s * 1000, 0)
-    local acct = accounts(total_first, total_max, now_ms)
+    local acct = accounts(total_first, total_max, now_ms, share, share)
     trim(stream, maxlen, min_ms, stream_id, max_bytes, acct)
     if acct then
         -- The node's total (HISTORY_TOTAL_BYTES): past it, the streams to expire soonest go.
@@ -218,7 +272,7 @@ end
 local function field(name) return stream_field(KEYS[1], name) end
 local last_id = field('last-generated-id')
 local min_ms = math.max(now_ms - age_ms, 0)
-trim(KEYS[1], tonumber(ARGV[5]), min_ms, last_id, tonumber(ARGV[6]), accounts(3, 0, now_ms))
+trim(KEYS[1], tonumber(ARGV[5]), min_ms, last_id, tonumber(ARGV[6]), accounts(3, 0, now_ms, nil, ARGV[7]))
 local deleted = field('max-deleted-entry-id')
 local d_ms, d_seq = string.match(deleted, '(%d+)-(%d+)')
 if deleted ~= '0-0' and before(tonumber(d_ms), tonumber(d_seq)) then
@@ -276,6 +330,7 @@ async def _read_local(
         policy.age,
         policy.length,
         policy.max_bytes,
+        history_share(group),  # the share of a stream no writer counted yet
     )
     status = reply[0].decode()
     if status == "origin":  # the tag changed under us (Redis flushed): the old ids are gone

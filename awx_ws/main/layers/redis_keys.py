@@ -89,8 +89,15 @@ def group_of_key(prefix: str, key: str) -> str:
 
 
 def history_total_keys(prefix: str) -> list[str]:
-    """Each stream's bytes (hash), their sum (string) and when each stream expires (sorted set)."""
-    return [f"{prefix}:history-sizes", f"{prefix}:history-total", f"{prefix}:history-expiry"]
+    """Each stream's bytes (hash), their sum (string), when each stream expires (sorted set; and
+    `<it>:<share>` per share), each stream's share (hash) and each share's bytes (sorted set)."""
+    return [
+        f"{prefix}:history-sizes",
+        f"{prefix}:history-total",
+        f"{prefix}:history-expiry",
+        f"{prefix}:history-owners",
+        f"{prefix}:history-shares",
+    ]
 
 
 # --- the relay and peers (redis_records.py, redis.py) -----------------------------------------

@@ -46,10 +46,10 @@ local message_id = ''
 local members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf')
 local expired = redis.call('ZCOUNT', KEYS[1], 0, ARGV[4])
 if #KEYS >= 4 then
-    -- KEYS[2] the left-lately mark, KEYS[3] the stream, KEYS[4] the origin tag, KEYS[5..7] the total.
+    -- KEYS[2] the left-lately mark, KEYS[3] the stream, KEYS[4] the origin tag, KEYS[5..9] the total.
     if #members > 0 or expired > 0 or redis.call('EXISTS', KEYS[2]) == 1 then
         message_id, blob = append_history(KEYS[3], KEYS[4], blob, tonumber(ARGV[10]), tonumber(ARGV[7]),
-            tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[11]), tonumber(ARGV[12]), 5)
+            tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[11]), tonumber(ARGV[12]), 5, ARGV[14])
         if not message_id then return redis.error_reply('NOORIGIN history origin tag missing') end
     end
     if expired > 0 then redis.call('SET', KEYS[2], 1, 'EX', ARGV[13]) end
