@@ -93,7 +93,7 @@ def test_metrics_live_files_match_in_full(trailer):
 
 
 def test_history_shares_are_ascii_names_checked_before_anything_is_sent():
-    from awx_ws.main.emit import build_message
+    from awx_ws.main.emit import build_message, emit_on_commit
     from awx_ws.main.exceptions import InvalidHistoryShare
     from awx_ws.main.history import history_share, organization_share
 
@@ -107,3 +107,5 @@ def test_history_shares_are_ascii_names_checked_before_anything_is_sent():
             history_share("job_events-42", bad)
         with pytest.raises(InvalidHistoryShare):
             build_message("job_events-42", {}, bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidHistoryShare):  # at once, not after the commit
+            emit_on_commit([("job_events-42", {})], share=bad)  # type: ignore[arg-type]

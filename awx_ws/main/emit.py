@@ -19,7 +19,7 @@ from django.utils.module_loading import import_string
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import BatchEmitError, EmitError, LayerUnavailable
-from awx_ws.main.history import SHARE_KEY, history_share
+from awx_ws.main.history import SHARE_KEY, validate_share
 from awx_ws.main.layers import ServiceLayer, service_layer, service_layer_class
 from awx_ws.main.protocol import validate_group_name
 
@@ -37,7 +37,7 @@ def build_message(group: str, payload: Any, share: str | None = None) -> dict[st
     validate_group_name(group)
     message = {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder)}
     if share is not None:
-        message[SHARE_KEY] = history_share(group, share)
+        message[SHARE_KEY] = validate_share(share)
     return message
 
 
@@ -187,5 +187,6 @@ def emit_on_commit(messages: list[tuple[str, Any]], share: str | None = None) ->
     """Emit messages, in order, as one batch after the current transaction commits; never if it
     rolls back. A failure is logged: the change stays committed and clients catch up over REST."""
     if messages:
-        history_share("", share)  # a bad share fails now, in the caller's transaction
+        if share is not None:
+            validate_share(share)  # a bad share fails now, in the caller's transaction
         transaction.on_commit(lambda: _emit_committed(messages, share))

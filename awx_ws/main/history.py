@@ -101,15 +101,18 @@ def _forget_policies(*, setting: str, **kwargs: Any) -> None:
 setting_changed.connect(_forget_policies)
 
 
-def history_share(group: str, share: Any = None) -> str:
-    """The share group's history counts against: share when given (checked), else the group's kind."""
-    if share is None:
-        return group.split("-", 1)[0]
+def validate_share(share: Any) -> str:
+    """share, if it is a history share's name; InvalidHistoryShare if not."""
     if not isinstance(share, str) or not _SHARE_RE.fullmatch(share):
         raise InvalidHistoryShare(
             f"invalid history share {share!r}: 1 to 64 ASCII letters, digits, '_', '.' or '-'"
         )
     return share
+
+
+def history_share(group: str, share: Any = None) -> str:
+    """The share group's history counts against: share when given (checked), else the group's kind."""
+    return group.split("-", 1)[0] if share is None else validate_share(share)
 
 
 def organization_share(organization_id: int | None) -> str | None:
