@@ -75,29 +75,34 @@ local function accounts(first, max, now_ms, share, default)
 end
 -- Record that key holds bytes; a stream counted is always in the expiry sets too (at its real
 -- expiry), so its bytes leave the total and its share when it goes, whoever wrote or read it last.
--- The last writer's share owns a stream (a group's messages normally come from one).
+-- The last writer's share owns a stream (a group's messages normally come from one, so the owner
+-- is rewritten only when it changes: this runs in every emit).
 local function account(acct, key, bytes)
     if not acct then return end
     local old = tonumber(redis.call('HGET', acct.sizes, key) or '0')
     local owner = redis.call('HGET', acct.owners, key)
-    if owner then
+    local ttl = redis.call('PTTL', key)
+    local share = false
+    if bytes > 0 and ttl > 0 then share = acct.share or owner or acct.default else bytes = 0 end
+    if owner and owner ~= share then
         if tonumber(redis.call('ZINCRBY', acct.shares, -old, owner)) <= 0 then
             redis.call('ZREM', acct.shares, owner)
         end
         redis.call('ZREM', acct.expiry .. ':' .. owner, key)
     end
-    local ttl = redis.call('PTTL', key)
-    if bytes > 0 and ttl > 0 then
-        local share = acct.share or owner or acct.default
+    if share then
         redis.call('HSET', acct.sizes, key, bytes)
         redis.call('ZADD', acct.expiry, acct.now + ttl, key)
-        redis.call('HSET', acct.owners, key, share)
-        redis.call('ZINCRBY', acct.shares, bytes, share)
+        if owner ~= share then
+            redis.call('HSET', acct.owners, key, share)
+            redis.call('ZINCRBY', acct.shares, bytes, share)
+        elseif bytes ~= old then
+            redis.call('ZINCRBY', acct.shares, bytes - old, share)
+        end
         redis.call('ZADD', acct.expiry .. ':' .. share, acct.now + ttl, key)
     else
-        bytes = 0
         redis.call('HDEL', acct.sizes, key)
-        redis.call('HDEL', acct.owners, key)
+        if owner then redis.call('HDEL', acct.owners, key) end
     end
     redis.call('INCRBY', acct.total, bytes - old)
 end
