@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from awx_ws.main.emit import aemit_channel_notification
+from awx_ws.main.emit import aemit_channel_notification, build_message
 from awx_ws.main.history import GroupPosition
 from tests.client import WsClient, open_ws
 
@@ -304,6 +304,9 @@ async def test_the_node_total_forgets_history_that_expired(own_redis, settings):
     assert sizes == {"asgi:history:schedules-kept": len(json.dumps({"stdout": "y"}))}
     assert int(await redis.get("asgi:history-total")) == sizes["asgi:history:schedules-kept"]
     assert await redis.zrange("asgi:history-expiry", 0, -1) == [b"asgi:history:schedules-kept"]
+    # Its share forgot it too: only what is held is counted, by whom it is held.
+    assert await redis.hgetall("asgi:history-owners") == {b"asgi:history:schedules-kept": b"schedules"}
+    assert await shares_of(redis) == {"schedules": sizes["asgi:history:schedules-kept"]}
     await redis.aclose()
 
 
@@ -381,6 +384,64 @@ async def test_a_share_whose_only_stream_floods_sheds_that_streams_oldest_entrie
     first = (await redis.xrange("asgi:history:job_events-3", count=1))[0][0]
     assert info["max-deleted-entry-id"] < first
     assert info["max-deleted-entry-id"] != b"0-0"
+    await redis.aclose()
+
+
+async def test_a_batch_run_again_after_its_script_was_lost_keeps_its_share(layer, own_redis, settings):
+    """The first batch on a Redis runs twice (no origin tag yet, then the script flushed): each
+    time its messages count against the share the emitter named, and no member receives it."""
+    from tests.client import redis_at
+
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_TOTAL_BYTES": 1 << 20}
+    redis = redis_at(own_redis.url)
+    channel = await layer.new_channel()  # a plain Channels consumer: the layer's second round trip
+    await layer.group_add("job_events-5", channel)
+    for _ in range(2):
+        await redis.script_flush()
+        await layer.group_send_many([("job_events-5", build_message("job_events-5", {"n": 1}, "org-3"))])
+        received = await layer.receive(channel)
+        assert "history_share" not in received and json.loads(received["text"]) == {"n": 1}
+    assert await redis.hgetall("asgi:history-owners") == {b"asgi:history:job_events-5": b"org-3"}
+    assert list(await shares_of(redis)) == ["org-3"]
+    await redis.aclose()
+
+
+async def test_a_single_emit_with_a_share_reaches_a_plain_consumer_without_it(layer, own_redis, settings):
+    from tests.client import redis_at
+
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_TOTAL_BYTES": 1 << 20}
+    channel = await layer.new_channel()
+    await layer.group_add("job_events-6", channel)
+    await layer.group_send("job_events-6", build_message("job_events-6", {"n": 2}, "org-4"))
+    received = await layer.receive(channel)
+    assert "history_share" not in received and received["group"] == "job_events-6"
+    redis = redis_at(own_redis.url)
+    assert await redis.hget("asgi:history-owners", "asgi:history:job_events-6") == b"org-4"
+    await redis.aclose()
+
+
+async def test_streams_counted_before_shares_were_kept_give_first(own_redis, settings):
+    """After an upgrade, streams an older release counted belong to no share: past the total they
+    are emptied before any share's, the soonest to expire first."""
+    from tests.client import emit_to, redis_at, watch
+
+    settings.AWX_WS = {**settings.AWX_WS, "HISTORY_MAX_BYTES": 3000, "HISTORY_TOTAL_BYTES": 4000}
+    payload = {"stdout": "x" * 900}
+    size = len(json.dumps(payload))
+    await watch(own_redis.url, "job_events-1", "job_events-2", "job_events-3")
+    await emit_to(own_redis.url, "job_events-1", payload, "org-1")
+    redis = redis_at(own_redis.url)
+    # What an older release leaves: the stream in the sizes, the total and the expiry set only.
+    await redis.hdel("asgi:history-owners", "asgi:history:job_events-1")
+    await redis.zrem("asgi:history-shares", "org-1")
+    await redis.delete("asgi:history-expiry:org-1")
+    await emit_to(own_redis.url, "job_events-2", payload, "org-1")
+    for _ in range(3):  # org-2 becomes the largest share, but the ownerless stream goes first
+        await emit_to(own_redis.url, "job_events-3", payload, "org-2")
+    lengths = [await redis.xlen(f"asgi:history:job_events-{n}") for n in (1, 2, 3)]
+    assert lengths == [0, 1, 3]
+    assert await shares_of(redis) == {"org-1": size, "org-2": 3 * size}
+    assert int(await redis.get("asgi:history-total")) == 4 * size
     await redis.aclose()
 
 

@@ -21,6 +21,7 @@ from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import BatchEmitError, EmitError, LayerUnavailable
 from awx_ws.main.history import SHARE_KEY, validate_share
 from awx_ws.main.layers import ServiceLayer, service_layer, service_layer_class
+from awx_ws.main.messages import without_share
 from awx_ws.main.protocol import validate_group_name
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def _emit_error(exc: LayerUnavailable, group: str, timeout: float) -> LayerUnava
 
 async def _group_send(layer: BaseChannelLayer, group: str, message: dict[str, str]) -> None:
     timeout = ws_settings.EMIT_TIMEOUT
+    if service_layer(layer) is None:  # another package's layer: the share means nothing to it
+        message = without_share(message)
     try:
         async with asyncio.timeout(timeout):
             await layer.group_send(group, message)
@@ -152,7 +155,7 @@ async def aemit_channel_notifications(
 async def _send_each(layer: BaseChannelLayer, built: list[tuple[str, dict[str, str]]]) -> None:
     for index, (group, message) in enumerate(built):
         try:
-            await layer.group_send(group, message)
+            await layer.group_send(group, without_share(message))
         except OSError as exc:
             cause = LayerUnavailable(f"{type(layer).__name__}: {exc!r}")
             raise BatchEmitError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from awx_ws.main.history import SHARE_KEY
 from awx_ws.main.protocol import RESERVED_PREFIX
 
 # The message type AWX's consumers handle, and the only one delivered to clients.
@@ -17,8 +18,16 @@ CLIENT_MESSAGE_TYPE = "internal.message"
 
 
 def with_group(group: str, message: dict[str, Any]) -> dict[str, Any]:
-    """message as its group's members receive it: with `group` set to the group it is sent to."""
-    return {**message, "group": group}
+    """message as its group's members receive it: with `group` set to the group it is sent to,
+    and without the emitter's history share (history.SHARE_KEY), which only the sender reads."""
+    return {**without_share(message), "group": group}
+
+
+def without_share(message: dict[str, Any]) -> dict[str, Any]:
+    """message without the emitter's history share (the message itself when it has none)."""
+    if SHARE_KEY not in message:
+        return message
+    return {key: value for key, value in message.items() if key != SHARE_KEY}
 
 
 def is_client_message(group: str, message: dict[str, Any]) -> bool:

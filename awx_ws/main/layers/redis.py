@@ -230,12 +230,12 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
             # The same drop channels_redis makes at capacity (see channels_redis#212): say so.
             logger.info("%s channels over capacity in group %s: message dropped for them", over, group)
 
-    def fanout_call(self, group: str, message: dict[str, Any]) -> tuple[list[str], list[Any]]:
-        """(keys, args) of GROUP_SEND_FANOUT_LUA; keys name the history stream when one is kept.
-
-        Takes the history share (history.SHARE_KEY) off message: members never receive it.
-        """
-        share = history_share(group, message.pop(SHARE_KEY, None))
+    def fanout_call(
+        self, group: str, message: dict[str, Any], share: str | None = None
+    ) -> tuple[list[str], list[Any]]:
+        """(keys, args) of GROUP_SEND_FANOUT_LUA; keys name the history stream when one is kept,
+        counted against share (the emitter's, history.SHARE_KEY; by default the group's kind)."""
+        share = history_share(group, share)
         now = time.time()
         capacity = self.get_capacity("fanout.any")
         keys = [self.group_key(group)]
@@ -289,6 +289,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
     async def _group_send(self, group: str, message: dict[str, Any]) -> None:
         if not self.require_valid_group_name(group):
             raise TypeError(f"invalid group name {group!r}")
+        share = message.get(SHARE_KEY)
         message = with_group(group, message)
         if self.ring_size > 1:  # fan-out keys may live on other shards: channels_redis's way
             await super().group_send(group, message)
@@ -296,7 +297,7 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
                 metrics.count_emitted(group)
             return
         connection = self.connection(0)
-        keys, args = self.fanout_call(group, message)
+        keys, args = self.fanout_call(group, message, share)
         try:
             reply = await connection.eval(GROUP_SEND_FANOUT_LUA, len(keys), *keys, *args)
         except ResponseError as exc:
@@ -380,9 +381,10 @@ class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
             raise TypeError(f"invalid group name {group!r}")
         if self.ring_size > 1:
             raise TypeError("sync emit supports one Redis host (channels_redis sharding is not supported)")
+        share = message.get(SHARE_KEY)
         message = with_group(group, message)
         connection = self.blocking_client(0, timeout)
-        keys, args = self.fanout_call(group, message)
+        keys, args = self.fanout_call(group, message, share)
         try:
             reply = self.eval_fanout_blocking(connection, keys, args)
         except ResponseError as exc:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from awx_ws.main.exceptions import BatchEmitError
+from awx_ws.main.history import SHARE_KEY
 from awx_ws.main.layers import redis_keys
 from awx_ws.main.layers.redis_scripts import FANOUT_SHA, GROUP_SEND_FANOUT_LUA, GROUP_SEND_LUA
 from awx_ws.main.messages import with_group
@@ -44,24 +45,27 @@ class Batch:
     done: set[int] = field(default_factory=set)
     # Index -> the members still to be sent to (the second round trip).
     others: dict[int, list[bytes]] = field(default_factory=dict)
+    # Each message's history share (history.SHARE_KEY), read once: with_group takes it off.
+    shares: list[str | None] = field(default_factory=list)
 
     @classmethod
     def of(cls, layer: RedisLayer, messages: Sequence[tuple[str, dict[str, Any]]]) -> Batch:
         """The batch, each message checked and marked with its group (nothing is sent yet)."""
         if layer.ring_size > 1:
             raise TypeError("batched emit supports one Redis host (channels_redis sharding is not supported)")
-        checked = []
+        checked, shares = [], []
         for group, message in messages:
             if not layer.require_valid_group_name(group):
                 raise TypeError(f"invalid group name {group!r}")
+            shares.append(message.get(SHARE_KEY))
             checked.append((group, with_group(group, message)))
-        return cls(layer, checked)
+        return cls(layer, checked, shares=shares)
 
     def first_calls(self, indices: list[int], by_digest: bool) -> list[Call]:
         """The group_send script call of each message in indices."""
         calls = []
         for index in indices:
-            keys, args = self.layer.fanout_call(*self.messages[index])
+            keys, args = self.layer.fanout_call(*self.messages[index], self.shares[index])
             calls.append((FANOUT_SHA if by_digest else GROUP_SEND_FANOUT_LUA, [len(keys), *keys, *args]))
         return calls
 

@@ -185,15 +185,19 @@ local function empty(acct, victim, from)
     redis.call('ZREM', acct.expiry, victim)
     redis.call('ZREM', from, victim)
 end
--- Past the node's total, the share holding the most bytes gives first, so one that floods loses
--- its own history before anybody else's: its stream due to expire soonest is emptied, or, when
--- its only stream is `keep` (the one just written to), that stream's oldest entries go. Streams
--- counted before shares were kept belong to none: they go soonest first once no share gives.
+-- Past the node's total, streams counted before shares were kept (an upgrade) go first, soonest
+-- to expire first: they are nobody's share. Then the share holding the most bytes gives, so one
+-- that floods loses its own history before anybody else's: its stream due to expire soonest is
+-- emptied, or, when its only stream is `keep` (the one just written to), that stream's oldest
+-- entries go. Whatever the shares cannot give, the soonest to expire of all gives.
 local function evict(acct, keep)
     local total = tonumber(redis.call('GET', acct.total) or '0')
     while total > acct.max do
         local victim, from, freed = nil, acct.expiry, 0
-        for _, share in ipairs(redis.call('ZREVRANGE', acct.shares, 0, 1)) do
+        for _, key in ipairs(redis.call('ZRANGE', acct.expiry, 0, 1)) do
+            if key ~= keep and not redis.call('HGET', acct.owners, key) then victim = key break end
+        end
+        for _, share in ipairs(victim and {} or redis.call('ZREVRANGE', acct.shares, 0, 1)) do
             from = acct.expiry .. ':' .. share
             for _, key in ipairs(redis.call('ZRANGE', from, 0, 1)) do
                 if key ~= keep then victim = key break end
