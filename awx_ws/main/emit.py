@@ -33,7 +33,7 @@ def build_message(group: str, payload: Any, share: str | None = None) -> dict[st
     Exactly what AWX sends, `{"type": "internal.message", "text": ...}`; the layer adds the group
     when it sends (layers.with_group), as it does for any producer's group_send. share names the
     history share the group's history counts against (history.history_share; an organization,
-    `org-<id>`): the Redis layer takes it off before members receive the message.
+    `org-<id>`): our layers take it off before members receive the message (with_group).
     """
     validate_group_name(group)
     message = {"type": "internal.message", "text": json.dumps(payload, cls=DjangoJSONEncoder)}
