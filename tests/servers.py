@@ -237,6 +237,11 @@ PROCESS_CONNECTIONS = 4
 
 # The ways to run the service that the suite proves: our runner (daphne with lifespan and direct
 # writes, as supervisord.conf starts it) and plain `daphne`, as the Channels docs and AWX start it.
+# How long a server may take to start: longer than it waits for its channel layer itself
+# (AWX_WS_STARTUP_LAYER_WAIT, 60 s by default), so that a layer it cannot reach is reported as
+# the 503 naming the layer, not as a read timeout here that says nothing.
+STARTUP_BOUND = 75.0
+
 RUNNERS = ("awx_ws.server", "daphne")
 # Every ASGI server users run Channels under: the daphne runners, and uvicorn and hypercorn
 # (requirements-dev.txt only; docs/channels.md, "Which runner"). Modules marked `every_server`
@@ -286,12 +291,13 @@ class DaphneNode(Process):
         argv = server_command(runner, self.port, options, app)
         super().__init__(f"{runner}:{self.port}", argv, workdir / f"{runner}-{self.port}.log", env)
 
-    def start(self, timeout: float = 30.0) -> DaphneNode:
+    def start(self, timeout: float = STARTUP_BOUND) -> DaphneNode:
         """Start, and wait until it listens and its start-up work is done (under every server).
 
         The stream endpoint answers only once start-up is done (plain daphne holds requests to
         it until then; the others, which send ASGI lifespan, listen only then): 401 without
-        credentials when it is, 503 when start-up failed.
+        credentials when it is, 503 when start-up failed. Whatever went wrong, the error carries
+        the server's log.
         """
         super().start()
         try:
@@ -303,6 +309,10 @@ class DaphneNode(Process):
             except urllib.error.HTTPError as exc:
                 status = exc.code
                 exc.close()
+            except OSError as exc:  # a read timeout, a reset: URLError is one too
+                raise RuntimeError(
+                    f"{self.name} did not answer once started ({exc!r}):\n{self.output()}"
+                ) from exc
             if status != 401:
                 raise RuntimeError(
                     f"{self.name} did not start (stream endpoint said {status}):\n{self.output()}"
