@@ -38,6 +38,7 @@ from awx_ws.main.frames import FrameBatch
 from awx_ws.main.interest import INTEREST_REQUEST_TYPE, InterestAnnouncer
 from awx_ws.main.membership import refresh_interval
 from awx_ws.main.messages import CLIENT_MESSAGE_TYPE
+from awx_ws.main.relay_catchup import RelayedSeen
 from awx_ws.main.retry import FailureLog, spawn
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Fanout:
         self._skipped = FailureLog("fan-out input", 60.0, logger)
         self._resync_listeners: list[Callable[[], None]] = []
         self.job_organizations = JobOrganizations()
+        self._relayed = RelayedSeen()  # a relay's catch-up overlaps what came live
         self._delivered = metrics.Tally(metrics.DELIVERED)
         self._dropped = metrics.Tally(metrics.DROPPED)
 
@@ -210,6 +212,7 @@ class Fanout:
         metrics.SUBSCRIPTIONS.labels(metrics.group_kind(group)).dec()
         if not members:
             del self.groups[group]
+            self._relayed.forget(group)
             self._mark(group)
 
     def release(self, subscriber: Subscriber) -> None:
@@ -369,11 +372,12 @@ class Fanout:
             return
         members = self.groups.get(group)
         if members:
+            message_id = message.get("id") if isinstance(message.get("id"), str) else None
+            if message_id and message.get("relayed") and not self._relayed.first_time(group, message_id):
+                return self._dropped.add("relayed_twice")
             filtered, organization = await allowed(group, text, self.job_organizations)
             if filtered:  # a job's status: only to those who may see the job (audience.py)
                 members = {m for m in members if m.viewer is None or m.viewer.may_see(organization)}
-            message_id = message.get("id")
-            message_id = message_id if isinstance(message_id, str) else None
             await self._deliver(members, group, text, message_id, frames)
 
     async def _deliver(

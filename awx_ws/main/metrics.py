@@ -103,6 +103,12 @@ RELAY_UP = Gauge(
     multiprocess_mode="livemax",
 )
 RELAY_RECEIVED = Counter("awx_ws_relay_received", "Messages received from a peer's relay link", ["peer"])
+RELAY_CATCHUP = Counter(
+    "awx_ws_relay_catchup",
+    "Relay link catch-ups after a loss, by outcome: complete, reset (a peer's history no longer "
+    "reached back), unavailable",
+    ["outcome"],
+)
 RELAY_RECONNECTS = Counter("awx_ws_relay_reconnects", "Relay links re-established after a loss", ["peer"])
 
 # gauge_livesum_1234.db and the like: files of live-state gauges of one process

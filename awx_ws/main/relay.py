@@ -15,6 +15,7 @@ the metrics only. What a link says is peer_protocol.py's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Set as AbstractSet
@@ -38,6 +39,7 @@ from awx_ws.main.peer_protocol import (
     read_frame,
 )
 from awx_ws.main.peerauth import exposed_hop, peer_url
+from awx_ws.main.relay_catchup import catch_up, previous_down_since
 from awx_ws.main.relay_status import LinkStatus, describe
 from awx_ws.main.retry import RetryPolicy, spawn, supervise
 
@@ -62,6 +64,8 @@ class Relay:
         self.node = node
         # The node's interest: what its clients hold (interest.py), kept by changes.
         self.interest: set[str] = set()
+        # Set once the interest was read whole (a link's catch-up needs it: relay_catchup.py).
+        self.interest_read = asyncio.Event()
         self._changed = asyncio.Event()
         self.links = {peer: PeerLink(self, peer) for peer in peers}
         # Set by from_settings with BROADCAST_WEBSOCKET_DISCOVERY=postgres.
@@ -127,6 +131,7 @@ class Relay:
     def publish(self, interest: frozenset[str]) -> None:
         """The node's interest is now exactly interest (costs the number of groups)."""
         self.update(interest - self.interest, self.interest - interest)
+        self.interest_read.set()
 
     def update(self, gained: AbstractSet[str], lost: AbstractSet[str]) -> None:
         """The node's interest gained and lost these groups: each link sends the change."""
@@ -171,9 +176,11 @@ class Relay:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _write_status(self, records: NodeRecords) -> float:
-        links = list(self.links.values())  # discovery may add or drop links meanwhile
+        # Discovery may add or drop links meanwhile; a link is written once it has read what the
+        # previous relay process wrote of it (PeerLink.restore), never over it before.
+        links = list(self.links.values())
         now = time.time()
-        for link in links:
+        for link in (link for link in links if link.restored):
             if link.status.state == "connected":
                 link.status.last_seen = now
             await records.write_link_status(link.peer, link.status.as_mapping())
@@ -200,6 +207,8 @@ class PeerLink:
         self.status = LinkStatus(peer)
         self._failing = False
         self._connected_once = False
+        # Whether the previous relay process's view of this link was read (restore()).
+        self.restored = False
         # Changes of the node's interest not yet sent to the peer: group -> joined (True) or left.
         self._pending: dict[str, bool] = {}
 
@@ -220,8 +229,16 @@ class PeerLink:
         )
         return asyncio.get_running_loop().create_task(work, name=f"relay link {self.peer}")
 
+    async def restore(self) -> None:
+        """Take over from the previous relay process the moment this link went down for it
+        (relay_catchup.previous_down_since): what the peer emitted since is caught up."""
+        if not self.restored and self.relay.records is not None:
+            self.status.down_since = await previous_down_since(self.relay.records, self.peer)
+        self.restored = True
+
     async def _session(self, failures: int) -> None:
         """One connection to the peer, served until it ends (which is a failure: retried)."""
+        await self.restore()
         self.status.move_to("connecting")
         ping = ws_settings.BROADCAST_WEBSOCKET_PING_INTERVAL
         async with open_peer(
@@ -241,15 +258,28 @@ class PeerLink:
             self._connected_once = True
             self.status.move_to("connected")
             self.status.last_error = ""
+            await self._write_status_now()
             self._failing = False
             logger.info("relay link to %s connected", self.peer)
             await self._serve(ws)
         raise ConnectionError("peer closed the link")
 
+    async def _write_status_now(self) -> None:
+        """Write the link's figures at once (not at the next second): a relay killed the moment
+        after leaves its successor the right point to catch up from."""
+        if self.relay.records is None:
+            return
+        try:
+            await self.relay.records.write_link_status(self.peer, self.status.as_mapping())
+        except LayerUnavailable as exc:
+            logger.info("relay link to %s: its status is not written yet: %s", self.peer, exc)
+
     def _lost(self, exc: BaseException) -> None:
         """Record why the link is down; log once per state change, not per attempt (AWX #7266)."""
         self.status.last_error = describe(exc)
         was_up = self.status.state == "connected"
+        if was_up and not self.status.down_since:
+            self.status.down_since = time.time()
         self.status.move_to("disconnected")
         if was_up:
             logger.warning("relay link to %s lost: %s; reconnecting", self.peer, self.status.last_error)
@@ -265,6 +295,22 @@ class PeerLink:
     async def _serve(self, ws: ClientConnection) -> None:
         sender = asyncio.create_task(self._send_interest(ws))
         try:
+            down_since = self.status.down_since
+            if down_since and self.relay.layer.keeps_history:
+                with contextlib.suppress(TimeoutError):  # catch up on what is known by then
+                    async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
+                        await self.relay.interest_read.wait()
+                buffered = await catch_up(
+                    self.peer,
+                    down_since,
+                    set(self.relay.interest),
+                    ws.recv,
+                    self._confirmed,
+                    self._inject_entry,
+                )
+                for frame in buffered:
+                    await self._inject(frame)
+            self.status.down_since = 0.0
             async for frame in ws:
                 await self._inject(frame)
         finally:
@@ -308,11 +354,15 @@ class PeerLink:
         if isinstance(read, ForwardingAck):
             await self._confirmed(read.forwarding, read.dropped)
             return
-        message = {"type": "internal.message", "text": read.text, "group": read.group, "relayed": True}
-        if read.message_id is not None:
-            message["id"] = read.message_id  # the origin's history id, kept for resuming clients here
+        await self._inject_entry(read.group, read.text, read.message_id)
+
+    async def _inject_entry(self, group: str, text: str, message_id: str | None) -> None:
+        """Send one of the peer's messages to the group here, marked relayed."""
+        message = {"type": "internal.message", "text": text, "group": group, "relayed": True}
+        if message_id is not None:
+            message["id"] = message_id  # the origin's history id, kept for resuming clients here
         try:
-            await self.relay.layer.group_send(read.group, message)
+            await self.relay.layer.group_send(group, message)
         except (LayerUnavailable, OSError) as exc:
             self.status.dropped_total += 1
             metrics.DROPPED.labels("relay_inject_failed").inc()

@@ -31,6 +31,9 @@ class LinkStatus:
     # (its link up, or its announcement heard).
     source: str = "static"
     last_seen: float = 0.0
+    # Since when messages the peer emitted have not reached this node (the link went down, or the
+    # relay started after one that had it down); 0 once caught up (relay_catchup.py).
+    down_since: float = 0.0
     # (second, count) buckets of the last minute
     _recent: deque[list[int]] = field(default_factory=deque)
 
@@ -75,6 +78,7 @@ class LinkStatus:
             "last_error": self.last_error,
             "source": self.source,
             "last_seen": f"{self.last_seen:.3f}",
+            "down_since": f"{self.down_since:.3f}",
             "updated": f"{time.time():.3f}",
         }
 
