@@ -71,3 +71,20 @@ def test_the_blocking_sentinel_pool_closes_only_its_idle_connections_when_the_ma
     pool.disconnect(inuse_connections=False)
     assert closed == ["idle"]
     assert pool.pool.get_nowait() is idle  # back in its place
+
+
+def test_django_logs_no_response_marked_as_logged(caplog):
+    """api/errors.py marks its 503 for a database outage as logged (it reports once a minute):
+    Django's request logger must then add no ERROR line per request."""
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+    from django.utils.log import log_response
+
+    request = RequestFactory().get("/api/v2/jobs/")
+    marked = HttpResponse(status=503)
+    marked._has_been_logged = True
+    with caplog.at_level("ERROR", logger="django.request"):
+        log_response("Service Unavailable: %s", request.path, response=marked, request=request)
+        assert caplog.records == []
+        log_response("Service Unavailable: %s", request.path, response=HttpResponse(status=503), request=request)
+        assert len(caplog.records) == 1  # unmarked, it is logged: the mark is what keeps it out
