@@ -22,7 +22,7 @@ export DJANGO_SETTINGS_MODULE := config.settings
 # Debian puts nginx in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: test-unit run test test-postgres bench bootstrap sysdeps testdeps rabbitmq postgresql lint clean
+.PHONY: test-unit run test test-postgres bench soak bootstrap sysdeps testdeps rabbitmq postgresql lint clean
 
 run: bootstrap
 	# Metrics files of an earlier run would add up with this one's (prometheus_client multiprocess).
@@ -46,7 +46,8 @@ run: bootstrap
 # PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database),
 # under awx_ws.server only: the database is that pass's point.
 # Two pytest-xdist workers, a test file each at a time, each with servers of its own (and ports of
-# its own: tests/servers.py): the suite mostly waits, on servers, timers and round trips.
+# its own: tests/servers.py): the suite mostly waits, on servers, timers and round trips. The first
+# pass includes a two-minute soak (tests/test_soak.py: `make soak` in small, every kind of fault).
 test: bootstrap testdeps lint
 	$(PYTEST)
 	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"
@@ -63,6 +64,13 @@ test-postgres: bootstrap testdeps
 # `$(PY) -m bench.run --runners` runs only the comparison of the four ASGI servers (about 4).
 bench: bootstrap rabbitmq postgresql
 	$(PY) -m bench.run
+
+# A production day under faults (bench/soak, docs/reliability.md): three nodes as `make run`
+# starts them, AWX-like jobs and viewers, a seeded nemesis, a checker; SOAK_MINUTES (15),
+# SOAK_SEED (1), SOAK_JOBS, SOAK_VIEWERS. Exits non-zero on a loss, a duplicate, an unexplained
+# ERROR, a leak or a slow recovery; the report goes to bench/results/soak-<time>/.
+soak: bootstrap postgresql
+	$(PY) -m bench.soak
 
 # ruff (C90 at 10), the formatting, mypy strict (pyproject.toml); make test runs it first.
 lint: bootstrap

@@ -159,6 +159,15 @@ class Sentinels:
 @contextmanager
 def sentinel_set(workdir: Path, passwords: Passwords = Passwords()) -> Iterator[Sentinels]:
     """A master, its replica and three sentinels, started and ready; all stopped at the end."""
+    servers = start_sentinels(workdir, passwords)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+def start_sentinels(workdir: Path, passwords: Passwords = Passwords()) -> Sentinels:
+    """A master, its replica and three sentinels, started and ready (the caller stops them)."""
     master_port, replica_port, *sentinel_ports = free_ports(5)
     master = RedisServer(master_port, workdir / "master")
     master.argv += ["--repl-diskless-sync-delay", "0"]  # a replica syncs at once, not after 5 s
@@ -176,6 +185,7 @@ def sentinel_set(workdir: Path, passwords: Passwords = Passwords()) -> Iterator[
         for sentinel in sentinels:
             sentinel.start()
         servers.wait_ready()
-        yield servers
-    finally:
+    except BaseException:
         servers.stop()
+        raise
+    return servers
