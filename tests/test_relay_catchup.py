@@ -15,8 +15,10 @@ import pytest
 from awx_ws.main.relay_catchup import RelayedSeen
 from tests.client import WsClient, open_ws
 from tests.link_proxy import LinkProxy
+from tests.sentinel import Sentinels, start_sentinels
 from tests.servers import Relay, free_port
 from tests.test_cluster import Node, make_nodes, wait_for
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.slow]
 
@@ -137,6 +139,43 @@ async def test_a_restarted_relay_catches_up_what_its_predecessor_missed(linked, 
     await b.emit(GROUP, {"n": 4})
     assert await numbers(plain, 1) == [4]
     assert await numbers(with_ids, 1) == [4]
+
+
+@pytest.fixture
+async def on_sentinel(state_dir: Path, database: None) -> AsyncIterator[tuple[Node, Node, Sentinels]]:
+    """Node A on a Sentinel set (a master and a replica), node B on a Redis of its own."""
+    sentinels = await asyncio.to_thread(start_sentinels, state_dir / f"catchup-sentinels-{free_port()}")
+    a, b = make_nodes(state_dir, [f"failoverA{sentinels.master.port}", f"failoverB{sentinels.master.port}"])
+    a.env.update(sentinels.env)
+    try:
+        for node in (a, b):
+            await asyncio.to_thread(node.start)
+        yield a, b, sentinels
+    finally:
+        for node in (a, b):
+            await asyncio.to_thread(node.stop)
+            await asyncio.to_thread(node.redis.stop)
+        await asyncio.to_thread(sentinels.stop)
+
+
+async def test_a_peers_messages_during_a_local_failover_arrive_once_it_is_over(on_sentinel, token):
+    """A's relay cannot inject B's messages while A's Redis fails over: the link starts again
+    and catches them up, instead of dropping them while it looks healthy (the soak found it)."""
+    a, b, sentinels = on_sentinel
+    plain, with_ids = await subscribed_across(a, b, token)
+    await b.emit(GROUP, {"n": 0})
+    assert await numbers(plain, 1) == [0]
+    assert await numbers(with_ids, 1) == [0]
+    await asyncio.to_thread(sentinels.wait_replicated)  # the subscriptions too
+    await asyncio.to_thread(sentinels.master.kill)
+    for n in (1, 2, 3):  # while A has no master, and after
+        await b.emit(GROUP, {"n": n})
+    await eventually(lambda: sentinels.master_port() == sentinels.replica.port, timeout=30)
+    await b.emit(GROUP, {"n": 4})
+    assert await numbers(plain, 4) == [1, 2, 3, 4]
+    assert await numbers(with_ids, 4) == [1, 2, 3, 4]
+    await b.emit(GROUP, {"n": 5})
+    assert await numbers(plain, 1) == [5]
 
 
 @pytest.mark.unit

@@ -364,9 +364,17 @@ class PeerLink:
         try:
             await self.relay.layer.group_send(group, message)
         except (LayerUnavailable, OSError) as exc:
+            metrics.layer_error("relay_inject")
+            if self.relay.layer.keeps_history:
+                # The local layer is down (a Sentinel failover, a Redis restart): the link starts
+                # again once it is back and catches up from here (relay_catchup.py), rather than
+                # drop what the peer sends meanwhile while the link looks healthy.
+                self.status.down_since = self.status.down_since or time.time()
+                raise ConnectionError(
+                    f"could not inject into the local {self.relay.layer.service}: {exc}"
+                ) from exc
             self.status.dropped_total += 1
             metrics.DROPPED.labels("relay_inject_failed").inc()
-            metrics.layer_error("relay_inject")
             if self.status.dropped_total == 1 or self.status.dropped_total % 1000 == 0:
                 logger.error(
                     "relay could not inject into the local %s (%d dropped): %s",
