@@ -34,7 +34,7 @@ logger = logging.getLogger("bench.soak")
 
 # What two cores drive (docs/reliability.md says what was measured); SOAK_JOBS and SOAK_VIEWERS
 # raise them on a bigger machine.
-DEFAULTS = {"jobs": 40, "viewers": 200, "streams": 20, "awxkit": 2, "flood_share": 0.1}
+DEFAULTS = {"jobs": 16, "viewers": 80, "streams": 10, "awxkit": 2, "flood_share": 0.1}
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +97,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, ledger: Ledger) -> Non
     )
     admin = api_token_of(cluster.nodes[0])
     fronts = [node.front for node in cluster.nodes]
+    ledger.settings["nodes"] = {node.name: node.front for node in cluster.nodes}
     rng = random.Random(args.seed)
     ledger.started = time.time()
     producing = Stop(ledger.started + args.minutes * 60)

@@ -172,7 +172,7 @@ def check_statuses(ledger: Ledger, verdict: Verdict) -> None:
     examples: list[str] = []
     by_fault: Counter[str] = Counter()
     connections: list[tuple[str, float, float, Counter[tuple[int, str]], bool]] = [
-        (p.viewer, p.since, p.until, p.statuses, False) for p in ledger.presences
+        (f"{p.viewer}@{port_of(p.front)}", p.since, p.until, p.statuses, False) for p in ledger.presences
     ]
     connections += [(r.viewer, r.since, r.until, r.statuses, bool(r.resets)) for r in ledger.resumers]
     for viewer, since, until, got, told in connections:
@@ -186,7 +186,8 @@ def check_statuses(ledger: Ledger, verdict: Verdict) -> None:
                 by_fault[fault_at(ledger, answered)] += 1
                 if len(examples) < 5:
                     examples.append(
-                        f"{viewer}: job {job} {status} (answered {answered - ledger.started:.1f}s)"
+                        f"{viewer}: job {job} {status} through {port_of(ledger.job_fronts.get(job, '?'))} "
+                        f"(answered {answered - ledger.started:.1f}s)"
                     )
             elif count > 1:
                 duplicates += count - 1
@@ -200,6 +201,11 @@ def check_statuses(ledger: Ledger, verdict: Verdict) -> None:
     }
     if lost or duplicates:
         verdict.failures.append(f"status changes: {lost} lost ({dict(by_fault)}), {duplicates} duplicated")
+
+
+def port_of(front: str) -> str:
+    """The port of a node's nginx address: which node, in the examples."""
+    return front.rsplit(":", 1)[-1]
 
 
 def fault_at(ledger: Ledger, moment: float) -> str:

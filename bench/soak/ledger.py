@@ -47,6 +47,7 @@ class Presence:
     since: float
     until: float = 0.0
     statuses: Counter[tuple[int, str]] = field(default_factory=Counter)
+    front: str = ""  # the node's nginx it was connected through
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Ledger:
     settings: dict[str, Any]
     stored: dict[int, dict[int, float]] = field(default_factory=dict)  # job -> counter -> stored at
     finals: dict[int, int] = field(default_factory=dict)  # job -> its last counter, once ended
+    job_fronts: dict[int, str] = field(default_factory=dict)  # job -> the node's nginx it posts to
     status_changes: list[tuple[int, str, float, float]] = field(
         default_factory=list
     )  # job, status, asked, answered

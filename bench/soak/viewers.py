@@ -58,6 +58,7 @@ class LiveViewer:
         self.stalled.set()  # set: reading; cleared while a nemesis stall lasts
         self.stalled_at = 0.0  # when the last stall began
         self.live_here: dict[int, set[int]] = {}
+        self.first_missing: dict[int, int] = {}  # job -> lowest counter not held (it only grows)
 
     async def run(self) -> None:
         """Connect, watch, switch jobs now and then, reconnect after any loss, until the end."""
@@ -69,7 +70,7 @@ class LiveViewer:
             for watch in self.watches.values():
                 watch.until = time.time()
             self.ledger.watches += self.watches.values()
-            self.watches = {}
+            self.watches, self.first_missing = {}, {}
             if await self.stop.sleep(self.rng.uniform(0.5, 2.0)):
                 return
             self.front = self.rng.choice(self.fronts)
@@ -88,7 +89,7 @@ class LiveViewer:
                     jobs = self.jobs()
                     await self._subscribe(ws, jobs)
                     if presence is None:
-                        presence = Presence(self.name, time.time())
+                        presence = Presence(self.name, time.time(), front=self.front)
                     for job in jobs:
                         if job not in self.watches:
                             self.watches[job] = Watch(self.name, job, time.time())
@@ -134,6 +135,7 @@ class LiveViewer:
 
     def _leave(self, jobs: set[int]) -> None:
         for job in jobs:
+            self.first_missing.pop(job, None)
             watch = self.watches.pop(job)
             watch.until = time.time()
             self.ledger.watches.append(watch)
@@ -147,8 +149,8 @@ class LiveViewer:
             elif "final_counter" in payload and job in self.watches:
                 watch = self.watches[job]
                 watch.final = int(payload["final_counter"])
-                if len(watch.held) < watch.final or max(watch.held, default=0) < watch.final:
-                    await self._fetch(job)
+                if self._first_missing(job) <= watch.final:
+                    await self._fetch(job, watch.final)
         elif group == "job_events":
             job = payload.get("job")
             watch = self.watches.get(job) if isinstance(job, int) else None
@@ -168,20 +170,29 @@ class LiveViewer:
             if stored is not None:
                 self.ledger.latencies.append((time.time(), time.time() - stored))
             if jumped:
-                await self._fetch(job)
+                await self._fetch(job, counter - 1)
         elif group == "events_held_back":
             job = payload.get("unified_job_id")
-            if job in self.watches:
+            if job in self.watches and payload.get("ranges"):
                 self.watches[job].notices += 1
-                await self._fetch(job)
+                await self._fetch(job, int(payload["ranges"][-1][1]))
 
-    async def _fetch(self, job: int) -> None:
-        """Every stored event of the job this viewer does not hold (one read from what it holds on)."""
+    def _first_missing(self, job: int) -> int:
+        """The lowest counter of the job this viewer does not hold."""
+        held, first = self.watches[job].held, self.first_missing.get(job, 1)
+        while first in held:
+            first += 1
+        self.first_missing[job] = first
+        return first
+
+    async def _fetch(self, job: int, upto: int | None = None) -> None:
+        """The stored events of the job it does not hold, from the first missing to upto (all
+        stored when None): one span, as the live page reads (docs/api.md, fewer reads)."""
         watch = self.watches[job]
-        missing_from = min(
-            (n for n in range(1, max(watch.held, default=0) + 2) if n not in watch.held), default=1
-        )
-        for item in await self.api.events_after(self.front, self.token, job, missing_from - 1):
+        after = self._first_missing(job) - 1
+        if upto is not None and upto <= after:
+            return
+        for item in await self.api.events_after(self.front, self.token, job, after, upto):
             if item["counter"] not in watch.held:
                 watch.held.add(item["counter"])
                 watch.fetched += 1

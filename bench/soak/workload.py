@@ -63,9 +63,13 @@ class Api:
             await asyncio.sleep(0.5 + random.random() * 0.2 * attempt)
         raise RuntimeError(f"{method} {url}: no answer after {tries} tries")
 
-    async def events_after(self, front: str, token: str, job: int, after: int) -> list[dict[str, Any]]:
-        """The job's stored events past counter `after`, every page."""
+    async def events_after(
+        self, front: str, token: str, job: int, after: int, upto: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The job's stored events past counter `after` (up to `upto` included), every page."""
         url: str | None = f"{front}/api/v2/jobs/{job}/job_events/?counter__gt={after}&page_size=1000"
+        if upto is not None:
+            url += f"&counter__lt={upto + 1}"
         found: list[dict[str, Any]] = []
         while url:
             response = await self.call("GET", url, token)
@@ -94,6 +98,7 @@ async def run_job(
     created.raise_for_status()
     job = int(created.json()["id"])
     ledger.stored[job] = {}
+    ledger.job_fronts[job] = front
     for status in LIFECYCLE:
         await set_status(api, front, token, job, status, ledger)
         await asyncio.sleep(rng.uniform(0.2, 1.0))
