@@ -46,8 +46,7 @@ run: bootstrap
 # PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database),
 # under awx_ws.server only: the database is that pass's point.
 # Two pytest-xdist workers, a test file each at a time, each with servers of its own (and ports of
-# its own: tests/servers.py): the suite mostly waits, on servers, timers and round trips. The first
-# pass includes a two-minute soak (tests/test_soak.py: `make soak` in small, every kind of fault).
+# its own: tests/servers.py): the suite mostly waits, on servers, timers and round trips.
 test: bootstrap testdeps lint
 	$(PYTEST)
 	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"

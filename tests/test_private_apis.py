@@ -86,5 +86,6 @@ def test_django_logs_no_response_marked_as_logged(caplog):
     with caplog.at_level("ERROR", logger="django.request"):
         log_response("Service Unavailable: %s", request.path, response=marked, request=request)
         assert caplog.records == []
-        log_response("Service Unavailable: %s", request.path, response=HttpResponse(status=503), request=request)
+        unmarked = HttpResponse(status=503)
+        log_response("Service Unavailable: %s", request.path, response=unmarked, request=request)
         assert len(caplog.records) == 1  # unmarked, it is logged: the mark is what keeps it out

@@ -171,6 +171,7 @@ def check_statuses(ledger: Ledger, verdict: Verdict) -> None:
     lost = duplicates = expected_total = 0
     examples: list[str] = []
     by_fault: Counter[str] = Counter()
+    details: list[list[Any]] = []  # viewer, job, status, emitted through, asked, answered, since, until
     connections: list[tuple[str, float, float, Counter[tuple[int, str]], bool]] = [
         (f"{p.viewer}@{port_of(p.front)}", p.since, p.until, p.statuses, False) for p in ledger.presences
     ]
@@ -184,6 +185,12 @@ def check_statuses(ledger: Ledger, verdict: Verdict) -> None:
             if count == 0 and not told:
                 lost += 1
                 by_fault[fault_at(ledger, answered)] += 1
+                if len(details) < 100:
+                    details.append(
+                        [viewer, job, status, port_of(ledger.job_fronts.get(job, "?")),
+                         round(asked - ledger.started, 2), round(answered - ledger.started, 2),
+                         round(since - ledger.started, 2), round(until - ledger.started, 2)]
+                    )  # fmt: skip
                 if len(examples) < 5:
                     examples.append(
                         f"{viewer}: job {job} {status} through {port_of(ledger.job_fronts.get(job, '?'))} "
@@ -197,6 +204,7 @@ def check_statuses(ledger: Ledger, verdict: Verdict) -> None:
         "lost": lost,
         "duplicated": duplicates,
         "lost_by_fault": dict(by_fault),
+        "lost_details": details,
         "examples": examples,
     }
     if lost or duplicates:
@@ -316,7 +324,7 @@ def check_logs(
                 last_stamp = moment
             if not ERROR_LINE.search(line) or last_stamp is None:
                 continue
-            if not ledger.started - 1 <= last_stamp <= ledger.ended + 1:
+            if not ledger.started - 1 <= last_stamp <= ledger.ended:  # the stack's stop is not judged
                 continue
             if inside(last_stamp, [(a - 1, b + 1) for a, b in windows]):
                 explained[log.name] += 1
