@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from awx_ws.main.relay_catchup import RelayedSeen
+from awx_ws.main.history import RelayedSeen
 from tests.client import WsClient, open_ws
 from tests.link_proxy import LinkProxy
 from tests.sentinel import Sentinels, start_sentinels

@@ -35,10 +35,10 @@ from channels.exceptions import StopConsumer
 from awx_ws.main import metrics
 from awx_ws.main.audience import JobOrganizations, Viewer, allowed
 from awx_ws.main.frames import FrameBatch
+from awx_ws.main.history import RelayedSeen
 from awx_ws.main.interest import INTEREST_REQUEST_TYPE, InterestAnnouncer
 from awx_ws.main.membership import refresh_interval
 from awx_ws.main.messages import CLIENT_MESSAGE_TYPE
-from awx_ws.main.relay_catchup import RelayedSeen
 from awx_ws.main.retry import FailureLog, spawn
 
 logger = logging.getLogger(__name__)

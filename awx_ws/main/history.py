@@ -216,3 +216,27 @@ class Replay:
     entries: list[tuple[str, str]] = field(default_factory=list)
     # Why the history cannot reach back to the position (None when it can).
     reset: str | None = None
+
+
+class RelayedSeen:
+    """Per group and origin, the last relayed message id a fan-out delivered: a relayed message
+    at or before it was delivered already (a relay's catch-up overlaps what came live)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def first_time(self, group: str, message_id: str) -> bool:
+        """True (and remembered) if this relayed message is new to the group here."""
+        try:
+            origin, stream_id = parse_message_id(message_id)
+        except PositionError:
+            return True  # not an id we can order: deliver, as before
+        seen = self._last.setdefault(group, {})
+        if stream_id <= seen.get(origin, (-1, -1)):
+            return False
+        seen[origin] = stream_id
+        return True
+
+    def forget(self, group: str) -> None:
+        """The group has no member here any more."""
+        self._last.pop(group, None)

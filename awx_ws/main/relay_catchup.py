@@ -14,7 +14,7 @@ How:
   AWX_WS_HISTORY_CLOCK_SKEW, as a resuming client would, and injects it in order; then the
   buffered frames, then live;
 - the window overlaps what was delivered before the loss on purpose: each fan-out drops a relayed
-  message it has already delivered (`RelayedSeen`: per group and origin, ids only grow), so a
+  message it has already delivered (`history.RelayedSeen`: per group and origin, ids only grow), so a
   message comes once whichever way it arrived;
 - a peer whose history no longer reaches back (trimmed, its Redis replaced) is logged and
   counted (`awx_ws_relay_catchup_total{outcome}`): clients there are not told, as AWX's are not.
@@ -31,37 +31,13 @@ from typing import TYPE_CHECKING, Any
 from awx_ws.main import metrics
 from awx_ws.main.conf import ws_settings
 from awx_ws.main.exceptions import LayerUnavailable
-from awx_ws.main.history import GroupPosition, PositionError, parse_message_id
+from awx_ws.main.history import GroupPosition
 from awx_ws.main.peer_protocol import ForwardingAck, fetch_history, read_frame
 
 if TYPE_CHECKING:
     from awx_ws.main.layers.base import NodeRecords
 
 logger = logging.getLogger(__name__)
-
-
-class RelayedSeen:
-    """Per group and origin, the last relayed message id a fan-out delivered: a relayed message
-    at or before it was delivered already (a relay's catch-up overlaps what came live)."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, dict[str, tuple[int, int]]] = {}
-
-    def first_time(self, group: str, message_id: str) -> bool:
-        """True (and remembered) if this relayed message is new to the group here."""
-        try:
-            origin, stream_id = parse_message_id(message_id)
-        except PositionError:
-            return True  # not an id we can order: deliver, as before
-        seen = self._last.setdefault(group, {})
-        if stream_id <= seen.get(origin, (-1, -1)):
-            return False
-        seen[origin] = stream_id
-        return True
-
-    def forget(self, group: str) -> None:
-        """The group has no member here any more."""
-        self._last.pop(group, None)
 
 
 async def previous_down_since(records: NodeRecords, peer: str) -> float:
