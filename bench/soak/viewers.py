@@ -87,7 +87,7 @@ class LiveViewer:
             try:
                 while not self.stop.due:
                     jobs = self.jobs()
-                    await self._subscribe(ws, jobs)
+                    await self._subscribe(ws, jobs, presence)
                     if presence is None:
                         presence = Presence(self.name, time.time(), front=self.front)
                     for job in jobs:
@@ -122,7 +122,7 @@ class LiveViewer:
                         self.ledger.client_errors[f"viewer {cause}"] += 1
                     self.ledger.presences.append(presence)
 
-    async def _subscribe(self, ws: Any, jobs: list[int]) -> None:
+    async def _subscribe(self, ws: Any, jobs: list[int], presence: Presence | None) -> None:
         frame = {"groups": {"jobs": ["status_changed", "summary"], "job_events": jobs}, "xrftoken": None}
         await ws.send(json.dumps(frame))
         while True:
@@ -131,7 +131,9 @@ class LiveViewer:
                 return
             if "error" in reply:
                 raise ConnectionError(f"subscribe refused: {reply}")
-            await self._on_message(reply, None)  # a message that crossed the subscription
+            # A message that came before the reply: counted like any other once subscribed
+            # (presence None only before the first subscription is acknowledged).
+            await self._on_message(reply, presence)
 
     def _leave(self, jobs: set[int]) -> None:
         for job in jobs:
