@@ -244,6 +244,9 @@ class SseResumer:
                 if await self.stop.sleep(self.rng.uniform(0.2, 1.5)):
                     break
         self.record.until = time.time()
+        if self.last_id is None:
+            self.ledger.client_errors["sse stream never opened"] += 1
+            return
         self.ledger.resumers.append(self.record)
 
     async def _stream(
@@ -265,6 +268,8 @@ class SseResumer:
 
     def _on_block(self, block: dict[str, str], job: int) -> None:
         if "id" in block:
+            if self.last_id is None:
+                self.record.since = time.time()  # subscribed: owed what is emitted from now on
             self.last_id = block["id"]
         if "data" not in block:
             return
