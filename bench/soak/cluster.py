@@ -24,7 +24,7 @@ import psutil
 
 from tests.link_proxy import LinkProxy
 from tests.sentinel import Sentinels, start_sentinels
-from tests.servers import ROOT, PostgresServer, free_port, free_ports, port_open
+from tests.servers import ROOT, PostgresServer, Process, free_port, free_ports, port_open
 
 # Discovery heartbeats every 2 s, so a node that dies is dropped after 6 s, not 45.
 CLUSTER_SETTINGS = {
@@ -50,7 +50,7 @@ class Node:
     env: dict[str, str]
     ports: dict[str, int]
     proxy: LinkProxy | None = None
-    make: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    make: Process | None = field(default=None, repr=False)
 
     @property
     def front(self) -> str:
@@ -64,28 +64,19 @@ class Node:
 
     def start(self) -> None:
         """`make run`, and wait until nginx serves the API and daphne has started up."""
-        log = self.var.parent / "make-run.log"
-        self.var.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
-            self.make = subprocess.Popen(
-                ["make", "run"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        self.make = Process(
+            f"make run {self.name}", ["make", "run"], self.var.parent / "make-run.log", self.env
+        )
+        self.make.start()
         self.wait_serving(180)
 
     def wait_serving(self, timeout: float) -> None:
         """Until the API answers ready and the stream endpoint answers 401 (start-up done)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.make is not None and self.make.poll() is not None:
-                raise RuntimeError(
-                    f"node {self.name}: make run exited ({self.make.returncode}), see {self.var}"
-                )
+            ended = self.make.proc.poll() if self.make is not None and self.make.proc is not None else None
+            if ended is not None:
+                raise RuntimeError(f"node {self.name}: make run exited ({ended}), see {self.var}")
             if port_open(self.ports["NGINX"]) and self.serving():
                 return
             time.sleep(0.5)
@@ -138,16 +129,8 @@ class Node:
 
     def stop(self) -> None:
         """Ctrl-C, as in a terminal; killed if it will not stop."""
-        if self.make is None or self.make.poll() is not None:
-            return
-        try:
-            os.killpg(self.make.pid, signal.SIGINT)
-            self.make.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.make.pid, signal.SIGKILL)
-            self.make.wait(10)
-        except ProcessLookupError:
-            pass
+        if self.make is not None:
+            self.make.stop(signal.SIGINT, timeout=60)
 
     def logs(self) -> list[Path]:
         """Every log this node's processes write."""
