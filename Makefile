@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
-PYTEST := $(VENV)/bin/pytest -n 2 --dist loadfile
+PYTEST := $(VENV)/bin/pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 export AWX_WS_VAR ?= $(CURDIR)/var
 export AWX_WS_REDIS_PORT ?= 6390
@@ -42,14 +42,15 @@ run: bootstrap
 
 # The whole suite on SQLite (the default), under plain daphne and under awx_ws.server (the modules
 # marked every_server, delivery, purge, resumes, revocation and slow clients, under uvicorn and
-# hypercorn too); then on
-# PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database),
-# under awx_ws.server only: the database is that pass's point.
-# Two pytest-xdist workers, a test file each at a time, each with servers of its own (and ports of
-# its own: tests/servers.py): the suite mostly waits, on servers, timers and round trips.
+# hypercorn too), with the two-minute soak (tests/test_soak.py) beside it; then on
+# PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database)
+# and the pure rules (unit: they never reach a database), under awx_ws.server only: the database
+# is that pass's point.
+# Two pytest-xdist workers, a test file each at a time, longest files first (tests/conftest.py),
+# each with servers of its own (and ports of its own: tests/servers.py).
 test: bootstrap testdeps lint
 	$(PYTEST)
-	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"
+	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "(not slow or postgres) and not unit"
 
 # Pure rules only (tests marked unit): no server is started; seconds, not minutes.
 test-unit: bootstrap
@@ -57,7 +58,7 @@ test-unit: bootstrap
 
 # Only the PostgreSQL pass (a throwaway cluster started by the test fixtures on a free port).
 test-postgres: bootstrap testdeps
-	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "not slow or postgres"
+	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "(not slow or postgres) and not unit"
 
 # Benchmark against the Channels tutorial baseline and a no-Django floor (about 11 minutes);
 # `$(PY) -m bench.run --runners` runs only the comparison of the four ASGI servers (about 4).

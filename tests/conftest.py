@@ -57,6 +57,23 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_STATE, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Longest first, whole modules at a time: the soak, then the slow scenarios, then the rest,
+    # so that make test's two xdist workers (--dist loadfile --no-loadscope-reorder) do not end
+    # with one of them alone on a five-minute file. xdist's own reorder sorts by the number of
+    # tests, which puts the one-test soak and the 10,000-cycle churn last.
+    def weight(item: pytest.Item) -> int:
+        if item.get_closest_marker("soak"):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    first: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        first[module] = min(first.get(module, 2), weight(item))
+    items.sort(key=lambda item: first[item.nodeid.split("::", 1)[0]])
+
+
 def unit_only(session: pytest.Session) -> bool:
     """True for a session of tests marked `unit` only (pure rules: `pytest -m unit`)."""
     return all(item.get_closest_marker("unit") is not None for item in session.items)
