@@ -79,7 +79,12 @@ class LiveViewer:
         headers = {"Authorization": f"Token {self.token}"}
         url = self.front.replace("http://", "ws://") + "/websocket/"
         self.live_here: dict[int, set[int]] = {}  # job -> counters received live on this connection
-        async with websockets.connect(url, additional_headers=headers, open_timeout=20, max_size=None) as ws:
+        # No client keepalive, as a browser has none: a driver that falls behind under load would
+        # otherwise close its own sockets (1011, its pongs queued behind unread frames) and count
+        # what was in flight as lost. Whether a reader is too slow is the server's call (4008).
+        async with websockets.connect(
+            url, additional_headers=headers, open_timeout=20, max_size=None, ping_interval=None
+        ) as ws:
             hello = json.loads(await asyncio.wait_for(ws.recv(), 20))
             if hello.get("accept") is not True:
                 raise ConnectionError(f"not accepted: {hello}")
