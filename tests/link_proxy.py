@@ -3,7 +3,8 @@ network, without a firewall.
 
 Cut: every connection through it is closed at once (both ends see the TCP connection go), and new
 ones are closed as soon as they are accepted, as a partition that answers with resets would. Heal:
-new connections are forwarded again; the relays reconnect by themselves.
+new connections are forwarded again; the relays reconnect by themselves. Hold: the connections
+stay up but nothing more crosses, as behind a node too loaded to forward (release() or cut()).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class LinkProxy:
         self.cuts = 0
         self._server: asyncio.Server | None = None
         self._pairs: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> LinkProxy:
         """Listen."""
@@ -44,7 +47,9 @@ class LinkProxy:
         assert task is not None
         self._pairs.add(task)
         try:
-            await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+            await asyncio.gather(
+                _pipe(reader, upstream_writer, self._flowing), _pipe(upstream_reader, writer, self._flowing)
+            )
         except asyncio.CancelledError:
             pass
         finally:
@@ -52,9 +57,19 @@ class LinkProxy:
             for end in (writer, upstream_writer):
                 end.transport.abort()
 
+    def hold(self) -> None:
+        """Keep the connections open but forward nothing more until release() or cut()."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        """Forward again what was held, and what follows."""
+        self._flowing.set()
+
     def cut(self) -> None:
-        """Close every connection through the proxy and refuse new ones until heal()."""
+        """Close every connection through the proxy (dropping what it held) and refuse new ones
+        until heal()."""
         self.cut_now = True
+        self._flowing.set()
         self.cuts += 1
         for task in list(self._pairs):
             task.cancel()
@@ -70,9 +85,10 @@ class LinkProxy:
             self._server.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
     with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(65536):
+            await flowing.wait()
             writer.write(data)
             await writer.drain()
     writer.transport.abort()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from awx_ws.main.history import RelayedSeen
+from awx_ws.main.relay_catchup import catchup_floors
 from tests.client import WsClient, open_ws
 from tests.link_proxy import LinkProxy
 from tests.sentinel import Sentinels, start_sentinels
@@ -32,7 +33,9 @@ async def linked(state_dir: Path, database: None) -> AsyncIterator[tuple[Node, N
     a, b = make_nodes(
         state_dir,
         [f"catchupA{proxy.port}", f"catchupB{proxy.port}"],
-        {"BROADCAST_WEBSOCKET_BACKOFF_MAX": "1"},
+        # No allowance for clock skew between the nodes (one clock here): the window the tests
+        # see is the rule's own, not widened by the margin.
+        {"BROADCAST_WEBSOCKET_BACKOFF_MAX": "1", "AWX_WS_HISTORY_CLOCK_SKEW": "0"},
     )
     proxy.target = b.daphne_port
     a.env["BROADCAST_WEBSOCKET_PEERS"] = f"127.0.0.1:{proxy.port}"
@@ -99,28 +102,52 @@ async def numbers(client: WsClient, count: int) -> list[Any]:
     return [payload_of(await client.recv_json(timeout=20)).get("n") for _ in range(count)]
 
 
-async def test_messages_emitted_during_a_cut_arrive_once_the_link_heals(linked, token):
-    a, b, proxy = linked
-    plain, with_ids = await subscribed_across(a, b, token)
-    await b.emit(GROUP, {"n": 0})
-    assert await numbers(plain, 1) == [0]
-    assert await numbers(with_ids, 1) == [0]
+async def cut_until_down(a: Node, proxy: LinkProxy) -> None:
+    """Cut the link and wait until A's relay says it is down."""
     proxy.cut()
 
     async def down() -> bool:
         return await link_state(a, proxy) != "connected"
 
     await wait_for(down, 20, "A's link to B to go down")
-    for n in (1, 2, 3):
-        await b.emit(GROUP, {"n": n})
-    proxy.heal()
-    # Caught up in order and once (0 is in the catch-up's window too: delivered once all the
-    # same); then live, with nothing in between.
+
+
+async def then_live(b: Node, plain: WsClient, with_ids: WsClient) -> None:
+    """Both clients get 1, 2 and 3 once and in order, then what B emits next."""
     assert await numbers(plain, 3) == [1, 2, 3]
     assert await numbers(with_ids, 3) == [1, 2, 3]
     await b.emit(GROUP, {"n": 4})
     assert await numbers(plain, 1) == [4]
     assert await numbers(with_ids, 1) == [4]
+
+
+async def test_messages_emitted_during_a_cut_arrive_once_the_link_heals(linked, token):
+    a, b, proxy = linked
+    plain, with_ids = await subscribed_across(a, b, token)
+    await b.emit(GROUP, {"n": 0})
+    assert await numbers(plain, 1) == [0]
+    assert await numbers(with_ids, 1) == [0]
+    await cut_until_down(a, proxy)
+    for n in (1, 2, 3):
+        await b.emit(GROUP, {"n": n})
+    proxy.heal()
+    # Caught up in order and once (0 is in the catch-up's window too: delivered once all the
+    # same); then live, with nothing in between.
+    await then_live(b, plain, with_ids)
+
+
+async def test_messages_still_on_their_way_when_the_link_drops_arrive_once_it_heals(linked, token):
+    # A loaded peer forwards late (the soak: a status change emitted 4 s before node C's Redis
+    # failed over never reached A or B): what it emitted before the link dropped, but had not
+    # delivered yet, is caught up too.
+    a, b, proxy = linked
+    plain, with_ids = await subscribed_across(a, b, token)
+    proxy.hold()  # B's frames stop short of A, the link still up
+    for n in (1, 2, 3):
+        await b.emit(GROUP, {"n": n})
+    await cut_until_down(a, proxy)  # and what was held is gone with it
+    proxy.heal()
+    await then_live(b, plain, with_ids)
 
 
 async def test_a_restarted_relay_catches_up_what_its_predecessor_missed(linked, token):
@@ -189,3 +216,14 @@ def test_a_fanout_delivers_a_relayed_message_once_whichever_way_it_came():
     assert seen.first_time("other", "aaaaaaaa:1-0")  # and another group
     seen.forget("g")
     assert seen.first_time("g", "aaaaaaaa:100-1")  # no member held it any more
+
+
+@pytest.mark.unit
+def test_the_catch_up_reaches_back_to_the_newest_delivered_message_for_groups_that_were_forwarded():
+    floors = catchup_floors({"held", "new"}, down_since=100.0, forwarded={"held"}, newest_emitted=95.5)
+    # What the peer emitted after the newest message delivered may have been on its way; a group
+    # joined while the link was down is read from the loss only (its clients came after).
+    assert floors == {"held": 95.5, "new": 100.0}
+    # Nothing delivered yet, or the newest message later than the loss: from the loss.
+    assert catchup_floors({"held"}, 100.0, {"held"}, 0.0) == {"held": 100.0}
+    assert catchup_floors({"held"}, 100.0, {"held"}, 101.0) == {"held": 100.0}

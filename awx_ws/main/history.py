@@ -144,6 +144,17 @@ def parse_message_id(text: str) -> tuple[str, tuple[int, int]]:
     return origin, parse_stream_id(stream_id)
 
 
+def emitted_at(message_id: str | None) -> float | None:
+    """When a message was emitted (epoch seconds, its origin's clock) by its id; None without a
+    valid one."""
+    if message_id is None:
+        return None
+    try:
+        return parse_message_id(message_id)[1][0] / 1000
+    except PositionError:
+        return None
+
+
 @dataclass(frozen=True)
 class GroupPosition:
     """How far a client got in one group: a floor in ms, and the last id seen per origin."""

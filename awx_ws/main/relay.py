@@ -27,6 +27,7 @@ from awx_ws.main import discovery, metrics
 from awx_ws.main.conf import SettingError, ws_settings
 from awx_ws.main.discovery import Discovery
 from awx_ws.main.exceptions import LayerUnavailable, StartupError
+from awx_ws.main.history import emitted_at
 from awx_ws.main.interest import LayerInterestWatcher
 from awx_ws.main.layers import NodeRecords, ServiceLayer, service_layer
 from awx_ws.main.peer_protocol import (
@@ -39,7 +40,7 @@ from awx_ws.main.peer_protocol import (
     read_frame,
 )
 from awx_ws.main.peerauth import exposed_hop, peer_url
-from awx_ws.main.relay_catchup import catch_up, previous_down_since
+from awx_ws.main.relay_catchup import catch_up, catchup_floors, previous_down_since
 from awx_ws.main.relay_status import LinkStatus, describe
 from awx_ws.main.retry import RetryPolicy, spawn, supervise
 
@@ -211,6 +212,8 @@ class PeerLink:
         self.restored = False
         # Changes of the node's interest not yet sent to the peer: group -> joined (True) or left.
         self._pending: dict[str, bool] = {}
+        # The groups the peer confirmed it forwards, and has not dropped since, on any link.
+        self._forwarded: set[str] = set()
 
     def start(self) -> asyncio.Task[None]:
         """Keep the link up until cancelled: connect, serve, back off (1 s doubling to
@@ -300,10 +303,12 @@ class PeerLink:
                 with contextlib.suppress(TimeoutError):  # catch up on what is known by then
                     async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
                         await self.relay.interest_read.wait()
+                floors = catchup_floors(
+                    set(self.relay.interest), down_since, set(self._forwarded), self.status.newest_emitted
+                )
                 buffered = await catch_up(
                     self.peer,
-                    down_since,
-                    set(self.relay.interest),
+                    floors,
                     ws.recv,
                     self._confirmed,
                     self._inject_entry,
@@ -383,10 +388,12 @@ class PeerLink:
                     exc,
                 )
             return
-        self.status.received()
+        self.status.received(emitted_at(message_id))
 
     async def _confirmed(self, forwarding: list[str], dropped: list[str]) -> None:
         """Record which groups the peer now forwards here (streams.wait_until_forwarded reads it)."""
+        self._forwarded.update(forwarding)
+        self._forwarded.difference_update(dropped)
         if self.relay.records is None:
             return  # no history on this layer: no resume waits for it
         try:

@@ -8,7 +8,11 @@ lost across a 6 s cut; Centrifugo documents the same silent loss, centrifugal/ce
 
 How:
 - the link notes when it went down (`down_since`); a relay that starts reads when its previous
-  process last saw the link connected (the link status it wrote every second);
+  process last saw the link connected (the link status it wrote every second); for the groups the
+  peer was forwarding, the window starts earlier when the newest message the link had delivered
+  was emitted before that: a loaded peer forwards seconds late, and what it emitted after that
+  message was still on its way when the link dropped (the soak found it: a status change emitted
+  4 s before node C's Redis failed over never reached A or B);
 - on reconnect, once the peer has confirmed it forwards the node's groups (live frames meanwhile
   are buffered), the link reads the peer's history of those groups from `down_since` minus
   AWX_WS_HISTORY_CLOCK_SKEW, as a resuming client would, and injects it in order; then the
@@ -62,20 +66,30 @@ async def previous_down_since(records: NodeRecords, peer: str) -> float:
 Confirmed = Callable[[list[str], list[str]], Awaitable[None]]
 
 
+def catchup_floors(
+    groups: set[str], down_since: float, forwarded: set[str], newest_emitted: float
+) -> dict[str, float]:
+    """From when each group's messages may be missing here: since the link went down; for a group
+    the peer was forwarding, since the newest message the link delivered if that is earlier."""
+    early = min(down_since, newest_emitted) if newest_emitted else down_since
+    return {group: early if group in forwarded else down_since for group in groups}
+
+
 async def catch_up(
     peer: str,
-    down_since: float,
-    groups: set[str],
+    floors: dict[str, float],
     receive: Callable[[], Awaitable[str | bytes]],
     confirmed: Confirmed,
     inject_entry: Callable[[str, str, str], Awaitable[None]],
 ) -> list[str | bytes]:
-    """Inject what peer emitted to groups since down_since; the live frames that came meanwhile
-    (to be injected next, in order)."""
+    """Inject what peer emitted to each group since its floor (catchup_floors); the live frames
+    that came meanwhile (to be injected next, in order)."""
+    groups = set(floors)
     buffered = await _until_forwarded(peer, groups, receive, confirmed)
-    floor = int((down_since - ws_settings.HISTORY_CLOCK_SKEW) * 1000)
+    skew = ws_settings.HISTORY_CLOCK_SKEW
+    positions = {group: GroupPosition(int((floor - skew) * 1000)) for group, floor in floors.items()}
     started = time.monotonic()
-    answer = await fetch_history(peer, {group: GroupPosition(floor) for group in groups}) if groups else {}
+    answer = await fetch_history(peer, positions) if groups else {}
     if isinstance(answer, str):
         metrics.RELAY_CATCHUP.labels("unavailable").inc()
         logger.warning(

@@ -34,15 +34,21 @@ class LinkStatus:
     # Since when messages the peer emitted have not reached this node (the link went down, or the
     # relay started after one that had it down); 0 once caught up (relay_catchup.py).
     down_since: float = 0.0
+    # When the newest message this link delivered here was emitted (its id's time, on the peer's
+    # clock): a peer that forwards late still had what it emitted after it on the way when the
+    # link dropped, so the catch-up reaches back to it (relay_catchup.catchup_floors).
+    newest_emitted: float = 0.0
     # (second, count) buckets of the last minute
     _recent: deque[list[int]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         metrics.RELAY_UP.labels(self.peer).set(0)
 
-    def received(self) -> None:
-        """Count one message."""
+    def received(self, emitted: float | None = None) -> None:
+        """Count one message (emitted: when, by its id, if it has one)."""
         self.received_total += 1
+        if emitted is not None and emitted > self.newest_emitted:
+            self.newest_emitted = emitted
         metrics.RELAY_RECEIVED.labels(self.peer).inc()
         now = int(time.time())
         if self._recent and self._recent[-1][0] == now:
