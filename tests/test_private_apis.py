@@ -52,6 +52,20 @@ def test_channels_redis_maps_channels_to_their_keys_as_the_group_send_plan_expec
     assert keys == ["asgispecific.abc!"] and len(args) == 4  # message, capacity, now, expiry
 
 
+def test_channels_redis_receives_a_process_inbox_through_receive_single_under_its_lock():
+    """layers/redis_receive.py overrides channels_redis's private receive_single(channel), which
+    receive() calls for a process's inbox (`...!`) while it holds receive_lock, and which returns
+    (channel or channels, message)."""
+    import inspect
+
+    from channels_redis import core
+
+    assert list(inspect.signature(core.RedisChannelLayer.receive_single).parameters) == ["self", "channel"]
+    receive = inspect.getsource(core.RedisChannelLayer.receive)
+    assert "self.receive_lock" in receive and "await self.receive_single(" in receive
+    assert "self.receive_buffer[message_channel]" in receive
+
+
 def test_the_blocking_sentinel_pool_closes_only_its_idle_connections_when_the_master_moves():
     """redis-py's Sentinel pool calls disconnect(inuse_connections=False) when the master moves;
     its blocking pool takes no argument. Ours (layers/redis_connect.py) reads the blocking pool's

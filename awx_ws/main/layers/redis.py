@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from channels.layers import get_channel_layer
-from channels_redis import core
 from channels_redis.serializers import MsgPackSerializer
 from django.core.exceptions import ImproperlyConfigured
 
@@ -32,6 +31,7 @@ from awx_ws.main.layers.redis_fanout import RedisFanout
 from awx_ws.main.layers.redis_history import ensure_origin, total_keys
 from awx_ws.main.layers.redis_members import add_many, discard_many, mark_keep
 from awx_ws.main.layers.redis_presence import Liveness
+from awx_ws.main.layers.redis_receive import CancelSafeReceiveLayer
 from awx_ws.main.layers.redis_records import RedisRecords
 from awx_ws.main.layers.redis_scripts import FANOUT_SHA, GROUP_SEND_FANOUT_LUA, GROUP_SEND_LUA
 from awx_ws.main.messages import is_client_message, with_group
@@ -50,7 +50,7 @@ POOL_WAIT = 10.0
 SOCKET_TIMEOUT = 30.0
 
 
-class RedisChannelLayer(ServiceLayer, core.RedisChannelLayer):
+class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
     """channels_redis core layer, storing the same keys and messages, with three additions.
 
     - Its process is marked alive in Redis while it owns channels; the start-up purge
