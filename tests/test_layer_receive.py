@@ -6,6 +6,7 @@ connection ended at that moment, holding the pop of the live relay links' messag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -30,14 +31,20 @@ def send_from_another_process(url: str, channel: str, message: dict[str, Any]) -
     thread.join()
 
 
-async def test_a_receive_cancelled_mid_pop_loses_no_message_of_another_consumer(layer, own_redis):
-    leaving, staying = await layer.new_channel(), await layer.new_channel()
-    popping = asyncio.ensure_future(layer.receive(leaving))
+async def popping_receive(layer: Any, channel: str) -> asyncio.Future[Any]:
+    """A receive of channel that holds the inbox's receive lock: its BZPOPMIN is out."""
+    popping = asyncio.ensure_future(layer.receive(channel))
 
-    async def pops() -> bool:  # it holds the inbox's receive lock: its BZPOPMIN is out
+    async def pops() -> bool:
         return layer.receive_lock is not None and layer.receive_lock.locked()
 
-    await eventually(pops, 5, "the first receive to hold the lock")
+    await eventually(pops, 5, "the receive to hold the lock")
+    return popping
+
+
+async def test_a_receive_cancelled_mid_pop_loses_no_message_of_another_consumer(layer, own_redis):
+    leaving, staying = await layer.new_channel(), await layer.new_channel()
+    popping = await popping_receive(layer, leaving)
     waiting = asyncio.ensure_future(layer.receive(staying))
     inbox = layer.prefix + layer.non_local_name(staying)
     # Without letting this loop run: the message reaches Redis, which hands it to the blocked pop
@@ -51,3 +58,17 @@ async def test_a_receive_cancelled_mid_pop_loses_no_message_of_another_consumer(
     # Nothing left over: a later message arrives on its own.
     await layer.send(staying, {"type": "test.message", "n": 2})
     assert (await asyncio.wait_for(layer.receive(staying), 10))["n"] == 2
+
+
+async def test_a_pop_no_receive_took_over_ends_with_the_layer(layer):
+    leaving = await layer.new_channel()
+    popping = await popping_receive(layer, leaving)
+    popping.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await popping
+    # Its pop waits for the next receive of the inbox; with none, closing the layer ends it
+    # (no task pending on a closed pool when the loop ends).
+    left = list(layer._left_pops.values())
+    assert len(left) == 1 and not left[0].done()
+    await layer.close_pools()
+    assert left[0].cancelled()

@@ -50,3 +50,12 @@ class CancelSafeReceiveLayer(core.RedisChannelLayer):  # type: ignore[misc]
             if not task.cancelled() and (not task.done() or task.exception() is None):
                 self._left_pops[channel] = task
             raise
+
+    async def close_pools(self) -> None:
+        """Cancel the pops no receive took over (nobody is left to receive), then close the pools."""
+        left = list(self._left_pops.values())
+        self._left_pops.clear()
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        await super().close_pools()
