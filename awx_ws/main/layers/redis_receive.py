@@ -6,9 +6,11 @@ inbox. Whichever receive() holds channels_redis's receive lock pops that inbox f
 BZPOPMIN and only then copies the message to its backup queue, so a receive cancelled between
 the two loses the message, and the message may be another consumer's. daphne cancels a consumer
 whose client has gone (and kills one that takes too long to stop), so this happens at every
-disconnect that comes at the wrong moment. The soak lost relayed status changes this way: a
-peer's short history-reading connection ended while it held the lock, and the message it had
-popped was for the live relay links in the same process, to every peer at once.
+disconnect that comes at the wrong moment (see channels_redis#366, and django/channels#1683:
+gaps seen only while other clients connect and disconnect in a loop). The soak lost relayed
+status changes this way: a peer's short history-reading connection ended while it held the
+lock, and the message it had popped was for the live relay links in the same process, to every
+peer at once.
 
 Here a pop goes on in a task of its own when its caller is cancelled, and the next receive of the
 inbox (whoever holds the lock next) takes its result instead of popping again: nothing is lost,
