@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,11 +231,22 @@ class Replay:
 
 
 class RelayedSeen:
-    """Per group and origin, the last relayed message id a fan-out delivered: a relayed message
-    at or before it was delivered already (a relay's catch-up overlaps what came live)."""
+    """Per group and origin, the relayed message ids a fan-out delivered lately: a relayed message
+    among them, or older than every one of them, was delivered already (a relay's catch-up
+    overlaps what came live); a new one is delivered even when it comes behind a newer one.
+
+    An origin's messages can reach a peer a few out of id order: channels_redis scores a
+    process's inbox by the sender's clock, and two API workers emitting to one group at the same
+    moment may take their stream ids in the other order. Dropping everything at or before the
+    newest id lost such a message on every peer (the soak: 1 status change in 400).
+    """
+
+    # Ids kept per group and origin: far more than a reordering spans; older ones are summed up
+    # by the newest id that left the window.
+    RECENT = 256
 
     def __init__(self) -> None:
-        self._last: dict[str, dict[str, tuple[int, int]]] = {}
+        self._seen: dict[str, dict[str, _Recent]] = {}
 
     def first_time(self, group: str, message_id: str) -> bool:
         """True (and remembered) if this relayed message is new to the group here."""
@@ -242,12 +254,35 @@ class RelayedSeen:
             origin, stream_id = parse_message_id(message_id)
         except PositionError:
             return True  # not an id we can order: deliver, as before
-        seen = self._last.setdefault(group, {})
-        if stream_id <= seen.get(origin, (-1, -1)):
-            return False
-        seen[origin] = stream_id
-        return True
+        origins = self._seen.setdefault(group, {})
+        recent = origins.get(origin)
+        if recent is None:
+            recent = origins[origin] = _Recent()
+        return recent.add(stream_id, self.RECENT)
 
     def forget(self, group: str) -> None:
         """The group has no member here any more."""
-        self._last.pop(group, None)
+        self._seen.pop(group, None)
+
+
+class _Recent:
+    """The ids lately delivered from one origin to one group, and the newest one forgotten."""
+
+    __slots__ = ("floor", "ids", "order")
+
+    def __init__(self) -> None:
+        self.ids: set[tuple[int, int]] = set()
+        self.order: deque[tuple[int, int]] = deque()
+        self.floor = (-1, -1)
+
+    def add(self, stream_id: tuple[int, int], keep: int) -> bool:
+        """True if stream_id is new (and now remembered)."""
+        if stream_id <= self.floor or stream_id in self.ids:
+            return False
+        self.ids.add(stream_id)
+        self.order.append(stream_id)
+        if len(self.order) > keep:
+            oldest = self.order.popleft()
+            self.ids.discard(oldest)
+            self.floor = max(self.floor, oldest)
+        return True

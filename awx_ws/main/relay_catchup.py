@@ -18,8 +18,8 @@ How:
   AWX_WS_HISTORY_CLOCK_SKEW, as a resuming client would, and injects it in order; then the
   buffered frames, then live;
 - the window overlaps what was delivered before the loss on purpose: each fan-out drops a relayed
-  message it has already delivered (`history.RelayedSeen`: per group and origin, ids only grow), so a
-  message comes once whichever way it arrived;
+  message it has already delivered (`history.RelayedSeen`: the ids each group and origin
+  delivered lately), so a message comes once whichever way it arrived;
 - a peer whose history no longer reaches back (trimmed, its Redis replaced) is logged and
   counted (`awx_ws_relay_catchup_total{outcome}`): clients there are not told, as AWX's are not.
 """
