@@ -303,16 +303,9 @@ class PeerLink:
                 with contextlib.suppress(TimeoutError):  # catch up on what is known by then
                     async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
                         await self.relay.interest_read.wait()
-                floors = catchup_floors(
-                    set(self.relay.interest), down_since, set(self._forwarded), self.status.newest_emitted
-                )
-                buffered = await catch_up(
-                    self.peer,
-                    floors,
-                    ws.recv,
-                    self._confirmed,
-                    self._inject_entry,
-                )
+                newest = self.status.newest_emitted
+                floors = catchup_floors(set(self.relay.interest), down_since, set(self._forwarded), newest)
+                buffered = await catch_up(self.peer, floors, ws.recv, self._confirmed, self._inject_entry)
                 for frame in buffered:
                     await self._inject(frame)
             self.status.down_since = 0.0
