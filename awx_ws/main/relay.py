@@ -304,7 +304,7 @@ class PeerLink:
                     async with asyncio.timeout(ws_settings.RECOVER_TIMEOUT):
                         await self.relay.interest_read.wait()
                 newest = self.status.newest_emitted
-                floors = catchup_floors(set(self.relay.interest), down_since, set(self._forwarded), newest)
+                floors = catchup_floors(set(self.relay.interest), down_since, self._forwarded, newest)
                 buffered = await catch_up(self.peer, floors, ws.recv, self._confirmed, self._inject_entry)
                 for frame in buffered:
                     await self._inject(frame)
