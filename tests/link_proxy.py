@@ -24,6 +24,7 @@ class LinkProxy:
         self.target = target
         self.cut_now = False
         self.cuts = 0
+        self.turned_away = 0  # connections closed on arrival while cut
         self._server: asyncio.Server | None = None
         self._pairs: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
@@ -36,6 +37,7 @@ class LinkProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut_now:
+            self.turned_away += 1
             writer.transport.abort()
             return
         try:

@@ -133,13 +133,11 @@ async def test_a_failover_loses_no_acknowledged_emit_and_keeps_clients_connected
     # None hung: an emit either succeeds or raises within the emit timeout (plus a connect).
     slowest = max(lines, key=lambda line: line["took"])
     assert slowest["took"] < EMIT_TIMEOUT + 2.5, slowest
-    failed = [line for line in lines if line["error"]]
-    assert all(line["error"].startswith("RedisUnavailable: ") for line in failed), failed[:3]
-    assert all(line["at"] >= killed_at - 1 for line in failed), "emits failed before the master died"
-    # Within RECOVERY seconds of the kill, emits succeed again (and go on succeeding).
-    recovered = [line for line in lines if line["at"] > killed_at and not line["error"]]
-    assert recovered and recovered[0]["at"] - killed_at <= RECOVERY
-    assert not [line for line in lines if line["at"] > recovered[0]["at"] and line["error"]]
+    # None failed either: an emit made while the sentinels promote the replica waits for it
+    # (within the emit timeout) instead of failing, as a job runner's emits would be lost.
+    assert [line for line in lines if line["error"]] == []
+    waited = [line for line in lines if line["at"] > killed_at and line["took"] > 1]
+    assert waited, "no emit was made while the master was down: the test proved nothing"
 
     # Every acknowledged emit was delivered, once, on the connection opened before the failover.
     acknowledged = {line["n"] for line in lines if not line["error"]}

@@ -320,8 +320,8 @@ class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
                 host = dict(self.hosts[index])
                 host.setdefault("socket_timeout", timeout)
                 host.setdefault("max_connections", DEFAULT_MAX_CONNECTIONS)
-                # Threads past the limit wait for a connection (up to the emit timeout) rather than fail.
-                host["timeout"] = timeout
+                # Threads wait (up to the emit timeout) for a free connection and for Redis to answer.
+                host["timeout"] = host["reconnect_within"] = timeout
                 self._blocking[index] = BlockingRedis(connection_pool=redis_connect.sync_pool(host))
             return self._blocking[index]
 
@@ -337,7 +337,7 @@ class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
         """exc (redis-py's, or a timeout) as RedisUnavailable naming REDIS_URL."""
         if isinstance(exc, RedisUnavailable) and exc.where:
             return exc
-        timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
+        timed_out = isinstance(redis_connect.behind(exc), TimeoutError | RedisTimeoutError)
         return RedisUnavailable(redis_connect.explain(exc), where=self.describe_hosts(), timed_out=timed_out)
 
     @classmethod

@@ -24,6 +24,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from awx_ws.main.exceptions import BatchEmitError
 from awx_ws.main.history import SHARE_KEY
 from awx_ws.main.layers import redis_keys
+from awx_ws.main.layers.redis_connect import NotConnected
 from awx_ws.main.layers.redis_scripts import FANOUT_SHA, GROUP_SEND_FANOUT_LUA, GROUP_SEND_LUA
 from awx_ws.main.messages import with_group
 
@@ -139,6 +140,8 @@ async def run(batch: Batch, round_trip: RoundTrip, set_origin: Callable[[], Awai
         except ResponseError as exc:
             # Refused while queued (OOM at maxmemory, say): Redis discarded the whole MULTI, so
             # none of these ran. redis-py raises the first refusal in place of EXECABORT.
+            raise batch.failure(exc, []) from exc
+        except NotConnected as exc:  # no connection was made: nothing of the round was sent
             raise batch.failure(exc, []) from exc
         except (RedisError, OSError) as exc:  # lost or silent: the EXEC may have run
             raise batch.failure(exc, pending) from exc

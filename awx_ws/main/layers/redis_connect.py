@@ -12,10 +12,16 @@ write (redis-py's SentinelManagedConnection).
 
 channels_redis builds an unbounded pool for sentinels; ours wait at the limit, as they do for
 an address (layers/redis.py, create_pool).
+
+A connection that cannot be made (Redis restarting, the sentinels still naming a master that
+died) raises NotConnected: nothing of the command was sent, so it can be sent again. The sync
+emit's pool waits for Redis that way (`reconnect_within`), re-asking the sentinels each time, so
+an emit rides through a failover instead of failing while the replica is promoted.
 """
 
 from __future__ import annotations
 
+import time
 from queue import Empty
 from typing import Any
 
@@ -25,11 +31,54 @@ from redis.asyncio.sentinel import MasterNotFoundError as AsyncMasterNotFoundErr
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool as AsyncSentinelConnectionPool
 from redis.connection import parse_url
+from redis.exceptions import AuthenticationError, AuthorizationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import MasterNotFoundError
 from redis.sentinel import Sentinel as SyncSentinel
 from redis.sentinel import SentinelConnectionPool as SyncSentinelConnectionPool
 
 from awx_ws.main.exceptions import redact_url
+from awx_ws.main.retry import Backoff
+
+# Pauses between attempts to reach Redis while a pool waits for it: short, since a failover ends
+# at an instant nobody announces.
+RECONNECT_BACKOFF = (0.05, 0.5)
+# Refusals of the credentials: no wait mends them.
+_FOR_GOOD = (AuthenticationError, AuthorizationError)
+
+
+class NotConnected(RedisConnectionError):
+    """No connection to Redis could be made for a command: nothing of it was sent."""
+
+
+class SyncWaitingPool:
+    """Mixed into a sync pool: get_connection raises NotConnected when Redis cannot be reached,
+    after trying again for up to `reconnect_within` seconds (0, the default: once)."""
+
+    def __init__(self, *args: Any, reconnect_within: float = 0.0, **kwargs: Any) -> None:
+        self.reconnect_within = reconnect_within
+        super().__init__(*args, **kwargs)
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """A connected connection, waiting (up to reconnect_within) for Redis to take one."""
+        deadline = time.monotonic() + self.reconnect_within
+        backoff = Backoff(*RECONNECT_BACKOFF)
+        while True:
+            try:
+                return super().get_connection(*args, **kwargs)  # type: ignore[misc]
+            except _FOR_GOOD:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # Waiting for a free connection counts against the same deadline.
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > deadline:
+                    raise NotConnected(str(exc)) from exc
+            time.sleep(delay)  # sync code only: the sync emit refuses to run on an event loop
+
+
+class SyncAddressPool(SyncWaitingPool, SyncBlockingPool):
+    """redis-py's blocking pool for an address, raising NotConnected when Redis is unreachable."""
 
 
 class AsyncSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingPool):
@@ -44,7 +93,7 @@ class AsyncSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingPool):
                 await sentinel.connection_pool.disconnect()
 
 
-class SyncSentinelPool(SyncSentinelConnectionPool, SyncBlockingPool):
+class SyncSentinelPool(SyncWaitingPool, SyncSentinelConnectionPool, SyncBlockingPool):
     """redis-py's blocking pool for a Sentinel-managed master, bounded: at the limit callers wait."""
 
     def disconnect(self, inuse_connections: bool = True) -> None:
@@ -115,7 +164,7 @@ def async_pool(host: dict[str, Any]) -> Any:
 
 def sync_pool(host: dict[str, Any]) -> Any:
     """A bounded blocking redis-py pool for host (an address or a Sentinel-managed master)."""
-    return _pool(host, SyncBlockingPool, SyncSentinelPool, SyncSentinel)
+    return _pool(host, SyncAddressPool, SyncSentinelPool, SyncSentinel)
 
 
 def _pool(host: dict[str, Any], by_address: Any, by_sentinels: Any, sentinel: Any) -> Any:
@@ -126,8 +175,16 @@ def _pool(host: dict[str, Any], by_address: Any, by_sentinels: Any, sentinel: An
     return by_sentinels(master, sentinel(sentinels, sentinel_kwargs=sentinel_kwargs), **options)
 
 
+def behind(exc: BaseException) -> BaseException:
+    """The error that made a connection fail, for NotConnected; exc itself otherwise."""
+    if isinstance(exc, NotConnected) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
 def explain(exc: BaseException) -> str:
     """exc's text for an error message, with the setting to check when it points at one."""
+    exc = behind(exc)
     text = str(exc)
     if isinstance(exc, MasterNotFoundError | AsyncMasterNotFoundError):
         if "AuthenticationError" in text:
