@@ -42,7 +42,7 @@ run: bootstrap
 
 # The whole suite on SQLite (the default), under plain daphne and under awx_ws.server (the modules
 # marked every_server, delivery, purge, resumes, revocation and slow clients, under uvicorn and
-# hypercorn too); then on
+# hypercorn too), with the two-minute soak (tests/test_soak.py) beside it; then on
 # PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database)
 # and the pure rules (unit: they never reach a database), under awx_ws.server only: the database
 # is that pass's point.

@@ -26,11 +26,15 @@ from bench.soak import checker, report
 from bench.soak.cluster import Cluster, api_token_of, start_cluster
 from bench.soak.ledger import Ledger
 from bench.soak.nemesis import Nemesis, probe, sample, schedule
-from bench.soak.viewers import AwxkitViewer, LiveViewer, SseResumer
+from bench.soak.viewers import AwxkitViewer, LiveViewer, SseResumer, settle
 from bench.soak.workload import Api, Stop, run_job
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 logger = logging.getLogger("bench.soak")
+
+# Seconds the end of a run waits for deliveries still on their way (bench/soak/viewers.settle):
+# past it, what an open connection lacks is lost.
+SETTLE_BOUND = 60.0
 
 # What two cores drive with the driver keeping up (staleness p99 about a second); at 16 jobs and
 # 80 viewers the machine ran at a load of 11, the driver read 30 s behind and the figures measured
@@ -170,8 +174,9 @@ async def run(args: argparse.Namespace, cluster: Cluster, ledger: Ledger) -> Non
             asyncio.create_task(sample(cluster, ledger, watching)),
         ]
         await asyncio.gather(*jobs)
-        logger.info("jobs done; letting deliveries settle")
-        await asyncio.sleep(5)
+        logger.info("jobs done; waiting for every open connection to hold every status change")
+        ledger.settled_after = await settle(ledger, viewers, streams, awxkit, SETTLE_BOUND)
+        logger.info("settled in %.1f s", ledger.settled_after)
         watching.event.set()
         results = await asyncio.gather(*watchers, *background, return_exceptions=True)
         for result in results:

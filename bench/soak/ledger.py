@@ -35,6 +35,7 @@ class Watch:
     fetched: int = 0
     duplicates: int = 0  # a counter received live twice on one connection
     out_of_order: int = 0  # a counter received live below one received before it on one connection
+    disorder: list[tuple[float, int, int, str]] = field(default_factory=list)  # (when, counter, after, front)
     final: int | None = None  # the summary's final_counter, when it came while watching
     notices: int = 0  # held-back notices received
 
@@ -91,6 +92,7 @@ class Ledger:
     client_errors: Counter[str] = field(default_factory=Counter)  # what clients met, by kind
     job_failures: list[str] = field(default_factory=list)  # jobs the API refused or never answered
     ended: float = 0.0
+    settled_after: float = 0.0  # seconds the end waited for deliveries still on their way
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready copy (sets and Counters as lists)."""

@@ -9,6 +9,7 @@ import contextlib
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -59,6 +60,7 @@ class LiveViewer:
         self.stalled_at = 0.0  # when the last stall began
         self.live_here: dict[int, set[int]] = {}
         self.first_missing: dict[int, int] = {}  # job -> lowest counter not held (it only grows)
+        self.presence: Presence | None = None  # the open connection's, once subscribed
 
     async def run(self) -> None:
         """Connect, watch, switch jobs now and then, reconnect after any loss, until the end."""
@@ -94,7 +96,7 @@ class LiveViewer:
                     jobs = self.jobs()
                     await self._subscribe(ws, jobs, presence)
                     if presence is None:
-                        presence = Presence(self.name, time.time(), front=self.front)
+                        presence = self.presence = Presence(self.name, time.time(), front=self.front)
                     for job in jobs:
                         if job not in self.watches:
                             self.watches[job] = Watch(self.name, job, time.time())
@@ -111,6 +113,7 @@ class LiveViewer:
                             break  # every job it watches has ended: pick others
                     self._leave(set(self.watches) - set(self.jobs()))
             finally:
+                self.presence = None
                 if presence is not None:
                     presence.until = time.time()
                     if ws.close_code is not None and self.stalled_at > presence.since:
@@ -170,6 +173,7 @@ class LiveViewer:
                 watch.duplicates += 1
             elif live_here and counter < max(live_here):
                 watch.out_of_order += 1
+                watch.disorder.append((time.time(), counter, max(live_here), self.front))
             live_here.add(counter)
             jumped = counter > max(watch.held, default=0) + 1
             watch.held.add(counter)
@@ -298,6 +302,7 @@ class AwxkitViewer:
 
     def __init__(self, name: str, node_port: int, token: str, ledger: Ledger, stop: Stop) -> None:
         self.name, self.port, self.token, self.ledger, self.stop = name, node_port, token, ledger, stop
+        self.presence: Presence | None = None  # the open client's, once subscribed (its thread's)
 
     async def run(self) -> None:
         """Keep one WSClient subscribed until the end."""
@@ -318,7 +323,7 @@ class AwxkitViewer:
                 if not isinstance(message, dict):
                     continue
                 if "groups_current" in message and presence is None:
-                    presence = Presence(self.name, time.time())  # subscribed from here on
+                    presence = self.presence = Presence(self.name, time.time())  # subscribed from here on
                 job = message.get("unified_job_id")
                 if (
                     presence
@@ -330,9 +335,42 @@ class AwxkitViewer:
         except Exception as exc:  # awxkit raises what websocket-client raises
             self.ledger.client_errors[f"awxkit {type(exc).__name__}"] += 1
         finally:
+            self.presence = None
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.close()
             if presence is not None:
                 presence.until = time.time()
                 self.ledger.presences.append(presence)
+
+
+def owes(ledger: Ledger, since: float, got: Counter[tuple[int, str]]) -> bool:
+    """True while a connection subscribed since `since` lacks a status change made after it."""
+    return any(asked >= since and not got[(job, status)] for job, status, asked, _ in ledger.status_changes)
+
+
+async def settle(
+    ledger: Ledger,
+    live: list[LiveViewer],
+    streams: list[SseResumer],
+    awxkit: list[AwxkitViewer],
+    bound: float,
+) -> float:
+    """Wait until every open connection holds every status change made while it was subscribed,
+    as the checker will judge it, for at most bound seconds; the seconds it took (deliveries lag
+    under load by more than any fixed margin would allow)."""
+    started = time.monotonic()
+    while time.monotonic() - started < bound:
+        open_now = [
+            (v.presence.since, v.presence.statuses) for v in live if v.presence and v.stalled.is_set()
+        ]
+        open_now += [(a.presence.since, a.presence.statuses) for a in awxkit if a.presence]
+        open_now += [
+            (s.record.since, s.record.statuses)
+            for s in streams
+            if s.last_id is not None and not s.record.resets
+        ]
+        if not any(owes(ledger, since, got) for since, got in open_now):
+            break
+        await asyncio.sleep(0.5)  # polls what clients hold: nothing to wait on in one event
+    return time.monotonic() - started
