@@ -100,7 +100,7 @@ def describe(exc: BaseException) -> str:
         code = exc.response.status_code
         hint = (
             " (check BROADCAST_WEBSOCKET_SECRET, that the peer's BROADCAST_WEBSOCKET_SELF is this entry, "
-            "or whether the peer has started)"
+            "whether the peer has started, or whether its Redis is reachable: the peer logs why)"
             if code == 403
             else ""
         )
