@@ -166,7 +166,7 @@ async def test_a_batch_redis_stops_answering_gives_up_after_the_timeout_and_says
 ):
     redis = redis_at(own_redis.url)
     # Scripts wait, connecting does not: the batch is on its way when Redis goes silent.
-    await redis.execute_command("CLIENT", "PAUSE", "8000", "WRITE")
+    await redis.execute_command("CLIENT", "PAUSE", "60000", "WRITE")  # ended by UNPAUSE below
     try:
         failure = await asyncio.to_thread(run_batch, {"REDIS_URL": own_redis.url, "AWX_WS_EMIT_TIMEOUT": "1"})
     finally:

@@ -80,12 +80,16 @@ async def test_an_emit_made_while_redis_is_unreachable_is_delivered_once_it_answ
     await layer.group_add(STATUS, channel)
     proxy.cut()
     emitter = await start_emitter(how, proxy.port, emit_timeout=60)
-    # The emit was turned away, and tried again: it waits for Redis rather than failing.
-    await eventually(lambda: proxy.turned_away >= 2, timeout=30)
-    assert emitter.returncode is None
-    proxy.heal()
-
-    result = await outcome(emitter)
+    try:
+        # The emit was turned away, and tried again: it waits for Redis rather than failing.
+        await eventually(lambda: proxy.turned_away >= 2, timeout=30)
+        assert emitter.returncode is None
+        proxy.heal()
+        result = await outcome(emitter)
+    finally:
+        if emitter.returncode is None:
+            emitter.kill()
+            await emitter.wait()
     assert result["error"] is None
     count = 1 if how == "single" else 6
     received = [await asyncio.wait_for(layer.receive(channel), 10) for _ in range(count)]

@@ -87,6 +87,23 @@ def test_the_blocking_sentinel_pool_closes_only_its_idle_connections_when_the_ma
     assert pool.pool.get_nowait() is idle  # back in its place
 
 
+def test_the_blocking_sentinel_pool_forgets_a_connection_it_no_longer_owns():
+    """redis-py's blocking pool keeps every connection it made in `_connections` and, releasing
+    one it does not own (a master that moved, none found), closes it and leaves it there. Ours
+    (layers/redis_connect.py, SyncSentinelPool.release) takes it out of that list."""
+    from redis.sentinel import Sentinel
+
+    from awx_ws.main.layers.redis_connect import SyncSentinelPool
+
+    pool = SyncSentinelPool("m", Sentinel([("127.0.0.1", 1)]), max_connections=2)
+    pool.pool.get_nowait()  # a slot, as a checkout takes it
+    orphan = pool.make_connection()  # made while the sentinels named no master
+    assert orphan in pool._connections
+    pool.release(orphan)
+    assert orphan not in pool._connections
+    assert pool.pool.get_nowait() is None  # its slot back, for a new connection
+
+
 def test_django_logs_no_response_marked_as_logged(caplog):
     """api/errors.py marks its 503 for a database outage as logged (it reports once a minute):
     Django's request logger must then add no ERROR line per request."""

@@ -60,10 +60,11 @@ def manage(sentinels, *args: str) -> str:
 class Emitter:
     """tests.sentinel_emitter in a process of its own, its report read line by line."""
 
-    def __init__(self, sentinels, group: str, count: int, first: int = 0) -> None:
+    def __init__(self, sentinels, group: str, count: int, first: int = 0, emit_timeout: float = EMIT_TIMEOUT):
         argv = [sys.executable, "-m", "tests.sentinel_emitter", group, str(count), str(RATE), str(first)]
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=manage_env(sentinels), **pipes)
+        env = {**manage_env(sentinels), "AWX_WS_EMIT_TIMEOUT": str(emit_timeout)}
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, **pipes)
         self.lines: list[dict[str, Any]] = []
 
     def finish(self, timeout: float, early: bool = False) -> list[dict[str, Any]]:
@@ -113,7 +114,8 @@ async def test_a_failover_loses_no_acknowledged_emit_and_keeps_clients_connected
     client = await open_ws(node.url, headers={"Authorization": f"Token {token}"})
     await client.subscribe({"schedules": [group.split("-", 1)[1]]})
 
-    emitter = Emitter(sentinels, group, EMITS)
+    # Emits wait for the promoted master as long as this test waits for the sentinels to promote it.
+    emitter = Emitter(sentinels, group, EMITS, emit_timeout=RECOVERY)
     try:
         # Deliveries flow through the first master...
         before = await receive_numbers(client, set(range(20)), timeout=10)
@@ -125,17 +127,23 @@ async def test_a_failover_loses_no_acknowledged_emit_and_keeps_clients_connected
         await eventually(lambda: sentinels.master_port() == sentinels.replica.port, timeout=RECOVERY)
         # 40 deliveries through the new master (2 s of emits), then the emitter stops.
         after = await receive_count(client, 40, timeout=RECOVERY + 10)
-        lines = emitter.finish(timeout=EMIT_TIMEOUT + 10, early=True)
+        lines = emitter.finish(timeout=RECOVERY + 10, early=True)
     finally:
         emitter.stop()
 
     assert [line["n"] for line in lines] == list(range(len(lines)))
     # None hung: an emit either succeeds or raises within the emit timeout (plus a connect).
     slowest = max(lines, key=lambda line: line["took"])
-    assert slowest["took"] < EMIT_TIMEOUT + 2.5, slowest
-    # None failed either: an emit made while the sentinels promote the replica waits for it
-    # (within the emit timeout) instead of failing, as a job runner's emits would be lost.
-    assert [line for line in lines if line["error"]] == []
+    assert slowest["took"] < RECOVERY + 2.5, slowest
+    # None failed, but the one emit that may have been on the wire when the master died (it may
+    # have been applied: trying it again could send it twice): an emit made while the sentinels
+    # promote the replica waits for it instead of failing, as a job runner's would be lost.
+    failed = [line for line in lines if line["error"]]
+    on_the_wire = [
+        line for line in failed if line["at"] < killed_at + 1 and line["at"] + line["took"] > killed_at
+    ]
+    assert failed == on_the_wire and len(failed) <= 1, failed
+    assert all(line["error"].startswith("RedisUnavailable: ") for line in failed), failed
     waited = [line for line in lines if line["at"] > killed_at and line["took"] > 1]
     assert waited, "no emit was made while the master was down: the test proved nothing"
 

@@ -15,8 +15,7 @@ from channels.layers import get_channel_layer
 from channels_redis.serializers import MsgPackSerializer
 from django.core.exceptions import ImproperlyConfigured
 
-# A blocking client, for emit_channel_notification's sync callers only: emit refuses to run on a
-# thread with a running event loop, so this never blocks a loop.
+# A blocking client for sync callers only: emit refuses to run on a thread with an event loop.
 from redis import Redis as BlockingRedis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -345,7 +344,8 @@ class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
         """PING the first Redis host from sync code (readiness); RedisUnavailable when it fails."""
         layer = cls._default()
         try:
-            layer.blocking_client(0, timeout).ping()
+            with redis_connect.at_once():  # a probe answers now: only emits wait for Redis
+                layer.blocking_client(0, timeout).ping()
         except (RedisError, OSError) as exc:
             raise layer.unavailable(exc) from exc
 

@@ -21,7 +21,10 @@ an emit rides through a failover instead of failing while the replica is promote
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
+from collections.abc import Iterator
 from queue import Empty
 from typing import Any
 
@@ -46,6 +49,8 @@ from awx_ws.main.retry import Backoff
 RECONNECT_BACKOFF = (0.05, 0.5)
 # Refusals of the credentials: no wait mends them.
 _FOR_GOOD = (AuthenticationError, AuthorizationError)
+# False within at_once().
+_WAITING: contextvars.ContextVar[bool] = contextvars.ContextVar("awx_ws_redis_waiting", default=True)
 
 
 class NotConnected(RedisConnectionError):
@@ -54,27 +59,47 @@ class NotConnected(RedisConnectionError):
 
 class SyncWaitingPool:
     """Mixed into a sync pool: get_connection raises NotConnected when Redis cannot be reached,
-    after trying again for up to `reconnect_within` seconds (0, the default: once)."""
+    after trying again for up to `reconnect_within` seconds (0, the default: once).
+
+    Once a wait has run out, later calls try once, until Redis answers again: a long outage makes
+    callers fail at once, as they did without the wait, instead of holding each for the window.
+    """
 
     def __init__(self, *args: Any, reconnect_within: float = 0.0, **kwargs: Any) -> None:
         self.reconnect_within = reconnect_within
+        self.unreachable = False  # a wait ran out, and no connection was made since
         super().__init__(*args, **kwargs)
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         """A connected connection, waiting (up to reconnect_within) for Redis to take one."""
-        deadline = time.monotonic() + self.reconnect_within
+        window = 0.0 if self.unreachable or not _WAITING.get() else self.reconnect_within
+        deadline = time.monotonic() + window
         backoff = Backoff(*RECONNECT_BACKOFF)
         while True:
             try:
-                return super().get_connection(*args, **kwargs)  # type: ignore[misc]
-            except _FOR_GOOD:
-                raise
+                connection = super().get_connection(*args, **kwargs)  # type: ignore[misc]
+            except _FOR_GOOD as exc:  # refused credentials: no wait mends them
+                raise NotConnected(str(exc)) from exc
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 # Waiting for a free connection counts against the same deadline.
                 delay = backoff.next_delay()
                 if time.monotonic() + delay > deadline:
+                    self.unreachable = self.unreachable or window > 0
                     raise NotConnected(str(exc)) from exc
+            else:
+                self.unreachable = False
+                return connection
             time.sleep(delay)  # sync code only: the sync emit refuses to run on an event loop
+
+
+@contextlib.contextmanager
+def at_once() -> Iterator[None]:
+    """Within it, a waiting pool tries once (a readiness probe answers now, not after a wait)."""
+    token = _WAITING.set(False)
+    try:
+        yield
+    finally:
+        _WAITING.reset(token)
 
 
 class SyncAddressPool(SyncWaitingPool, SyncBlockingPool):
@@ -95,6 +120,16 @@ class AsyncSentinelPool(AsyncSentinelConnectionPool, AsyncBlockingPool):
 
 class SyncSentinelPool(SyncWaitingPool, SyncSentinelConnectionPool, SyncBlockingPool):
     """redis-py's blocking pool for a Sentinel-managed master, bounded: at the limit callers wait."""
+
+    def release(self, connection: Any) -> None:
+        """Take connection back; one the pool no longer owns (to a master that moved, or made
+        while the sentinels named none) is forgotten, not only closed: redis-py's blocking pool
+        keeps every connection it made in a list, and each such one would stay there for good."""
+        owned = self.owns_connection(connection)  # type: ignore[no-untyped-call]
+        super().release(connection)  # type: ignore[no-untyped-call]
+        if not owned:
+            with contextlib.suppress(ValueError):
+                self._connections.remove(connection)
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         """Close the pool's connections; only the idle ones when inuse_connections is False.
