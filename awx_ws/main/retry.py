@@ -49,6 +49,20 @@ def expect(*errors: type[BaseException]) -> None:
 _MAX_EXPONENT = 40
 
 
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled and the cancellation got lost on its way.
+
+    Python 3.11's asyncio.wait_for, which redis-py awaits for every command it sends (its
+    socket_timeout), returns the result of its inner task when that finished in the same instant
+    as the cancellation arrived, and drops the cancellation (cpython#86296, fixed in 3.12): the
+    task runs on, cancelling() for good, and every later asyncio.timeout in it ends as a plain
+    timeout. Loops that talk to Redis call this once per pass, where no timeout is active.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 @dataclass
 class Backoff:
     """Exponential back-off from `base` seconds, capped at `cap`, with "equal jitter"."""
@@ -182,6 +196,7 @@ async def supervise(
 
     failed_rounds = metrics.BACKGROUND_FAILURES.labels(metric or name)
     while True:
+        raise_if_cancelled()
         started = time.monotonic()
         try:
             pause = await round_(backoff.failures)

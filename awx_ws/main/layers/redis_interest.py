@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from awx_ws.main.interest import InterestSink, NodeInterest
 from awx_ws.main.layers.redis_keys import interest_changed, interest_key
 from awx_ws.main.layers.redis_presence import LivenessJudge
-from awx_ws.main.retry import Round
+from awx_ws.main.retry import Round, raise_if_cancelled
 
 if TYPE_CHECKING:
     from awx_ws.main.layers.redis_types import RedisLayer
@@ -123,6 +123,7 @@ def watch_redis_interest(layer: RedisLayer, sink: InterestSink) -> Round:
             sink.publish(state.groups)
             check_at, full_at = loop.time() + INTEREST_RESYNC, loop.time() + FULL_RESYNC
             while True:
+                raise_if_cancelled()  # a cancel redis-py's send swallowed (retry.py)
                 wait = max(0.0, check_at - loop.time())
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
                 if message is not None:
