@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis import Redis as SyncRedis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -144,6 +145,34 @@ def make_nodes(
         }
         nodes.append(Node(name, env, redis, daphne_port, workdir, runner))
     return nodes
+
+
+def wait_connected(node: Node, other: Node, timeout: float = 20.0) -> None:
+    """Until node's relay reports its link to other up (the status it keeps in Redis)."""
+    redis = SyncRedis.from_url(node.redis.url)
+    deadline = time.monotonic() + timeout
+    while redis.hget(f"asgi:relay-status:127.0.0.1:{other.daphne_port}", "state") != b"connected":
+        assert time.monotonic() < deadline, f"relay link {node.name} -> {other.name} not up"
+        time.sleep(0.1)
+    redis.close()
+
+
+@contextlib.contextmanager
+def linked_pair(
+    state_dir: Path, names: list[str], runner: str = "awx_ws.server", settings: dict[str, str] | None = None
+) -> Iterator[tuple[Node, Node]]:
+    """Two nodes started, each relay's link to the other up; stopped (and their Redis) after."""
+    a, b = make_nodes(state_dir, names, settings, runner)
+    try:
+        for node in (a, b):
+            node.start()
+        wait_connected(a, b)
+        wait_connected(b, a)
+        yield a, b
+    finally:
+        for node in (a, b):
+            node.stop()
+            node.redis.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis import Redis as SyncRedis
 
 from awx_ws.main.history import GroupPosition
 from tests.client import WsClient, open_ws
-from tests.test_cluster import Node, make_nodes, members, wait_for
+from tests.test_cluster import Node, linked_pair, members, wait_for
 
 # Two nodes sharing one database, as AWX nodes do: part of the PostgreSQL pass too.
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.both_runners]
@@ -21,25 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.both_runners]
 
 @pytest.fixture(scope="module")
 def pair(state_dir: Path, database: None, runner: str) -> Iterator[tuple[Node, Node]]:
-    a, b = make_nodes(state_dir, ["pairA", "pairB"], runner=runner)
-    for node in (a, b):
-        node.start()
-    wait_connected(a, b)
-    wait_connected(b, a)
-    yield a, b
-    for node in (a, b):
-        node.stop()
-        node.redis.stop()
-
-
-def wait_connected(node: Node, other: Node, timeout: float = 20.0) -> None:
-    """Until node's relay reports its link to other up (the status it keeps in Redis)."""
-    redis = SyncRedis.from_url(node.redis.url)
-    deadline = time.monotonic() + timeout
-    while redis.hget(f"asgi:relay-status:127.0.0.1:{other.daphne_port}", "state") != b"connected":
-        assert time.monotonic() < deadline, f"relay link {node.name} -> {other.name} not up"
-        time.sleep(0.1)
-    redis.close()
+    with linked_pair(state_dir, ["pairA", "pairB"], runner) as nodes:
+        yield nodes
 
 
 async def connect(node: Node, token: str) -> WsClient:

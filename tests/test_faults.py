@@ -183,8 +183,7 @@ async def test_nginx_reloaded_with_sockets_open_keeps_them(state_dir, node, api,
 
 
 async def test_a_nodes_redis_restarted_empty_the_relay_recovers_both_ways(state_dir, token, database, runner):
-    from tests.test_cluster import make_nodes
-    from tests.test_cluster_recovery import wait_connected
+    from tests.test_cluster import make_nodes, wait_connected
 
     a, b = make_nodes(
         state_dir, [f"redisA{time.monotonic_ns()}", f"redisB{time.monotonic_ns()}"], runner=runner

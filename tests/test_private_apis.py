@@ -52,6 +52,21 @@ def test_channels_redis_maps_channels_to_their_keys_as_the_group_send_plan_expec
     assert keys == ["asgispecific.abc!"] and len(args) == 4  # message, capacity, now, expiry
 
 
+def test_channels_redis_capacities_are_read_as_the_fanout_script_expects():
+    """layers/redis_scripts.py queues for process inboxes in the fan-out script only while every
+    channel has the layer's `capacity`: channels_redis keeps per-channel patterns (compiled) in
+    `channel_capacity`, and the inbox key of `specific.abc!x` is the prefix and `specific.abc!`."""
+    from awx_ws.main.layers import RedisChannelLayer
+    from awx_ws.main.layers.redis_scripts import inbox_capacity
+
+    message = {"type": "internal.message", "text": "{}"}
+    plain = RedisChannelLayer(hosts=[{"address": "redis://127.0.0.1:1/0"}], capacity=7)
+    assert plain.capacity == 7 and not plain.channel_capacity and inbox_capacity(plain, message) == 7
+    patterned = RedisChannelLayer(hosts=[{"address": "redis://127.0.0.1:1/0"}], channel_capacity={"x*": 3})
+    assert patterned.channel_capacity and inbox_capacity(patterned, message) == 0
+    assert plain.non_local_name("specific.abc!x") == "specific.abc!"
+
+
 def test_channels_redis_receives_a_process_inbox_through_receive_single_under_its_lock():
     """layers/redis_receive.py overrides channels_redis's private receive_single(channel), which
     receive() calls for a process's inbox (`...!`) while it holds receive_lock, and which returns

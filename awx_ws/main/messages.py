@@ -38,3 +38,21 @@ def is_client_message(group: str, message: dict[str, Any]) -> bool:
         and not message.get("relayed")
         and not group.startswith(RESERVED_PREFIX)
     )
+
+
+# Integers Lua (5.1, doubles) holds exactly.
+_LUA_EXACT = 2**53
+
+
+def survives_lua(message: dict[str, Any]) -> bool:
+    """True if Redis's Lua (cmsgpack) gives message back unchanged after unpacking it: string
+    keys; text, booleans and integers it holds exactly. Not None (a Lua table drops the key), not
+    floats (1.0 would come back 1), nothing nested ({} would come back [])."""
+    for key, value in message.items():
+        if not isinstance(key, str):
+            return False
+        if isinstance(value, bool | str):
+            continue
+        if not isinstance(value, int) or not -_LUA_EXACT < value < _LUA_EXACT:
+            return False
+    return True

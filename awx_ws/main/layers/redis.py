@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from channels.layers import get_channel_layer
-from channels_redis.serializers import MsgPackSerializer
 from django.core.exceptions import ImproperlyConfigured
 
 # A blocking client for sync callers only: emit refuses to run on a thread with an event loop.
 from redis import Redis as BlockingRedis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from awx_ws.main import metrics, retry
@@ -32,7 +31,13 @@ from awx_ws.main.layers.redis_members import add_many, discard_many, mark_keep
 from awx_ws.main.layers.redis_presence import Liveness
 from awx_ws.main.layers.redis_receive import CancelSafeReceiveLayer
 from awx_ws.main.layers.redis_records import RedisRecords
-from awx_ws.main.layers.redis_scripts import FANOUT_SHA, GROUP_SEND_FANOUT_LUA, GROUP_SEND_LUA
+from awx_ws.main.layers.redis_scripts import (
+    GROUP_SEND_FANOUT_LUA,
+    GROUP_SEND_LUA,
+    eval_fanout_blocking,
+    inbox_capacity,
+    lua_packs_messages,
+)
 from awx_ws.main.messages import is_client_message, with_group
 
 logger = logging.getLogger(__name__)
@@ -55,10 +60,9 @@ class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
     - Its process is marked alive in Redis while it owns channels; the start-up purge
       (routing.AWXProtocolTypeRouter) removes only state of processes without a live record.
     - `fanout` delivers group messages to this process's client sockets (fanout.py).
-    - `group_send` takes one Redis round trip (two when process-specific channels such as relay
-      consumers are members) instead of four, and `group_send_blocking` does the same from sync
-      code without an event loop (emit_channel_notification). Either way, and whoever calls it,
-      a client message gets its history id, reaches the relay and is counted.
+    - `group_send` takes one Redis round trip instead of four, and `group_send_blocking` does
+      the same from sync code without an event loop (emit_channel_notification). Either way, and
+      whoever calls it, a client message gets its history id, reaches the relay and is counted.
     """
 
     # What clients and operators are told is unreachable; whether resumes can replay (they can).
@@ -236,14 +240,14 @@ class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
         counted against share (the emitter's, history.SHARE_KEY; by default the group's kind)."""
         share = history_share(group, share)
         now = time.time()
-        capacity = self.get_capacity("fanout.any")
         keys = [self.group_key(group)]
-        args: list[Any] = [self.serialize(message), now, self.expiry]
-        args += [int(now) - self.group_expiry, capacity, self.prefix]
+        args: list[Any] = [self.serialize(message), now, self.expiry, int(now) - self.group_expiry]
+        args += [self.get_capacity("fanout.any"), self.prefix, inbox_capacity(self, message)]
+        args += [self._serializer.random_prefix_length]
         # A relayed message already has its origin's id; its history lives on the origin node.
         policy = history_policy(group) if is_client_message(group, message) and "id" not in message else None
         if policy is not None:
-            if self._serializer.crypter is not None or not isinstance(self._serializer, MsgPackSerializer):
+            if not lua_packs_messages(self):
                 raise ImproperlyConfigured(
                     "history needs the msgpack serializer without symmetric_encryption_keys "
                     "(CHANNEL_LAYERS); or set AWX_WS['HISTORY_KINDS'] entries to None"
@@ -255,7 +259,7 @@ class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
                 *total_keys(self),
             ]
             ttl = max(1, math.ceil(policy.age))
-            args += [policy.length, policy.age, ttl, self._serializer.random_prefix_length, policy.max_bytes]
+            args += [policy.length, policy.age, ttl, policy.max_bytes]
             args += [policy.total_bytes, resumable_for(policy), share]
         return keys, args
 
@@ -367,14 +371,6 @@ class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
         """group_send_many from sync code, on the pooled blocking connection."""
         redis_batch.send_blocking(cls._default(), messages, timeout)
 
-    @staticmethod
-    def eval_fanout_blocking(connection: BlockingRedis, keys: list[str], args: list[Any]) -> Any:
-        try:
-            # EVALSHA: the script's 40-byte digest instead of its text on every emit.
-            return connection.evalsha(FANOUT_SHA, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted or flushed its script cache
-            return connection.eval(GROUP_SEND_FANOUT_LUA, len(keys), *keys, *args)
-
     def group_send_blocking(self, group: str, message: dict[str, Any], timeout: float) -> None:
         """group_send for sync code: a pooled blocking connection, no event loop, same round trips."""
         if not self.require_valid_group_name(group):
@@ -386,13 +382,13 @@ class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
         connection = self.blocking_client(0, timeout)
         keys, args = self.fanout_call(group, message, share)
         try:
-            reply = self.eval_fanout_blocking(connection, keys, args)
+            reply = eval_fanout_blocking(connection, keys, args)
         except ResponseError as exc:
             if not str(exc).startswith("NOORIGIN"):
                 raise
             # First message this Redis keeps history for (see redis_history.ensure_origin).
             connection.set(redis_keys.origin_key(self.prefix), secrets.token_hex(4), nx=True)
-            reply = self.eval_fanout_blocking(connection, keys, args)
+            reply = eval_fanout_blocking(connection, keys, args)
         others = self.after_fanout(group, message, reply)
         if others:
             keys, plan_args = self.group_send_plan(others, message)

@@ -3,8 +3,8 @@
 Each message is the same group_send script call a single emit makes (redis_scripts.py: queue it
 once per process holding the group, append it to the group's history). A batch queues those
 calls in one MULTI/EXEC: Redis runs them in order, and none of them runs if the connection fails
-before EXEC arrives. Then, as for a single emit, the members that are not fan-outs (a peer's
-relay link, a plain Channels consumer) get theirs in a second round trip, only when there are any.
+before EXEC arrives. Then, as for a single emit, members the script left out (not fan-outs, for
+a message Lua cannot pack back unchanged: redis_scripts.py) get theirs in a second round trip.
 
 When something fails, the caller learns which messages were sent and which may have been
 (BatchEmitError): a reply lost after EXEC leaves the first round's messages uncertain, never
