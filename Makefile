@@ -42,14 +42,14 @@ run: bootstrap
 
 # The whole suite on SQLite (the default), under plain daphne and under awx_ws.server (the modules
 # marked every_server, delivery, purge, resumes, revocation and slow clients, under uvicorn and
-# hypercorn too), but the two-minute soak (make test-soak: it still finds a loss, docs/reliability.md); then on
+# hypercorn too), and the two-minute soak (tests/test_soak.py; alone: make test-soak); then on
 # PostgreSQL all but the slow scenarios (and those marked postgres: nodes sharing one database)
 # and the pure rules (unit: they never reach a database), under awx_ws.server only: the database
 # is that pass's point.
 # Two pytest-xdist workers, a test file each at a time, longest files first (tests/conftest.py),
 # each with servers of its own (and ports of its own: tests/servers.py).
 test: bootstrap testdeps lint
-	$(PYTEST) -m "not soak"
+	$(PYTEST)
 	AWX_WS_TEST_DATABASE=postgres AWX_WS_TEST_RUNNERS=awx_ws.server $(PYTEST) -m "(not slow or postgres) and not unit"
 
 # Pure rules only (tests marked unit): no server is started; seconds, not minutes.
