@@ -24,7 +24,8 @@ import pytest
 from awx_ws.main.emit import build_message
 from awx_ws.main.history import GroupPosition
 from awx_ws.main.layers import redis as redis_layer
-from awx_ws.main.messages import survives_lua
+from awx_ws.main.layers.redis_scripts import GROUP_SEND_FANOUT_LUA
+from awx_ws.main.messages import survives_lua, with_group
 from tests.client import WsClient, open_ws, redis_at
 from tests.servers import ROOT
 from tests.test_cluster import Node, linked_pair, members, wait_for
@@ -39,7 +40,8 @@ EMITTERS = 2
 @pytest.mark.unit
 def test_only_flat_messages_are_rebuilt_in_lua():
     assert survives_lua({"type": "internal.message", "text": "{}", "relayed": True, "org": 2**52})
-    for value in (None, 1.5, 1.0, {}, [], b"x", 2**53):
+    assert survives_lua({"type": "t", "low": -(2**53) + 1, "empty": ""})
+    for value in (None, 1.5, 1.0, {}, [], b"x", 2**53, -(2**53)):
         assert not survives_lua({"type": "t", "value": value}), value
     assert not survives_lua({1: "a"})
 
@@ -70,6 +72,21 @@ async def test_an_emitter_whose_clock_is_behind_queues_behind_what_is_already_qu
     received = [await layer.receive(channel) for _ in range(2)]
     assert [json.loads(m["text"])["n"] for m in received] == [1, 2]
     assert [m["id"] for m in received] == [m["id"] for m in queued]  # ids given in that order
+
+
+async def test_a_relay_links_copy_is_queued_by_the_script_that_gives_the_id(layer):
+    """Another emitter's whole send may run right after this emitter's script: the copy for a
+    process inbox (a peer's relay link) must be queued by then, not in a round trip after it."""
+    group, channel = "schedules-between", await layer.new_channel()
+    await layer.group_add(group, channel)
+    await layer.group_send(group, build_message(group, {"n": 0}))  # the node's history origin
+    first = with_group(group, build_message(group, {"n": 1}))
+    keys, args = layer.fanout_call(group, first)
+    reply = await layer.connection(0).eval(GROUP_SEND_FANOUT_LUA, len(keys), *keys, *args)
+    await layer.group_send(group, build_message(group, {"n": 2}))
+    assert layer.after_fanout(group, first, reply) == []  # nothing left for a second round trip
+    received = [json.loads((await layer.receive(channel))["text"])["n"] for _ in range(3)]
+    assert received == [0, 1, 2]
 
 
 async def test_a_process_inbox_gets_one_copy_naming_each_of_its_channels(layer):

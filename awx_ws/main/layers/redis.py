@@ -243,7 +243,7 @@ class RedisChannelLayer(ServiceLayer, CancelSafeReceiveLayer):
         keys = [self.group_key(group)]
         args: list[Any] = [self.serialize(message), now, self.expiry, int(now) - self.group_expiry]
         args += [self.get_capacity("fanout.any"), self.prefix, inbox_capacity(self, message)]
-        args += [self._serializer.random_prefix_length]
+        args += [getattr(self._serializer, "random_prefix_length", 0)]  # a custom serializer's: none
         # A relayed message already has its origin's id; its history lives on the origin node.
         policy = history_policy(group) if is_client_message(group, message) and "id" not in message else None
         if policy is not None:

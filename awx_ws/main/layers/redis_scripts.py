@@ -136,7 +136,7 @@ FANOUT_SHA = hashlib.sha1(GROUP_SEND_FANOUT_LUA.encode()).hexdigest()
 def lua_packs_messages(layer: RedisChannelLayer) -> bool:
     """True if our Lua can unpack and pack layer's messages: msgpack, not encrypted."""
     serializer = layer._serializer  # channels_redis's; tests/test_private_apis.py guards it
-    return serializer.crypter is None and isinstance(serializer, MsgPackSerializer)
+    return isinstance(serializer, MsgPackSerializer) and serializer.crypter is None
 
 
 def inbox_capacity(layer: RedisChannelLayer, message: dict[str, Any]) -> int:
