@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 from redis import Redis as SyncRedis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -105,8 +106,10 @@ class Node:
         return int(await self.link_status(other, "received_last_minute") or 0)
 
     async def emit(self, group: str, payload: Any) -> None:
-        """Emit on this node: into its own Redis, as its API or workers would."""
-        layer = RedisChannelLayer(hosts=[{"address": self.redis.url}])
+        """Emit on this node: into its own Redis, as its API or workers would (with their queue
+        capacity: channels_redis's default of 100 would drop for a member that lags further)."""
+        capacity = int(self.env.get("CHANNEL_LAYER_CAPACITY") or settings.CHANNEL_LAYER_CAPACITY)
+        layer = RedisChannelLayer(hosts=[{"address": self.redis.url}], capacity=capacity)
         await layer.group_send(group, build_message(group, payload))
         await layer.close_pools()
 
