@@ -3,9 +3,12 @@ on ledgers written here (pure rules; the soak itself is test_soak.py)."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from pathlib import Path
+
 import pytest
 
-from bench.soak.checker import Verdict, check, check_live
+from bench.soak.checker import Verdict, check, check_live, check_logs
 from bench.soak.ledger import Fault, Ledger, Watch
 
 pytestmark = pytest.mark.unit
@@ -63,3 +66,28 @@ def test_deliveries_still_on_their_way_past_the_bound_after_the_last_job_fail_th
     quick.settled_after, slow.settled_after = 1.6, 31.0
     assert check(quick, []).failures == []
     assert check(slow, []).failures == ["deliveries still on their way 31s after the last job (bound 30s)"]
+
+
+def gunicorn_line(moment: float, message: str) -> str:
+    return f"[{datetime.fromtimestamp(moment):%Y-%m-%d %H:%M:%S} +0000] [25560] [ERROR] {message}"
+
+
+def test_error_lines_of_the_run_fail_it_and_those_of_the_stop_in_its_first_second_do_not(tmp_path: Path):
+    """Log stamps are whole seconds: the stop began at T0 + 120.3, so a line stamped 120 may be
+    the stop's; one stamped 119 was written while the run was still going."""
+    ledger = Ledger(T0, {})
+    ledger.ended = T0 + 120.3
+    log = tmp_path / "A" / "log" / "api.log"  # a node's log, as Node.logs() lists them
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        gunicorn_line(T0 + 119, "Worker (pid:1) exited with code 1.")
+        + "\n"
+        + gunicorn_line(T0 + 120, "Worker (pid:2) was sent SIGTERM!")
+        + "\n"
+    )
+    verdict = Verdict()
+    check_logs(ledger, [log], [], verdict)
+    assert verdict.figures["log_errors"]["unexplained"] == [
+        "A/api.log: " + gunicorn_line(T0 + 119, "Worker (pid:1) exited with code 1.")
+    ]
+    assert verdict.failures == ["1 ERROR lines or tracebacks outside any fault"]
